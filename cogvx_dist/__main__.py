@@ -1,0 +1,1 @@
+from cogvx_dist.cli import main; import sys; sys.exit(main())

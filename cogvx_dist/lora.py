@@ -1,0 +1,165 @@
+"""LoRA adapters on the CogVideoX transformer: injection, identity across ranks, and diffusers-format files.
+
+This module is the one place that knows the adapter's key naming:
+- in memory (PEFT via diffusers' `add_adapter`): `transformer_blocks.0.attn1.to_q.lora_A.default.weight`;
+- adapter state dicts (`lora_state_dict`): `transformer_blocks.0.attn1.to_q.lora_A.weight`;
+- the exported file `pytorch_lora_weights.safetensors`: the same with a `transformer.` prefix, plus the PEFT
+  config in the safetensors metadata so that diffusers reloads it with lora_alpha (scale alpha/r), not scale 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cogvx_dist.errors import CogvxError
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "default"
+EXPORT_PREFIX = "transformer."
+
+
+@dataclass
+class LoraSettings:
+    """Shape and placement of the LoRA adapter."""
+
+    rank: int = 128
+    """LoRA rank r (columns of A, rows of B)."""
+    alpha: float = 64.0
+    """lora_alpha; the update is scaled by alpha / rank (0.5 with the defaults)."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Names (suffixes) of the transformer's linear layers that get an adapter; everything else stays frozen."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch input during training."""
+
+    @property
+    def scale(self) -> float:
+        """The factor alpha / rank applied to B·A·x."""
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        """Reject impossible settings with a message naming the field."""
+        if self.rank < 1:
+            raise CogvxError(f"lora.rank must be a positive integer, got {self.rank}")
+        if self.alpha <= 0:
+            raise CogvxError(f"lora.alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise CogvxError("lora.target_modules must name at least one module")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CogvxError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def peft_config(self) -> Any:
+        """The equivalent `peft.LoraConfig`."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.target_modules),
+            lora_dropout=self.dropout,
+            init_lora_weights=True,
+        )
+
+
+def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, seed: int) -> torch.nn.Module:
+    """Freeze every weight of `transformer` and add LoRA adapters, initialised identically for a seed.
+
+    A is drawn from a CPU generator (PEFT's default kaiming-uniform bound, 1/sqrt(fan_in)) in sorted module order,
+    B is zero, so every process, on any device, gets bit-identical adapters without communicating.
+    """
+    settings.validate()
+    transformer.requires_grad_(False)
+    try:
+        transformer.add_adapter(settings.peft_config(), adapter_name=ADAPTER_NAME)
+    except ValueError as err:
+        raise CogvxError(f"lora.target_modules {settings.target_modules} do not fit the transformer: {err}") from None
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(lora_parameters(transformer).items()):
+        if param.is_meta:
+            continue
+        with torch.no_grad():
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(param.shape[1])
+                values = torch.rand(param.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+                param.copy_(values.to(param.dtype))
+            else:
+                param.zero_()
+    for param in lora_parameters(transformer).values():
+        param.requires_grad_(True)
+    return transformer
+
+
+def lora_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters, by their in-memory names."""
+    return {name: p for name, p in transformer.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under their state-dict names (no adapter name, no prefix), detached."""
+    suffix = f".{ADAPTER_NAME}."
+    return {name.replace(suffix, "."): p.detach() for name, p in lora_parameters(transformer).items()}
+
+
+def adapter_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of an adapter state dict (names and float32 values), equal exactly when the adapters are."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        tensor = state_dict[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> int:
+    """Number of parameter elements with requires_grad set."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out_dir: str | Path) -> Path:
+    """Write `pytorch_lora_weights.safetensors` in the diffusers CogVideoX LoRA format, alpha kept."""
+    from diffusers import CogVideoXPipeline
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
+    CogVideoXPipeline.save_lora_weights(
+        save_directory=str(out),
+        transformer_lora_layers=tensors,
+        transformer_lora_adapter_metadata=settings.peft_config().to_dict(),
+        weight_name=LORA_WEIGHTS_NAME,
+        safe_serialization=True,
+    )
+    return out / LORA_WEIGHTS_NAME
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
+    """Read an exported adapter: its state dict (state-dict names) and the settings it was trained with."""
+    from diffusers import CogVideoXPipeline
+
+    path = Path(path)
+    file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise CogvxError(f"no LoRA weights at {file}")
+    state, metadata = CogVideoXPipeline.lora_state_dict(str(file), return_lora_metadata=True)
+    if not metadata:
+        raise CogvxError(f"{file} has no adapter metadata (lora_alpha unknown); export it with cogvx")
+    config = {k[len(EXPORT_PREFIX) :]: v for k, v in metadata.items() if k.startswith(EXPORT_PREFIX)} or metadata
+    settings = LoraSettings(
+        rank=int(config["r"]),
+        alpha=float(config["lora_alpha"]),
+        target_modules=sorted(config["target_modules"]),
+        dropout=float(config.get("lora_dropout", 0.0)),
+    )
+    stripped = {k[len(EXPORT_PREFIX) :] if k.startswith(EXPORT_PREFIX) else k: v for k, v in state.items()}
+    return stripped, settings
+
+
+def settings_dict(settings: LoraSettings) -> dict[str, Any]:
+    """Plain-JSON form of the settings (for manifests and run summaries)."""
+    return {**asdict(settings), "scale": settings.scale}

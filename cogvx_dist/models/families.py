@@ -1,0 +1,278 @@
+"""The CogVideoX model family table: the one place that says how the released checkpoints differ.
+
+A family is recognised from the structure of a checkpoint's transformer config (rotary or sin-cos or learned
+position embeddings, temporal patching, image-conditioning channels, ofs embedding), never from its size, so the
+tiny random-weight checkpoints made by `cogvx make-tiny-model` are recognised exactly like the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cogvx_dist.errors import CogvxError
+
+# Scheduler settings shared by every released CogVideoX checkpoint; only snr_shift_scale differs per family.
+_COMMON_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What distinguishes one released CogVideoX checkpoint family from another."""
+
+    name: str
+    """Family name as users write it, e.g. "CogVideoX-2b"."""
+    hub_id: str
+    """The official Hugging Face repository of the full-size checkpoint."""
+    pipeline_class: str
+    """The diffusers pipeline class recorded in model_index.json."""
+    image_to_video: bool
+    """True when the transformer is conditioned on the first frame's latents (input channels doubled)."""
+    use_rotary_positional_embeddings: bool
+    """3D rotary position embeddings (the 5b and 1.5 models) instead of added sin-cos/learned ones (2b)."""
+    use_learned_positional_embeddings: bool
+    """Learned absolute position embeddings, which pin the resolution (CogVideoX-5b-I2V)."""
+    patch_size_t: int | None
+    """Temporal patch size (CogVideoX 1.5 patches 2 latent frames at once); None means no temporal patching."""
+    ofs_embed_dim: int | None
+    """Dimension of the ofs (optical-flow-scale) embedding that CogVideoX1.5-5b-I2V adds; None where absent."""
+    vae_scaling_factor: float
+    """Latent scaling factor of the family's VAE."""
+    invert_scale_latents: bool
+    """CogVideoX 1.5 I2V divides image latents by the scaling factor instead of multiplying (diffusers flag)."""
+    snr_shift_scale: float
+    """CogVideoXDPMScheduler SNR shift used in training and sampling."""
+    default_frames: int
+    """Frame count the family was trained on."""
+    default_height: int
+    """Pixel height the family was trained on."""
+    default_width: int
+    """Pixel width the family was trained on."""
+    fps: int
+    """Frame rate of the family's training videos (and of exported samples)."""
+    frame_multiple: int
+    """Valid frame counts are frame_multiple * N + 1 (8N+1 for 1.0, 16N+1 for 1.5)."""
+    max_frames: int
+    """Largest frame count the family supports."""
+    full_size_transformer: dict[str, Any] = field(default_factory=dict)
+    """The released transformer config (used to build the full-size model on the meta device)."""
+    text_max_length: int = 226
+    """Number of T5 tokens per prompt."""
+    ofs_value: float = 2.0
+    """ofs value passed to the transformer by the I2V 1.5 pipeline (ignored where ofs_embed_dim is None)."""
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """The family's CogVideoXDPMScheduler config."""
+        return {**_COMMON_SCHEDULER_CONFIG, "snr_shift_scale": self.snr_shift_scale}
+
+    def valid_frame_counts(self) -> list[int]:
+        """All frame counts this family accepts, smallest first."""
+        return list(range(self.frame_multiple + 1, self.max_frames + 1, self.frame_multiple))
+
+    def is_valid_frame_count(self, frames: int) -> bool:
+        """True when `frames` has the family's 8N+1 / 16N+1 form (tiny models use the small ones)."""
+        return frames >= 1 + self.frame_multiple and (frames - 1) % self.frame_multiple == 0 and frames <= self.max_frames
+
+    def structure(self) -> tuple[bool, bool, int | None, bool, bool]:
+        """The transformer-config signature that identifies the family."""
+        return (
+            self.use_rotary_positional_embeddings,
+            self.use_learned_positional_embeddings,
+            self.patch_size_t,
+            self.image_to_video,
+            self.ofs_embed_dim is not None,
+        )
+
+
+def _transformer(heads: int, layers: int, **extra: Any) -> dict[str, Any]:
+    config = {
+        "num_attention_heads": heads,
+        "attention_head_dim": 64,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": layers,
+        "text_embed_dim": 4096,
+        "time_embed_dim": 512,
+        "sample_frames": 49,
+        "sample_height": 60,
+        "sample_width": 90,
+        "patch_size": 2,
+        "max_text_seq_length": 226,
+        "temporal_compression_ratio": 4,
+    }
+    config.update(extra)
+    return config
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        ModelFamily(
+            name="CogVideoX-2b",
+            hub_id="THUDM/CogVideoX-2b",
+            pipeline_class="CogVideoXPipeline",
+            image_to_video=False,
+            use_rotary_positional_embeddings=False,
+            use_learned_positional_embeddings=False,
+            patch_size_t=None,
+            ofs_embed_dim=None,
+            vae_scaling_factor=1.15258426,
+            invert_scale_latents=False,
+            snr_shift_scale=3.0,
+            default_frames=49,
+            default_height=480,
+            default_width=720,
+            fps=8,
+            frame_multiple=8,
+            max_frames=49,
+            full_size_transformer=_transformer(30, 30),
+        ),
+        ModelFamily(
+            name="CogVideoX-5b",
+            hub_id="THUDM/CogVideoX-5b",
+            pipeline_class="CogVideoXPipeline",
+            image_to_video=False,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False,
+            patch_size_t=None,
+            ofs_embed_dim=None,
+            vae_scaling_factor=0.7,
+            invert_scale_latents=False,
+            snr_shift_scale=1.0,
+            default_frames=49,
+            default_height=480,
+            default_width=720,
+            fps=8,
+            frame_multiple=8,
+            max_frames=49,
+            full_size_transformer=_transformer(48, 42, use_rotary_positional_embeddings=True),
+        ),
+        ModelFamily(
+            name="CogVideoX-5b-I2V",
+            hub_id="THUDM/CogVideoX-5b-I2V",
+            pipeline_class="CogVideoXImageToVideoPipeline",
+            image_to_video=True,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=True,
+            patch_size_t=None,
+            ofs_embed_dim=None,
+            vae_scaling_factor=0.7,
+            invert_scale_latents=False,
+            snr_shift_scale=1.0,
+            default_frames=49,
+            default_height=480,
+            default_width=720,
+            fps=8,
+            frame_multiple=8,
+            max_frames=49,
+            full_size_transformer=_transformer(
+                48, 42, in_channels=32, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True
+            ),
+        ),
+        ModelFamily(
+            name="CogVideoX1.5-5b",
+            hub_id="THUDM/CogVideoX1.5-5B",
+            pipeline_class="CogVideoXPipeline",
+            image_to_video=False,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False,
+            patch_size_t=2,
+            ofs_embed_dim=None,
+            vae_scaling_factor=0.7,
+            invert_scale_latents=True,
+            snr_shift_scale=1.0,
+            default_frames=81,
+            default_height=768,
+            default_width=1360,
+            fps=16,
+            frame_multiple=16,
+            max_frames=161,
+            full_size_transformer=_transformer(
+                48,
+                42,
+                patch_size_t=2,
+                patch_bias=False,
+                sample_frames=81,
+                sample_height=300,
+                sample_width=300,
+                use_rotary_positional_embeddings=True,
+            ),
+        ),
+        ModelFamily(
+            name="CogVideoX1.5-5b-I2V",
+            hub_id="THUDM/CogVideoX1.5-5B-I2V",
+            pipeline_class="CogVideoXImageToVideoPipeline",
+            image_to_video=True,
+            use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=False,
+            patch_size_t=2,
+            ofs_embed_dim=512,
+            vae_scaling_factor=0.7,
+            invert_scale_latents=True,
+            snr_shift_scale=1.0,
+            default_frames=81,
+            default_height=768,
+            default_width=1360,
+            fps=16,
+            frame_multiple=16,
+            max_frames=161,
+            full_size_transformer=_transformer(
+                48,
+                42,
+                in_channels=32,
+                patch_size_t=2,
+                patch_bias=False,
+                ofs_embed_dim=512,
+                sample_frames=81,
+                sample_height=300,
+                sample_width=300,
+                use_rotary_positional_embeddings=True,
+            ),
+        ),
+    )
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    """Look a family up by name (case-insensitive), with an error that lists the known ones."""
+    for family in FAMILIES.values():
+        if family.name.lower() == name.lower():
+            return family
+    raise CogvxError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}")
+
+
+def detect_family(transformer_config: dict[str, Any], where: str = "transformer/config.json") -> ModelFamily:
+    """Identify the family from a CogVideoXTransformer3DModel config dict."""
+    class_name = transformer_config.get("_class_name", "CogVideoXTransformer3DModel")
+    if class_name != "CogVideoXTransformer3DModel":
+        raise CogvxError(f"{where}: _class_name is {class_name!r}, not CogVideoXTransformer3DModel")
+    in_channels = transformer_config.get("in_channels", 16)
+    out_channels = transformer_config.get("out_channels") or in_channels
+    signature = (
+        bool(transformer_config.get("use_rotary_positional_embeddings", False)),
+        bool(transformer_config.get("use_learned_positional_embeddings", False)),
+        transformer_config.get("patch_size_t"),
+        in_channels == 2 * out_channels,
+        transformer_config.get("ofs_embed_dim") is not None,
+    )
+    for family in FAMILIES.values():
+        if family.structure() == signature:
+            return family
+    rotary, learned, patch_t, i2v, ofs = signature
+    raise CogvxError(
+        f"{where}: no known CogVideoX family matches this config (rotary={rotary}, learned_positions={learned}, "
+        f"patch_size_t={patch_t}, image_conditioned={i2v}, ofs_embedding={ofs}); known: {', '.join(FAMILIES)}"
+    )

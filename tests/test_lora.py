@@ -1,0 +1,108 @@
+"""LoRA: the math of one layer, identical adapters across processes, and export/import through diffusers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import CogVideoXPipeline
+
+from cogvx_dist.lora import (
+    LORA_WEIGHTS_NAME,
+    LoraSettings,
+    adapter_checksum,
+    export_lora,
+    inject_lora,
+    lora_parameters,
+    lora_state_dict,
+    read_lora,
+)
+from cogvx_dist.models import load_transformer
+
+
+def _randomise_b(transformer: torch.nn.Module, seed: int) -> None:
+    """Give B non-zero values, as after training, so the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(lora_parameters(transformer).items()):
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def test_lora_linear_computes_wx_plus_scaled_bax(tiny_checkpoint):
+    transformer = load_transformer(tiny_checkpoint("CogVideoX-2b"))
+    settings = LoraSettings(rank=4, alpha=8.0)
+    inject_lora(transformer, settings, seed=1)
+    _randomise_b(transformer, seed=2)
+    layer = transformer.transformer_blocks[1].attn1.to_v
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.shape == (4, W.shape[1]) and B.shape == (W.shape[0], 4)
+    x = torch.randn(3, W.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = x @ W.T + b + (8.0 / 4) * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    without_adapter = x @ W.T + b
+    assert not torch.allclose(layer(x), without_adapter, atol=1e-4)
+
+
+def test_only_adapter_weights_train(tiny_checkpoint):
+    transformer = load_transformer(tiny_checkpoint("CogVideoX-2b"))
+    inject_lora(transformer, LoraSettings(), seed=0)
+    trainable = {n for n, p in transformer.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_parameters(transformer))
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert targets == {"to_q", "to_k", "to_v", "0"}  # to_out.0 ends in "0"
+    assert len(trainable) == 2 * 4 * len(transformer.transformer_blocks)
+
+
+_CHECKSUM_SCRIPT = """
+import sys
+from cogvx_dist.lora import LoraSettings, adapter_checksum, inject_lora, lora_state_dict
+from cogvx_dist.models import load_transformer
+transformer = inject_lora(load_transformer(sys.argv[1]), LoraSettings(), seed=int(sys.argv[2]))
+print(adapter_checksum(lora_state_dict(transformer)))
+"""
+
+
+def test_same_seed_gives_identical_adapters_in_separate_processes(tiny_checkpoint):
+    source = str(tiny_checkpoint("CogVideoX-2b"))
+
+    def checksum(seed: int) -> str:
+        out = subprocess.run([sys.executable, "-c", _CHECKSUM_SCRIPT, source, str(seed)], capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    first, second, other = checksum(7), checksum(7), checksum(8)
+    assert len(first) == 64 and first == second
+    assert other != first
+
+
+@pytest.mark.parametrize("rank, alpha", [(128, 64.0), (16, 16.0)])
+def test_exported_adapter_reloads_in_diffusers_at_trained_scale(tiny_checkpoint, tmp_path, rank, alpha):
+    source = tiny_checkpoint("CogVideoX-2b")
+    settings = LoraSettings(rank=rank, alpha=alpha)
+    trained = inject_lora(load_transformer(source), settings, seed=3)
+    _randomise_b(trained, seed=4)
+    weights = export_lora(lora_state_dict(trained), settings, tmp_path)
+    assert weights.name == LORA_WEIGHTS_NAME
+
+    pipe = CogVideoXPipeline.from_pretrained(str(source))
+    pipe.load_lora_weights(str(tmp_path))
+    assert pipe.transformer.transformer_blocks[0].attn1.to_q.scaling["default_0"] == pytest.approx(alpha / rank)
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 3, 16, 4, 6, generator=generator)
+    text = torch.randn(1, 226, 32, generator=generator)
+    timestep = torch.tensor([500])
+    with torch.no_grad():
+        expected = trained(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep).sample
+        loaded = pipe.transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep).sample
+        base = load_transformer(source)(hidden_states=hidden, encoder_hidden_states=text, timestep=timestep).sample
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-5)
+    assert (expected - base).abs().max() > 1e-3, "the adapter should change the output"
+
+    state, read_settings = read_lora(tmp_path)
+    assert (read_settings.rank, read_settings.alpha) == (rank, alpha)
+    assert adapter_checksum(state) == adapter_checksum(lora_state_dict(trained))

@@ -1,0 +1,66 @@
+"""Tiny checkpoints: every family loads in its diffusers pipeline and generates; deterministic per seed."""
+
+from __future__ import annotations
+
+import hashlib
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cogvx_dist.models import FAMILIES, describe_checkpoint
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tiny_checkpoint_generates_in_its_pipeline(tiny_checkpoint, family):
+    info = describe_checkpoint(tiny_checkpoint(family))
+    pipeline_class = diffusers.CogVideoXImageToVideoPipeline if info.family.image_to_video else diffusers.CogVideoXPipeline
+    pipe = pipeline_class.from_pretrained(str(info.source))
+    kwargs = {}
+    if info.family.image_to_video:
+        kwargs["image"] = Image.new("RGB", (info.width, info.height), (200, 30, 30))
+    frames = pipe(
+        prompt="a red square moves left",
+        num_frames=info.frames,
+        height=info.height,
+        width=info.width,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).frames
+    frames = np.asarray(frames)
+    assert frames.shape == (1, info.frames, info.height, info.width, 3)
+    assert np.isfinite(frames).all() and frames.std() > 0
+
+
+def _tree_digest(folder) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_make_tiny_model_cli_is_deterministic_per_seed(tmp_path):
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        result = run_cli("make-tiny-model", str(tmp_path / name), "--family", "CogVideoX-5b", "--seed", seed)
+        assert result.returncode == 0, result.stderr
+    first, again, other = (_tree_digest(tmp_path / n) for n in "abc")
+    assert first == again
+    assert first.keys() == other.keys()
+    assert first["transformer/diffusion_pytorch_model.safetensors"] != other["transformer/diffusion_pytorch_model.safetensors"]
+    for required in ("model_index.json", "tokenizer/spiece.model", "text_encoder/config.json", "vae/config.json",
+                     "scheduler/scheduler_config.json"):
+        assert required in first
+
+
+def test_make_tiny_model_refuses_to_overwrite(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    result = run_cli("make-tiny-model", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
