@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="diffusers-format folder or hub id")
 
     command("families", _families, "list the supported CogVideoX families")
+
+    # Each tier registers its own subcommands (lazily importing its heavy modules in the handlers).
+    from data_prep.cli import register as register_prep
+
+    register_prep(command)
     return parser
 
 

@@ -1,0 +1,193 @@
+"""The shard format: the contract between the prep tier and the train tier, in one place.
+
+A dataset folder holds WebDataset tar shards and a `manifest.json`. One sample in a shard is two tar members
+sharing a key:
+
+- `KEY.latents.safetensors`: the tensors (VAE posterior moments of the video, the prompt's T5 embedding, and for
+  image-to-video families the moments of the conditioning first frame);
+- `KEY.json`: what the sample is (prompt, source path, frames, size, fps).
+
+Nothing in a shard is a pickle. Latent moments are stored exactly as the VAE returns them (unscaled); the trainer
+applies the family's scaling factor once, after drawing a latent, and the manifest records that convention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from cogvx_dist.errors import CogvxError
+
+FORMAT_NAME = "cogvx-latent-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ERRORS_NAME = "errors.jsonl"
+
+TENSORS_EXT = "latents.safetensors"
+META_EXT = "json"
+
+LATENT_MEAN = "latent_mean"
+"""[C, F_latent, H/8, W/8] posterior mean of the video latents (unscaled)."""
+LATENT_LOGVAR = "latent_logvar"
+"""[C, F_latent, H/8, W/8] posterior log-variance of the video latents."""
+PROMPT_EMBEDS = "prompt_embeds"
+"""[text_max_length, text_embed_dim] T5 last hidden state of the padded prompt."""
+IMAGE_MEAN = "image_latent_mean"
+"""[C, 1, H/8, W/8] posterior mean of the conditioning first frame (image-to-video families only)."""
+IMAGE_LOGVAR = "image_latent_logvar"
+"""[C, 1, H/8, W/8] posterior log-variance of the conditioning first frame (image-to-video families only)."""
+
+LATENT_SCALING = "scale-after-sampling"
+"""Recorded in the manifest: moments are unscaled; the trainer multiplies a drawn latent by the VAE scaling factor
+(and, for invert_scale_latents I2V families, divides image latents by it), exactly once."""
+
+
+def sample_key(source: str) -> str:
+    """Stable WebDataset key of a sample, derived from its source path (no dots, as WebDataset requires)."""
+    return hashlib.sha1(source.encode()).hexdigest()[:20]
+
+
+def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """A sample as the dict `webdataset.TarWriter.write` takes: bytes members under their extensions."""
+    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return {
+        "__key__": key,
+        TENSORS_EXT: save_safetensors_bytes(contiguous),
+        META_EXT: json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a sample read from a shard (raw bytes members, never unpickled)."""
+    try:
+        tensors = load_safetensors_bytes(sample[TENSORS_EXT])
+        meta = json.loads(sample[META_EXT])
+    except KeyError as err:
+        raise CogvxError(f"sample {sample.get('__key__', '?')} lacks its {err.args[0]} member") from None
+    return tensors, meta
+
+
+@dataclass
+class ShardEntry:
+    """One shard as the manifest lists it."""
+
+    name: str
+    """File name relative to the dataset folder."""
+    samples: int
+    """Number of samples in the shard."""
+    bytes: int
+    """File size."""
+    sha256: str
+    """Checksum of the whole file."""
+    keys: list[str] = field(default_factory=list)
+    """Sample keys in file order (lets readers address a sample by global index)."""
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what the shards hold and how they were made."""
+
+    family: str
+    """Model family whose VAE and text encoder made the shards."""
+    model: str
+    """Checkpoint (folder or hub id) that made them."""
+    vae_scaling_factor: float
+    """Scaling factor of that VAE."""
+    invert_scale_latents: bool
+    """The VAE's invert_scale_latents flag (CogVideoX 1.5)."""
+    latent_channels: int
+    """Channels of the VAE latents."""
+    frames: int
+    """Pixel frames per sample."""
+    height: int
+    """Pixel height per sample."""
+    width: int
+    """Pixel width per sample."""
+    latent_frames: int
+    """Latent frames per sample ((frames - 1) / 4 + 1)."""
+    fps: float
+    """Frame rate the clips were sampled at."""
+    text_max_length: int
+    """T5 tokens per prompt."""
+    text_embed_dim: int
+    """Width of the prompt embedding."""
+    dtypes: dict[str, str]
+    """Storage dtype per tensor name."""
+    shards: list[ShardEntry] = field(default_factory=list)
+    """Every complete shard."""
+    skipped: int = 0
+    """Inputs that could not be used (reasons in errors.jsonl)."""
+    image_to_video: bool = False
+    """Samples carry conditioning first-frame moments."""
+    latent_scaling: str = LATENT_SCALING
+    """How latent scaling is applied (see LATENT_SCALING)."""
+    format: str = FORMAT_NAME
+    """Format name."""
+    format_version: int = FORMAT_VERSION
+    """Format version; readers refuse other versions."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (prep settings, timings)."""
+
+    @property
+    def num_samples(self) -> int:
+        """Samples over all shards."""
+        return sum(s.samples for s in self.shards)
+
+    def to_json(self) -> str:
+        """Serialised manifest."""
+        data = asdict(self)
+        data["num_samples"] = self.num_samples
+        return json.dumps(data, indent=2) + "\n"
+
+    def write(self, folder: str | Path) -> Path:
+        """Write manifest.json atomically into `folder`."""
+        path = Path(folder) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "Manifest":
+        """Read and validate `folder/manifest.json` (or a manifest path)."""
+        path = Path(folder)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise CogvxError(f"no shard manifest at {path} (run `cogvx prep` first)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CogvxError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if data.get("format") != FORMAT_NAME:
+            raise CogvxError(f"{path}: not a cogvx shard manifest (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CogvxError(
+                f"{path}: shard format version {data.get('format_version')} but this cogvx reads {FORMAT_VERSION}"
+            )
+        data.pop("num_samples", None)
+        data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CogvxError(f"{path}: unknown manifest keys {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise CogvxError(f"{path}: incomplete manifest ({err})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
