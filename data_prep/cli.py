@@ -1,8 +1,15 @@
-"""`cogvx prep ...` and `cogvx shards ...` subcommands (registered into the main `cogvx` parser)."""
+"""`cogvx prep ...` and `cogvx shards ...` subcommands (registered into the main `cogvx` parser).
+
+    cogvx prep --model M --data ROOT --out DIR [options]   encode (this process's slice; resumes)
+    cogvx prep finalize DIR                                merge per-rank progress into manifest.json
+    cogvx shards inspect DIR                               manifest summary
+    cogvx shards verify DIR                                checksums, and every sample decodes and fits the manifest
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
@@ -10,3 +17,124 @@ AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.
 
 def register(command: AddCommand) -> None:
     """Add the prep tier's subcommands; `command(name, handler, help)` returns the new subparser."""
+    prep = command("prep", _prep, "encode videos and prompts into WebDataset latent shards (resumable, multi-process)")
+    prep.add_argument("action", nargs="?", choices=("run", "finalize"), default="run",
+                      help="run (default): encode this process's slice; finalize DIR: merge the manifest")
+    prep.add_argument("folder", nargs="?", help="output folder (for finalize)")
+    prep.add_argument("--config", help="YAML file of prep settings (keys as in PrepConfig); flags override it")
+    prep.add_argument("--model", help="CogVideoX checkpoint (diffusers folder or hub id)")
+    prep.add_argument("--model-id", dest="model_id", help="model name to record in the manifest (default: --model)")
+    prep.add_argument("--data", help="dataset folder, or a CSV/JSONL file with video and prompt columns")
+    prep.add_argument("--out", help="output folder for shards and manifest.json")
+    prep.add_argument("--layout", choices=("auto", "cogvideo", "csv", "jsonl", "folder"), help="input layout")
+    prep.add_argument("--frames", type=int, help="frames per clip (valid for the family: 8N+1 / 16N+1)")
+    prep.add_argument("--resolution", action="append", dest="resolutions", metavar="HxW",
+                      help="resolution bucket, repeatable (e.g. --resolution 480x720 --resolution 720x480)")
+    rate = prep.add_mutually_exclusive_group()
+    rate.add_argument("--fps", type=float, dest="target_fps", help="sample frames at this rate (default: family fps)")
+    rate.add_argument("--frame-stride", type=int, dest="frame_stride", help="take every Nth source frame")
+    prep.add_argument("--storage-dtype", dest="storage_dtype", choices=("bfloat16", "float16", "float32"))
+    prep.add_argument("--compute-dtype", dest="compute_dtype", choices=("auto", "float32", "bfloat16"))
+    prep.add_argument("--device", help="auto, cpu, cuda or cuda:N (auto: this process's GPU, else CPU)")
+    prep.add_argument("--text-batch-size", type=int, dest="text_batch_size")
+    prep.add_argument("--vae-batch-size", type=int, dest="vae_batch_size")
+    prep.add_argument("--vae-slicing", action=argparse.BooleanOptionalAction, dest="vae_slicing")
+    prep.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, dest="vae_tiling")
+    prep.add_argument("--decode-workers", type=int, dest="decode_workers")
+    prep.add_argument("--text-chunk", type=int, dest="text_chunk", help="records per T5-then-VAE round")
+    prep.add_argument("--shard-size", dest="shard_max_bytes", help="target shard size, e.g. 512MiB or 1GB")
+    prep.add_argument("--shard-samples", type=int, dest="shard_max_samples", help="most samples per shard")
+    prep.add_argument("--max-failed-fraction", type=float, dest="max_failed_fraction",
+                      help="exit 1 when more than this fraction of inputs fail (default 0.1)")
+    prep.add_argument("--rank", type=int, help="this process's rank (overrides MPI/env discovery)")
+    prep.add_argument("--world-size", type=int, dest="world_size", help="number of prep processes")
+    prep.add_argument("--no-progress", action="store_false", dest="progress", default=None,
+                      help="no progress bar")
+
+    shards = command("shards", _shards, "inspect or verify a folder of prep shards")
+    shards.add_argument("action", choices=("inspect", "verify"), help="inspect: manifest summary; verify: full check")
+    shards.add_argument("folder", help="shard folder (holding manifest.json)")
+
+
+_FIELDS = ("model", "model_id", "data", "out", "layout", "frames", "target_fps", "frame_stride", "storage_dtype",
+           "compute_dtype", "device", "text_batch_size", "vae_batch_size", "vae_slicing", "vae_tiling",
+           "decode_workers", "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank",
+           "world_size", "progress")
+
+
+def config_from_args(args: argparse.Namespace):
+    """PrepConfig from --config YAML (if any) with the given flags on top."""
+    from data_prep.config import PrepConfig, parse_bytes, parse_size
+
+    config = PrepConfig.from_yaml(args.config) if args.config else PrepConfig()
+    overrides = {name: getattr(args, name) for name in _FIELDS}
+    if overrides["shard_max_bytes"] is not None:
+        overrides["shard_max_bytes"] = parse_bytes(overrides["shard_max_bytes"], "--shard-size")
+    if args.resolutions:
+        overrides["buckets"] = [parse_size(r, "--resolution") for r in args.resolutions]
+    if overrides["target_fps"] is not None or overrides["frame_stride"] is not None:
+        # A flag for one sampling mode replaces the other mode given in the YAML file.
+        config = _clear_rate(config)
+    return config.replace(**overrides)
+
+
+def _clear_rate(config):
+    import dataclasses
+
+    return dataclasses.replace(config, target_fps=None, frame_stride=None)
+
+
+def _prep(args: argparse.Namespace) -> int:
+    from cogvx_dist.errors import CogvxError
+
+    if args.action == "finalize":
+        folder = args.folder or args.out
+        if not folder:
+            raise CogvxError("prep finalize needs the output folder: cogvx prep finalize DIR")
+        from pathlib import Path
+
+        from data_prep.run import finalize_line
+        from data_prep.shards import finalize
+
+        manifest, inputs = finalize(folder)
+        print(finalize_line(Path(folder), manifest, inputs))
+        limit = args.max_failed_fraction if args.max_failed_fraction is not None else 0.1
+        if inputs and manifest.skipped / inputs > limit:
+            print(f"{manifest.skipped} of {inputs} inputs failed, more than max_failed_fraction {limit:g}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if args.folder:
+        raise CogvxError(f"unexpected argument {args.folder!r} (the output folder is --out)")
+    config = config_from_args(args)
+    config.check_basic()
+
+    from data_prep.ranks import discover_ranks
+    from data_prep.run import run_prep
+
+    ranks = discover_ranks(config.rank, config.world_size)
+    try:
+        result = run_prep(config, ranks)
+    except BaseException as err:
+        if ranks.comm is not None and ranks.world_size > 1 and not isinstance(err, CogvxError):
+            # One failed MPI rank would leave the others waiting at the final barrier forever.
+            print(f"[rank {ranks.rank}] prep failed: {err!r}; aborting the MPI job", file=sys.stderr, flush=True)
+            ranks.comm.Abort(1)
+        raise
+    return result.exit_code
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from data_prep.shards import inspect_text, verify
+
+    if args.action == "inspect":
+        print(inspect_text(args.folder))
+        return 0
+    problems, checked = verify(args.folder)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.folder} ({checked} samples checked)", file=sys.stderr)
+        return 1
+    print(f"ok: {checked} samples, every shard matches its checksum and every sample decodes")
+    return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,18 @@ class Manifest:
     """Format version; readers refuse other versions."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (prep settings, timings)."""
+    buckets: list[list[int]] = field(default_factory=list)
+    """Every [height, width] a sample may have (resolution buckets; each sample's JSON says its own). Empty means
+    [[height, width]] only. height/width above are the first bucket."""
 
     @property
     def num_samples(self) -> int:
         """Samples over all shards."""
         return sum(s.samples for s in self.shards)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """Every (height, width) a sample may have: the buckets, or just (height, width)."""
+        return [tuple(b) for b in self.buckets] or [(self.height, self.width)]
 
     def to_json(self) -> str:
         """Serialised manifest."""
@@ -149,7 +157,8 @@ class Manifest:
     def write(self, folder: str | Path) -> Path:
         """Write manifest.json atomically into `folder`."""
         path = Path(folder) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
+        # A process-unique temporary name: several prep processes may finalize the same folder at once.
+        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
         tmp.write_text(self.to_json())
         tmp.replace(path)
         return path

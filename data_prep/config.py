@@ -1,0 +1,181 @@
+"""Prep settings: one dataclass, loaded from YAML with CLI overrides, checked against the model family."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cogvx_dist.errors import CogvxError
+
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+LAYOUTS = ("auto", "cogvideo", "csv", "jsonl", "folder")
+# The VAE compresses 8x spatially and the transformer patches 2x2 latents: pixel sizes must divide by 16.
+SIZE_MULTIPLE = 16
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "KIB": 1 << 10, "M": 1e6, "MB": 1e6, "MIB": 1 << 20,
+          "G": 1e9, "GB": 1e9, "GIB": 1 << 30, "T": 1e12, "TB": 1e12, "TIB": 1 << 40}
+
+
+@dataclass
+class PrepConfig:
+    """Everything one prep job needs; every process of a job gets the same config."""
+
+    model: str = ""
+    """Diffusers-format CogVideoX checkpoint (folder or hub id) whose tokenizer, T5 and VAE encode the data."""
+    data: str = ""
+    """Dataset: a folder (CogVideo txt lists, metadata.csv/.jsonl, or name.mp4 + name.txt pairs) or a CSV/JSONL file."""
+    out: str = ""
+    """Output folder for shards, manifest.json, errors.jsonl and per-rank progress files (parts/)."""
+    layout: str = "auto"
+    """Input layout: auto, cogvideo (prompts.txt + videos.txt [+ images.txt]), csv, jsonl, or folder."""
+    model_id: str | None = None
+    """Name recorded in the manifest as the model (e.g. the hub id); defaults to `model`."""
+    frames: int | None = None
+    """Pixel frames per sample; must be valid for the family (8N+1 / 16N+1). Default: the checkpoint's."""
+    buckets: list[tuple[int, int]] = field(default_factory=list)
+    """Resolution buckets as (height, width); each clip goes to the bucket closest in aspect ratio. Default: the
+    checkpoint's resolution. The first bucket is the manifest's height/width."""
+    target_fps: float | None = None
+    """Sample frames at this rate (source fps / target fps = stride). Default: the family's fps unless frame_stride."""
+    frame_stride: int | None = None
+    """Take every Nth source frame instead of resampling to target_fps (exclusive with target_fps)."""
+    storage_dtype: str = "bfloat16"
+    """dtype of the stored tensors: bfloat16, float16 or float32."""
+    compute_dtype: str = "auto"
+    """dtype the encoders run in: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16."""
+    device: str = "auto"
+    """auto (this process's GPU, cuda:local_rank % count, else CPU), cpu, or cuda[:N]."""
+    text_batch_size: int = 8
+    """Prompts per T5 forward pass."""
+    vae_batch_size: int = 1
+    """Clips per VAE encode call (clips of one bucket only)."""
+    vae_slicing: bool = True
+    """Encode a VAE batch one clip at a time (diffusers enable_slicing): less memory for vae_batch_size > 1."""
+    vae_tiling: bool = False
+    """Encode in spatial tiles (diffusers enable_tiling): much less memory, slower, slightly different moments."""
+    decode_workers: int = 2
+    """Threads decoding videos ahead of the VAE (PyAV releases the GIL while decoding)."""
+    text_chunk: int = 4096
+    """Records per T5-then-VAE round: bounds the prompt embeddings held in memory; T5 reloads once per chunk."""
+    shard_max_bytes: int = 512 << 20
+    """Target shard size in bytes: a shard is closed once it reaches this size."""
+    shard_max_samples: int = 1000
+    """Most samples per shard."""
+    max_failed_fraction: float = 0.1
+    """The job exits non-zero when more than this fraction of inputs could not be used."""
+    rank: int | None = None
+    """This process's rank (overrides MPI and environment discovery; needs world_size)."""
+    world_size: int | None = None
+    """Number of processes in the job (with rank, or with JOB_COMPLETION_INDEX on Kubernetes)."""
+    progress: bool = True
+    """Show a progress bar per process."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "prep config") -> "PrepConfig":
+        """Build from a mapping, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CogvxError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "buckets" in values and values["buckets"] is not None:
+            values["buckets"] = [parse_size(b, "buckets") for b in values["buckets"]]
+        for key in ("shard_max_bytes",):
+            if key in values and isinstance(values[key], str):
+                values[key] = parse_bytes(values[key], key)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PrepConfig":
+        """Load a YAML file whose top-level keys are field names."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise CogvxError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CogvxError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise CogvxError(f"{path}: expected a mapping of prep settings at the top level")
+        return cls.from_dict(data, where=str(path))
+
+    def replace(self, **overrides: Any) -> "PrepConfig":
+        """A copy with the non-None overrides applied (CLI flags over YAML)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check_basic(self) -> None:
+        """Checks that need no checkpoint; each error names the key."""
+        for key in ("model", "data", "out"):
+            if not getattr(self, key):
+                raise CogvxError(f"{key} is required (--{key})")
+        if self.layout not in LAYOUTS:
+            raise CogvxError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise CogvxError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.storage_dtype!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
+            raise CogvxError(f"compute_dtype must be auto, float32 or bfloat16, not {self.compute_dtype!r}")
+        if not (self.device in ("auto", "cpu") or re.match(r"^cuda(:\d+)?$", self.device)):
+            raise CogvxError(f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+        if self.target_fps is not None and self.frame_stride is not None:
+            raise CogvxError("target_fps and frame_stride exclude each other: give one")
+        if self.target_fps is not None and self.target_fps <= 0:
+            raise CogvxError(f"target_fps must be > 0, not {self.target_fps}")
+        if self.frame_stride is not None and self.frame_stride < 1:
+            raise CogvxError(f"frame_stride must be >= 1, not {self.frame_stride}")
+        for key in ("text_batch_size", "vae_batch_size", "decode_workers", "text_chunk", "shard_max_bytes",
+                    "shard_max_samples"):
+            if getattr(self, key) <= 0:
+                raise CogvxError(f"{key} must be > 0, not {getattr(self, key)}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise CogvxError(f"max_failed_fraction must be within [0, 1], not {self.max_failed_fraction}")
+        for height, width in self.buckets:
+            if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+                raise CogvxError(
+                    f"buckets: {height}x{width} is not a positive multiple of {SIZE_MULTIPLE} in both sides "
+                    "(8x VAE compression times the 2x2 patch)"
+                )
+        if len(set(self.buckets)) != len(self.buckets):
+            raise CogvxError("buckets: a resolution is listed twice")
+        if (self.rank is None) != (self.world_size is None) and self.rank is not None:
+            raise CogvxError("rank needs world_size (--world-size)")
+        if self.world_size is not None and self.world_size < 1:
+            raise CogvxError(f"world_size must be >= 1, not {self.world_size}")
+        if self.rank is not None and not 0 <= self.rank < (self.world_size or 0):
+            raise CogvxError(f"rank must be within [0, world_size), not {self.rank} of {self.world_size}")
+
+    def check_family(self, family: Any, default_frames: int) -> int:
+        """Checks against the model family; returns the frame count to use."""
+        frames = self.frames if self.frames is not None else default_frames
+        if not family.is_valid_frame_count(frames):
+            valid = family.valid_frame_counts()
+            raise CogvxError(
+                f"frames: {frames} is not valid for {family.name} (valid: {valid[0]}, {valid[1]}, ..., {valid[-1]}; "
+                f"{family.frame_multiple}N+1)"
+            )
+        return frames
+
+
+def parse_size(text: Any, key: str = "resolution") -> tuple[int, int]:
+    """'480x720' or [480, 720] -> (480, 720)."""
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        return int(text[0]), int(text[1])
+    match = _SIZE.match(str(text))
+    if not match:
+        raise CogvxError(f"{key}: {text!r} is not HEIGHTxWIDTH (e.g. 480x720)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_bytes(text: str, key: str = "shard_max_bytes") -> int:
+    """'512MiB', '1GB', '1000000' -> bytes."""
+    match = _BYTES.match(str(text))
+    unit = (match.group(2) or "").upper() if match else ""
+    if not match or unit not in _UNITS:
+        raise CogvxError(f"{key}: {text!r} is not a size (e.g. 512MiB, 1GB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[unit])

@@ -1,0 +1,117 @@
+"""Encoding in the CogVideoX order: tokenizer and T5 for the prompts, free T5, then the VAE for the clips.
+
+Outputs are the raw T5 last hidden state of the padded prompt and the VAE posterior moments (mean, logvar) exactly
+as the VAE returns them: no scaling factor is applied here (the trainer applies it once, after drawing a latent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.decode import to_model_input
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str, local_rank: int) -> str:
+    """The device string for this process: its own GPU where there is one (local_rank % count)."""
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            from cogvx_dist.errors import CogvxError
+
+            raise CogvxError(f"device {device} requested but CUDA is not available")
+        return device
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def pick_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless configured."""
+    if compute_dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[compute_dtype]
+
+
+class Encoders:
+    """The prep encoders over one ComponentStore, used in the CogVideoX order and released between phases."""
+
+    def __init__(self, model: str, device: str, dtype: torch.dtype, slicing: bool = True, tiling: bool = False):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        from cogvx_dist.models import ComponentStore
+
+        # Weight-loading bars would interleave with the per-rank prep bars.
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
+        self.store = ComponentStore(model, dtype=dtype, device=device)
+        self.device = device
+        self.dtype = dtype
+        self.slicing = slicing
+        self.tiling = tiling
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str], max_length: int, batch_size: int,
+                       out_dtype: torch.dtype) -> list[torch.Tensor]:
+        """[max_length, dim] T5 embeddings (on CPU, in out_dtype) for each prompt, padded as the pipeline pads."""
+        tokenizer = self.store.get("tokenizer")
+        encoder = self.store.get("text_encoder")
+        out: list[torch.Tensor] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            # Same call as CogVideoXPipeline._get_t5_prompt_embeds: pad to max_length, truncate, no attention mask.
+            ids = tokenizer(batch, padding="max_length", max_length=max_length, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids
+            hidden = encoder(ids.to(self.device))[0]
+            out.extend(h.to("cpu", out_dtype) for h in hidden)
+        return out
+
+    def release_text_encoder(self) -> None:
+        """Free T5 (host or GPU memory) before the VAE loads."""
+        self.store.unload("text_encoder", "tokenizer")
+
+    def vae(self) -> Any:
+        """The VAE, loaded on first use with the slicing/tiling switches."""
+        first = "vae" not in self.store.loaded()
+        vae = self.store.get("vae")
+        if first:
+            if self.slicing:
+                vae.enable_slicing()
+            if self.tiling:
+                vae.enable_tiling()
+            if self.device.startswith("cuda"):
+                torch.backends.cudnn.benchmark = True
+        return vae
+
+    def release_vae(self) -> None:
+        """Free the VAE (before T5 loads for the next chunk)."""
+        self.store.unload("vae")
+
+    @torch.inference_mode()
+    def encode_clips(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior (mean, logvar) [B, C, F_latent, h, w] of uint8 clips [F, H, W, 3] of one size, in fp32 on CPU."""
+        x = to_model_input(np.stack(clips), self.device, self.dtype)
+        dist = self.vae().encode(x).latent_dist
+        return dist.mean.float().cpu(), dist.logvar.float().cpu()
+
+    def latent_channels(self) -> int:
+        """Latent channels of the VAE (read from its config)."""
+        return int(self.vae().config.latent_channels)
+
+
+def config_value(model: str, subfolder: str, key: str) -> Any:
+    """A value from a component's config.json without loading weights."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / subfolder / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get(key)
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(model, f"{subfolder}/config.json")).read_text()).get(key)
+

@@ -1,0 +1,211 @@
+"""The three dataset layouts, read into one list of records.
+
+- cogvideo: `prompts.txt` + `videos.txt` (+ `images.txt` for I2V), one entry per line, line i matching line i;
+- csv / jsonl: a file with `video` and `prompt` columns (optional `image`);
+- folder: `name.mp4` + `name.txt` pairs (any depth; `name.png`/`name.jpg` is the conditioning image if present).
+
+Paths are relative to the dataset root (the folder, or the folder holding the CSV/JSONL file). A line that cannot be
+understood (bad JSON, a row without a video) is a CogvxError naming the file and line; a record that is readable but
+unusable (empty prompt, missing caption file) is returned with `problem` set and later lands in errors.jsonl.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogvx_dist.data.schema import sample_key
+from cogvx_dist.errors import CogvxError
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training example as the user listed it."""
+
+    source: str
+    """Identity of the sample: the video path relative to the root (with `#N` for the Nth repeat of a path)."""
+    video: str
+    """Video path relative to the root."""
+    prompt: str
+    """Caption (stripped)."""
+    image: str | None
+    """Conditioning image path relative to the root (I2V), or None to use the video's first frame."""
+    origin: str
+    """Where the record came from, `file:line`, for error messages."""
+    problem: str | None = None
+    """Why this record cannot be used, found while reading the inputs (None when fine so far)."""
+
+    @property
+    def key(self) -> str:
+        """WebDataset key of the sample (schema.sample_key of the source)."""
+        return sample_key(self.source)
+
+
+def detect_layout(data: Path) -> str:
+    """The layout of `data` (a folder or a CSV/JSONL file)."""
+    if data.is_file():
+        suffix = data.suffix.lower()
+        if suffix == ".csv":
+            return "csv"
+        if suffix in (".jsonl", ".json"):
+            return "jsonl"
+        raise CogvxError(f"{data}: a dataset file must be .csv or .jsonl")
+    if not data.is_dir():
+        raise CogvxError(f"dataset {data} does not exist")
+    if (data / "videos.txt").is_file() or (data / "prompts.txt").is_file():
+        return "cogvideo"
+    for name in METADATA_FILES:
+        if (data / name).is_file():
+            return "jsonl" if name.endswith("jsonl") else "csv"
+    return "folder"
+
+
+def read_records(data: str | Path, layout: str = "auto") -> tuple[Path, list[Record]]:
+    """(dataset root, records in a deterministic order) for a dataset in any supported layout."""
+    data = Path(data)
+    if layout == "auto":
+        layout = detect_layout(data)
+    if layout in ("csv", "jsonl"):
+        path = data
+        if data.is_dir():
+            candidates = [data / n for n in METADATA_FILES if n.endswith(layout)]
+            path = next((p for p in candidates if p.is_file()), candidates[0])
+        if not path.is_file():
+            raise CogvxError(f"{layout} dataset file {path} does not exist")
+        rows = _read_csv(path) if layout == "csv" else _read_jsonl(path)
+        root = path.parent
+    elif layout == "cogvideo":
+        root, rows = data, _read_cogvideo(data)
+    elif layout == "folder":
+        if not data.is_dir():
+            raise CogvxError(f"dataset folder {data} does not exist")
+        root, rows = data, _read_folder(data)
+    else:
+        raise CogvxError(f"layout must be one of auto, cogvideo, csv, jsonl, folder, not {layout!r}")
+    return root, _unique_sources(rows)
+
+
+_Row = tuple[str, str, "str | None", str, "str | None"]  # video, prompt, image, origin, problem
+
+
+def _unique_sources(rows: list[_Row]) -> list[Record]:
+    # A video listed twice (e.g. with two captions) is two samples: repeats get `#2`, `#3`... so keys stay unique and
+    # stable across runs.
+    seen: dict[str, int] = {}
+    records = []
+    for video, prompt, image, origin, problem in rows:
+        count = seen.get(video, 0) + 1
+        seen[video] = count
+        source = video if count == 1 else f"{video}#{count}"
+        if problem is None and not prompt:
+            problem = "empty prompt"
+        records.append(Record(source, video, prompt, image, origin, problem))
+    return records
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise CogvxError(f"{path}:{line}: not valid UTF-8") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # trailing blank lines are not entries
+        lines.pop()
+    return lines
+
+
+def _read_cogvideo(root: Path) -> list[_Row]:
+    videos_path, prompts_path, images_path = root / "videos.txt", root / "prompts.txt", root / "images.txt"
+    for path in (videos_path, prompts_path):
+        if not path.is_file():
+            raise CogvxError(f"{path} is missing (the CogVideo layout needs prompts.txt and videos.txt)")
+    videos, prompts = _read_lines(videos_path), _read_lines(prompts_path)
+    images = _read_lines(images_path) if images_path.is_file() else None
+    if len(prompts) != len(videos):
+        raise CogvxError(f"{prompts_path} has {len(prompts)} lines but {videos_path} has {len(videos)}; they must match")
+    if images is not None and len(images) != len(videos):
+        raise CogvxError(f"{images_path} has {len(images)} lines but {videos_path} has {len(videos)}; they must match")
+    rows = []
+    for i, (video, prompt) in enumerate(zip(videos, prompts)):
+        if not video.strip():
+            raise CogvxError(f"{videos_path}:{i + 1}: empty line (every line names a video)")
+        image = images[i].strip() or None if images is not None else None
+        rows.append((video.strip(), prompt.strip(), image, f"{videos_path.name}:{i + 1}", None))
+    return rows
+
+
+def _read_csv(path: Path) -> list[_Row]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        for needed in ("video", "prompt"):
+            if needed not in columns:
+                raise CogvxError(f"{path}:1: no {needed!r} column (columns: {', '.join(columns) or 'none'})")
+        rows = []
+        try:
+            for row in reader:
+                line = reader.line_num
+                if None in row:  # more cells than header columns
+                    raise CogvxError(f"{path}:{line}: more cells than the header has columns")
+                video = (row.get("video") or "").strip()
+                if not video:
+                    raise CogvxError(f"{path}:{line}: empty 'video' cell")
+                image = (row.get("image") or "").strip() or None
+                rows.append((video, (row.get("prompt") or "").strip(), image, f"{path.name}:{line}", None))
+        except csv.Error as err:
+            raise CogvxError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[_Row]:
+    rows = []
+    for i, line in enumerate(_read_lines(path)):
+        where = f"{path}:{i + 1}"
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CogvxError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict):
+            raise CogvxError(f"{where}: expected a JSON object with 'video' and 'prompt'")
+        video = item.get("video")
+        if not isinstance(video, str) or not video.strip():
+            raise CogvxError(f"{where}: no 'video' path")
+        prompt = item.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise CogvxError(f"{where}: 'prompt' must be a string")
+        image = item.get("image")
+        if image is not None and not isinstance(image, str):
+            raise CogvxError(f"{where}: 'image' must be a string path")
+        rows.append((video.strip(), prompt.strip(), (image or "").strip() or None, f"{path.name}:{i + 1}", None))
+    return rows
+
+
+def _read_folder(root: Path) -> list[_Row]:
+    rows = []
+    videos = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    for video in videos:
+        rel = video.relative_to(root).as_posix()
+        caption = video.with_suffix(".txt")
+        image = next((video.with_suffix(e) for e in IMAGE_EXTENSIONS if video.with_suffix(e).is_file()), None)
+        image_rel = image.relative_to(root).as_posix() if image else None
+        if not caption.is_file():
+            rows.append((rel, "", image_rel, rel, f"no caption file {caption.name}"))
+            continue
+        try:
+            prompt = caption.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            rows.append((rel, "", image_rel, rel, f"caption file {caption.name} is not valid UTF-8"))
+            continue
+        rows.append((rel, prompt, image_rel, rel, None))
+    if not rows:
+        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}) and no prompts.txt/videos.txt or metadata file")
+    return rows

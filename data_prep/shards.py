@@ -1,0 +1,379 @@
+"""Shard writing (temporary name, then rename), per-rank progress files, resume, the final manifest merge, and the
+inspect/verify checks.
+
+Files in an output folder:
+- `shard-rRRRRR-NNNNNN.tar`: complete shards of rank R (brace-expressible: `shard-r{00000..00003}-{000000..000009}.tar`);
+- `.shard-rRRRRR-NNNNNN.tar.tmp`: the shard being written; renamed only when complete, deleted on resume;
+- `parts/rank-RRRRR.json`: what rank R has finished (header, shards with keys, counts); rewritten atomically after
+  every shard, marked complete at the end of the rank's slice;
+- `parts/errors-rRRRRR.jsonl`: inputs rank R could not use, with the reason;
+- `manifest.json` + `errors.jsonl`: the merge of all parts, written once every rank is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cogvx_dist.data import schema
+from cogvx_dist.data.schema import Manifest, ShardEntry
+from cogvx_dist.errors import CogvxError
+
+PARTS_DIR = "parts"
+SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
+
+
+def shard_name(rank: int, index: int) -> str:
+    """Final file name of a rank's index-th shard."""
+    return f"shard-r{rank:05d}-{index:06d}.tar"
+
+
+def part_path(out: Path, rank: int) -> Path:
+    """Progress file of a rank."""
+    return Path(out) / PARTS_DIR / f"rank-{rank:05d}.json"
+
+
+def rank_errors_path(out: Path, rank: int) -> Path:
+    """Errors file of a rank."""
+    return Path(out) / PARTS_DIR / f"errors-r{rank:05d}.jsonl"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a process-unique temporary name and rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class ShardWriter:
+    """Writes one rank's samples into shards of bounded size; each shard appears under its final name only whole."""
+
+    def __init__(self, out: Path, rank: int, next_index: int, max_bytes: int, max_samples: int,
+                 on_shard: Callable[[ShardEntry], None]):
+        self.out = Path(out)
+        self.rank = rank
+        self.index = next_index
+        self.max_bytes = max_bytes
+        self.max_samples = max_samples
+        self.on_shard = on_shard
+        self._handle: Any = None
+        self._tar: Any = None
+        self._keys: list[str] = []
+        self.bytes_written = 0
+        self.shards_written = 0
+
+    @property
+    def _tmp(self) -> Path:
+        return self.out / f".{shard_name(self.rank, self.index)}.tmp"
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Append one sample; closes the shard once it reaches the size or sample limit."""
+        import webdataset as wds
+
+        if self._tar is None:
+            self._handle = open(self._tmp, "wb")
+            # encoder=False: members are written as the bytes we give (never pickled); fixed mtime makes shards of
+            # the same samples byte-identical.
+            self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0)
+            self._keys = []
+        self._tar.write(schema.encode_sample(key, tensors, meta))
+        self._keys.append(key)
+        if self._handle.tell() >= self.max_bytes or len(self._keys) >= self.max_samples:
+            self.close()
+
+    def flush_for_crash_test(self) -> None:
+        """Push buffered bytes to the temporary file (used by the crash hook so a partial shard exists on disk)."""
+        if self._handle is not None:
+            self._handle.flush()
+
+    def close(self) -> None:
+        """Finish the open shard: close, fsync, rename to the final name, report its entry."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        final = self.out / shard_name(self.rank, self.index)
+        self._tmp.replace(final)
+        entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, schema.file_sha256(final), self._keys)
+        self._tar = self._handle = None
+        self.index += 1
+        self.bytes_written += entry.bytes
+        self.shards_written += 1
+        self.on_shard(entry)
+
+
+def tar_keys(path: Path) -> list[str]:
+    """Sample keys of a shard in file order, from member names (reads headers only)."""
+    keys: list[str] = []
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def read_part(out: Path, rank: int) -> dict[str, Any] | None:
+    """A rank's progress file, or None."""
+    path = part_path(out, rank)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CogvxError(f"{path}: not valid JSON ({err.msg}); delete it to redo rank {rank}") from None
+    data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
+    return data
+
+
+def write_part(out: Path, part: dict[str, Any]) -> None:
+    """Save a rank's progress file atomically."""
+    data = {**part, "shards": [asdict(s) for s in part["shards"]]}
+    path = part_path(out, part["rank"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def all_parts(out: Path) -> dict[int, dict[str, Any]]:
+    """Every rank's progress file in the folder, by rank."""
+    parts = {}
+    for path in sorted((Path(out) / PARTS_DIR).glob("rank-*.json")):
+        rank = int(path.stem.split("-")[1])
+        part = read_part(out, rank)
+        if part is not None:
+            parts[rank] = part
+    return parts
+
+
+def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry]) -> list[ShardEntry]:
+    """The complete shards of a rank at start-up: those its progress file lists and still exist unchanged, plus
+    finished shards it renamed but did not yet record (a crash between rename and progress write). Leftover
+    temporary shards are deleted: their samples are encoded again."""
+    out = Path(out)
+    for tmp in out.glob(f".shard-r{rank:05d}-*.tar.tmp"):
+        tmp.unlink()
+    kept = []
+    for entry in listed:
+        path = out / entry.name
+        if path.is_file() and path.stat().st_size == entry.bytes:
+            kept.append(entry)
+    known = {e.name for e in kept}
+    for path in sorted(out.glob(f"shard-r{rank:05d}-*.tar")):
+        if path.name in known:
+            continue
+        try:
+            keys = tar_keys(path)
+        except (tarfile.TarError, OSError):
+            path.unlink()  # cannot happen through rename, but never keep an unreadable shard
+            continue
+        kept.append(ShardEntry(path.name, len(keys), path.stat().st_size, schema.file_sha256(path), keys))
+    return sorted(kept, key=lambda e: e.name)
+
+
+def next_shard_index(out: Path, rank: int, shards: list[ShardEntry]) -> int:
+    """One past the highest shard index this rank has used."""
+    indices = [int(SHARD_RE.match(e.name).group(2)) for e in shards if SHARD_RE.match(e.name)]
+    return max(indices, default=-1) + 1
+
+
+def read_errors(path: Path) -> list[dict[str, Any]]:
+    """Lines of an errors file (a torn last line from a crash is ignored)."""
+    if not path.is_file():
+        return []
+    items = []
+    for line in path.read_text().splitlines():
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return items
+
+
+def parts_status(out: Path) -> tuple[int | None, list[int], dict[int, dict[str, Any]]]:
+    """(world size of the latest run, ranks not yet complete, parts)."""
+    parts = all_parts(out)
+    if not parts:
+        return None, [], parts
+    world = parts[0]["world_size"] if 0 in parts else max(p["world_size"] for p in parts.values())
+    missing = [r for r in range(world) if r not in parts or not parts[r].get("complete")]
+    return world, missing, parts
+
+
+def finalize(out: str | Path) -> tuple[Manifest, int]:
+    """Merge every rank's progress into manifest.json and errors.jsonl; returns (manifest, inputs in the job).
+
+    Raises CogvxError when a rank has not finished (so the manifest is never written from part of a job).
+    """
+    out = Path(out)
+    world, missing, parts = parts_status(out)
+    if world is None:
+        raise CogvxError(f"{out}: no prep progress files in {PARTS_DIR}/ (run `cogvx prep` first)")
+    if missing:
+        raise CogvxError(f"{out}: rank(s) {', '.join(map(str, missing))} of {world} have not finished; run them first")
+    header = parts[0]["header"]
+    for rank in range(world):
+        other = parts[rank]["header"]
+        if other != header:
+            diff = sorted(k for k in set(header) | set(other) if header.get(k) != other.get(k))
+            raise CogvxError(f"{out}: rank {rank} encoded with different settings ({', '.join(diff)})")
+    shards: list[ShardEntry] = []
+    for part in parts.values():  # ranks of an earlier run with a larger world keep their finished shards
+        shards.extend(part["shards"])
+    shards.sort(key=lambda e: e.name)
+    seen: set[str] = set()
+    for entry in shards:
+        if not (out / entry.name).is_file():
+            raise CogvxError(f"{out}: shard {entry.name} is listed by rank progress but missing on disk")
+        dup = seen.intersection(entry.keys)
+        if dup:
+            raise CogvxError(f"{out}: sample {sorted(dup)[0]} appears in more than one shard")
+        seen.update(entry.keys)
+    errors: dict[str, dict[str, Any]] = {}
+    for path in sorted((out / PARTS_DIR).glob("errors-r*.jsonl")):
+        for item in read_errors(path):
+            if schema.sample_key(item["source"]) not in seen:
+                errors[item["source"]] = item
+    inputs = sum(parts[r].get("inputs", 0) for r in range(world))
+    stats_keys = ("encoded", "failed", "seconds", "decode_s", "decode_wait_s", "t5_s", "vae_s", "write_s")
+    totals = {k: round(sum(parts[r].get("stats", {}).get(k, 0) for r in range(world)), 3) for k in stats_keys}
+    manifest = Manifest(
+        **header,
+        shards=shards,
+        skipped=len(errors),
+        extra={"inputs": inputs, "ranks": world, "totals_last_run": totals, "prep": parts[0].get("settings", {})},
+    )
+    write_atomic(out / schema.ERRORS_NAME, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors.values()))
+    manifest.write(out)
+    return manifest, inputs
+
+
+def inspect_text(out: str | Path) -> str:
+    """A human summary of a shard folder's manifest."""
+    manifest = Manifest.read(out)
+    total_bytes = sum(s.bytes for s in manifest.shards)
+    buckets = manifest.sizes()
+    lines = [
+        f"{out}: {manifest.format} v{manifest.format_version}",
+        f"model        {manifest.model} ({manifest.family}{', image-to-video' if manifest.image_to_video else ''})",
+        f"samples      {manifest.num_samples} in {len(manifest.shards)} shards, {_human(total_bytes)}",
+        f"skipped      {manifest.skipped} (see {schema.ERRORS_NAME})",
+        f"video        {manifest.frames} frames, {manifest.height}x{manifest.width}, {manifest.fps:g} fps; buckets "
+        + ", ".join(f"{h}x{w}" for h, w in buckets),
+        f"latents      {manifest.latent_channels} channels, {manifest.latent_frames} frames; scaling factor "
+        f"{manifest.vae_scaling_factor:g} ({manifest.latent_scaling}, invert_scale_latents="
+        f"{manifest.invert_scale_latents})",
+        f"text         {manifest.text_max_length} tokens x {manifest.text_embed_dim}",
+        "dtypes       " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.dtypes.items())),
+    ]
+    if manifest.shards:
+        first, last = manifest.shards[0].name, manifest.shards[-1].name
+        lines.append(f"shards       {first} .. {last}")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def expected_shapes(manifest: Manifest, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes a sample of the given bucket must have."""
+    c, lf = manifest.latent_channels, manifest.latent_frames
+    shapes = {
+        schema.LATENT_MEAN: (c, lf, height // 8, width // 8),
+        schema.LATENT_LOGVAR: (c, lf, height // 8, width // 8),
+        schema.PROMPT_EMBEDS: (manifest.text_max_length, manifest.text_embed_dim),
+    }
+    if manifest.image_to_video:
+        shapes[schema.IMAGE_MEAN] = (c, 1, height // 8, width // 8)
+        shapes[schema.IMAGE_LOGVAR] = (c, 1, height // 8, width // 8)
+    return shapes
+
+
+def verify(out: str | Path) -> tuple[list[str], int]:
+    """(problems, samples checked): checksums, sizes, and every sample decoded and checked against the manifest."""
+    out = Path(out)
+    manifest = Manifest.read(out)
+    buckets = set(manifest.sizes())
+    problems: list[str] = []
+    checked = 0
+    for entry in manifest.shards:
+        path = out / entry.name
+        if not path.is_file():
+            problems.append(f"{entry.name}: missing")
+            continue
+        if path.stat().st_size != entry.bytes:
+            problems.append(f"{entry.name}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        if schema.file_sha256(path) != entry.sha256:
+            problems.append(f"{entry.name}: sha256 differs from the manifest")
+        try:
+            samples = list(_tar_samples(path))
+        except (tarfile.TarError, OSError) as err:
+            problems.append(f"{entry.name}: unreadable tar ({err})")
+            continue
+        keys = [s["__key__"] for s in samples]
+        if keys != entry.keys:
+            problems.append(f"{entry.name}: sample keys differ from the manifest's list")
+        if len(samples) != entry.samples:
+            problems.append(f"{entry.name}: {len(samples)} samples, manifest says {entry.samples}")
+        for sample in samples:
+            checked += 1
+            where = f"{entry.name}:{sample['__key__']}"
+            extra = sorted(set(sample) - {"__key__", schema.TENSORS_EXT, schema.META_EXT})
+            if extra:
+                problems.append(f"{where}: unexpected members {extra}")
+            try:
+                tensors, meta = schema.decode_sample(sample)
+            except Exception as err:  # any decode failure is a problem to report, not a crash
+                problems.append(f"{where}: does not decode ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+                continue
+            size = (meta.get("height", manifest.height), meta.get("width", manifest.width))
+            if size not in buckets:
+                problems.append(f"{where}: size {size[0]}x{size[1]} is not one of the manifest's buckets")
+            for name, shape in expected_shapes(manifest, *size).items():
+                if name not in tensors:
+                    problems.append(f"{where}: no {name} tensor")
+                    continue
+                tensor = tensors[name]
+                if tuple(tensor.shape) != shape:
+                    problems.append(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+                want = manifest.dtypes.get(name)
+                if want and str(tensor.dtype).removeprefix("torch.") != want:
+                    problems.append(f"{where}: {name} is {tensor.dtype}, manifest says {want}")
+                if not torch.isfinite(tensor.float()).all():
+                    problems.append(f"{where}: {name} has non-finite values")
+    listed = {e.name for e in manifest.shards}
+    for path in sorted(out.glob("shard-*.tar")):
+        if path.name not in listed:
+            problems.append(f"{path.name}: on disk but not in the manifest")
+    return problems, checked
+
+
+def _tar_samples(path: Path):
+    """Samples of a tar as {__key__, ext: bytes} dicts, grouped by key in file order (no webdataset decoding)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current

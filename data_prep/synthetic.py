@@ -1,0 +1,198 @@
+"""Synthetic video datasets: real mp4 clips of a coloured shape moving over a background, captioned with what moves
+where ("a red square moves left"), plus deliberately broken files. Used by tests, the benchmark and the demo.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "white": (245, 245, 245),
+    "purple": (150, 60, 200),
+}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BROKEN_KINDS = ("truncated", "random_bytes", "empty", "too_short", "missing", "empty_prompt")
+LAYOUTS = ("folder", "csv", "jsonl", "cogvideo")
+
+
+@dataclass
+class SyntheticDataset:
+    """What `make_synthetic_dataset` wrote."""
+
+    root: Path
+    """Dataset root."""
+    data: Path
+    """What to pass as prep's data argument (the root, or the CSV/JSONL file)."""
+    good: list[str]
+    """Sources (video paths relative to the root) that prep must encode."""
+    bad: dict[str, str]
+    """Source -> kind of breakage (one of BROKEN_KINDS) that prep must report."""
+    prompts: dict[str, str]
+    """Source -> caption."""
+
+
+def render_clip(colour: str, shape: str, direction: str, frames: int, height: int, width: int,
+                seed: int = 0) -> np.ndarray:
+    """uint8 [frames, height, width, 3]: the shape crossing a dim textured background in `direction`."""
+    rng = np.random.default_rng(seed)
+    background = (rng.integers(20, 60, size=(1, 1, 3)) + rng.integers(0, 12, size=(height, width, 3))).astype(np.uint8)
+    size = max(4, min(height, width) // 3)
+    dx, dy = DIRECTIONS[direction]
+    yy, xx = np.mgrid[0:height, 0:width]
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        progress = t / max(1, frames - 1)
+        # Travel from one side to the other along the direction; stay centred on the other axis.
+        cx = width / 2 + dx * (progress - 0.5) * (width - size)
+        cy = height / 2 + dy * (progress - 0.5) * (height - size)
+        if shape == "circle":
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= (size / 2) ** 2
+        else:
+            mask = (abs(xx - cx) <= size / 2) & (abs(yy - cy) <= size / 2)
+        frame = background.copy()
+        frame[mask] = COLOURS[colour]
+        out[t] = frame
+    return out
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> Path:
+    """Encode uint8 [F, H, W, 3] frames as an H.264 mp4 (even sizes; yuv420p, as players expect)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def caption(colour: str, shape: str, direction: str) -> str:
+    """The caption of a synthetic clip."""
+    return f"a {colour} {shape} moves {direction}"
+
+
+def make_synthetic_dataset(
+    root: str | Path,
+    count: int = 8,
+    frames: int = 16,
+    height: int = 48,
+    width: int = 64,
+    fps: int = 8,
+    seed: int = 0,
+    layout: str = "folder",
+    broken: bool = False,
+    images: bool = False,
+) -> SyntheticDataset:
+    """Write `count` good clips (and, with broken=True, one input of each BROKEN_KIND) in the given layout.
+
+    Layouts: folder (name.mp4 + name.txt), csv / jsonl (metadata.csv / metadata.jsonl with video, prompt[, image]),
+    cogvideo (videos.txt + prompts.txt [+ images.txt]). With images=True each clip also gets a PNG conditioning
+    image (its first frame), for image-to-video families.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    entries: list[tuple[str, str, str | None]] = []  # video, prompt, image
+    good: list[str] = []
+    prompts: dict[str, str] = {}
+    sub = "videos/" if layout != "folder" else ""
+    for i in range(count):
+        colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS))
+        clip = render_clip(colour, shape, direction, frames, height, width, seed=seed * 100003 + i)
+        name = f"{sub}clip_{i:04d}.mp4"
+        write_mp4(root / name, clip, fps)
+        image = None
+        if images:
+            from PIL import Image
+
+            image = f"{sub}clip_{i:04d}.png"
+            Image.fromarray(clip[0]).save(root / image)
+        text = caption(colour, shape, direction)
+        entries.append((name, text, image))
+        good.append(name)
+        prompts[name] = text
+
+    bad: dict[str, str] = {}
+    if broken:
+        sample = write_mp4(root / f"{sub}_donor.mp4", render_clip("red", "square", "left", frames, height, width), fps)
+        data = sample.read_bytes()
+        sample.unlink()
+        files = {
+            "truncated": data[: len(data) // 2],
+            "random_bytes": np.random.default_rng(seed).integers(0, 256, size=4096, dtype=np.uint8).tobytes(),
+            "empty": b"",
+        }
+        for kind, payload in files.items():
+            name = f"{sub}broken_{kind}.mp4"
+            (root / name).write_bytes(payload)
+            bad[name] = kind
+        short = f"{sub}broken_too_short.mp4"
+        write_mp4(root / short, render_clip("blue", "circle", "up", 3, height, width), fps)
+        bad[short] = "too_short"
+        bad[f"{sub}broken_missing.mp4"] = "missing"  # listed, never written
+        no_prompt = f"{sub}broken_empty_prompt.mp4"
+        write_mp4(root / no_prompt, render_clip("green", "square", "down", frames, height, width), fps)
+        bad[no_prompt] = "empty_prompt"
+        for name, kind in bad.items():
+            entries.append((name, "" if kind == "empty_prompt" else f"broken clip {kind.replace('_', ' ')}", None))
+            prompts[name] = entries[-1][1]
+
+    data_arg = _write_layout(root, layout, entries, images)
+    if layout == "folder":
+        # A folder lists only files that exist: a missing video cannot be named there.
+        for name in [n for n, kind in bad.items() if kind == "missing"]:
+            del bad[name], prompts[name]
+    return SyntheticDataset(root, data_arg, good, bad, prompts)
+
+
+def _write_layout(root: Path, layout: str, entries: list[tuple[str, str, str | None]], images: bool) -> Path:
+    if layout == "folder":
+        for video, prompt, _ in entries:
+            if (root / video).exists() or prompt:
+                # A missing video cannot be listed in this layout; an empty caption file is an empty prompt.
+                if (root / video).exists():
+                    (root / video).with_suffix(".txt").write_text(prompt + "\n")
+        return root
+    if layout == "csv":
+        path = root / "metadata.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["video", "prompt", "image"] if images else ["video", "prompt"])
+            for video, prompt, image in entries:
+                writer.writerow([video, prompt, image or ""] if images else [video, prompt])
+        return path
+    if layout == "jsonl":
+        path = root / "metadata.jsonl"
+        with open(path, "w") as handle:
+            for video, prompt, image in entries:
+                item = {"video": video, "prompt": prompt}
+                if image:
+                    item["image"] = image
+                handle.write(json.dumps(item) + "\n")
+        return path
+    (root / "videos.txt").write_text("".join(f"{v}\n" for v, _, _ in entries))
+    (root / "prompts.txt").write_text("".join(f"{p}\n" for _, p, _ in entries))
+    if images:
+        (root / "images.txt").write_text("".join(f"{i or ''}\n" for _, _, i in entries))
+    return root
