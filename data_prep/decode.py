@@ -142,7 +142,7 @@ def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
             image = image.convert("RGB")
             rh, rw = resized_size(image.height, image.width, bucket)
             image = image.resize((rw, rh), Image.Resampling.BOX if rh <= image.height else Image.Resampling.BICUBIC)
-            array = np.asarray(image)
+            array = np.array(image)  # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, OSError) as err:
         raise BadInput(f"unreadable conditioning image {path.name} ({_short(err)})") from None
     return center_crop(array, bucket)[None]

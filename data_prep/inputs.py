@@ -109,14 +109,14 @@ def _unique_sources(rows: list[_Row]) -> list[Record]:
     return records
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path, strip_trailing: bool = True) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise CogvxError(f"{path}:{line}: not valid UTF-8") from None
     lines = text.splitlines()
-    while lines and not lines[-1].strip():  # trailing blank lines are not entries
+    while strip_trailing and lines and not lines[-1].strip():  # trailing blank lines are not entries
         lines.pop()
     return lines
 
@@ -126,8 +126,13 @@ def _read_cogvideo(root: Path) -> list[_Row]:
     for path in (videos_path, prompts_path):
         if not path.is_file():
             raise CogvxError(f"{path} is missing (the CogVideo layout needs prompts.txt and videos.txt)")
-    videos, prompts = _read_lines(videos_path), _read_lines(prompts_path)
-    images = _read_lines(images_path) if images_path.is_file() else None
+    # An empty last prompt is a real (bad) entry, so prompts and images keep blank lines until matched to videos.
+    videos, prompts = _read_lines(videos_path), _read_lines(prompts_path, strip_trailing=False)
+    images = _read_lines(images_path, strip_trailing=False) if images_path.is_file() else None
+    if len(prompts) > len(videos) and not any(p.strip() for p in prompts[len(videos):]):
+        prompts = prompts[: len(videos)]
+    if images is not None and len(images) > len(videos) and not any(i.strip() for i in images[len(videos):]):
+        images = images[: len(videos)]
     if len(prompts) != len(videos):
         raise CogvxError(f"{prompts_path} has {len(prompts)} lines but {videos_path} has {len(videos)}; they must match")
     if images is not None and len(images) != len(videos):

@@ -1,0 +1,341 @@
+"""Prep tier in one process: inputs, decoding, encoding, shards, manifest, resume, errors, inspect/verify.
+
+Real mp4 files (synthetic moving shapes and broken files), the tiny checkpoints, real tar shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cogvx_dist.data import schema
+from cogvx_dist.errors import CogvxError
+from data_prep.config import PrepConfig
+from data_prep.decode import BadInput, choose_bucket, decode_video, frame_indices, to_model_input
+from data_prep.inputs import read_records
+from data_prep.ranks import discover_ranks, under_mpi
+from data_prep.run import run_prep
+from data_prep.shards import verify
+from data_prep.synthetic import make_synthetic_dataset, render_clip, write_mp4
+from tests.conftest import run_cli
+
+EXPECTED_REASON = {
+    "truncated": "unreadable video",
+    "random_bytes": "unreadable video",
+    "empty": "empty file (0 bytes)",
+    "too_short": "too short",
+    "missing": "missing file",
+    "empty_prompt": "empty prompt",
+}
+
+
+def _config(model: Path, data: Path, out: Path, **kw) -> PrepConfig:
+    base = dict(model=str(model), data=str(data), out=str(out), storage_dtype="float32", progress=False,
+                shard_max_samples=3, decode_workers=2, max_failed_fraction=0.5)
+    base.update(kw)
+    return PrepConfig(**base)
+
+
+def _read_shards(out: Path) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """Every sample of a shard folder, read with plain webdataset (no decoding of members)."""
+    import webdataset as wds
+
+    manifest = schema.Manifest.read(out)
+    samples: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+    keys = []
+    for entry in manifest.shards:
+        for sample in wds.WebDataset(str(out / entry.name), shardshuffle=False, empty_check=False):
+            keys.append(sample["__key__"])
+            samples[sample["__key__"]] = schema.decode_sample(sample)
+    assert len(keys) == len(set(keys)), "a sample was written twice"
+    return samples
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("data")
+    return make_synthetic_dataset(root / "csvset", count=7, frames=14, height=48, width=64, fps=8, seed=1,
+                                  layout="csv", broken=True)
+
+
+@pytest.fixture(scope="module")
+def prepped(tiny_checkpoint, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "shards"
+    result = run_prep(_config(tiny_checkpoint("CogVideoX-2b"), dataset.data, out))
+    return out, result
+
+
+# ----------------------------------------------------------------------------------------------------------- inputs
+@pytest.mark.parametrize("layout", ["folder", "csv", "jsonl", "cogvideo"])
+def test_every_layout_lists_good_and_bad_inputs(tmp_path, layout):
+    ds = make_synthetic_dataset(tmp_path / layout, count=2, frames=10, height=32, width=48, layout=layout,
+                                broken=True)
+    root, records = read_records(ds.data)
+    assert root == ds.root
+    assert {r.source for r in records} == set(ds.good) | set(ds.bad)
+    for record in records:
+        assert record.prompt == ds.prompts[record.source]
+        assert (record.problem == "empty prompt") == (ds.bad.get(record.source) == "empty_prompt")
+    assert len({r.key for r in records}) == len(records)
+
+
+def test_malformed_lines_name_file_and_line(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"video": "a.mp4", "prompt": "x"}\n{"video": "b.mp4"}\n{oops\n')
+    with pytest.raises(CogvxError, match=r"metadata\.jsonl:3: not valid JSON"):
+        read_records(tmp_path / "metadata.jsonl")
+    (tmp_path / "m.csv").write_text("video,prompt\na.mp4,one\n,two\n")
+    with pytest.raises(CogvxError, match=r"m\.csv:3: empty 'video' cell"):
+        read_records(tmp_path / "m.csv")
+    (tmp_path / "n.csv").write_text("clip,prompt\na.mp4,one\n")
+    with pytest.raises(CogvxError, match=r"n\.csv:1: no 'video' column"):
+        read_records(tmp_path / "n.csv")
+    cog = tmp_path / "cog"
+    cog.mkdir()
+    (cog / "videos.txt").write_text("a.mp4\nb.mp4\n")
+    (cog / "prompts.txt").write_text("one\n")
+    with pytest.raises(CogvxError, match=r"prompts\.txt has 1 lines but .*videos\.txt has 2"):
+        read_records(cog)
+    (cog / "prompts.txt").write_text("one\ntwo\n")
+    (cog / "videos.txt").write_text("a.mp4\n\nc.mp4\n")
+    (cog / "prompts.txt").write_text("one\ntwo\nthree\n")
+    with pytest.raises(CogvxError, match=r"videos\.txt:2: empty line"):
+        read_records(cog)
+
+
+def test_repeated_video_gets_distinct_stable_keys(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"video": "a.mp4", "prompt": "x"}\n{"video": "a.mp4", "prompt": "y"}\n')
+    _, records = read_records(tmp_path / "m.jsonl")
+    assert [r.source for r in records] == ["a.mp4", "a.mp4#2"]
+    assert records[0].key == schema.sample_key("a.mp4") != records[1].key
+
+
+# ----------------------------------------------------------------------------------------------------------- decode
+def test_stride_and_fps_select_the_same_frames(tmp_path):
+    # Each frame gets a distinct brightness so the selected indices can be read back from the pixels.
+    frames = np.stack([np.full((32, 48, 3), 10 * i + 5, np.uint8) for i in range(20)])
+    path = write_mp4(tmp_path / "ramp.mp4", frames, fps=8)
+    every = decode_video(path, 20, [(32, 48)], stride=1).frames
+    levels = every.reshape(20, -1).mean(1)
+    assert np.all(np.diff(levels) > 5), "frames decode in order and distinct"
+    by_stride = decode_video(path, 9, [(32, 48)], stride=2)
+    by_fps = decode_video(path, 9, [(32, 48)], target_fps=4)
+    np.testing.assert_array_equal(by_stride.frames, every[0:17:2])
+    np.testing.assert_array_equal(by_fps.frames, by_stride.frames)
+    assert by_fps.fps == pytest.approx(4.0) and by_fps.source_fps == pytest.approx(8.0)
+    with pytest.raises(BadInput, match="too short: 20 decodable frames, need 21"):
+        decode_video(path, 11, [(32, 48)], stride=2)
+    assert frame_indices(3, 30.0, 8.0, None)[0] == [0, 4, 8]
+
+
+def test_bucket_choice_resize_crop_and_range(tmp_path):
+    assert choose_bucket(480, 720, [(480, 720), (720, 480)]) == (480, 720)
+    assert choose_bucket(1080, 720, [(480, 720), (720, 480)]) == (720, 480)
+    # A portrait clip with a white center column: after resize + center crop to 48x32 the column stays centered.
+    clip = np.zeros((9, 96, 48, 3), np.uint8)
+    clip[:, :, 16:32] = 255
+    path = write_mp4(tmp_path / "portrait.mp4", clip, fps=8)
+    out = decode_video(path, 9, [(32, 48), (48, 32)], stride=1)
+    assert out.frames.shape == (9, 48, 32, 3) and out.source_size == (96, 48)
+    col = out.frames[0, 24, :, 0].astype(int)
+    assert col[16] > 200 and col[2] < 50 and col[29] < 50
+    x = to_model_input(out.frames, "cpu", torch.float32)
+    assert x.shape == (1, 3, 9, 48, 32) and x.min() >= -1.0 and x.max() <= 1.0 and x.max() > 0.9
+
+
+# ------------------------------------------------------------------------------------------------------------ ranks
+def test_rank_discovery_order():
+    assert discover_ranks(env={}).world_size == 1
+    assert (r := discover_ranks(env={"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1"})).rank == 1
+    assert r.world_size == 3 and r.local_rank == 1 and r.source == "env"
+    k8s = discover_ranks(env={"JOB_COMPLETION_INDEX": "2", "WORLD_SIZE": "4"})
+    assert (k8s.rank, k8s.world_size, k8s.source) == (2, 4, "k8s")
+    assert discover_ranks(world_size=5, env={"JOB_COMPLETION_INDEX": "4"}).world_size == 5
+    with pytest.raises(CogvxError, match="world size is unknown"):
+        discover_ranks(env={"JOB_COMPLETION_INDEX": "0"})
+    flags = discover_ranks(rank=0, world_size=2, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert (flags.rank, flags.source) == (0, "flags")
+    with pytest.raises(CogvxError, match="not within a world of 2"):
+        discover_ranks(env={"RANK": "2", "WORLD_SIZE": "2"})
+    assert under_mpi({"PMI_RANK": "0", "PMI_SIZE": "2"}) and under_mpi({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert not under_mpi({"RANK": "0"})
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+def test_config_errors_name_the_key(tiny_checkpoint, dataset, tmp_path):
+    model = tiny_checkpoint("CogVideoX-2b")
+    with pytest.raises(CogvxError, match=r"^frames: 10 is not valid for CogVideoX-2b"):
+        run_prep(_config(model, dataset.data, tmp_path / "a", frames=10))
+    with pytest.raises(CogvxError, match=r"^buckets: 30x48"):
+        run_prep(_config(model, dataset.data, tmp_path / "b", buckets=[(30, 48)]))
+    with pytest.raises(CogvxError, match=r"^shard_max_samples must be > 0"):
+        run_prep(_config(model, dataset.data, tmp_path / "c", shard_max_samples=0))
+    with pytest.raises(CogvxError, match=r"exclude each other"):
+        run_prep(_config(model, dataset.data, tmp_path / "d", target_fps=4.0, frame_stride=2))
+    yaml_path = tmp_path / "prep.yaml"
+    yaml_path.write_text("model: m\nshard_size: 3\n")
+    with pytest.raises(CogvxError, match=r"prep\.yaml: unknown key\(s\) shard_size"):
+        PrepConfig.from_yaml(yaml_path)
+    assert not (tmp_path / "a").exists(), "a config error is found before anything is written"
+
+
+# --------------------------------------------------------------------------------------------------- prep, one rank
+def test_every_good_video_encoded_once_and_every_bad_one_reported(prepped, dataset):
+    out, result = prepped
+    samples = _read_shards(out)
+    expected = {schema.sample_key(s): s for s in dataset.good}
+    assert set(samples) == set(expected)
+    for key, (tensors, meta) in samples.items():
+        assert meta["source"] == expected[key] and meta["prompt"] == dataset.prompts[expected[key]]
+        assert (meta["frames"], meta["height"], meta["width"], meta["fps"]) == (9, 32, 48, 8.0)
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert {e["source"] for e in errors} == set(dataset.bad)
+    for error in errors:
+        assert EXPECTED_REASON[dataset.bad[error["source"]]] in error["reason"], error
+        assert error["origin"].startswith("metadata.csv:")
+    assert (result.encoded, result.failed, result.exit_code) == (7, 6, 0)
+
+
+def test_manifest_records_geometry_scaling_and_shards(prepped, dataset):
+    out, _ = prepped
+    m = schema.Manifest.read(out)
+    assert (m.family, m.frames, m.height, m.width, m.latent_frames, m.fps) == ("CogVideoX-2b", 9, 32, 48, 3, 8.0)
+    assert m.vae_scaling_factor == pytest.approx(1.15258426) and m.invert_scale_latents is False
+    assert m.latent_scaling == schema.LATENT_SCALING and m.latent_channels == 16
+    assert (m.text_max_length, m.text_embed_dim) == (226, 32)
+    assert m.dtypes == {schema.LATENT_MEAN: "float32", schema.LATENT_LOGVAR: "float32",
+                        schema.PROMPT_EMBEDS: "float32"}
+    assert m.num_samples == 7 and m.skipped == 6 and m.extra["inputs"] == 13
+    assert [s.samples for s in m.shards] == [3, 3, 1]  # shard_max_samples=3
+    for entry in m.shards:
+        path = out / entry.name
+        assert entry.bytes == path.stat().st_size and entry.sha256 == schema.file_sha256(path)
+        with tarfile.open(path) as tar:
+            names = [n.split(".", 1)[0] for n in tar.getnames()]
+        assert entry.keys == list(dict.fromkeys(names))
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_shards_are_plain_tar_without_pickles(prepped):
+    out, _ = prepped
+    shards = sorted(out.glob("shard-*.tar"))
+    listing = subprocess.run(["tar", "-tf", str(shards[0])], capture_output=True, text=True, check=True).stdout
+    members = listing.split()
+    assert members and all(m.endswith((".json", ".latents.safetensors")) for m in members)
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                assert not data.startswith(b"\x80"), f"{member.name} looks like a pickle"
+                if member.name.endswith(".json"):
+                    json.loads(data)
+                else:
+                    header_len = int.from_bytes(data[:8], "little")
+                    assert json.loads(data[8 : 8 + header_len])  # a safetensors header, nothing executable
+
+
+def test_stored_moments_equal_direct_vae_encode(prepped, dataset, tiny_checkpoint):
+    from cogvx_dist.models import load_text_encoder, load_tokenizer, load_vae
+
+    out, _ = prepped
+    samples = _read_shards(out)
+    model = tiny_checkpoint("CogVideoX-2b")
+    vae = load_vae(model, torch.float32)
+    tokenizer, t5 = load_tokenizer(model), load_text_encoder(model, torch.float32)
+    for source in dataset.good[:2]:
+        tensors, meta = samples[schema.sample_key(source)]
+        clip = decode_video(dataset.root / source, 9, [(32, 48)], target_fps=8)
+        with torch.no_grad():
+            dist = vae.encode(to_model_input(clip.frames, "cpu", torch.float32)).latent_dist
+            ids = tokenizer([meta["prompt"]], padding="max_length", max_length=226, truncation=True,
+                            return_tensors="pt").input_ids
+            embeds = t5(ids)[0][0]
+        assert tensors[schema.LATENT_MEAN].shape == (16, 3, 4, 6)
+        torch.testing.assert_close(tensors[schema.LATENT_MEAN], dist.mean[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tensors[schema.LATENT_LOGVAR], dist.logvar[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tensors[schema.PROMPT_EMBEDS], embeds, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(tensors[schema.LATENT_MEAN], tensors[schema.LATENT_MEAN] * 1.15258426), "unscaled"
+
+
+def test_rerun_encodes_nothing_again_and_failure_limit_sets_exit_code(prepped, tiny_checkpoint, dataset):
+    out, _ = prepped
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    result = run_prep(_config(tiny_checkpoint("CogVideoX-2b"), dataset.data, out, max_failed_fraction=0.1))
+    assert (result.encoded, result.already_done, result.failed) == (0, 7, 6)
+    assert result.exit_code == 1  # 6 of 13 inputs failed > 10%
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before
+    assert schema.Manifest.read(out).num_samples == 7
+    with pytest.raises(CogvxError, match=r"other settings \(frames, latent_frames differ"):
+        run_prep(_config(tiny_checkpoint("CogVideoX-2b"), dataset.data, out, frames=17))
+
+
+def test_verify_finds_corruption(prepped, tmp_path):
+    out, _ = prepped
+    assert verify(out) == ([], 7)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = sorted(copy.glob("shard-*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's payload
+    shard.write_bytes(bytes(data))
+    (copy / "shard-r00000-000099.tar").write_bytes(b"")
+    problems, _ = verify(copy)
+    assert any(p.startswith(f"{shard.name}: sha256 differs") for p in problems)
+    assert any(p.startswith("shard-r00000-000099.tar: on disk but not in the manifest") for p in problems)
+
+
+def test_cli_prep_inspect_verify(tiny_checkpoint, tmp_path):
+    ds = make_synthetic_dataset(tmp_path / "d", count=2, frames=10, height=32, width=48, layout="folder")
+    out = tmp_path / "out"
+    run = run_cli("prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(ds.data), "--out", str(out),
+                  "--storage-dtype", "float32", "--no-progress", "--shard-size", "1MiB")
+    assert run.returncode == 0, run.stderr
+    assert "encoded 2, skipped 0" in run.stderr and "2 samples in 1 shards" in run.stderr
+    inspect = run_cli("shards", "inspect", str(out))
+    assert inspect.returncode == 0 and "samples      2 in 1 shards" in inspect.stdout
+    ok = run_cli("shards", "verify", str(out))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 2 samples")
+    bad = run_cli("prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(ds.data), "--out",
+                  str(tmp_path / "x"), "--frames", "12")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("cogvx prep: error: frames: 12")
+
+
+# ------------------------------------------------------------------------------------------------- I2V and buckets
+def test_image_to_video_and_buckets(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("CogVideoX-5b-I2V")
+    ds = make_synthetic_dataset(tmp_path / "i2v", count=2, frames=10, height=48, width=64, layout="jsonl",
+                                images=True)
+    # One portrait clip without a conditioning image: it goes to the 48x32 bucket and uses its own first frame.
+    write_mp4(ds.root / "videos/tall.mp4", render_clip("red", "circle", "down", 10, 64, 48), fps=8)
+    with open(ds.data, "a") as handle:
+        handle.write(json.dumps({"video": "videos/tall.mp4", "prompt": "a red circle moves down"}) + "\n")
+    out = tmp_path / "out"
+    result = run_prep(_config(model, ds.data, out, buckets=[(32, 48), (48, 32)]))
+    assert (result.encoded, result.failed) == (3, 0)
+    manifest = schema.Manifest.read(out)
+    assert manifest.image_to_video and manifest.sizes() == [(32, 48), (48, 32)]
+    samples = _read_shards(out)
+    assert verify(out)[0] == []
+    from cogvx_dist.models import load_vae
+    from data_prep.decode import load_image
+
+    vae = load_vae(model, torch.float32)
+    tall = samples[schema.sample_key("videos/tall.mp4")]
+    assert (tall[1]["height"], tall[1]["width"]) == (48, 32)
+    assert tall[0][schema.IMAGE_MEAN].shape == (16, 1, 6, 4)
+    clip = decode_video(ds.root / "videos/tall.mp4", 9, [(32, 48), (48, 32)], target_fps=8)
+    with torch.no_grad():
+        first = vae.encode(to_model_input(clip.frames[:1], "cpu", torch.float32)).latent_dist
+    torch.testing.assert_close(tall[0][schema.IMAGE_MEAN], first.mean[0], rtol=1e-5, atol=1e-5)
+    listed = samples[schema.sample_key(ds.good[0])]
+    image = load_image(ds.root / ds.good[0].replace(".mp4", ".png"), (32, 48))
+    with torch.no_grad():
+        cond = vae.encode(to_model_input(image, "cpu", torch.float32)).latent_dist
+    torch.testing.assert_close(listed[0][schema.IMAGE_LOGVAR], cond.logvar[0], rtol=1e-5, atol=1e-5)
