@@ -98,7 +98,10 @@ def _prep(args: argparse.Namespace) -> int:
 
         manifest, inputs = finalize(folder)
         print(finalize_line(Path(folder), manifest, inputs))
-        limit = args.max_failed_fraction if args.max_failed_fraction is not None else 0.1
+        # The job's own limit (recorded by its ranks) unless the flag overrides it.
+        limit = args.max_failed_fraction
+        if limit is None:
+            limit = float(manifest.extra.get("prep", {}).get("max_failed_fraction", 0.1))
         if inputs and manifest.skipped / inputs > limit:
             print(f"{manifest.skipped} of {inputs} inputs failed, more than max_failed_fraction {limit:g}",
                   file=sys.stderr)

@@ -162,7 +162,8 @@ def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
     (out / shardio.PARTS_DIR).mkdir(parents=True, exist_ok=True)
     header = _header(config, info, frames, buckets, fps)
     settings = {k: v for k, v in asdict(config).items() if k in (
-        "target_fps", "frame_stride", "vae_tiling", "vae_slicing", "storage_dtype", "compute_dtype", "layout")}
+        "target_fps", "frame_stride", "vae_tiling", "vae_slicing", "storage_dtype", "compute_dtype", "layout",
+        "max_failed_fraction")}
     settings["data"] = str(config.data)
 
     # Resume: settings must match what is already in the folder; complete shards (of any rank) are kept.
