@@ -339,3 +339,33 @@ def test_image_to_video_and_buckets(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         cond = vae.encode(to_model_input(image, "cpu", torch.float32)).latent_dist
     torch.testing.assert_close(listed[0][schema.IMAGE_LOGVAR], cond.logvar[0], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_t5_and_batched_vae_give_the_same_samples(prepped, tiny_checkpoint, dataset, tmp_path):
+    # text_chunk=3 makes T5 load, run and be freed three times between VAE rounds; batches of 2 clips per VAE call.
+    out, _ = prepped
+    result = run_prep(_config(tiny_checkpoint("CogVideoX-2b"), dataset.data, tmp_path / "o", text_chunk=3,
+                              vae_batch_size=2, decode_workers=1))
+    assert (result.encoded, result.failed) == (7, 6)
+    a, b = _read_shards(out), _read_shards(tmp_path / "o")
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key][1] == b[key][1]
+        for name, tensor in a[key][0].items():
+            torch.testing.assert_close(b[key][0][name], tensor, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_config_yaml_with_flag_overrides(tmp_path):
+    from cogvx_dist.cli import build_parser
+    from data_prep.cli import config_from_args
+
+    path = tmp_path / "prep.yaml"
+    path.write_text("model: m\ndata: d\nout: o\nbuckets: [480x720, [720, 480]]\nframe_stride: 2\n"
+                    "shard_max_bytes: 64MiB\nvae_tiling: true\n")
+    args = build_parser().parse_args(["prep", "--config", str(path), "--fps", "8", "--shard-samples", "5",
+                                      "--no-vae-tiling"])
+    config = config_from_args(args)
+    assert config.buckets == [(480, 720), (720, 480)] and config.shard_max_bytes == 64 << 20
+    assert (config.target_fps, config.frame_stride) == (8.0, None)  # the flag's sampling mode replaces the file's
+    assert config.shard_max_samples == 5 and config.vae_tiling is False and config.model == "m"
+    config.check_basic()
