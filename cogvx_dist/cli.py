@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("families", _families, "list the supported CogVideoX families")
 
     # Each tier registers its own subcommands (lazily importing its heavy modules in the handlers).
+    from cogvx_dist.train.cli import register as register_train
     from data_prep.cli import register as register_prep
 
     register_prep(command)
+    register_train(command)
     return parser
 
 

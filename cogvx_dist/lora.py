@@ -99,10 +99,15 @@ def lora_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {name: p for name, p in transformer.named_parameters() if ".lora_A." in name or ".lora_B." in name}
 
 
+def state_dict_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory adapter names (`...lora_A.default.weight`) to state-dict names (`...lora_A.weight`), detached."""
+    suffix = f".{ADAPTER_NAME}."
+    return {name.replace(suffix, "."): t.detach() for name, t in named.items()}
+
+
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights under their state-dict names (no adapter name, no prefix), detached."""
-    suffix = f".{ADAPTER_NAME}."
-    return {name.replace(suffix, "."): p.detach() for name, p in lora_parameters(transformer).items()}
+    return state_dict_names(lora_parameters(transformer))
 
 
 def adapter_checksum(state_dict: dict[str, torch.Tensor]) -> str:
