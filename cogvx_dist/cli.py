@@ -83,11 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     command("families", _families, "list the supported CogVideoX families")
 
     # Each tier registers its own subcommands (lazily importing its heavy modules in the handlers).
+    from cogvx_dist.launch_cli import register as register_launch
+    from cogvx_dist.results_cli import register as register_results
     from cogvx_dist.train.cli import register as register_train
     from data_prep.cli import register as register_prep
 
     register_prep(command)
     register_train(command)
+    register_launch(command)
+    register_results(command)
     return parser
 
 
