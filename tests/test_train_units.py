@@ -1,0 +1,187 @@
+"""Train tier pieces in one process: config loading, batch planning, the loss per family, checkpoint folders,
+DeepSpeed config resolution, and one-line errors for bad runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvx_dist import checkpoint as ckpt
+from cogvx_dist.config import load_config
+from cogvx_dist.data.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
+from cogvx_dist.distributed import load_ds_config, resolve_ds_config
+from cogvx_dist.errors import CogvxError
+from cogvx_dist.lora import LoraSettings, inject_lora
+from cogvx_dist.models import FAMILIES, describe_checkpoint, load_scheduler, load_transformer
+from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.loop import lr_lambda
+from cogvx_dist.train.loss import LossContext, diffusion_loss
+from tests.conftest import run_cli
+from tests.shard_factory import write_synthetic_shards
+from tests.test_train import write_config
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('output_dir = "out"\n[model]\npath = "m"\n[data]\nshards = "s"\n[train]\nmax_steps = 7\n')
+    config = load_config(RunConfig, path, ["train.micro_batch_size=2", "optim.betas=[0.8, 0.9]", "lora.rank=4"])
+    assert (config.train.max_steps, config.train.micro_batch_size, config.optim.betas) == (7, 2, [0.8, 0.9])
+    assert config.lora.rank == 4 and config.lora.alpha == 64.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key optim.lrr"),
+        (["train.max_steps=ten"], "train.max_steps must be an integer"),
+        (["optim.schedule=linear"], "optim.schedule must be one of"),
+        (["lora.rank=0"], "lora.rank must be a positive integer"),
+        (["train.grad_accum_steps=0"], "train.grad_accum_steps must be at least 1"),
+        (["model.path="], "model.path is required"),
+        (["nonsense"], "not of the form section.key=value"),
+    ],
+)
+def test_bad_config_values_name_the_key(overrides, message):
+    with pytest.raises(CogvxError, match=message):
+        load_config(RunConfig, None, ["model.path=m", "data.shards=s", *overrides])
+
+
+def test_global_batch_must_match_ranks():
+    config = load_config(RunConfig, None, ["model.path=m", "data.shards=s", "train.global_batch_size=6",
+                                           "train.grad_accum_steps=2"])
+    assert config.check_world(3) == 6
+    with pytest.raises(CogvxError, match="train.global_batch_size=6 is not"):
+        config.check_world(2)
+
+
+@pytest.mark.parametrize("micro, accum, ranks", [(1, 1, 2), (2, 3, 2), (1, 2, 3)])
+def test_batch_plan_covers_each_global_batch_once(micro, accum, ranks):
+    plans = [BatchPlan(micro, accum, rank, ranks) for rank in range(ranks)]
+    global_batch = plans[0].global_batch
+    for step in range(3):
+        seen = [p for plan in plans for m in range(accum) for p in plan.positions(10, step * accum + m)]
+        assert sorted(seen) == list(range(10 + step * global_batch, 10 + (step + 1) * global_batch))
+
+
+def test_sample_stream_is_a_seeded_permutation_per_epoch():
+    stream = SampleStream(5, seed=3)
+    epochs = [[stream.sample_at(e * 5 + i) for i in range(5)] for e in range(3)]
+    assert all(sorted(e) == list(range(5)) for e in epochs)
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+    again = SampleStream(5, seed=3)
+    assert [again.sample_at(p) for p in range(15)] == [x for e in epochs for x in e]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_loss_trains_only_the_adapter_for_every_family(tiny_checkpoint, tmp_path, family):
+    model = tiny_checkpoint(family)
+    write_synthetic_shards(tmp_path, model, [2])
+    info = describe_checkpoint(model)
+    transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.01)  # so gradients reach lora_A too
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    batch = MicroBatches(ShardIndex(tmp_path), BatchPlan(2, 1, 0, 1), seed=0, start_position=0, steps=1)[0]
+    loss = diffusion_loss(transformer, batch, context, torch.Generator().manual_seed(0), torch.device("cpu"),
+                          torch.float32)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    for name, param in transformer.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    again = diffusion_loss(transformer, batch, context, torch.Generator().manual_seed(0), torch.device("cpu"),
+                           torch.float32)
+    assert again.item() == loss.item()  # the generator is the only source of randomness
+
+
+def test_warmup_then_cosine():
+    config = load_config(RunConfig, None, ["model.path=m", "data.shards=s", "optim.warmup_steps=4",
+                                           "optim.schedule=cosine", "train.max_steps=20", "optim.min_lr_ratio=0.1"])
+    factor = lr_lambda(config)
+    values = [factor(k) for k in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0] and values[4] == 1.0
+    assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[20] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
+def test_shipped_ds_configs_resolve_to_concrete_values(name):
+    base = load_ds_config(name)
+    resolved = resolve_ds_config(base, micro_batch_size=2, grad_accum_steps=3, max_grad_norm=0.5, lr=1e-3,
+                                 betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0, bf16=True, on_gpu=True)
+    assert resolved["train_micro_batch_size_per_gpu"] == 2 and resolved["gradient_accumulation_steps"] == 3
+    assert resolved["gradient_clipping"] == 0.5 and resolved["optimizer"]["params"]["lr"] == 1e-3
+    assert resolved["zero_optimization"]["stage"] == int(name[4])
+    assert "auto" not in json.dumps(resolved)
+    base["zero_optimization"]["reduce_bucket_size"] = "auto"
+    with pytest.raises(CogvxError, match="zero_optimization.reduce_bucket_size"):
+        resolve_ds_config(base, micro_batch_size=1, grad_accum_steps=1, max_grad_norm=1.0, lr=1e-3,
+                          betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0, bf16=True, on_gpu=True)
+
+
+def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
+    for step in (2, 4, 6, 8):
+        folder = ckpt.checkpoint_folder(tmp_path, step)
+        folder.mkdir(parents=True)
+        if step != 8:  # step 8 crashed mid-save: no marker
+            ckpt.commit(folder, {"step": step})
+    assert ckpt.find_resume_point(tmp_path, "auto") == ckpt.checkpoint_folder(tmp_path, 6)
+    assert ckpt.find_resume_point(tmp_path, "none") is None
+    with pytest.raises(CogvxError, match="not a complete checkpoint"):
+        ckpt.find_resume_point(tmp_path, str(ckpt.checkpoint_folder(tmp_path, 8)))
+    ckpt.prune(tmp_path, keep_last=2)
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 6]
+    assert ckpt.checkpoint_folder(tmp_path, 8).exists()  # newer than the newest commit: maybe still being written
+
+
+def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
+    script = (
+        "import sys\n"
+        "from cogvx_dist.train.loop import forbid_encoders\n"
+        "from cogvx_dist.models import load_transformer, load_text_encoder\n"
+        "forbid_encoders()\n"
+        "load_transformer(sys.argv[1])\n"
+        "try:\n"
+        "    load_text_encoder(sys.argv[1])\n"
+        "except RuntimeError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint("CogVideoX-2b"))], capture_output=True,
+                         text=True, check=True)
+    assert "refused: a training rank tried to build T5EncoderModel" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_checkpoint, tmp_path_factory):
+    model = tiny_checkpoint("CogVideoX-2b")
+    root = tmp_path_factory.mktemp("bad-runs")
+    write_synthetic_shards(root / "shards", model, [2, 1])
+    return model, root
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_step=3"], "unknown config key train.max_step"),
+        (["train.global_batch_size=3"], "train.global_batch_size=3 is not micro_batch_size"),
+        (["data.shards=/nonexistent/shards"], "data.shards: no shard manifest"),
+        (["model.path={five_b}"], "shards do not match the model: family CogVideoX-2b (model is CogVideoX-5b)"),
+    ],
+)
+def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, tmp_path, overrides, message):
+    model, root = good_run
+    config = write_config(tmp_path / "run.yaml", model, root / "shards", tmp_path / "out")
+    overrides = [o.format(five_b=tiny_checkpoint("CogVideoX-5b")) for o in overrides]
+    result = run_cli("train", "--config", str(config), "--nproc", "2", *overrides)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
