@@ -205,3 +205,30 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(shards_2b, tmp_path):
     result = launch(config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert stream_order(one_rank, 1) == [row for row in stream_order(straight, 2) if row[0] > 4]
+
+
+@pytest.mark.slow
+def test_streaming_over_http_trains_on_two_ranks(shards_2b, tmp_path):
+    """Shards served over HTTP on loopback; every rank streams, runs all steps, and ends identical."""
+    import functools
+    import http.server
+    import threading
+
+    model, shards = shards_2b
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        output = tmp_path / "run"
+        config = write_config(tmp_path / "run.yaml", model, shards, output, train={"max_steps": 4},
+                              data={"shards": url, "streaming": True})
+        result = launch(config)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        server.shutdown()
+    summary = json.loads((output / SUMMARY_FILE).read_text())
+    assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
+    keys = {key for _, _, _, key in read_trace(output)}
+    assert len(read_trace(output)) == 4 * 2 * 2 and keys <= set(ShardIndex(shards).entries[i][1] for i in range(7))

@@ -185,3 +185,19 @@ def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_streaming_reads_pipe_locations(good_run):
+    from cogvx_dist.data.streaming import StreamingMicroBatches, member_url, read_remote_manifest
+
+    _, root = good_run
+    location = f"pipe:cat {root / 'shards'}/{{name}}"
+    assert member_url(location, "a.tar") == f"pipe:cat {root / 'shards'}/a.tar"
+    manifest = read_remote_manifest(location)
+    assert manifest.num_samples == 3
+    stream = iter(StreamingMicroBatches(location, manifest, micro_batch_size=2, seed=0, rank=0, start_step=0))
+    batches = [next(stream) for _ in range(4)]  # endless: more micro-batches than the dataset holds
+    assert all(b["latent_mean"].shape[0] == 2 for b in batches)
+    assert {k for b in batches for k in b["keys"]} <= {e.keys[i] for e in manifest.shards for i in range(e.samples)}
+    with pytest.raises(CogvxError, match="cannot read|empty"):
+        read_remote_manifest(f"pipe:cat {root}/missing/{{name}}")

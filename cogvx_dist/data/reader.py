@@ -142,19 +142,19 @@ class MicroBatches(Dataset):
 
     def __getitem__(self, micro_index: int) -> dict[str, Any]:
         samples = [self.stream.sample_at(p) for p in self.plan.positions(self.start_position, micro_index)]
-        tensors, keys = [], []
-        for sample in samples:
-            t, _ = self.index.read(sample)
-            tensors.append(t)
-            keys.append(self.index.key(sample))
-        batch: dict[str, Any] = {"keys": keys}
-        for name in (LATENT_MEAN, LATENT_LOGVAR, PROMPT_EMBEDS, IMAGE_MEAN, IMAGE_LOGVAR):
-            if name in tensors[0]:
-                batch[name] = torch.stack([t[name] for t in tensors])
-        return batch
+        return collate([self.index.read(s)[0] for s in samples], [self.index.key(s) for s in samples])
 
 
-def make_loader(dataset: MicroBatches, num_workers: int) -> DataLoader:
+def collate(tensors: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, Any]:
+    """Stack samples' tensors into a micro-batch (`keys` lists the sample keys, for traces)."""
+    batch: dict[str, Any] = {"keys": keys}
+    for name in (LATENT_MEAN, LATENT_LOGVAR, PROMPT_EMBEDS, IMAGE_MEAN, IMAGE_LOGVAR):
+        if name in tensors[0]:
+            batch[name] = torch.stack([t[name] for t in tensors])
+    return batch
+
+
+def make_loader(dataset: Dataset, num_workers: int) -> DataLoader:
     """Loader over micro-batches in order; workers only prefetch, so the order does not depend on them."""
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)

@@ -171,26 +171,35 @@ class Manifest:
             path = path / MANIFEST_NAME
         if not path.is_file():
             raise CogvxError(f"no shard manifest at {path} (run `cogvx prep` first)")
+        return cls.parse(path.read_text(), where=str(path))
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> "Manifest":
+        """Validate manifest JSON text; `where` names its origin in error messages."""
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CogvxError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if data.get("format") != FORMAT_NAME:
-            raise CogvxError(f"{path}: not a cogvx shard manifest (format {data.get('format')!r})")
+            raise CogvxError(f"{where}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CogvxError(f"{where}: not a cogvx shard manifest (format {found!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise CogvxError(
-                f"{path}: shard format version {data.get('format_version')} but this cogvx reads {FORMAT_VERSION}"
+                f"{where}: shard format version {data.get('format_version')} but this cogvx reads {FORMAT_VERSION}"
             )
         data.pop("num_samples", None)
-        data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
+        try:
+            data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
+        except TypeError as err:
+            raise CogvxError(f"{where}: malformed shard entry ({err})") from None
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise CogvxError(f"{path}: unknown manifest keys {unknown}")
+            raise CogvxError(f"{where}: unknown manifest keys {unknown}")
         try:
             return cls(**data)
         except TypeError as err:
-            raise CogvxError(f"{path}: incomplete manifest ({err})") from None
+            raise CogvxError(f"{where}: incomplete manifest ({err})") from None
 
 
 def file_sha256(path: str | Path) -> str:

@@ -26,10 +26,10 @@ class DataConfig:
     """Where the prep shards are and how they are read."""
 
     shards: str = ""
-    """Dataset folder holding manifest.json (local, exact order and resume), or a manifest path/URL list for
-    streaming (see `streaming`)."""
+    """Dataset folder holding manifest.json (exact order and resume), or with `streaming` an http(s) URL of such a
+    folder or a `pipe:` command template with {name} (e.g. "pipe:aws s3 cp s3://bucket/set/{name} -")."""
     streaming: bool = False
-    """Read shard URLs (http://, pipe:) in order with WebDataset; resume is then approximate."""
+    """Stream remote shards with WebDataset (shards drawn per rank with replacement); resume is approximate."""
     num_workers: int = 0
     """Background processes reading and decoding samples (0 reads in the training process)."""
 

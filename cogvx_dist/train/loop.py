@@ -18,6 +18,7 @@ from cogvx_dist import distributed
 from cogvx_dist.config import to_dict
 from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex, check_manifest, make_loader
 from cogvx_dist.data.schema import Manifest
+from cogvx_dist.data.streaming import StreamingMicroBatches, is_remote, read_remote_manifest
 from cogvx_dist.errors import CogvxError
 from cogvx_dist.lora import adapter_checksum, export_lora, inject_lora, lora_parameters, state_dict_names
 from cogvx_dist.metrics import MetricsWriter
@@ -36,22 +37,26 @@ class Preflight:
 
     checkpoint: CheckpointInfo
     manifest: Manifest
-    index: ShardIndex
+    index: ShardIndex | None
+    """Random access to local shards; None in streaming mode."""
 
 
 def preflight(config: RunConfig) -> Preflight:
     """Check model, shards and their match; no deepspeed, no weights loaded."""
     checkpoint = describe_checkpoint(config.model.path)
-    if config.data.streaming:
-        raise CogvxError("data.streaming is not implemented yet; use a local shard folder")
+    if config.data.streaming != is_remote(config.data.shards):
+        raise CogvxError(f"data.streaming={config.data.streaming} does not fit data.shards {config.data.shards!r}: "
+                         "streaming reads http(s):// or pipe: locations, a local folder is read with exact order")
     try:
-        manifest = Manifest.read(config.data.shards)
+        manifest = read_remote_manifest(config.data.shards) if config.data.streaming else Manifest.read(
+            config.data.shards)
     except CogvxError as err:
         raise CogvxError(f"data.shards: {err}") from None
     check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
-    index = ShardIndex(config.data.shards, manifest)
-    if config.train.micro_batch_size > len(index):
-        raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} exceeds the {len(index)} samples")
+    index = None if config.data.streaming else ShardIndex(config.data.shards, manifest)
+    if config.train.micro_batch_size > manifest.num_samples:
+        raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} exceeds the "
+                         f"{manifest.num_samples} samples")
     return Preflight(checkpoint, manifest, index)
 
 
@@ -185,7 +190,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
         (output / "run_config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         (output / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     log.info("%d ranks on %s, %s, ZeRO-%d, global batch %d, %d samples (%s)", ranks.world_size, ranks.device.type,
-             config.model.dtype, distributed.zero_stage(ds_config), global_batch, len(checks.index),
+             config.model.dtype, distributed.zero_stage(ds_config), global_batch, checks.manifest.num_samples,
              checks.checkpoint.family.name)
 
     transformer = load_transformer(config.model.path, dtype=dtype)
@@ -221,8 +226,12 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
 
     plan = BatchPlan(config.train.micro_batch_size, config.train.grad_accum_steps, ranks.rank, ranks.world_size)
     steps_left = max(0, config.train.max_steps - start_step)
-    loader = iter(make_loader(MicroBatches(checks.index, plan, config.train.seed, position, steps_left),
-                              config.data.num_workers))
+    if checks.index is not None:
+        batches = MicroBatches(checks.index, plan, config.train.seed, position, steps_left)
+    else:
+        batches = StreamingMicroBatches(config.data.shards, checks.manifest, config.train.micro_batch_size,
+                                        config.train.seed, ranks.rank, start_step)
+    loader = iter(make_loader(batches, config.data.num_workers))
     metrics = MetricsWriter(output, enabled=ranks.is_main, tensorboard=config.log.tensorboard)
     trace = None
     if config.log.sample_trace:
