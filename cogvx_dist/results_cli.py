@@ -1,12 +1,189 @@
-"""`cogvx demo`, `cogvx sample` and `cogvx report`: seeing what training produced."""
+"""`cogvx demo`, `cogvx sample` and `cogvx report`: seeing what training produced.
+
+    cogvx demo [--out demo_out]                                   the whole pipeline on an embedded default
+    cogvx sample --model M [--lora L] --prompt P --out clip.mp4   one clip (+ frame-grid PNG)
+    cogvx sample --watch RUN_DIR --prompt P [--prompt P2 ...]     validate each new checkpoint of a run
+    cogvx report RUN_DIR                                          loss/throughput/memory plots and a summary
+
+Heavy modules (torch, diffusers, matplotlib) are imported inside the handlers, so `cogvx --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import warnings
 from collections.abc import Callable
+from pathlib import Path
+
+from cogvx_dist.errors import CogvxError
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
+def _quiet_libraries() -> None:
+    """Keep the console to our own lines: no per-component progress bars or deprecation chatter."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from cogvx_dist.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(out=Path(args.out), clips=args.clips, steps=args.steps,
+                            inference_steps=args.inference_steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
+                            prep_processes=args.prep_processes, train_ranks=args.nproc, device=args.device,
+                            seed=args.seed, prompt=args.prompt or "")
+    result = run_demo(settings)
+    train, sample = result.numbers["train"], result.numbers["sample"]
+    print(
+        f"\ndemo done in {result.numbers['total_s']:.0f} s on {result.device}: loss {train['loss_first_fifth']:.4f} -> "
+        f"{train['loss_last_fifth']:.4f} (first/last fifth of {train['steps']} steps), "
+        f"{train['samples_per_s']:.2f} train samples/s, {result.numbers['prep']['videos_per_s']:.2f} prep videos/s, "
+        f"with-vs-without-LoRA mean abs pixel difference {sample['mean_abs_pixel_difference']:.4f}\n"
+        f"  summary:    {result.paths['summary']}\n"
+        f"  loss curve: {result.paths['loss_curve']}\n"
+        f"  clips:      {result.paths['without_lora']}  vs  {result.paths['with_lora']}\n"
+        f"  comparison: {result.paths['comparison']}"
+    )
+    return 0
+
+
+def _sample_settings(args: argparse.Namespace):
+    from cogvx_dist.sample import SampleSettings
+
+    if args.inference_steps < 1:
+        raise CogvxError("--inference-steps must be at least 1")
+    return SampleSettings(num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale,
+                          seed=args.seed, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
+                          grid_columns=args.grid_columns)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from cogvx_dist.sample import Sampler, WatchOptions, lora_folder, read_prompts, save_clip, watch_run
+
+    prompts = read_prompts(args.prompt or [], args.prompts_file)
+    settings = _sample_settings(args)
+    if args.watch:
+        if args.lora or args.out or args.image:
+            raise CogvxError("--watch samples each checkpoint's own LoRA into RUN_DIR/validation; "
+                             "drop --lora, --out and --image")
+        options = WatchOptions(interval_s=args.interval, once=args.once, stop_after=args.stop_after,
+                               max_wait_s=args.max_wait, until_done=args.until_done, baseline=args.baseline)
+        result = watch_run(args.watch, prompts, settings, options, model=args.model, device=args.device,
+                           dtype=args.dtype)
+        print(f"validated steps {result.validated or 'none'}"
+              + (f", skipped vanished {result.skipped}" if result.skipped else "")
+              + f"; stopped: {result.reason}; files in {Path(args.watch) / 'validation'}")
+        return 0
+
+    if not args.model:
+        raise CogvxError("--model is required (a CogVideoX checkpoint folder or hub id), or use --watch RUN_DIR")
+    if len(prompts) != 1:
+        raise CogvxError(f"give exactly one prompt to sample one clip (got {len(prompts)}); "
+                         "--watch takes several")
+    out = Path(args.out or "sample.mp4")
+    if out.suffix.lower() != ".mp4":
+        raise CogvxError(f"--out {out}: the clip is written as an mp4, name it *.mp4")
+    lora = lora_folder(args.lora) if args.lora else None  # fail on a bad path before loading the model
+    sampler = Sampler(args.model, device=args.device, dtype=args.dtype)
+    sampler.set_lora(lora)
+    frames = sampler.generate(prompts[0], settings, image=args.image)
+    clip, grid = save_clip(frames, out, settings.fps or sampler.family.fps, settings.grid_columns)
+    gif_note = ""
+    if args.gif:
+        gif = out.with_suffix(".gif")
+        _write_gif(frames, gif, settings.fps or sampler.family.fps)
+        gif_note = f", {gif}"
+    info = {"prompt": prompts[0], "model": sampler.info.source, "lora": str(lora) if lora else None,
+            "frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+            "seed": settings.seed, "num_inference_steps": settings.num_inference_steps,
+            "guidance_scale": settings.guidance_scale, "device": sampler.device}
+    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    adapter = f" with LoRA {lora}" if lora else " without LoRA"
+    print(f"wrote {clip} ({frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}){adapter}; preview {grid}{gif_note}")
+    return 0
+
+
+def _write_gif(frames, path: Path, fps: int) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray((f * 255).round().astype("uint8")) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / max(fps, 1)), loop=0)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cogvx_dist.report import write_report
+
+    summary = write_report(args.run_dir, args.out)
+    print(summary["text"], end="")
+    print("plots: " + ", ".join(summary["plots"].values()))
+    return 0
+
+
 def register(command: AddCommand) -> None:
     """Add the results subcommands."""
+    demo = command("demo", _demo, "run the whole pipeline (tiny model, synthetic clips, prep, 2-rank training, "
+                                  "sampling, report) in a few minutes")
+    demo.add_argument("--out", default="demo_out", help="output folder (an earlier demo there is replaced)")
+    demo.add_argument("--clips", type=int, default=16, help="synthetic captioned clips (default 16)")
+    demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    demo.add_argument("--inference-steps", type=int, default=10, help="denoising steps per sampled clip (default 10)")
+    demo.add_argument("--lr", type=float, default=2e-2, help="peak learning rate (default 2e-2)")
+    demo.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    demo.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
+    demo.add_argument("--prep-processes", type=int, default=2, help="prep processes (default 2)")
+    demo.add_argument("--nproc", type=int, default=0,
+                      help="training ranks (default: 2 on CPU, one per GPU up to 2 on a GPU machine)")
+    demo.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu or cuda")
+    demo.add_argument("--seed", type=int, default=0, help="seed of model, clips, training and sampling")
+    demo.add_argument("--prompt", help="prompt to sample (default: the first clip's caption)")
+
+    sample = command("sample", _sample, "sample a clip with the diffusers pipeline (optionally with a trained LoRA), "
+                                        "or validate a run's checkpoints as they appear (--watch)")
+    sample.add_argument("--model", help="CogVideoX checkpoint (default with --watch: the run's model.path)")
+    sample.add_argument("--lora", help="exported adapter: folder holding pytorch_lora_weights.safetensors, "
+                                       "the file, or a run/checkpoint folder (its lora/)")
+    sample.add_argument("--prompt", action="append", help="prompt (repeatable with --watch)")
+    sample.add_argument("--prompts-file", help="file with one prompt per line (--watch)")
+    sample.add_argument("--image", help="first frame for image-to-video families")
+    sample.add_argument("--out", help="output mp4 (default sample.mp4); a _grid.png preview goes beside it")
+    sample.add_argument("--gif", action="store_true", help="also write an animated GIF preview")
+    sample.add_argument("--inference-steps", type=int, default=50, help="denoising steps (default 50)")
+    sample.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (default 6)")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sample.add_argument("--frames", type=int, help="frames (default: the checkpoint's)")
+    sample.add_argument("--height", type=int, help="pixel height (default: the checkpoint's)")
+    sample.add_argument("--width", type=int, help="pixel width (default: the checkpoint's)")
+    sample.add_argument("--fps", type=int, help="mp4 frame rate (default: the family's)")
+    sample.add_argument("--grid-columns", type=int, default=0, help="frames per row of the preview grid")
+    sample.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda or cuda:N")
+    sample.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    watch = sample.add_argument_group("validation (--watch)")
+    watch.add_argument("--watch", metavar="RUN_DIR", help="sample the prompts with each new committed checkpoint")
+    watch.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    watch.add_argument("--once", action="store_true", help="validate what is committed now, then exit")
+    watch.add_argument("--stop-after", type=int, default=0, help="exit after this many checkpoints")
+    watch.add_argument("--max-wait", type=float, default=0.0, help="exit after this many seconds")
+    watch.add_argument("--until-done", action=argparse.BooleanOptionalAction, default=True,
+                       help="exit once train_summary.json exists and all checkpoints are validated (default on)")
+    watch.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                       help="also sample the prompts once without a LoRA, into validation/base (default on)")
+
+    report = command("report", _report, "plots (loss, throughput, memory, lr) and a text summary of a training run")
+    report.add_argument("run_dir", help="training output_dir (holding metrics.jsonl)")
+    report.add_argument("--out", help="output folder (default RUN_DIR/report)")

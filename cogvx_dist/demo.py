@@ -1,0 +1,385 @@
+"""`cogvx demo`: the whole system on an embedded default, in a few minutes on two CPU cores.
+
+tiny checkpoint -> synthetic mp4 clips with captions -> prep with 2 processes -> DeepSpeed training on 2 ranks ->
+exported LoRA -> validation of each checkpoint -> clips sampled with and without the LoRA -> report and summary.
+
+Every stage runs the same code a real job runs: prep and training are the `cogvx prep` / `cogvx train` commands
+started as subprocesses (so the demo also shows the command lines to use on a cluster), sampling is the diffusers
+pipeline loading the exported adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cogvx_dist.errors import CogvxError
+
+DEMO_MARKER = ".cogvx-demo"
+"""File marking a folder as a demo output, which a later `cogvx demo --out` may replace."""
+DEMO_FAMILY = "CogVideoX-2b"
+
+
+@dataclass
+class DemoSettings:
+    """Size of the demo; the defaults take a few minutes on 2 CPU cores."""
+
+    out: Path = Path("demo_out")
+    """Output folder (replaced if it holds an earlier demo)."""
+    clips: int = 16
+    """Synthetic captioned mp4 clips to make and encode."""
+    steps: int = 40
+    """Optimizer steps to train."""
+    inference_steps: int = 10
+    """Denoising steps per sampled clip."""
+    lr: float = 2e-2
+    """Peak learning rate (high, because a tiny random model must visibly learn in a few dozen steps)."""
+    rank: int = 8
+    """LoRA rank."""
+    alpha: float = 8.0
+    """LoRA alpha (scale alpha / rank)."""
+    prep_processes: int = 2
+    """Prep processes (each encodes a disjoint slice of the clips)."""
+    train_ranks: int = 0
+    """DeepSpeed ranks; 0: 2 on CPU, one per visible GPU (at most 2) on a GPU machine."""
+    device: str = "auto"
+    """auto (the GPU when there is one), cpu or cuda."""
+    seed: int = 0
+    """Seed of the tiny model, the clips, training and sampling noise."""
+    prompt: str = ""
+    """Prompt to sample; default: the caption of the first synthetic clip."""
+
+
+@dataclass
+class StageTime:
+    """Wall time of one demo stage."""
+
+    name: str
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured and where it wrote it (also summary.json)."""
+
+    out: str
+    settings: dict[str, Any]
+    device: str
+    stages: list[StageTime] = field(default_factory=list)
+    paths: dict[str, str] = field(default_factory=dict)
+    numbers: dict[str, Any] = field(default_factory=dict)
+    commands: list[str] = field(default_factory=list)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder, replacing an earlier demo's; refuse to touch any other non-empty folder."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise CogvxError(f"--out {out} exists, is not empty and is not an earlier demo output; pick another folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `cogvx demo`; a later `cogvx demo --out` here replaces this folder\n")
+
+
+def _cogvx(*args: str) -> list[str]:
+    """The command line of a cogvx subcommand in this Python environment."""
+    return [sys.executable, "-m", "cogvx_dist", *args]
+
+
+def _shown(command: list[str]) -> str:
+    """A command as a user would type it (cogvx instead of python -m cogvx_dist)."""
+    text = " ".join(command)
+    return text.replace(f"{sys.executable} -m cogvx_dist", "cogvx")
+
+
+def _run_logged(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    """Run a subcommand with output to a log file; on failure, raise with the log's last lines."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as handle:
+        rc = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if rc != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise CogvxError(f"`{_shown(command)}` failed with exit code {rc}; log {log_path}:\n{tail}")
+
+
+_PREP_LINE = re.compile(r"rank (\d+): encoded (\d+),.*? ([\d.]+) s \(([\d.]+) videos/s")
+
+
+def _prep(model: Path, data: Path, shards: Path, processes: int, device: str, logs: Path,
+          result: DemoResult) -> dict[str, Any]:
+    """Run `cogvx prep` as `processes` parallel processes (ranks of one job), then make sure the manifest exists."""
+    commands = [
+        _cogvx("prep", "--model", str(model), "--data", str(data), "--out", str(shards), "--rank", str(r),
+               "--world-size", str(processes), "--storage-dtype", "float32", "--device", device, "--no-progress")
+        for r in range(processes)
+    ]
+    result.commands += [_shown(c) for c in commands]
+    started = time.perf_counter()
+    handles = []
+    for rank, command in enumerate(commands):
+        log = open(logs / f"prep-rank{rank}.log", "w")
+        handles.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, rank))
+    failed = []
+    for proc, log, rank in handles:
+        if proc.wait() != 0:
+            failed.append(rank)
+        log.close()
+    wall = time.perf_counter() - started
+    if failed:
+        tail = "\n".join((logs / f"prep-rank{failed[0]}.log").read_text().splitlines()[-15:])
+        raise CogvxError(f"prep rank(s) {failed} failed; log {logs}/prep-rank{failed[0]}.log:\n{tail}")
+    # The last process to finish merges the manifest; finalize covers the case where neither saw the other done.
+    if not (shards / "manifest.json").is_file():
+        _run_logged(_cogvx("prep", "finalize", str(shards)), logs / "prep-finalize.log")
+    per_rank = []
+    for rank in range(processes):
+        for match in _PREP_LINE.finditer((logs / f"prep-rank{rank}.log").read_text()):
+            per_rank.append({"rank": int(match.group(1)), "encoded": int(match.group(2)),
+                             "seconds": float(match.group(3)), "videos_per_s": float(match.group(4))})
+    manifest = json.loads((shards / "manifest.json").read_text())
+    samples = sum(entry.get("samples", 0) for entry in manifest.get("shards", []))
+    encode_seconds = max((r["seconds"] for r in per_rank), default=0.0)
+    return {
+        "processes": processes,
+        "samples": samples or sum(r["encoded"] for r in per_rank),
+        "shards": len(manifest.get("shards", [])),
+        "wall_s": round(wall, 2),
+        "videos_per_s_wall": round(sum(r["encoded"] for r in per_rank) / wall, 3) if wall else 0.0,
+        # Encoding rate of the job: all encoded clips over the slowest process's run time (start-up excluded).
+        "videos_per_s": round(sum(r["encoded"] for r in per_rank) / encode_seconds, 3) if encode_seconds else 0.0,
+        "per_rank": per_rank,
+    }
+
+
+def _train_config(path: Path, settings: DemoSettings, model: Path, shards: Path, run: Path, on_gpu: bool) -> Path:
+    import yaml
+
+    checkpoint_every = max(1, settings.steps // 4)
+    config = {
+        "output_dir": str(run),
+        "model": {"path": str(model), "dtype": "bfloat16" if on_gpu else "float32"},
+        "data": {"shards": str(shards)},
+        "lora": {"rank": settings.rank, "alpha": settings.alpha},
+        "optim": {"lr": settings.lr, "warmup_steps": max(1, settings.steps // 10), "schedule": "cosine",
+                  "min_lr_ratio": 0.1},
+        "train": {"max_steps": settings.steps, "micro_batch_size": 1, "grad_accum_steps": 4, "seed": settings.seed},
+        "deepspeed": {"config": "zero2"},
+        "checkpoint": {"every_steps": checkpoint_every, "keep_last": 4},
+        "log": {"progress_bar": False, "tensorboard": True},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _comparison_png(without: Any, with_lora: Any, path: Path) -> Path:
+    """Two rows of frames: without the LoRA on top, with it below."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from cogvx_dist.sample import frame_grid
+
+    top = np.asarray(frame_grid(without, columns=len(without)))
+    bottom = np.asarray(frame_grid(with_lora, columns=len(with_lora)))
+    label_w = 70
+    canvas = Image.new("RGB", (top.shape[1] + label_w, top.shape[0] + bottom.shape[0]), (24, 24, 24))
+    canvas.paste(Image.fromarray(top), (label_w, 0))
+    canvas.paste(Image.fromarray(bottom), (label_w, top.shape[0]))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, top.shape[0] // 2 - 6), "base", fill=(230, 230, 230))
+    draw.text((4, top.shape[0] + bottom.shape[0] // 2 - 6), "+ LoRA", fill=(230, 230, 230))
+    canvas.save(path)
+    return path
+
+
+def run_demo(settings: DemoSettings) -> DemoResult:
+    """Run every stage; returns the measurements (also written to OUT/summary.json and OUT/summary.md)."""
+    import numpy as np
+    import torch
+
+    from cogvx_dist.metrics import read_metrics
+    from cogvx_dist.models.tiny import make_tiny_checkpoint
+    from cogvx_dist.report import plot_loss, write_report
+    from cogvx_dist.sample import SampleSettings, Sampler, WatchOptions, pick_device, save_clip, watch_run
+    from data_prep.synthetic import make_synthetic_dataset
+
+    if settings.clips < 2:
+        raise CogvxError("--clips must be at least 2 (one per prep process)")
+    if settings.steps < 1 or settings.inference_steps < 1:
+        raise CogvxError("--steps and --inference-steps must be at least 1")
+    device = pick_device(settings.device)
+    on_gpu = device.startswith("cuda")
+    ranks = settings.train_ranks or (max(1, min(2, torch.cuda.device_count())) if on_gpu else 2)
+    out = settings.out.resolve()
+    _prepare_out(out)
+    logs = out / "logs"
+    logs.mkdir()
+    result = DemoResult(out=str(out), settings={k: str(v) if isinstance(v, Path) else v
+                                                for k, v in asdict(settings).items()}, device=device)
+    total_started = time.perf_counter()
+
+    def stage(name: str) -> float:
+        _say(f"[demo] {name} ...")
+        return time.perf_counter()
+
+    def done(name: str, started: float, detail: str) -> None:
+        seconds = time.perf_counter() - started
+        result.stages.append(StageTime(name, round(seconds, 2)))
+        _say(f"[demo]   {detail} ({seconds:.1f} s)")
+
+    # 1. A tiny random-weight checkpoint in the full diffusers layout.
+    t = stage(f"1/7 tiny {DEMO_FAMILY} checkpoint")
+    model = make_tiny_checkpoint(out / "model", DEMO_FAMILY, seed=settings.seed)
+    result.commands.append(f"cogvx make-tiny-model {model} --family {DEMO_FAMILY} --seed {settings.seed}")
+    result.paths["model"] = str(model)
+    done("tiny checkpoint", t, f"wrote {model}")
+
+    # 2. Real mp4 clips of coloured shapes moving in captioned directions.
+    t = stage(f"2/7 {settings.clips} synthetic captioned mp4 clips")
+    # 48x72 keeps the tiny model's 2:3 aspect (32x48), so prep only scales; 16 frames at 8 fps cover 9 frames.
+    dataset = make_synthetic_dataset(out / "data", count=settings.clips, frames=16, height=48, width=72, fps=8,
+                                     seed=settings.seed, layout="folder")
+    prompt = settings.prompt or dataset.prompts[dataset.good[0]]
+    result.paths["data"] = str(dataset.data)
+    done("synthetic clips", t, f"{len(dataset.good)} clips in {dataset.data}, e.g. {dataset.good[0]}: {prompt!r}")
+
+    # 3. Prep: T5 + VAE encode into WebDataset shards, two processes over disjoint slices.
+    t = stage(f"3/7 prep with {settings.prep_processes} processes (T5 + VAE -> shards)")
+    shards = out / "shards"
+    prep = _prep(model, dataset.data, shards, settings.prep_processes, "cuda" if on_gpu else "cpu", logs, result)
+    result.numbers["prep"] = prep
+    result.paths["shards"] = str(shards)
+    done("prep", t, f"{prep['samples']} samples in {prep['shards']} shards, {prep['videos_per_s']:.2f} videos/s "
+                    f"encoding ({prep['videos_per_s_wall']:.2f} videos/s with process start-up)")
+
+    # 4. DeepSpeed training on several ranks; the trainer exports the LoRA at the end.
+    t = stage(f"4/7 train {settings.steps} steps with DeepSpeed ZeRO-2 on {ranks} rank(s) ({device})")
+    run = out / "run"
+    config = _train_config(out / "run.yaml", settings, model, shards, run, on_gpu)
+    train_command = _cogvx("train", "--config", str(config), "--nproc", str(ranks))
+    result.commands.append(_shown(train_command))
+    _run_logged(train_command, logs / "train.log")
+    records = read_metrics(run)
+    train_summary = json.loads((run / "train_summary.json").read_text())
+    lora_dir = run / "lora"
+    result.paths.update({"run": str(run), "run_config": str(config), "lora": str(lora_dir / "pytorch_lora_weights.safetensors"),
+                         "metrics": str(run / "metrics.jsonl"), "tensorboard": str(run / "tensorboard")})
+    done("train", t, f"{len(records)} steps, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, "
+                     f"LoRA exported to {lora_dir}")
+
+    # 5. Validation: what `cogvx sample --watch RUN` does beside a live run, here over the finished one.
+    t = stage("5/7 validate each checkpoint (cogvx sample --watch --once)")
+    sample_settings = SampleSettings(num_inference_steps=settings.inference_steps, seed=settings.seed)
+    watched = watch_run(run, [prompt], sample_settings, WatchOptions(once=True), device=device)
+    result.commands.append(f"cogvx sample --watch {run} --prompt {json.dumps(prompt)} --once "
+                           f"--inference-steps {settings.inference_steps}")
+    result.paths["validation"] = str(run / "validation")
+    done("validation", t, f"sampled steps {watched.validated} into {run / 'validation'}")
+
+    # 6. The same prompt and noise with and without the LoRA.
+    t = stage("6/7 sample with and without the LoRA")
+    sampler = Sampler(model, device=device)
+    fps = sampler.family.fps
+    without = sampler.generate(prompt, sample_settings)
+    sampler.set_lora(lora_dir)
+    with_lora = sampler.generate(prompt, sample_settings)
+    samples = out / "samples"
+    without_mp4, without_grid = save_clip(without, samples / "without_lora.mp4", fps)
+    with_mp4, with_grid = save_clip(with_lora, samples / "with_lora.mp4", fps)
+    comparison = _comparison_png(without, with_lora, samples / "comparison.png")
+    difference = float(np.abs(with_lora - without).mean())
+    result.numbers["sample"] = {
+        "prompt": prompt, "inference_steps": settings.inference_steps, "seed": settings.seed,
+        "frames": int(without.shape[0]), "height": int(without.shape[1]), "width": int(without.shape[2]),
+        "mean_abs_pixel_difference": round(difference, 5),
+        "mean_abs_pixel_difference_0_255": round(difference * 255, 3),
+        "clips_differ": difference > 1e-4,
+    }
+    result.commands.append(f"cogvx sample --model {model} --lora {lora_dir} --prompt {json.dumps(prompt)} "
+                           f"--inference-steps {settings.inference_steps} --out {with_mp4}")
+    result.paths.update({"without_lora": str(without_mp4), "with_lora": str(with_mp4),
+                         "without_lora_grid": str(without_grid), "with_lora_grid": str(with_grid),
+                         "comparison": str(comparison)})
+    done("sample", t, f"mean |with - without| = {difference:.4f} ({difference * 255:.2f} of 255) -> {samples}")
+
+    # 7. Report: plots and text from metrics.jsonl; the headline loss curve is copied to the top folder.
+    t = stage("7/7 report")
+    report = write_report(run)
+    loss_png = plot_loss(records, out / "loss_curve.png",
+                         title=f"demo: LoRA training loss ({ranks} ranks, {settings.steps} steps)")
+    result.commands.append(f"cogvx report {run}")
+    result.paths.update({"loss_curve": str(loss_png), "report": str(run / "report")})
+    result.numbers["train"] = {
+        "ranks": train_summary["world_size"], "zero_stage": train_summary["zero_stage"], "steps": len(records),
+        "samples_seen": train_summary["samples_seen"], "loss_first_step": round(records[0]["loss"], 5),
+        "loss_last_step": round(records[-1]["loss"], 5), "loss_first_fifth": round(report["loss_first"], 5),
+        "loss_last_fifth": round(report["loss_last"], 5), "loss_falls": report["loss_falls"],
+        "samples_per_s": round(report["samples_per_s"], 3), "tokens_per_s": round(report["tokens_per_s"], 1),
+        "step_time_s": round(report["step_time_s"], 4), "peak_memory_gib": round(report["peak_memory_gib"], 3),
+        "validated_steps": watched.validated,
+    }
+    done("report", t, f"plots in {run / 'report'}, loss curve {loss_png}")
+
+    result.numbers["total_s"] = round(time.perf_counter() - total_started, 1)
+    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(result))
+    result.paths["summary"] = str(out / "summary.md")
+    return result
+
+
+def summary_markdown(result: DemoResult) -> str:
+    """The human summary: what ran, the numbers, where the files are, and the commands to repeat each stage."""
+    prep, train, sample = result.numbers["prep"], result.numbers["train"], result.numbers["sample"]
+    lines = [
+        "# cogvx demo",
+        "",
+        f"Ran on **{result.device}** in {result.numbers['total_s']:.0f} s: tiny {DEMO_FAMILY} checkpoint -> "
+        f"{result.settings['clips']} synthetic captioned mp4 clips -> prep with {prep['processes']} processes -> "
+        f"DeepSpeed ZeRO-{train['zero_stage']} training on {train['ranks']} ranks -> exported LoRA -> "
+        f"validation of checkpoints {train['validated_steps']} -> clips with and without the LoRA -> report.",
+        "",
+        "## Numbers",
+        "",
+        "| what | value |",
+        "|---|---|",
+        f"| prep | {prep['samples']} samples in {prep['shards']} shards; {prep['videos_per_s']:.2f} videos/s encoding, "
+        f"{prep['videos_per_s_wall']:.2f} videos/s including process start-up ({prep['wall_s']:.1f} s) |",
+        f"| train | {train['steps']} steps, {train['samples_seen']} samples; {train['samples_per_s']:.2f} samples/s, "
+        f"{train['tokens_per_s']:,.0f} tokens/s, {train['step_time_s']:.3f} s/step |",
+        f"| loss | first step {train['loss_first_step']:.4f} -> last step {train['loss_last_step']:.4f}; "
+        f"mean of first fifth {train['loss_first_fifth']:.4f} -> last fifth {train['loss_last_fifth']:.4f} "
+        f"({'falling' if train['loss_falls'] else 'NOT falling'}) |",
+        f"| peak accelerator memory | {train['peak_memory_gib']:.2f} GiB (0 on CPU: not tracked) |",
+        f"| with vs without LoRA | mean abs pixel difference {sample['mean_abs_pixel_difference']:.4f} "
+        f"({sample['mean_abs_pixel_difference_0_255']:.2f} of 255): "
+        f"{'the clips differ' if sample['clips_differ'] else 'the clips are the same'} |",
+        f"| sampling | {sample['frames']} frames {sample['height']}x{sample['width']}, "
+        f"{sample['inference_steps']} steps, seed {sample['seed']}, prompt {sample['prompt']!r} |",
+        "",
+        "## Stages (wall time)",
+        "",
+        *[f"- {s.name}: {s.seconds:.1f} s" for s in result.stages],
+        "",
+        "## Files",
+        "",
+        *[f"- {name}: `{path}`" for name, path in result.paths.items()],
+        "",
+        "## The same stages by hand",
+        "",
+        "```",
+        *result.commands,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,213 @@
+"""`cogvx report RUN_DIR`: loss, throughput, memory and learning-rate plots and a text summary from metrics.jsonl.
+
+Everything is read from the files a run leaves behind (metrics.jsonl, train_summary.json, run_config.json,
+validation/), so a report can be made while training runs, after it crashed, or on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cogvx_dist.errors import CogvxError
+
+REPORT_DIR = "report"
+
+
+@dataclass
+class RunStats:
+    """Numbers that describe a run at a glance."""
+
+    steps: int
+    """Optimizer steps logged."""
+    last_step: int
+    """Highest logged step."""
+    loss_first: float
+    """Mean loss of the first fifth of the logged steps (the raw loss of one step is too noisy to compare)."""
+    loss_last: float
+    """Mean loss of the last fifth of the logged steps."""
+    loss_final: float
+    """Raw loss of the last logged step."""
+    loss_min: float
+    """Lowest raw loss."""
+    samples_per_s: float
+    """Mean training samples per second over all ranks, the first (warm-up) step excluded when there are others."""
+    tokens_per_s: float
+    """Mean transformer tokens per second, likewise."""
+    step_time_s: float
+    """Mean seconds per optimizer step, likewise."""
+    data_wait_fraction: float
+    """Share of step time spent waiting for data (high values mean the reader, not the GPU, is the limit)."""
+    peak_memory_gib: float
+    """Largest peak accelerator memory of rank 0 (0 on CPU runs, where torch does not track it)."""
+    samples_seen: int
+    """Samples consumed by the last logged step."""
+
+    @property
+    def loss_falls(self) -> bool:
+        """True when the late loss is below the early loss."""
+        return self.loss_last < self.loss_first
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); weight defaults from the length."""
+    if not values:
+        return []
+    if weight is None:
+        # About a tenth of the run in the averaging window: visible trend, yet early steps still show.
+        weight = min(0.95, max(0.5, 1.0 - 10.0 / max(len(values), 1)))
+    out, average, norm = [], 0.0, 0.0
+    for value in values:
+        average = weight * average + (1.0 - weight) * value
+        norm = weight * norm + (1.0 - weight)
+        out.append(average / norm)
+    return out
+
+
+def run_stats(records: list[dict[str, Any]]) -> RunStats:
+    """Summary numbers of metrics records (as `cogvx_dist.metrics.read_metrics` returns them)."""
+    if not records:
+        raise CogvxError("no metrics records to summarise")
+    losses = [r["loss"] for r in records]
+    k = max(1, len(records) // 5)
+    steady = records[1:] if len(records) > 1 else records
+    step_time = _mean([r.get("step_time_s") for r in steady])
+    wait = _mean([r.get("data_wait_s") for r in steady])
+    return RunStats(
+        steps=len(records),
+        last_step=records[-1]["step"],
+        loss_first=_mean(losses[:k]),
+        loss_last=_mean(losses[-k:]),
+        loss_final=losses[-1],
+        loss_min=min(losses),
+        samples_per_s=_mean([r.get("samples_per_s") for r in steady]),
+        tokens_per_s=_mean([r.get("tokens_per_s") for r in steady]),
+        step_time_s=step_time,
+        data_wait_fraction=wait / step_time if step_time and math.isfinite(wait) else float("nan"),
+        peak_memory_gib=max((r.get("peak_memory_gib") or 0.0) for r in records),
+        samples_seen=int(records[-1].get("samples_seen") or 0),
+    )
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training loss") -> Path:
+    """Raw per-step loss as points and its smoothed curve, against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, losses, "o", ms=3, alpha=0.35, color="tab:blue", label="loss per step")
+    ax.plot(steps, smooth(losses), "-", lw=2.2, color="tab:blue", label="smoothed (EMA)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("diffusion loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_series(records: list[dict[str, Any]], path: Path, series: list[tuple[str, str, str]], title: str,
+                 second: tuple[str, str, str] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, label, colour in series:
+        ax.plot(steps, [r.get(key) or 0.0 for r in records], "-o", ms=2.5, color=colour, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(series[0][1])
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if second is not None:
+        key, label, colour = second
+        twin = ax.twinx()
+        twin.plot(steps, [r.get(key) or 0.0 for r in records], "-s", ms=2.5, color=colour, label=label)
+        twin.set_ylabel(label)
+        more_h, more_l = twin.get_legend_handles_labels()
+        handles, labels = handles + more_h, labels + more_l
+    ax.legend(handles, labels, loc="best")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
+    """The plain-text summary written as report/summary.txt and printed by `cogvx report`."""
+    lines = [
+        f"run: {run_dir}",
+        f"steps logged: {stats.steps} (last step {stats.last_step}, {stats.samples_seen} samples seen)",
+        f"loss: {stats.loss_first:.4f} (mean of first fifth) -> {stats.loss_last:.4f} (mean of last fifth); "
+        f"final {stats.loss_final:.4f}, min {stats.loss_min:.4f}  [{'falling' if stats.loss_falls else 'NOT falling'}]",
+        f"throughput: {stats.samples_per_s:.2f} samples/s, {stats.tokens_per_s:,.0f} tokens/s, "
+        f"{stats.step_time_s:.3f} s/step (first step excluded), data wait {stats.data_wait_fraction:.1%} of step time",
+        f"peak memory (rank 0): {stats.peak_memory_gib:.2f} GiB"
+        + ("  (CPU run: accelerator memory not tracked)" if stats.peak_memory_gib == 0 else ""),
+    ]
+    if extra.get("world_size"):
+        lines.append(f"ranks: {extra['world_size']}, ZeRO stage {extra.get('zero_stage')}, family {extra.get('family')}")
+    if extra.get("validated_steps"):
+        lines.append(f"validation samples for steps {extra['validated_steps']} in {run_dir / 'validation'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Write the plots and the summary of a run into out_dir (default RUN_DIR/report); returns the summary dict."""
+    from cogvx_dist.metrics import METRICS_FILE, read_metrics
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CogvxError(f"{run}: no such run folder")
+    try:
+        records = [r for r in read_metrics(run) if r.get("loss") is not None]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CogvxError(f"{run / METRICS_FILE} is not a metrics file ({err})") from None
+    if not records:
+        raise CogvxError(f"{run / METRICS_FILE} is missing or holds no steps yet (has training logged a step?)")
+    out = Path(out_dir) if out_dir else run / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    stats = run_stats(records)
+
+    extra: dict[str, Any] = {}
+    summary_file = run / "train_summary.json"
+    if summary_file.is_file():
+        train_summary = json.loads(summary_file.read_text())
+        extra.update({k: train_summary.get(k) for k in ("world_size", "zero_stage", "family")})
+    validated = run / "validation" / "validated.json"
+    if validated.is_file():
+        extra["validated_steps"] = sorted(int(s) for s in json.loads(validated.read_text()).get("steps", {}))
+
+    plots = {
+        "loss": plot_loss(records, out / "loss.png"),
+        "throughput": _plot_series(records, out / "throughput.png", [("samples_per_s", "samples/s", "tab:green")],
+                                   "training throughput (all ranks)", ("tokens_per_s", "tokens/s", "tab:purple")),
+        "memory": _plot_series(records, out / "memory.png", [("peak_memory_gib", "peak memory (GiB)", "tab:red")],
+                               "peak accelerator memory, rank 0"),
+        "lr": _plot_series(records, out / "lr.png", [("lr", "learning rate", "tab:orange")], "learning rate",
+                           ("grad_norm", "grad norm (before clipping)", "tab:gray")),
+    }
+    text = summary_text(stats, run, extra)
+    (out / "summary.txt").write_text(text)
+    summary = {"run_dir": str(run), **asdict(stats), "loss_falls": stats.loss_falls, **extra,
+               "plots": {name: str(path) for name, path in plots.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["text"] = text
+    return summary
