@@ -46,8 +46,17 @@ def init_distributed() -> RankInfo:
 
     under_mpi = "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
     if under_mpi and "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed(auto_mpi_discovery=under_mpi and "RANK" not in os.environ)
+        # DeepSpeed's MPI discovery overwrites MASTER_ADDR (rank 0's first `hostname -I` address) and MASTER_PORT
+        # (its `distributed_port` argument): run it here so that values the user exported win, e.g. loopback in
+        # tests or the right interface on a multi-homed node.
+        from deepspeed.comm.comm import mpi_discovery
+
+        port = int(os.environ.setdefault("MASTER_PORT", "29500"))
+        address = os.environ.get("MASTER_ADDR")
+        mpi_discovery(distributed_port=port, verbose=False)
+        if address:
+            os.environ["MASTER_ADDR"] = address
+    deepspeed.init_distributed(auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():

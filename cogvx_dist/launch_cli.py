@@ -1,12 +1,289 @@
-"""`cogvx launch ...`: checks and commands for cluster launches (see launchers/)."""
+"""`cogvx launch ...`: checks and commands for cluster launches (see launchers/ and docs/CLUSTER.md).
+
+`cogvx launch check` is a dry run of a multi-node job: it reads the hostfile (or a node count), the run config and
+the shard manifest, checks what would otherwise fail only once every node has started (world size, batch
+arithmetic, samples per global batch, paths, the `.deepspeed_env` format), and prints the exact command each node
+would run. It starts nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cogvx_dist.errors import CogvxError
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
+
+LAUNCHERS = ("pdsh", "no-ssh", "mpi", "slurm")
+DEFAULT_PORT = 29500
+# DeepSpeed's own hostfile rule (`^(\S+)\s+slots=(\d+)`), tightened: only a comment may follow the slots.
+_HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
+_ENV_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+@dataclass(frozen=True)
+class Host:
+    """One hostfile line."""
+
+    name: str
+    """Host name (resolvable on every node)."""
+    slots: int
+    """Ranks (GPUs) on this host."""
+
+
+def parse_hostfile(text: str, where: str = "hostfile") -> list[Host]:
+    """Hosts of a DeepSpeed/Open MPI hostfile (`host slots=N`, `#` comments, blank lines), in order.
+
+    Raises CogvxError naming the line for anything DeepSpeed would reject (or silently misread)."""
+    hosts: list[Host] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _HOST_LINE.match(line)
+        if not match:
+            raise CogvxError(f"{where} line {number}: expected \"HOSTNAME slots=N\", got {line!r}")
+        name, slots = match.group(1), int(match.group(2))
+        if slots < 1:
+            raise CogvxError(f"{where} line {number}: {name} has slots={slots}; each host needs at least one slot")
+        if name in seen:
+            raise CogvxError(f"{where} line {number}: host {name} is already listed on line {seen[name]}")
+        seen[name] = number
+        hosts.append(Host(name, slots))
+    if not hosts:
+        raise CogvxError(f"{where}: no hosts (one \"HOSTNAME slots=N\" line per node)")
+    return hosts
+
+
+def read_hostfile(path: str | Path) -> list[Host]:
+    """`parse_hostfile` of a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CogvxError(f"hostfile {path} does not exist")
+    return parse_hostfile(path.read_text(), where=f"hostfile {path}")
+
+
+def select_hosts(hosts: list[Host], nodes: int | None, gpus_per_node: int | None) -> list[Host]:
+    """The hosts a launch uses: the first `nodes` hosts, each with `gpus_per_node` slots when given (what
+    DeepSpeed's --num_nodes/--num_gpus do)."""
+    if nodes is not None:
+        if nodes < 1:
+            raise CogvxError(f"--nodes must be at least 1, got {nodes}")
+        if nodes > len(hosts):
+            raise CogvxError(f"--nodes {nodes} but the hostfile lists only {len(hosts)} hosts")
+        hosts = hosts[:nodes]
+    if gpus_per_node is not None:
+        if gpus_per_node < 1:
+            raise CogvxError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+        hosts = [Host(h.name, gpus_per_node) for h in hosts]
+    return hosts
+
+
+def check_deepspeed_env(path: Path) -> list[str]:
+    """Variable names of a `.deepspeed_env` file; raises on lines DeepSpeed mishandles.
+
+    DeepSpeed splits every line at the first "=" and pastes `export KEY=VALUE;` into the remote shell command: a
+    blank line crashes the launcher, and a "# comment" line turns the rest of the remote command into a comment,
+    so the ranks silently never start."""
+    names = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not _ENV_LINE.match(line):
+            raise CogvxError(f"{path} line {number}: {line!r} is not NAME=VALUE (DeepSpeed allows no comments or "
+                             "blank lines here)")
+        names.append(line.split("=", 1)[0])
+    return names
+
+
+@dataclass
+class Plan:
+    """What `cogvx launch check` found: the world, the batch, and the commands."""
+
+    hosts: list[Host]
+    world_size: int
+    global_batch: int
+    samples: int
+    notes: list[str] = field(default_factory=list)
+    commands: list[tuple[str, str]] = field(default_factory=list)
+    """(where, command line) pairs, in start order."""
+
+
+def _quote(parts: list[str]) -> str:
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _train_args(config: str, overrides: list[str]) -> list[str]:
+    return ["--config", config, *overrides]
+
+
+def build_commands(launcher: str, hosts: list[Host], hostfile: str | None, config: str, overrides: list[str],
+                   master_addr: str, master_port: int, limits: dict[str, int | None]) -> list[tuple[str, str]]:
+    """The command line(s) that start training with `launcher`, as (where, command) pairs."""
+    nnodes, world = len(hosts), sum(h.slots for h in hosts)
+    train = ["--module", "cogvx_dist.train", *_train_args(config, overrides)]
+    rendezvous = ["--master_addr", master_addr, "--master_port", str(master_port)]
+    if launcher == "pdsh":
+        if hostfile is None:
+            raise CogvxError("--launcher pdsh needs --hostfile (DeepSpeed reads the nodes from it)")
+        extra = []
+        if limits.get("nodes") is not None:
+            extra += ["--num_nodes", str(limits["nodes"])]
+        if limits.get("gpus_per_node") is not None:
+            extra += ["--num_gpus", str(limits["gpus_per_node"])]
+        return [(f"{hosts[0].name} (starts all {nnodes} nodes over pdsh/ssh)",
+                 _quote(["deepspeed", "--hostfile", hostfile, *extra, *rendezvous, *train]))]
+    if launcher == "no-ssh":
+        hostfile = hostfile or "hostfile"
+        return [
+            (f"node {rank} ({host.name})",
+             _quote(["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(rank), "--num_nodes",
+                     str(nnodes), "--num_gpus", str(host.slots), *rendezvous, *train]))
+            for rank, host in enumerate(hosts)
+        ]
+    if launcher == "mpi":
+        place = ["--hostfile", hostfile] if hostfile else []
+        return [(f"{hosts[0].name} (mpiexec starts all {world} ranks)",
+                 _quote(["env", f"MASTER_ADDR={master_addr}", f"MASTER_PORT={master_port}", "mpiexec", "-n",
+                         str(world), *place, "python", "-m", "cogvx_dist.train", *_train_args(config, overrides)]))]
+    if launcher == "slurm":
+        gpus = hosts[0].slots
+        return [("login node",
+                 _quote(["sbatch", f"--nodes={nnodes}", f"--gpus-per-node={gpus}", "launchers/slurm/train.sbatch",
+                         config, *overrides]))]
+    raise CogvxError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
+
+
+def plan_launch(args: argparse.Namespace) -> Plan:
+    """Every check of `cogvx launch check`; raises CogvxError at the first problem."""
+    # Heavy imports here, so `cogvx --help` stays fast.
+    from cogvx_dist import checkpoint as ckpt
+    from cogvx_dist.config import load_config
+    from cogvx_dist.distributed import load_ds_config
+    from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.loop import preflight
+
+    if args.hostfile:
+        hosts = select_hosts(read_hostfile(args.hostfile), args.nodes, args.gpus_per_node)
+    else:
+        if args.nodes is None:
+            raise CogvxError("give --hostfile, or --nodes (and --gpus-per-node) to describe the cluster")
+        count = args.gpus_per_node if args.gpus_per_node is not None else 1
+        hosts = select_hosts([Host(f"node-{i}", 1) for i in range(max(args.nodes, 1))], args.nodes, count)
+    world = sum(h.slots for h in hosts)
+    notes: list[str] = []
+
+    config = load_config(RunConfig, args.config, args.overrides)
+    global_batch = config.check_world(world)
+    load_ds_config(config.deepspeed.config)  # a missing or broken DeepSpeed JSON fails here, not on every rank
+    checks = preflight(config)
+    samples = checks.manifest.num_samples
+    if samples < global_batch:
+        raise CogvxError(
+            f"data.shards has {samples} samples, fewer than one global batch of {global_batch} (micro_batch_size "
+            f"{config.train.micro_batch_size} x grad_accum_steps {config.train.grad_accum_steps} x {world} ranks): "
+            "every step would repeat samples; use fewer ranks or smaller batches, or prep more data")
+    if config.data.streaming:
+        # WebDataset gives every rank (and loader worker) whole shards: fewer shards than readers starves some.
+        readers = world * max(1, config.data.num_workers)
+        if len(checks.manifest.shards) < readers:
+            raise CogvxError(f"streaming {len(checks.manifest.shards)} shards to {readers} readers ({world} ranks x "
+                             f"{max(1, config.data.num_workers)} workers): need at least one shard per reader")
+    epochs = config.train.max_steps * global_batch / samples
+    notes.append(f"{config.train.max_steps} steps x {global_batch} samples = {epochs:.2f} passes over the data")
+
+    for key, value in (("model.path", config.model.path), ("data.shards", config.data.shards),
+                       ("output_dir", config.output_dir), ("config", args.config)):
+        if value and not Path(value).is_absolute() and Path(value).exists():
+            notes.append(f"{key} {value} is relative: every node must start in the same directory ({Path.cwd()})")
+    output = Path(config.output_dir)
+    existing = output if output.exists() else next((p for p in output.parents if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        raise CogvxError(f"output_dir {output}: cannot create or write it (nearest existing folder: {existing})")
+    fresh = config.checkpoint.resume == "auto" and not output.exists()
+    resume = None if fresh else ckpt.find_resume_point(config.output_dir, config.checkpoint.resume)
+    if resume is not None:
+        notes.append(f"resumes from {resume} (checkpoint.resume={config.checkpoint.resume})")
+    elif config.checkpoint.resume != "auto":
+        notes.append(f"checkpoint.resume={config.checkpoint.resume}: a restarted job will NOT resume by itself")
+
+    if args.launcher == "pdsh":
+        env_files = [p for p in (Path.cwd() / ".deepspeed_env", Path.home() / ".deepspeed_env") if p.is_file()]
+        if args.deepspeed_env:
+            env_files = [Path(args.deepspeed_env)]
+            if not env_files[0].is_file():
+                raise CogvxError(f"--deepspeed-env {args.deepspeed_env} does not exist")
+        for env_file in env_files:
+            notes.append(f"{env_file} exports {', '.join(check_deepspeed_env(env_file)) or 'nothing'} to every node")
+    master_addr = args.master_addr or hosts[0].name
+    commands = build_commands(args.launcher, hosts, args.hostfile, args.config, list(args.overrides), master_addr,
+                              args.master_port, {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node})
+    return Plan(hosts, world, global_batch, samples, notes, commands)
+
+
+def _check(args: argparse.Namespace) -> int:
+    plan = plan_launch(args)
+    if args.quiet:
+        print(f"cogvx launch check: ok ({len(plan.hosts)} nodes, {plan.world_size} ranks, global batch "
+              f"{plan.global_batch}, {plan.samples} samples)", file=sys.stderr)
+        return 0
+    print(f"nodes: {len(plan.hosts)}  ranks: {plan.world_size}  global batch: {plan.global_batch}  "
+          f"samples: {plan.samples}")
+    for rank, host in enumerate(plan.hosts):
+        print(f"  node {rank}: {host.name} slots={host.slots}")
+    for note in plan.notes:
+        print(f"note: {note}")
+    print(f"commands ({args.launcher}):")
+    for where, command in plan.commands:
+        print(f"# {where}")
+        print(command)
+    return 0
+
+
+def _parse_hostfile_cmd(args: argparse.Namespace) -> int:
+    hosts = select_hosts(read_hostfile(args.hostfile), args.nodes, args.gpus_per_node)
+    for host in hosts:
+        print(f"{host.name} {host.slots}")
+    print(f"total {sum(h.slots for h in hosts)}")
+    return 0
 
 
 def register(command: AddCommand) -> None:
     """Add the launch subcommands."""
+    launch = command("launch", lambda _: _no_action(launch), "check a multi-node launch and print its commands")
+    sub = launch.add_subparsers(dest="launch_command", metavar="ACTION")
+
+    check = sub.add_parser(
+        "check", help="dry run: check hostfile, run config and shards, print each node's command",
+        description="Check a multi-node job before it starts (world size, batch arithmetic, samples, paths, "
+                    ".deepspeed_env) and print the exact command each node would run. Starts nothing.")
+    check.set_defaults(handler=_check)
+    check.add_argument("--config", required=True, help="run config (YAML or TOML), as the job will read it")
+    check.add_argument("--hostfile", help="DeepSpeed hostfile: one \"HOSTNAME slots=N\" line per node")
+    check.add_argument("--nodes", type=int, help="use the first N hosts (without --hostfile: N nodes)")
+    check.add_argument("--gpus-per-node", type=int, help="ranks per node (default: the hostfile's slots, else 1)")
+    check.add_argument("--launcher", choices=LAUNCHERS, default="pdsh",
+                       help="how the job starts: pdsh (deepspeed --hostfile over ssh), no-ssh (per-node "
+                            "deepspeed --no_ssh), mpi (mpiexec + MPI discovery), slurm (sbatch)")
+    check.add_argument("--master-addr", help="rendezvous address (default: the first host)")
+    check.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="rendezvous port")
+    check.add_argument("--deepspeed-env", help="the .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)")
+    check.add_argument("--quiet", action="store_true", help="print one line on success instead of the plan")
+    check.add_argument("overrides", nargs="*", help="section.key=value overrides, as passed to the job")
+
+    hostfile = sub.add_parser("hostfile", help="parse a hostfile and print hosts, slots and the world size")
+    hostfile.set_defaults(handler=_parse_hostfile_cmd)
+    hostfile.add_argument("hostfile", help="DeepSpeed hostfile")
+    hostfile.add_argument("--nodes", type=int, help="use the first N hosts")
+    hostfile.add_argument("--gpus-per-node", type=int, help="ranks per node")
+
+
+def _no_action(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2

@@ -1,0 +1,102 @@
+# Helpers sourced by the cogvx launchers (not run on its own).
+# shellcheck shell=bash
+
+# The repository root (launchers/..), so scripts work from any directory.
+COGVX_REPO="${COGVX_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+# The interpreter that has cogvx-dist installed (a venv's python, the image's python3, ...).
+PYTHON="${PYTHON:-python3}"
+# DeepSpeed's launcher; `python -m deepspeed.launcher.runner` is the same program without the console script.
+DEEPSPEED="${DEEPSPEED:-deepspeed}"
+MPIEXEC="${MPIEXEC:-mpiexec}"
+
+# run CMD...: execute CMD, or with DRY_RUN=1 print it (shell-quoted, one line) so tests and humans see the exact
+# command without starting anything.
+run() {
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        local quoted
+        printf -v quoted '%q ' "$@"
+        echo "${quoted% }"
+    else
+        "$@"
+    fi
+}
+
+# say MSG...: progress on stderr, prefixed with the script name (stdout stays the command stream in dry runs).
+say() {
+    echo "$(basename "$0"): $*" >&2
+}
+
+die() {
+    say "error: $*"
+    exit 2
+}
+
+# hostfile_hosts FILE: the host names of a DeepSpeed/Open MPI hostfile ("host slots=N", # comments), in order.
+hostfile_hosts() {
+    awk '{sub(/#.*/, "")} NF {print $1}' "$1"
+}
+
+# hostfile_slots FILE: the sum of slots over the hostfile's hosts.
+hostfile_slots() {
+    awk '{sub(/#.*/, "")} NF {n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {split($i, kv, "="); n = kv[2]}
+         if (n == 0) {printf "%s: no slots=N on line %d\n", FILENAME, NR > "/dev/stderr"; exit 2} total += n}
+         END {print total + 0}' "$1"
+}
+
+# precheck CONFIG [OVERRIDES...] -- [check flags]: `cogvx launch check` before a job starts (skip with CHECK=0).
+# It fails fast, on one line, on a bad hostfile, config, manifest or batch arithmetic.
+precheck() {
+    if [[ "${CHECK:-1}" == 1 ]]; then
+        run "$PYTHON" -m cogvx_dist launch check --quiet "$@"
+    fi
+}
+
+# mpi_flavor: "openmpi" or "mpich" (MPI_FLAVOR wins; else asks $MPIEXEC --version; mpich when it cannot tell).
+mpi_flavor() {
+    if [[ -n "${MPI_FLAVOR:-}" ]]; then
+        echo "$MPI_FLAVOR"
+    elif "$MPIEXEC" --version 2>/dev/null | grep -qiE 'open mpi|openrte|prrte'; then
+        echo openmpi
+    else
+        echo mpich
+    fi
+}
+
+# mpi_host_args HOSTFILE: mpiexec flags that place ranks by a "host slots=N" hostfile (the DeepSpeed/Open MPI
+# format that the Kubeflow MPI operator writes to /etc/mpi/hostfile). MPICH's Hydra wants "host:N" lines, so a
+# converted copy is written next to it (printed, not written, in a dry run).
+mpi_host_args() {
+    local hostfile="$1"
+    if [[ "$(mpi_flavor)" == openmpi ]]; then
+        MPI_HOST_ARGS=(--hostfile "$hostfile")
+    else
+        local converted="${TMPDIR:-/tmp}/cogvx-hydra-hosts.$$"
+        local text
+        text="$(awk '{sub(/#.*/, "")} NF {n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {split($i, kv, "="); n = kv[2]}
+                     print $1 ":" n}' "$hostfile")"
+        if [[ "${DRY_RUN:-0}" == 1 ]]; then
+            echo "# hydra hosts $converted:"
+            sed 's/^/#   /' <<<"$text"
+        else
+            printf '%s\n' "$text" > "$converted"
+        fi
+        MPI_HOST_ARGS=(-f "$converted")
+    fi
+}
+
+# mpi_env_args: flags that carry the rendezvous and tuning variables to every rank. Hydra (MPICH) forwards the whole
+# environment by itself; Open MPI forwards only what -x names (and refuses to run as root without a flag).
+mpi_env_args() {
+    MPI_ENV_ARGS=()
+    if [[ "$(mpi_flavor)" == openmpi ]]; then
+        local name
+        for name in $(compgen -e); do
+            case "$name" in
+                MASTER_ADDR|MASTER_PORT|PYTHONPATH|OMP_NUM_THREADS|HF_*|NCCL_*|TORCH_*|CUDA_*|COGVX_*|DEEPSPEED_*)
+                    MPI_ENV_ARGS+=(-x "$name") ;;
+            esac
+        done
+        [[ "$(id -u)" == 0 ]] && MPI_ENV_ARGS+=(--allow-run-as-root)
+    fi
+    return 0
+}

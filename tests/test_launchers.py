@@ -1,0 +1,595 @@
+"""Launchers: multi-node training simulated on one machine (two `deepspeed --no_ssh` node launchers; mpiexec with
+DeepSpeed's MPI discovery), Kubernetes manifests validated against their schemas, shell launchers syntax-checked
+and dry-run, and `cogvx launch check`.
+
+Prep under `mpiexec -n 2` is exercised by tests/test_prep_multiprocess.py::test_two_mpi_ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cogvx_dist.cli import main as cogvx_main
+from cogvx_dist.launch_cli import parse_hostfile, select_hosts
+from cogvx_dist.errors import CogvxError
+from tests.conftest import REPO
+from tests.shard_factory import write_synthetic_shards
+from tests.test_train import write_config
+
+LAUNCHERS = REPO / "launchers"
+K8S = LAUNCHERS / "k8s"
+CRDS = REPO.parent / "shared" / "k8s-crds"
+K8S_VERSION = "1.33.0"
+SHELL_SCRIPTS = sorted(LAUNCHERS.rglob("*.sh")) + sorted(LAUNCHERS.rglob("*.sbatch"))
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared inputs
+
+@pytest.fixture(scope="module")
+def shards(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    model = tiny_checkpoint("CogVideoX-2b")
+    folder = tmp_path_factory.mktemp("launch-shards")
+    write_synthetic_shards(folder, model, [3, 2, 2])  # 7 samples
+    return model, folder
+
+
+def run_config(folder: Path, model: Path, shards_dir: Path, **sections: Any) -> tuple[Path, Path]:
+    """A 4-step run (global batch 4 on 2 ranks, 7 samples): (config path, output dir)."""
+    output = folder / "run"
+    defaults = {"train": {"max_steps": 4}, "checkpoint": {"every_steps": 2, "keep_last": 2},
+                "log": {"progress_bar": False, "sample_trace": True, "tensorboard": False}}
+    for section, values in sections.items():
+        defaults.setdefault(section, {}).update(values)
+    return write_config(folder / "run.yaml", model, shards_dir, output, **defaults), output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """No launcher variables from the outer environment; one torch thread per rank (2 cores)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE",
+                        "JOB_COMPLETION_INDEX", "NNODES", "GPUS_PER_NODE", "DRY_RUN", "CHECK")
+           and not k.startswith(("PMI", "OMPI", "SLURM"))}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Outputs of processes started in their own sessions; on a timeout every group we started is killed."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise
+
+
+def summary_of(output: Path) -> dict[str, Any]:
+    return json.loads((output / "train_summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real multi-process runs
+
+@pytest.fixture(scope="module")
+def two_node_run(shards, tmp_path_factory) -> dict[str, Any]:
+    """Two nodes simulated by two `launchers/train_node.sh` (deepspeed --no_ssh, node ranks 0 and 1, one rank
+    each) on loopback, started in parallel, with the script writing its own hostfile and running the precheck."""
+    deepspeed = BIN / "deepspeed"
+    if not deepspeed.exists():
+        pytest.skip("no deepspeed console script next to the interpreter")
+    folder = tmp_path_factory.mktemp("two-nodes")
+    config, output = run_config(folder, *shards)
+    port = free_port()
+    procs = [
+        subprocess.Popen(["bash", str(LAUNCHERS / "train_node.sh"), str(config)], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), DEEPSPEED=str(deepspeed), TMPDIR=str(folder)))
+        for node in (0, 1)
+    ]
+    outputs = communicate_all(procs, timeout=600)
+    return {"returncodes": [p.returncode for p in procs], "outputs": outputs, "output": output,
+            "hostfile": folder / "cogvx-hostfile-2x1"}
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_train_identical_adapters(two_node_run):
+    for code, (_, err) in zip(two_node_run["returncodes"], two_node_run["outputs"]):
+        assert code == 0, err[-4000:]
+    output = two_node_run["output"]
+    summary = summary_of(output)
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    checksums = summary["adapter_checksums"]
+    assert len(checksums) == 2 and len(set(checksums)) == 1
+    # Each node ran one rank: the trace files show global ranks 0 and 1 both trained every step.
+    traces = sorted(p.name for p in (output / "trace").glob("rank-*.jsonl"))
+    assert traces == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    for name in traces:
+        steps = {json.loads(line)["step"] for line in (output / "trace" / name).read_text().splitlines()}
+        assert steps == {1, 2, 3, 4}
+    assert (output / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # The script wrote the hostfile DeepSpeed numbered the ranks from, and ran the precheck on both nodes.
+    assert two_node_run["hostfile"].read_text() == "node-0 slots=1\nnode-1 slots=1\n"
+    for _, err in two_node_run["outputs"]:
+        assert "cogvx launch check: ok (2 nodes, 2 ranks, global batch 4, 7 samples)" in err
+
+
+@pytest.mark.slow
+def test_training_under_mpiexec_with_deepspeed_mpi_discovery(two_node_run, shards, tmp_path):
+    """launchers/train_mpi.sh: `mpiexec -n 2 python -m cogvx_dist.train`, ranks from DeepSpeed's MPI discovery.
+
+    Port 29500 (DeepSpeed's discovery default) is held by this test, so the run only succeeds if the exported
+    MASTER_PORT (and MASTER_ADDR=127.0.0.1) win over what discovery would pick."""
+    mpiexec = BIN / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec next to the interpreter (pip install mpich)")
+    config, output = run_config(tmp_path, *shards)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        blocker.bind(("0.0.0.0", 29500))
+        blocker.listen()
+    except OSError:
+        pass  # someone else holds it: the check below still proves our port was used
+    try:
+        proc = subprocess.Popen(["bash", str(LAUNCHERS / "train_mpi.sh"), str(config)], cwd=REPO, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                                env=clean_env(NP="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                                              MPIEXEC=str(mpiexec), MPI_FLAVOR="mpich"))
+        (_, err), = communicate_all([proc], timeout=300)
+    finally:
+        blocker.close()
+    assert proc.returncode == 0, err[-4000:]
+    summary = summary_of(output)
+    assert summary["world_size"] == 2
+    assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
+    # Same config, same world size: the adapter depends only on (seed, step, rank), not on how ranks were started.
+    assert summary["adapter_checksums"] == summary_of(two_node_run["output"])["adapter_checksums"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kubernetes manifests
+
+def _strict(schema: Any) -> Any:
+    """A CRD schema that rejects unknown fields, as the API server's pruning would drop them silently (the same
+    idea as kubernetes-validate's strict mode): objects with `properties` get additionalProperties: false unless
+    they preserve unknown fields."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {k: _strict(v) for k, v in schema.items()}
+    if ("properties" in result and "additionalProperties" not in result
+            and not result.get("x-kubernetes-preserve-unknown-fields")):
+        result["additionalProperties"] = False
+    return result
+
+
+def crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
+    """(apiVersion, kind) -> a validator for each served version of the CRDs in ../shared/k8s-crds."""
+    if not CRDS.is_dir():
+        pytest.skip(f"{CRDS} missing (CI keeps ../shared beside the clone)")
+    return _crd_validators()
+
+
+@functools.lru_cache(maxsize=1)
+def _crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
+    validators = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+def embedded_objects(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Core objects inside a custom resource, wrapped so kubernetes-validate checks them too (CRDs often leave the
+    pod template loose)."""
+    wrapped = []
+    if doc["kind"] == "MPIJob":
+        for role, spec in doc["spec"]["mpiReplicaSpecs"].items():
+            wrapped.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role.lower()},
+                            "template": spec["template"]})
+    if doc["kind"] == "JobSet":
+        for job in doc["spec"]["replicatedJobs"]:
+            wrapped.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job["name"]},
+                            "spec": job["template"]["spec"]})
+    return wrapped
+
+
+def validate_manifest(doc: dict[str, Any], validators: dict[tuple[str, str], jsonschema.Validator]) -> None:
+    """Raise if `doc` does not validate: CRD kinds against ../shared/k8s-crds, core kinds with kubernetes-validate."""
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key in validators:
+        errors = sorted(validators[key].iter_errors(doc), key=lambda e: list(e.path))
+        if errors:
+            raise jsonschema.ValidationError(f"{'/'.join(map(str, errors[0].path))}: {errors[0].message}")
+        for inner in embedded_objects(doc):
+            kubernetes_validate.validate(inner, K8S_VERSION, strict=True)
+        return
+    if key[0] and "/" in key[0] and not key[0].startswith(("batch/", "apps/")):
+        raise AssertionError(f"no schema for {key} (add its CRD to ../shared/k8s-crds)")
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
+def test_kubernetes_manifest_validates(path):
+    validators = crd_validators()
+    docs = load_docs(path)
+    assert docs
+    for doc in docs:
+        validate_manifest(doc, validators)
+
+
+def test_every_kind_is_covered():
+    kinds = {(d["apiVersion"], d["kind"]) for p in MANIFESTS for d in load_docs(p)}
+    assert {("kubeflow.org/v2beta1", "MPIJob"), ("jobset.x-k8s.io/v1alpha2", "JobSet"), ("batch/v1", "Job"),
+            ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "PersistentVolumeClaim")} <= kinds
+
+
+def _doc(name: str, kind: str) -> dict[str, Any]:
+    return next(d for d in load_docs(K8S / name) if d["kind"] == kind)
+
+
+@pytest.mark.parametrize("name,kind,breaks", [
+    ("train-mpijob.yaml", "MPIJob", lambda d: d["spec"].__setitem__("slotsPerWorker", "eight")),
+    ("train-mpijob.yaml", "MPIJob", lambda d: d["spec"]["runPolicy"].__setitem__("backofLimit", 3)),  # typo
+    ("train-mpijob.yaml", "MPIJob", lambda d: d["spec"].pop("mpiReplicaSpecs")),
+    ("train-mpijob.yaml", "MPIJob",
+     lambda d: d["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0].__setitem__("comand", [])),
+    ("train-jobset.yaml", "JobSet", lambda d: d["spec"]["failurePolicy"].__setitem__("maxRestarts", "3")),
+    ("train-jobset.yaml", "JobSet", lambda d: d["spec"]["replicatedJobs"][0].pop("name")),
+    ("train-jobset.yaml", "JobSet",
+     lambda d: d["spec"]["replicatedJobs"][0]["template"]["spec"].__setitem__("completions", "two")),
+    ("prep-indexed-job.yaml", "Job", lambda d: d["spec"]["template"]["spec"].__setitem__("restartPolicy", 7)),
+    ("prep-indexed-job.yaml", "Job", lambda d: d["spec"].__setitem__("completion", 8)),  # typo
+    ("pvc.yaml", "PersistentVolumeClaim", lambda d: d["spec"].__setitem__("accesModes", ["ReadWriteMany"])),
+    ("train-indexed-job.yaml", "Service", lambda d: d["spec"]["ports"][0].__setitem__("port", "http")),
+])
+def test_broken_manifest_fails_validation(name, kind, breaks):
+    validators = crd_validators()
+    doc = copy.deepcopy(_doc(name, kind))
+    validate_manifest(copy.deepcopy(doc), validators)  # the original passes...
+    breaks(doc)
+    with pytest.raises((jsonschema.ValidationError, kubernetes_validate.ValidationError)):
+        validate_manifest(doc, validators)  # ...the broken copy does not
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_manifests_agree_with_each_other_and_resume():
+    from cogvx_dist.config import from_dict
+    from cogvx_dist.train.config import RunConfig
+
+    # The ConfigMap's run config is a valid RunConfig and resumes by itself after a restart.
+    run = yaml.safe_load(_doc("run-config.yaml", "ConfigMap")["data"]["run.yaml"])
+    config = from_dict(RunConfig, run)
+    config.validate()
+    assert config.checkpoint.resume == "auto" and config.output_dir.startswith("/shared/")
+    claim = _doc("pvc.yaml", "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    def pod_specs() -> list[tuple[str, dict[str, Any]]]:
+        specs = [("prep", _doc("prep-indexed-job.yaml", "Job")["spec"]["template"]["spec"]),
+                 ("idx", _doc("train-indexed-job.yaml", "Job")["spec"]["template"]["spec"])]
+        mpi = _doc("train-mpijob.yaml", "MPIJob")["spec"]["mpiReplicaSpecs"]
+        specs += [(f"mpi-{role}", s["template"]["spec"]) for role, s in mpi.items()]
+        jobset = _doc("train-jobset.yaml", "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]
+        return specs + [("jobset", jobset["template"]["spec"])]
+
+    for name, spec in pod_specs():
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [claim["metadata"]["name"]], name
+        if name != "mpi-Launcher":
+            assert "nvidia.com/gpu" in spec["containers"][0]["resources"]["limits"], name
+
+    prep = _doc("prep-indexed-job.yaml", "Job")
+    assert prep["spec"]["completionMode"] == "Indexed"
+    assert int(_env(prep["spec"]["template"]["spec"]["containers"][0])["WORLD_SIZE"]) == prep["spec"]["completions"]
+
+    mpijob = _doc("train-mpijob.yaml", "MPIJob")["spec"]
+    launcher = mpijob["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    workers = mpijob["mpiReplicaSpecs"]["Worker"]
+    assert mpijob["runPolicy"]["backoffLimit"] >= 1
+    assert int(_env(launcher)["NP"]) == workers["replicas"] * mpijob["slotsPerWorker"]
+    assert _env(launcher)["HOSTFILE"] == "/etc/mpi/hostfile" and "launchers/train_mpi.sh" in launcher["command"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == \
+        mpijob["slotsPerWorker"]
+
+    jobset = _doc("train-jobset.yaml", "JobSet")
+    replicated = jobset["spec"]["replicatedJobs"][0]
+    job = replicated["template"]["spec"]
+    env = _env(job["template"]["spec"]["containers"][0])
+    assert jobset["spec"]["failurePolicy"]["maxRestarts"] >= 1 and job["backoffLimit"] == 0
+    assert int(env["NNODES"]) == job["completions"] == job["parallelism"]
+    # JobSet pod DNS: <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain = jobset name>
+    name = jobset["metadata"]["name"]
+    assert env["MASTER_ADDR"] == f"{name}-{replicated['name']}-0-0.{name}"
+
+    indexed = _doc("train-indexed-job.yaml", "Job")
+    service = _doc("train-indexed-job.yaml", "Service")
+    env = _env(indexed["spec"]["template"]["spec"]["containers"][0])
+    assert service["spec"]["clusterIP"] == "None"
+    assert indexed["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == {"job-name": indexed["metadata"]["name"]}
+    assert env["MASTER_ADDR"] == f"{indexed['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(env["NNODES"]) == indexed["spec"]["completions"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shell launchers
+
+@pytest.mark.parametrize("path", SHELL_SCRIPTS, ids=[str(p.relative_to(LAUNCHERS)) for p in SHELL_SCRIPTS])
+def test_shell_script_parses_and_is_strict(path):
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = path.read_text()
+    if path.name != "common.sh":  # sourced, not run: the scripts that source it set the options
+        assert "set -euo pipefail" in text
+        assert os.access(path, os.X_OK) or path.suffix == ".sbatch", f"{path} is not executable"
+    assert "/work/" not in text and "/home/" not in text  # no machine-specific paths
+
+
+def dry_run(script: str, *args: str, fake_bin: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    full = clean_env(DRY_RUN="1", **env)
+    if fake_bin is not None:
+        full["PATH"] = f"{fake_bin}:{full['PATH']}"
+    return subprocess.run(["bash", str(LAUNCHERS / script), *args], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=60)
+
+
+def command_lines(stdout: str) -> list[list[str]]:
+    return [shlex.split(line) for line in stdout.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.fixture
+def fake_slurm(tmp_path) -> Path:
+    """A `scontrol` that expands the job's node list the way Slurm does (for the fallbacks)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    scontrol = fake / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\n[[ \"$1 $2\" == 'show hostnames' ]] || exit 1\n"
+                        "printf 'gpu-a\\ngpu-b\\n'\n")
+    scontrol.chmod(0o755)
+    return fake
+
+
+def test_train_node_dry_run_under_slurm(fake_slurm, tmp_path):
+    result = dry_run("train_node.sh", "run.yaml", "train.max_steps=5", fake_bin=fake_slurm, TMPDIR=str(tmp_path),
+                     SLURM_NODEID="1", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_JOB_NODELIST="gpu-[a-b]")
+    assert result.returncode == 0, result.stderr
+    assert "# hostfile" in result.stdout and "#   node-1 slots=4" in result.stdout
+    check, launch = command_lines(result.stdout)
+    assert check[:5] == [sys.executable, "-m", "cogvx_dist", "launch", "check"]
+    hostfile = str(tmp_path / "cogvx-hostfile-2x4")
+    assert launch == ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", "1", "--num_nodes", "2",
+                      "--num_gpus", "4", "--master_addr", "gpu-a", "--master_port", "29500", "--module",
+                      "cogvx_dist.train", "--config", "run.yaml", "train.max_steps=5"]
+    assert not Path(hostfile).exists(), "a dry run writes nothing"
+
+
+def test_train_node_dry_run_under_kubernetes_and_errors(tmp_path):
+    result = dry_run("train_node.sh", "/config/run.yaml", JOB_COMPLETION_INDEX="1", NNODES="2", GPUS_PER_NODE="8",
+                     MASTER_ADDR="cogvx-train-node-0-0.cogvx-train", CHECK="0", TMPDIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (launch,) = command_lines(result.stdout)
+    assert launch[launch.index("--node_rank") + 1] == "1"
+    assert launch[launch.index("--master_addr") + 1] == "cogvx-train-node-0-0.cogvx-train"
+
+    missing = dry_run("train_node.sh", "run.yaml", NNODES="2", MASTER_ADDR="a")
+    assert missing.returncode == 2 and "NODE_RANK is not set" in missing.stderr
+    outside = dry_run("train_node.sh", "run.yaml", NODE_RANK="2", NNODES="2", MASTER_ADDR="a")
+    assert outside.returncode == 2 and "not within 2 nodes" in outside.stderr
+
+
+def test_launch_check_prints_the_commands_the_node_script_runs(shards, tmp_path):
+    """`cogvx launch check --launcher no-ssh` and launchers/train_node.sh agree on every node's command."""
+    config, _ = run_config(tmp_path, *shards)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode-a slots=1\nnode-b slots=1  # second\n")
+    result = subprocess.run([sys.executable, "-m", "cogvx_dist", "launch", "check", "--config", str(config),
+                             "--hostfile", str(hostfile), "--launcher", "no-ssh", "--master-addr", "10.0.0.1",
+                             "--nodes", "2", "--gpus-per-node", "1", "train.seed=7"],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = command_lines(result.stdout.split("commands (no-ssh):\n", 1)[1])
+    for node in (0, 1):
+        script = dry_run("train_node.sh", str(config), "train.seed=7", NODE_RANK=str(node), HOSTFILE=str(hostfile),
+                         MASTER_ADDR="10.0.0.1", GPUS_PER_NODE="1", CHECK="0")
+        assert script.returncode == 0, script.stderr
+        assert command_lines(script.stdout) == [printed[node]]
+
+
+def test_train_pdsh_dry_run(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
+    result = dry_run("train_pdsh.sh", "run.yaml", "train.max_steps=10", HOSTFILE=str(hostfile))
+    assert result.returncode == 0, result.stderr
+    check, launch = command_lines(result.stdout)
+    assert "--launcher" in check and check[check.index("--launcher") + 1] == "pdsh"
+    assert launch == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "worker-1", "--master_port", "29500",
+                      "--module", "cogvx_dist.train", "--config", "run.yaml", "train.max_steps=10"]
+    limited = dry_run("train_pdsh.sh", "run.yaml", HOSTFILE=str(hostfile), NNODES="1", GPUS_PER_NODE="2", CHECK="0")
+    (launch,) = command_lines(limited.stdout)
+    assert launch[3:7] == ["--num_nodes", "1", "--num_gpus", "2"]
+    missing = dry_run("train_pdsh.sh", "run.yaml", HOSTFILE=str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_mpi_dry_runs_for_both_mpi_flavours(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# operator-written style\nw-0.svc slots=2\nw-1.svc slots=1\n")
+    openmpi = dry_run("train_mpi.sh", "run.yaml", HOSTFILE=str(hostfile), MPI_FLAVOR="openmpi", NCCL_DEBUG="WARN",
+                      CHECK="0")
+    assert openmpi.returncode == 0, openmpi.stderr
+    (launch,) = command_lines(openmpi.stdout)
+    assert launch[:5] == ["env", "MASTER_ADDR=w-0.svc", "MASTER_PORT=29500", "mpiexec", "-n"]
+    assert launch[5] == "3" and launch[6:8] == ["--hostfile", str(hostfile)]
+    assert ["-x", "NCCL_DEBUG"] == launch[launch.index("NCCL_DEBUG") - 1:launch.index("NCCL_DEBUG") + 1]
+    assert launch[-4:] == ["-m", "cogvx_dist.train", "--config", "run.yaml"]
+
+    mpich = dry_run("train_mpi.sh", "run.yaml", HOSTFILE=str(hostfile), MPI_FLAVOR="mpich", CHECK="0",
+                    TMPDIR=str(tmp_path))
+    assert mpich.returncode == 0, mpich.stderr
+    assert "#   w-0.svc:2\n#   w-1.svc:1" in mpich.stdout  # Hydra's host:N form of the same hostfile
+    (launch,) = command_lines(mpich.stdout)
+    assert launch[launch.index("-f") + 1].startswith(str(tmp_path / "cogvx-hydra-hosts."))
+    assert "-x" not in launch
+
+    prep = dry_run("prep_mpi.sh", "--model", "m", "--data", "d", "--out", "o", NP="2", MPI_FLAVOR="mpich")
+    assert prep.returncode == 0, prep.stderr
+    assert command_lines(prep.stdout) == [["mpiexec", "-n", "2", sys.executable, "-m", "cogvx_dist", "prep", "--model",
+                                           "m", "--data", "d", "--out", "o"]]
+
+
+def test_slurm_batch_scripts_dry_run(fake_slurm):
+    train = dry_run("slurm/train.sbatch", "run.yaml", "train.max_steps=3", fake_bin=fake_slurm, COGVX_REPO=str(REPO),
+                    SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="123", SLURM_NNODES="2")
+    assert train.returncode == 0, train.stderr
+    assert "master gpu-a:20123" in train.stderr
+    assert command_lines(train.stdout) == [["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash",
+                                            str(LAUNCHERS / "train_node.sh"), "run.yaml", "train.max_steps=3"]]
+    prep = dry_run("slurm/prep.sbatch", "--model", "m", "--out", "o", COGVX_REPO=str(REPO), SLURM_NTASKS="8")
+    assert prep.returncode == 0, prep.stderr
+    (srun,) = command_lines(prep.stdout)
+    assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
+    assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS" in srun[4]
+    assert srun[5:] == [sys.executable, "--model", "m", "--out", "o"]
+    # The per-task shell really hands the flags to `cogvx prep` with the task's rank.
+    echoed = subprocess.run(["bash", "-c", srun[4].replace('exec "$0"', 'echo "$0"'), "python3", "--out", "o"],
+                            env={"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                 "PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert echoed.stdout.split() == ["python3", "-m", "cogvx_dist", "prep", "--out", "o"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cogvx launch check
+
+def test_parse_hostfile_formats_and_line_numbered_errors():
+    hosts = parse_hostfile("# comment\n\nnode-a slots=8\n  node-b   slots=4   # trailing comment\n")
+    assert [(h.name, h.slots) for h in hosts] == [("node-a", 8), ("node-b", 4)]
+    assert [(h.name, h.slots) for h in select_hosts(hosts, 1, 2)] == [("node-a", 2)]
+    for text, message in [("a slots=2\nb slots=two\n", "line 2: expected"),
+                          ("a slots=2\n\na slots=1\n", "line 3: host a is already listed on line 1"),
+                          ("a slots=0\n", "line 1: a has slots=0"),
+                          ("a 8\n", "line 1: expected"),
+                          ("# only comments\n", "no hosts")]:
+        with pytest.raises(CogvxError, match=message):
+            parse_hostfile(text)
+    with pytest.raises(CogvxError, match="--nodes 3 but the hostfile lists only 2 hosts"):
+        select_hosts(hosts, 3, None)
+
+
+def launch_check(capsys, *args: str) -> tuple[int, str, str]:
+    code = cogvx_main(["launch", "check", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_launch_check_good_plan(shards, tmp_path, capsys):
+    config, _ = run_config(tmp_path, *shards)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    code, out, err = launch_check(capsys, "--config", str(config), "--hostfile", str(hostfile))
+    assert code == 0, err
+    assert "nodes: 2  ranks: 2  global batch: 4  samples: 7" in out
+    assert "note: 4 steps x 4 samples = 2.29 passes over the data" in out
+    assert out.rstrip().endswith(f"deepspeed --hostfile {hostfile} --master_addr node-a --master_port 29500 "
+                                 f"--module cogvx_dist.train --config {config}")
+    code, out, _ = launch_check(capsys, "--config", str(config), "--nodes", "2", "--launcher", "mpi",
+                                "--master-addr", "127.0.0.1")
+    assert code == 0
+    assert f"env MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 mpiexec -n 2 python -m cogvx_dist.train --config {config}" \
+        in out
+    code, out, _ = launch_check(capsys, "--config", str(config), "--nodes", "2", "--launcher", "slurm")
+    assert f"sbatch --nodes=2 --gpus-per-node=1 launchers/slurm/train.sbatch {config}" in out
+
+
+def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
+    from cogvx_dist.checkpoint import COMMIT_MARKER, checkpoint_folder
+
+    config, output = run_config(tmp_path, *shards)
+    folder = checkpoint_folder(output, 2)
+    folder.mkdir(parents=True)
+    (folder / COMMIT_MARKER).write_text(json.dumps({"step": 2, "position": 8, "world_size": 2}))
+    code, out, err = launch_check(capsys, "--config", str(config), "--nodes", "2", "--launcher", "no-ssh")
+    assert code == 0, err
+    assert f"note: resumes from {folder}" in out
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("bad-hostfile", "line 2: expected \"HOSTNAME slots=N\", got 'node-b slots=x'"),
+    ("too-few-samples", "data.shards has 7 samples, fewer than one global batch of 8"),
+    ("indivisible", "train.global_batch_size=6 is not micro_batch_size (1) x grad_accum_steps (2) x 2 ranks = 4"),
+    ("missing-shards", "data.shards"),
+    ("bad-deepspeed-env", "line 2: '# tuning' is not NAME=VALUE"),
+    ("no-cluster", "give --hostfile, or --nodes"),
+    ("bad-ds-config", "deepspeed.config 'zero9': no such file"),
+])
+def test_launch_check_errors_are_one_line(shards, tmp_path, capsys, monkeypatch, setup, message):
+    config, _ = run_config(tmp_path, *shards)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    args = ["--config", str(config), "--hostfile", str(hostfile)]
+    if setup == "bad-hostfile":
+        hostfile.write_text("node-a slots=1\nnode-b slots=x\n")
+    elif setup == "too-few-samples":
+        args += ["--gpus-per-node", "2"]
+    elif setup == "indivisible":
+        args += ["train.global_batch_size=6"]
+    elif setup == "missing-shards":
+        args += [f"data.shards={tmp_path / 'nowhere'}"]
+    elif setup == "bad-deepspeed-env":
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\n# tuning\nNCCL_IB_DISABLE=1\n")
+    elif setup == "no-cluster":
+        args = ["--config", str(config)]
+    elif setup == "bad-ds-config":
+        args += ["deepspeed.config=zero9"]
+    code, out, err = launch_check(capsys, *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cogvx launch: error: ") and message in lines[0], err
+
+
+def test_deepspeed_env_example_is_what_deepspeed_accepts():
+    """The example must survive DeepSpeed's line parser (no comments, no blank lines) once copied."""
+    from cogvx_dist.launch_cli import check_deepspeed_env
+
+    names = check_deepspeed_env(LAUNCHERS / "deepspeed_env.example")
+    assert "NCCL_SOCKET_IFNAME" in names and len(names) == len(set(names))
+    hosts = parse_hostfile((LAUNCHERS / "hostfile.example").read_text())
+    assert len(hosts) == 2 and all(h.slots == 8 for h in hosts)
