@@ -19,18 +19,26 @@ from cogvx_dist.models import describe_checkpoint, load_scheduler, load_transfor
 from cogvx_dist.train.loop import CRASH_AFTER_STEP_ENV, SUMMARY_FILE
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex
+from cogvx_dist.data.schema import Manifest
 from tests.conftest import REPO, run_cli
-from tests.shard_factory import write_synthetic_shards
 
 LORA = {"rank": 8, "alpha": 4.0}
 
 
 @pytest.fixture(scope="module")
 def shards_2b(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """Shards made by the prep tier from real mp4 clips of moving shapes: 8 samples in shards of 3, 3 and 2."""
+    from data_prep.config import PrepConfig
+    from data_prep.run import run_prep
+    from data_prep.synthetic import make_synthetic_dataset
+
     model = tiny_checkpoint("CogVideoX-2b")
-    folder = tmp_path_factory.mktemp("shards-2b")
-    write_synthetic_shards(folder, model, [3, 2, 2])  # 7 samples in uneven shards
-    return model, folder
+    root = tmp_path_factory.mktemp("prep-2b")
+    dataset = make_synthetic_dataset(root / "videos", count=8, seed=0)
+    result = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(root / "shards"),
+                                 storage_dtype="float32", shard_max_samples=3, progress=False))
+    assert result.encoded == 8 and [s.samples for s in Manifest.read(root / "shards").shards] == [3, 3, 2]
+    return model, root / "shards"
 
 
 def write_config(path: Path, model: Path, shards: Path, output: Path, **sections) -> Path:
@@ -121,7 +129,7 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
     assert lrs[0] < max(lrs) and lrs[-1] < max(lrs) and max(lrs) <= 2e-2  # warm-up, then cosine decay
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
 
-    # 7 samples in shards of 3, 2, 2 over 2 ranks: every rank ran all 16 steps (no hang, no short rank).
+    # 8 samples in shards of 3, 3, 2 over 2 ranks: every rank ran all 16 steps (no hang, no short rank).
     trace = read_trace(output)
     assert len(trace) == 16 * 2 * 2
     assert {rank for _, _, rank, _ in trace} == {0, 1}
@@ -231,4 +239,4 @@ def test_streaming_over_http_trains_on_two_ranks(shards_2b, tmp_path):
     summary = json.loads((output / SUMMARY_FILE).read_text())
     assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
     keys = {key for _, _, _, key in read_trace(output)}
-    assert len(read_trace(output)) == 4 * 2 * 2 and keys <= set(ShardIndex(shards).entries[i][1] for i in range(7))
+    assert len(read_trace(output)) == 4 * 2 * 2 and keys <= {key for _, key in ShardIndex(shards).entries}

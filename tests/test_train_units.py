@@ -201,3 +201,29 @@ def test_streaming_reads_pipe_locations(good_run):
     assert {k for b in batches for k in b["keys"]} <= {e.keys[i] for e in manifest.shards for i in range(e.samples)}
     with pytest.raises(CogvxError, match="cannot read|empty"):
         read_remote_manifest(f"pipe:cat {root}/missing/{{name}}")
+
+
+@pytest.mark.parametrize("every, expected_calls", [(0, 0), (1, 2), (2, 1)])
+def test_gradient_checkpointing_every_kth_block(tiny_checkpoint, monkeypatch, every, expected_calls):
+    import torch.utils.checkpoint
+
+    from cogvx_dist.train.loop import _enable_gradient_checkpointing
+
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        calls.append(function)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    model = tiny_checkpoint("CogVideoX-2b")
+    transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
+    _enable_gradient_checkpointing(transformer, every)
+    hidden = torch.randn(1, 3, 16, 4, 6)
+    text = torch.randn(1, 226, 32)
+    out = transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([10])).sample
+    out.square().mean().backward()
+    assert len(calls) == expected_calls
+    checkpointed_blocks = [getattr(f, "__self__", f) for f in calls]
+    assert checkpointed_blocks == (list(transformer.transformer_blocks)[::every] if every else [])
