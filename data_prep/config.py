@@ -92,19 +92,10 @@ class PrepConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PrepConfig":
-        """Load a YAML file whose top-level keys are field names."""
-        import yaml
+        """Load a YAML or TOML file whose top-level keys are field names."""
+        from cogvx_dist.config import read_config_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise CogvxError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise CogvxError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise CogvxError(f"{path}: expected a mapping of prep settings at the top level")
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(read_config_file(path), where=str(path))
 
     def replace(self, **overrides: Any) -> "PrepConfig":
         """A copy with the non-None overrides applied (CLI flags over YAML)."""
