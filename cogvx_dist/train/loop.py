@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,14 @@ from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex, check_ma
 from cogvx_dist.data.schema import Manifest
 from cogvx_dist.data.streaming import StreamingMicroBatches, is_remote, read_remote_manifest
 from cogvx_dist.errors import CogvxError
-from cogvx_dist.lora import adapter_checksum, export_lora, inject_lora, lora_parameters, state_dict_names
+from cogvx_dist.lora import (
+    adapter_checksum,
+    export_lora,
+    inject_lora,
+    lora_parameters,
+    lora_state_dict,
+    state_dict_names,
+)
 from cogvx_dist.metrics import MetricsWriter
 from cogvx_dist.models import CheckpointInfo, describe_checkpoint, load_scheduler, load_transformer
 from cogvx_dist.train.config import RunConfig
@@ -61,13 +70,14 @@ def preflight(config: RunConfig) -> Preflight:
 
 
 def _logger(rank: int) -> logging.Logger:
+    """Rank 0 logs progress; other ranks log only warnings, each line carrying the rank."""
     logger = logging.getLogger("cogvx.train")
     if not logger.handlers:
-        handler = logging.StreamHandler()
-        prefix = "" if rank == 0 else f"[rank {rank}] "
-        handler.setFormatter(logging.Formatter(f"%(asctime)s cogvx {prefix}%(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
+        logger.addHandler(logging.StreamHandler())
         logger.propagate = False
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    for handler in logger.handlers:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s cogvx {prefix}%(message)s", "%H:%M:%S"))
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return logger
 
@@ -90,10 +100,8 @@ def forbid_encoders() -> None:
         cls.__init__ = refuse
 
 
-def lr_lambda(config: RunConfig):
+def lr_lambda(config: RunConfig) -> Callable[[int], float]:
     """Multiplier of the peak learning rate at optimizer step k (warm-up, then constant or cosine)."""
-    import math
-
     warmup, total, floor = config.optim.warmup_steps, config.train.max_steps, config.optim.min_lr_ratio
 
     def factor(step: int) -> float:
@@ -157,8 +165,6 @@ def _save(engine: Any, config: RunConfig, ranks: distributed.RankInfo, step: int
 
 def train(config: RunConfig) -> dict[str, Any]:
     """Run training on this rank (called on every rank by the launcher); returns the run summary."""
-    rank_env = int(os.environ.get("RANK", "0"))
-    log = _logger(rank_env)
     checks = preflight(config)
     forbid_encoders()
     ranks = distributed.init_distributed()
@@ -197,8 +203,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
     inject_lora(transformer, config.lora, seed=config.train.seed)
     _enable_gradient_checkpointing(transformer, config.model.gradient_checkpointing)
     lora_names = sorted(lora_parameters(transformer))
-    checksums = distributed.all_gather_object(adapter_checksum(state_dict_names(
-        {n: p for n, p in transformer.named_parameters() if n in lora_names})))
+    checksums = distributed.all_gather_object(adapter_checksum(lora_state_dict(transformer)))
     if len(set(checksums)) != 1:
         raise CogvxError(f"LoRA adapters differ across ranks at start-up (checksums {checksums}); "
                          "check that every node runs the same cogvx, torch and peft versions")
