@@ -190,11 +190,10 @@ def plan_launch(args: argparse.Namespace) -> Plan:
             f"{config.train.micro_batch_size} x grad_accum_steps {config.train.grad_accum_steps} x {world} ranks): "
             "every step would repeat samples; use fewer ranks or smaller batches, or prep more data")
     if config.data.streaming:
-        # WebDataset gives every rank (and loader worker) whole shards: fewer shards than readers starves some.
-        readers = world * max(1, config.data.num_workers)
-        if len(checks.manifest.shards) < readers:
-            raise CogvxError(f"streaming {len(checks.manifest.shards)} shards to {readers} readers ({world} ranks x "
-                             f"{max(1, config.data.num_workers)} workers): need at least one shard per reader")
+        # Streaming ranks draw shards with replacement, so any count works, but a rank per shard or more means ranks
+        # read the same shards at the same time.
+        notes.append(f"streaming {len(checks.manifest.shards)} shards to {world} ranks (drawn with replacement; "
+                     "resume is approximate)")
     epochs = config.train.max_steps * global_batch / samples
     notes.append(f"{config.train.max_steps} steps x {global_batch} samples = {epochs:.2f} passes over the data")
 

@@ -31,6 +31,9 @@ die() {
     exit 2
 }
 
+# Take a first line with `| sed -n 1p`, never `| head -n 1`: head exits early, the writer dies of SIGPIPE, and with
+# pipefail the whole script stops (exit 141) at random.
+
 # hostfile_hosts FILE: the host names of a DeepSpeed/Open MPI hostfile ("host slots=N", # comments), in order.
 hostfile_hosts() {
     awk '{sub(/#.*/, "")} NF {print $1}' "$1"
@@ -55,7 +58,11 @@ precheck() {
 mpi_flavor() {
     if [[ -n "${MPI_FLAVOR:-}" ]]; then
         echo "$MPI_FLAVOR"
-    elif "$MPIEXEC" --version 2>/dev/null | grep -qiE 'open mpi|openrte|prrte'; then
+        return
+    fi
+    local version
+    version="$("$MPIEXEC" --version 2>/dev/null || true)"  # captured first: `| grep -q` could SIGPIPE mpiexec
+    if grep -qiE 'open mpi|openrte|prrte' <<<"$version"; then
         echo openmpi
     else
         echo mpich

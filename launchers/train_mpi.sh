@@ -20,7 +20,7 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "hostfile $HOSTFILE not found"
     mpi_host_args "$HOSTFILE"
     NP="${NP:-$(hostfile_slots "$HOSTFILE")}"
-    MASTER_ADDR="${MASTER_ADDR:-$(hostfile_hosts "$HOSTFILE" | head -n 1)}"
+    MASTER_ADDR="${MASTER_ADDR:-$(hostfile_hosts "$HOSTFILE" | sed -n 1p)}"
     check+=(--hostfile "$HOSTFILE")
 else
     NP="${NP:-1}"

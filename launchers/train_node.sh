@@ -39,9 +39,9 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
 fi
 if [[ -z "${MASTER_ADDR:-}" ]]; then
     if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
-        MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+        MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
     elif [[ -n "${HOSTFILE:-}" ]]; then
-        MASTER_ADDR="$(hostfile_hosts "$HOSTFILE" | head -n 1)"
+        MASTER_ADDR="$(hostfile_hosts "$HOSTFILE" | sed -n 1p)"
     fi
 fi
 [[ -n "${MASTER_ADDR:-}" ]] || die "MASTER_ADDR is not set (the address of node 0, reachable from every node)"

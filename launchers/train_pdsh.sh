@@ -20,7 +20,7 @@ CONFIG="$1"
 shift
 HOSTFILE="${HOSTFILE:-hostfile}"
 [[ -f "$HOSTFILE" ]] || die "hostfile $HOSTFILE not found (format: one 'host slots=N' per line; see launchers/hostfile.example)"
-MASTER_ADDR="${MASTER_ADDR:-$(hostfile_hosts "$HOSTFILE" | head -n 1)}"
+MASTER_ADDR="${MASTER_ADDR:-$(hostfile_hosts "$HOSTFILE" | sed -n 1p)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 limits=()

@@ -382,7 +382,7 @@ def fake_slurm(tmp_path) -> Path:
     fake.mkdir()
     scontrol = fake / "scontrol"
     scontrol.write_text("#!/usr/bin/env bash\n[[ \"$1 $2\" == 'show hostnames' ]] || exit 1\n"
-                        "printf 'gpu-a\\ngpu-b\\n'\n")
+                        "printf 'gpu-a\\ngpu-b\\n'; seq -f 'gpu-%g' 50000\n")  # long: a `| head` would SIGPIPE it
     scontrol.chmod(0o755)
     return fake
 
