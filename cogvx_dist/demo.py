@@ -360,7 +360,7 @@ def summary_markdown(result: DemoResult) -> str:
         f"| loss | first step {train['loss_first_step']:.4f} -> last step {train['loss_last_step']:.4f}; "
         f"mean of first fifth {train['loss_first_fifth']:.4f} -> last fifth {train['loss_last_fifth']:.4f} "
         f"({'falling' if train['loss_falls'] else 'NOT falling'}) |",
-        f"| peak accelerator memory | {train['peak_memory_gib']:.2f} GiB (0 on CPU: not tracked) |",
+        f"| peak memory, rank 0 | {train['peak_memory_gib']:.2f} GiB ({'CUDA allocator peak' if result.device.startswith('cuda') else 'process peak RSS'}) |",
         f"| with vs without LoRA | mean abs pixel difference {sample['mean_abs_pixel_difference']:.4f} "
         f"({sample['mean_abs_pixel_difference_0_255']:.2f} of 255): "
         f"{'the clips differ' if sample['clips_differ'] else 'the clips are the same'} |",

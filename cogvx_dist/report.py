@@ -34,7 +34,8 @@ class RunStats:
     loss_min: float
     """Lowest raw loss."""
     samples_per_s: float
-    """Mean training samples per second over all ranks, the first (warm-up) step excluded when there are others."""
+    """Training samples per second over all ranks (all samples / all step time), the first (warm-up) step excluded
+    when there are others."""
     tokens_per_s: float
     """Mean transformer tokens per second, likewise."""
     step_time_s: float
@@ -42,7 +43,7 @@ class RunStats:
     data_wait_fraction: float
     """Share of step time spent waiting for data (high values mean the reader, not the GPU, is the limit)."""
     peak_memory_gib: float
-    """Largest peak accelerator memory of rank 0 (0 on CPU runs, where torch does not track it)."""
+    """Largest peak memory of rank 0: the CUDA allocator's peak on GPUs, the process's peak RSS on CPU runs."""
     samples_seen: int
     """Samples consumed by the last logged step."""
 
@@ -72,6 +73,15 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
+def _time_weighted(records: list[dict[str, Any]], key: str) -> float:
+    """Total work over total time (a plain mean of per-step rates overweights the fast steps)."""
+    pairs = [(r.get(key), r.get("step_time_s")) for r in records]
+    pairs = [(rate, t) for rate, t in pairs if rate is not None and t]
+    if not pairs:
+        return _mean([r.get(key) for r in records])
+    return sum(rate * t for rate, t in pairs) / sum(t for _, t in pairs)
+
+
 def run_stats(records: list[dict[str, Any]]) -> RunStats:
     """Summary numbers of metrics records (as `cogvx_dist.metrics.read_metrics` returns them)."""
     if not records:
@@ -88,8 +98,8 @@ def run_stats(records: list[dict[str, Any]]) -> RunStats:
         loss_last=_mean(losses[-k:]),
         loss_final=losses[-1],
         loss_min=min(losses),
-        samples_per_s=_mean([r.get("samples_per_s") for r in steady]),
-        tokens_per_s=_mean([r.get("tokens_per_s") for r in steady]),
+        samples_per_s=_time_weighted(steady, "samples_per_s"),
+        tokens_per_s=_time_weighted(steady, "tokens_per_s"),
         step_time_s=step_time,
         data_wait_fraction=wait / step_time if step_time and math.isfinite(wait) else float("nan"),
         peak_memory_gib=max((r.get("peak_memory_gib") or 0.0) for r in records),
@@ -120,30 +130,26 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training 
     return path
 
 
-def _plot_series(records: list[dict[str, Any]], path: Path, series: list[tuple[str, str, str]], title: str,
-                 second: tuple[str, str, str] | None = None) -> Path:
+def _plot_panels(records: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, str]], title: str) -> Path:
+    """One panel per (metric key, label, colour), stacked, sharing the step axis.
+
+    Stacked rather than twin axes: tokens/s is samples/s times a constant, so on twin axes one line hides the other.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, label, colour in series:
-        ax.plot(steps, [r.get(key) or 0.0 for r in records], "-o", ms=2.5, color=colour, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(series[0][1])
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if second is not None:
-        key, label, colour = second
-        twin = ax.twinx()
-        twin.plot(steps, [r.get(key) or 0.0 for r in records], "-s", ms=2.5, color=colour, label=label)
-        twin.set_ylabel(label)
-        more_h, more_l = twin.get_legend_handles_labels()
-        handles, labels = handles + more_h, labels + more_l
-    ax.legend(handles, labels, loc="best")
-    ax.set_title(title)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 + 1.6 * len(panels)), dpi=110, sharex=True,
+                             squeeze=False)
+    for ax, (key, label, colour) in zip(axes[:, 0], panels):
+        values = [r.get(key) if r.get(key) is not None else float("nan") for r in records]
+        ax.plot(steps, values, "-o", ms=2.5, lw=1.2, color=colour)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -159,8 +165,7 @@ def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
         f"final {stats.loss_final:.4f}, min {stats.loss_min:.4f}  [{'falling' if stats.loss_falls else 'NOT falling'}]",
         f"throughput: {stats.samples_per_s:.2f} samples/s, {stats.tokens_per_s:,.0f} tokens/s, "
         f"{stats.step_time_s:.3f} s/step (first step excluded), data wait {stats.data_wait_fraction:.1%} of step time",
-        f"peak memory (rank 0): {stats.peak_memory_gib:.2f} GiB"
-        + ("  (CPU run: accelerator memory not tracked)" if stats.peak_memory_gib == 0 else ""),
+        f"peak memory (rank 0): {stats.peak_memory_gib:.2f} GiB (CUDA allocator peak on GPU, process peak RSS on CPU)",
     ]
     if extra.get("world_size"):
         lines.append(f"ranks: {extra['world_size']}, ZeRO stage {extra.get('zero_stage')}, family {extra.get('family')}")
@@ -197,12 +202,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
 
     plots = {
         "loss": plot_loss(records, out / "loss.png"),
-        "throughput": _plot_series(records, out / "throughput.png", [("samples_per_s", "samples/s", "tab:green")],
-                                   "training throughput (all ranks)", ("tokens_per_s", "tokens/s", "tab:purple")),
-        "memory": _plot_series(records, out / "memory.png", [("peak_memory_gib", "peak memory (GiB)", "tab:red")],
-                               "peak accelerator memory, rank 0"),
-        "lr": _plot_series(records, out / "lr.png", [("lr", "learning rate", "tab:orange")], "learning rate",
-                           ("grad_norm", "grad norm (before clipping)", "tab:gray")),
+        "throughput": _plot_panels(records, out / "throughput.png",
+                                   [("samples_per_s", "samples/s", "tab:green"),
+                                    ("tokens_per_s", "tokens/s", "tab:purple")], "training throughput (all ranks)"),
+        "memory": _plot_panels(records, out / "memory.png", [("peak_memory_gib", "peak memory (GiB)", "tab:red")],
+                               "peak memory, rank 0 (GPU allocator peak / CPU peak RSS)"),
+        "lr": _plot_panels(records, out / "lr.png",
+                           [("lr", "learning rate", "tab:orange"), ("grad_norm", "grad norm", "tab:gray")],
+                           "learning rate and gradient norm (before clipping)"),
     }
     text = summary_text(stats, run, extra)
     (out / "summary.txt").write_text(text)
