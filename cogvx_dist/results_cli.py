@@ -79,13 +79,13 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompt or [], args.prompts_file)
     settings = _sample_settings(args)
     if args.watch:
-        if args.lora or args.out or args.image:
+        if args.lora or args.out:
             raise CogvxError("--watch samples each checkpoint's own LoRA into RUN_DIR/validation; "
-                             "drop --lora, --out and --image")
+                             "drop --lora and --out")
         options = WatchOptions(interval_s=args.interval, once=args.once, stop_after=args.stop_after,
                                max_wait_s=args.max_wait, until_done=args.until_done, baseline=args.baseline)
         result = watch_run(args.watch, prompts, settings, options, model=args.model, device=args.device,
-                           dtype=args.dtype)
+                           dtype=args.dtype, image=args.image)
         print(f"validated steps {result.validated or 'none'}"
               + (f", skipped vanished {result.skipped}" if result.skipped else "")
               + f"; stopped: {result.reason}; files in {Path(args.watch) / 'validation'}")
@@ -160,7 +160,7 @@ def register(command: AddCommand) -> None:
                                        "the file, or a run/checkpoint folder (its lora/)")
     sample.add_argument("--prompt", action="append", help="prompt (repeatable with --watch)")
     sample.add_argument("--prompts-file", help="file with one prompt per line (--watch)")
-    sample.add_argument("--image", help="first frame for image-to-video families")
+    sample.add_argument("--image", help="first frame for image-to-video families (with --watch: for every prompt)")
     sample.add_argument("--out", help="output mp4 (default sample.mp4); a _grid.png preview goes beside it")
     sample.add_argument("--gif", action="store_true", help="also write an animated GIF preview")
     sample.add_argument("--inference-steps", type=int, default=50, help="denoising steps (default 50)")

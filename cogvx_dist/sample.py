@@ -309,9 +309,13 @@ def watch_run(
     model: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    image: str | Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> WatchResult:
-    """Sample `prompts` with each new committed checkpoint of `run_dir`; log to files and TensorBoard."""
+    """Sample `prompts` with each new committed checkpoint of `run_dir`; log to files and TensorBoard.
+
+    `image` is the first frame for image-to-video families (the same for every prompt and checkpoint).
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     from cogvx_dist.checkpoint import LORA_SUBDIR, complete_checkpoints
@@ -340,7 +344,8 @@ def watch_run(
             log.info("validating %s with %s on %s: %d prompt(s), %d steps", run, sampler.info.source,
                      sampler.device, len(prompts), settings.num_inference_steps)
             if options.baseline and "base" not in record:
-                record["base"] = _sample_prompts(sampler, prompts, settings, out_root / "base", writer, 0, "base")
+                record["base"] = _sample_prompts(sampler, prompts, settings, out_root / "base", writer, 0, "base",
+                                                 image)
                 _write_record(record_path, record)
         return sampler
 
@@ -360,7 +365,7 @@ def watch_run(
                     result.skipped.append(step)
                     continue
                 current.set_lora(target / LORA_SUBDIR)
-                entry = _sample_prompts(current, prompts, settings, target, writer, step, "lora")
+                entry = _sample_prompts(current, prompts, settings, target, writer, step, "lora", image)
                 current.set_lora(None)
                 record["steps"][str(step)] = entry
                 _write_record(record_path, record)
@@ -388,13 +393,13 @@ def watch_run(
 
 
 def _sample_prompts(sampler: Sampler, prompts: Sequence[str], settings: SampleSettings, folder: Path,
-                    writer: Any, step: int, tag: str) -> dict[str, Any]:
+                    writer: Any, step: int, tag: str, image: str | Path | None = None) -> dict[str, Any]:
     """Sample each prompt into `folder` (mp4 + grid PNG) and log the grids to TensorBoard at `step`."""
     fps = settings.fps or sampler.family.fps
     files = []
     started = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        frames = sampler.generate(prompt, settings)
+        frames = sampler.generate(prompt, settings, image=image)
         clip, grid = save_clip(frames, folder / f"{i:02d}_{slug(prompt)}.mp4", fps, settings.grid_columns)
         files.append({"prompt": prompt, "mp4": clip.name, "grid": grid.name,
                       "mean_pixel": float(frames.mean())})

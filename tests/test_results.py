@@ -97,6 +97,22 @@ def test_lora_for_another_model_is_rejected_in_process(model_2b, tmp_path):
         sampler.generate("x", SampleSettings(num_inference_steps=1), image=tmp_path / "first.png")
 
 
+def test_image_to_video_family_samples_from_a_first_frame(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.sample import SampleSettings, Sampler
+
+    sampler = Sampler(tiny_checkpoint("CogVideoX-5b-I2V"), device="cpu")
+    assert type(sampler.pipe).__name__ == "CogVideoXImageToVideoPipeline"
+    with pytest.raises(CogvxError, match="--image"):
+        sampler.generate("a red square moves left", SampleSettings(num_inference_steps=1))
+    Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(tmp_path / "first.png")
+    frames = sampler.generate("a red square moves left", SampleSettings(num_inference_steps=1),
+                              image=tmp_path / "first.png")
+    assert frames.shape == (9, 32, 48, 3) and 0.0 <= frames.min() and frames.max() <= 1.0
+
+
 def test_watch_samples_a_checkpoint_committed_while_it_runs(model_2b, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
