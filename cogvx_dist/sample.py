@@ -322,11 +322,15 @@ def watch_run(
     from cogvx_dist.train.loop import SUMMARY_FILE
 
     run = Path(run_dir)
-    if not run.is_dir():
-        raise CogvxError(f"--watch {run}: no such run folder")
     if not prompts:
         raise CogvxError("--watch needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE")
     started = time.monotonic()
+    # A watcher started beside the trainer (same batch job) may come up before the run folder exists: wait for it.
+    while not run.is_dir():
+        if options.once or (options.max_wait_s and time.monotonic() - started >= options.max_wait_s):
+            raise CogvxError(f"--watch {run}: no such run folder")
+        log.info("waiting for %s to appear", run)
+        sleep(options.interval_s)
     out_root = run / VALIDATION_DIR
     out_root.mkdir(parents=True, exist_ok=True)
     record_path = out_root / VALIDATION_RECORD
