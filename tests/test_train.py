@@ -144,6 +144,23 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
         assert model_states < frozen_bytes / 2, (model_states, frozen_bytes)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2_offload", "zero3_offload"])
+def test_offload_configs_train_identical_adapters(shards_2b, tmp_path, stage):
+    """Optimizer (and for ZeRO-3 parameter) offload to CPU: DeepSpeedCPUAdam does the update."""
+    model, shards = shards_2b
+    output = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": stage},
+                          train={"max_steps": 4}, log={"sample_trace": False})
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / SUMMARY_FILE).read_text())
+    assert summary["zero_stage"] == int(stage[4]) and len(set(summary["adapter_checksums"])) == 1
+    resolved = json.loads((output / "ds_config.json").read_text())
+    assert resolved["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "torch_adam" not in resolved["optimizer"]["params"] or not resolved["optimizer"]["params"]["torch_adam"]
+
+
 def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 3, 16, 4, 6, generator=generator)
