@@ -7,3 +7,11 @@ as one line and exits with status 2 instead of showing a stack trace.
 
 class CogvxError(Exception):
     """A problem with the user's input or configuration, reported as a single line."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name): library errors can span pages."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__

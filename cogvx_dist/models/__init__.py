@@ -1,30 +1,34 @@
-"""CogVideoX models: the family table, component loading, and tiny checkpoints."""
+"""CogVideoX models: the family table, component loading, and tiny checkpoints.
 
-from cogvx_dist.models.families import FAMILIES, ModelFamily, detect_family, get_family
-from cogvx_dist.models.loading import (
-    COMPONENT_ORDER,
-    CheckpointInfo,
-    ComponentStore,
-    describe_checkpoint,
-    load_scheduler,
-    load_text_encoder,
-    load_tokenizer,
-    load_transformer,
-    load_vae,
-)
+Names are resolved lazily so that importing the family table (e.g. for `cogvx --help`) does not import torch.
+"""
 
-__all__ = [
-    "COMPONENT_ORDER",
-    "FAMILIES",
-    "CheckpointInfo",
-    "ComponentStore",
-    "ModelFamily",
-    "describe_checkpoint",
-    "detect_family",
-    "get_family",
-    "load_scheduler",
-    "load_text_encoder",
-    "load_tokenizer",
-    "load_transformer",
-    "load_vae",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "FAMILIES": "families",
+    "ModelFamily": "families",
+    "detect_family": "families",
+    "get_family": "families",
+    "COMPONENT_ORDER": "loading",
+    "CheckpointInfo": "loading",
+    "ComponentStore": "loading",
+    "describe_checkpoint": "loading",
+    "read_component_config": "loading",
+    "load_scheduler": "loading",
+    "load_text_encoder": "loading",
+    "load_tokenizer": "loading",
+    "load_transformer": "loading",
+    "load_vae": "loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

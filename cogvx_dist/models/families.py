@@ -74,6 +74,12 @@ class ModelFamily:
     ofs_value: float = 2.0
     """ofs value passed to the transformer by the I2V 1.5 pipeline (ignored where ofs_embed_dim is None)."""
 
+    def pipeline_type(self) -> type:
+        """The diffusers pipeline class of this family (CogVideoXPipeline or CogVideoXImageToVideoPipeline)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
     def scheduler_config(self) -> dict[str, Any]:
         """The family's CogVideoXDPMScheduler config."""
         return {**_COMMON_SCHEDULER_CONFIG, "snr_shift_scale": self.snr_shift_scale}

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, first_line
 from cogvx_dist.models.families import ModelFamily, detect_family
 
 COMPONENT_ORDER = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
@@ -80,7 +80,10 @@ def _check_local_folder(folder: Path, components: tuple[str, ...]) -> None:
             raise CogvxError(f"{sub} holds none of {', '.join(_CONFIG_FILE[name])}")
 
 
-def _read_config(source: str, subfolder: str) -> dict[str, Any]:
+def read_component_config(source: str | os.PathLike, subfolder: str) -> dict[str, Any]:
+    """The config of one component (`tokenizer`, `text_encoder`, `transformer`, `vae`, `scheduler`), from a local
+    folder (checked first, one-line errors) or a hub id, without loading weights."""
+    source = str(source)
     if _is_local(source):
         _check_local_folder(Path(source), (subfolder,))
         path = Path(source) / subfolder / _CONFIG_FILE[subfolder][0]
@@ -93,19 +96,14 @@ def _read_config(source: str, subfolder: str) -> dict[str, Any]:
     try:
         path = hf_hub_download(source, f"{subfolder}/{_CONFIG_FILE[subfolder][0]}")
     except Exception as err:  # network, auth, missing repo: all one user-facing line
-        raise CogvxError(f"cannot fetch {subfolder} config of {source!r} from the hub: {_first_line(err)}") from None
+        raise CogvxError(f"cannot fetch {subfolder} config of {source!r} from the hub: {first_line(err)}") from None
     return json.loads(Path(path).read_text())
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def describe_checkpoint(source: str | os.PathLike) -> CheckpointInfo:
     """Detect a checkpoint's family and default geometry from its configs, loading no weights."""
     source = str(source)
-    transformer_config = _read_config(source, "transformer")
+    transformer_config = read_component_config(source, "transformer")
     family = detect_family(transformer_config, where=f"{source}/transformer/config.json")
     frames, height, width = family.default_frames, family.default_height, family.default_width
     tiny_info = Path(source) / TINY_INFO_FILE
@@ -121,7 +119,7 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> An
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        raise CogvxError(f"cannot load {subfolder} from {source}: {_first_line(err)}") from None
+        raise CogvxError(f"cannot load {subfolder} from {source}: {first_line(err)}") from None
 
 
 def load_tokenizer(source: str | os.PathLike) -> Any:

@@ -97,7 +97,6 @@ def _tiny_transformer_config(family: ModelFamily, frames: int) -> dict[str, Any]
 
 def build_tiny_pipeline(family_name: str, seed: int = 0) -> tuple[Any, bytes]:
     """A diffusers CogVideoX pipeline of tiny random-weight components, and its sentencepiece model."""
-    import diffusers
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -134,8 +133,7 @@ def build_tiny_pipeline(family_name: str, seed: int = 0) -> tuple[Any, bytes]:
         invert_scale_latents=family.invert_scale_latents,
     )
     scheduler = CogVideoXDPMScheduler(**family.scheduler_config())
-    pipeline_class = getattr(diffusers, family.pipeline_class)
-    pipeline = pipeline_class(
+    pipeline = family.pipeline_type()(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
     return pipeline, spiece_model
@@ -145,12 +143,14 @@ def make_tiny_checkpoint(out_dir: str | Path, family_name: str, seed: int = 0, o
     """Write a complete tiny diffusers-format checkpoint of `family_name` to `out_dir`; deterministic for a seed."""
     family = get_family(family_name)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CogvxError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CogvxError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     pipeline, spiece_model = build_tiny_pipeline(family.name, seed)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the destination (same filesystem, so the final rename is atomic); an old checkpoint is only
+    # moved away once the new one is complete.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    retired = out.parent / f".{out.name}-old-{staging.name}"
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         # The released checkpoints ship the sentencepiece model itself; keep that file for tools that read it.
@@ -166,9 +166,9 @@ def make_tiny_checkpoint(out_dir: str | Path, family_name: str, seed: int = 0, o
         }
         (staging / TINY_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
-            out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
+            out.rename(retired)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
     return out
