@@ -77,18 +77,20 @@ class PrepConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "prep config") -> "PrepConfig":
-        """Build from a mapping, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise CogvxError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        """Build from a mapping with the shared config loader (unknown keys and wrong types are rejected by name);
+        `buckets` may be given as "HxW" strings and `shard_max_bytes` as "512MiB"."""
+        from cogvx_dist.config import from_dict
+
         values = dict(values)
-        if "buckets" in values and values["buckets"] is not None:
-            values["buckets"] = [parse_size(b, "buckets") for b in values["buckets"]]
-        for key in ("shard_max_bytes",):
-            if key in values and isinstance(values[key], str):
-                values[key] = parse_bytes(values[key], key)
-        return cls(**values)
+        try:
+            buckets = values.get("buckets")
+            if isinstance(buckets, (list, tuple)):
+                values["buckets"] = [parse_size(b, "buckets") for b in buckets]
+            if isinstance(values.get("shard_max_bytes"), str):
+                values["shard_max_bytes"] = parse_bytes(values["shard_max_bytes"], "shard_max_bytes")
+            return from_dict(cls, values)
+        except CogvxError as err:
+            raise CogvxError(f"{where}: {err}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PrepConfig":
@@ -156,7 +158,10 @@ class PrepConfig:
 def parse_size(text: Any, key: str = "resolution") -> tuple[int, int]:
     """'480x720' or [480, 720] -> (480, 720)."""
     if isinstance(text, (list, tuple)) and len(text) == 2:
-        return int(text[0]), int(text[1])
+        try:
+            return int(text[0]), int(text[1])
+        except (TypeError, ValueError):
+            raise CogvxError(f"{key}: {list(text)!r} is not [HEIGHT, WIDTH] in whole numbers") from None
     match = _SIZE.match(str(text))
     if not match:
         raise CogvxError(f"{key}: {text!r} is not HEIGHTxWIDTH (e.g. 480x720)")

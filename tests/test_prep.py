@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import tarfile
@@ -181,9 +182,35 @@ def test_config_errors_name_the_key(tiny_checkpoint, dataset, tmp_path):
         run_prep(_config(model, dataset.data, tmp_path / "d", target_fps=4.0, frame_stride=2))
     yaml_path = tmp_path / "prep.yaml"
     yaml_path.write_text("model: m\nshard_size: 3\n")
-    with pytest.raises(CogvxError, match=r"prep\.yaml: unknown key\(s\) shard_size"):
+    with pytest.raises(CogvxError, match=r"prep\.yaml: unknown config key shard_size"):
         PrepConfig.from_yaml(yaml_path)
     assert not (tmp_path / "a").exists(), "a config error is found before anything is written"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("text_batch_size: abc", r"text_batch_size must be an integer, got 'abc'"),
+    ("vae_tiling: maybe", r"vae_tiling must be true or false, got 'maybe'"),
+    ("max_failed_fraction: [1]", r"max_failed_fraction must be a number"),
+    ("buckets: 480x720", r"buckets must be a list, got '480x720'"),
+    ("buckets: [[480, wide]]", r"buckets: \[480, 'wide'\] is not \[HEIGHT, WIDTH\]"),
+    ("shard_max_bytes: lots", r"shard_max_bytes: 'lots' is not a size"),
+])
+def test_wrong_typed_yaml_value_is_one_line_error_naming_the_key(tmp_path, line, message):
+    yaml_path = tmp_path / "prep.yaml"
+    yaml_path.write_text(f"model: m\ndata: d\nout: o\n{line}\n")
+    with pytest.raises(CogvxError, match=rf"^{re.escape(str(yaml_path))}: {message}") as caught:
+        PrepConfig.from_yaml(yaml_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_reports_wrong_typed_yaml_value_in_one_line(tmp_path):
+    yaml_path = tmp_path / "prep.yaml"
+    yaml_path.write_text("model: m\ndata: d\nout: o\ntext_batch_size: abc\n")
+    run = run_cli("prep", "--config", str(yaml_path))
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"cogvx prep: error: {yaml_path}: text_batch_size must be an integer, got 'abc'"]
 
 
 # --------------------------------------------------------------------------------------------------- prep, one rank
