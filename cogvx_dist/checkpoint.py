@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvx_dist.errors import CogvxError
+from cogvx_dist.fileio import write_atomic
 
 COMMIT_MARKER = "COMMITTED.json"
 LORA_SUBDIR = "lora"
@@ -63,9 +64,7 @@ def find_resume_point(output_dir: str | Path, resume: str) -> Path | None:
 
 def commit(folder: Path, info: dict[str, Any]) -> None:
     """Mark a checkpoint complete (rank 0, after all ranks finished writing)."""
-    tmp = folder / (COMMIT_MARKER + ".tmp")
-    tmp.write_text(json.dumps({**info, "committed_at": time.time()}, indent=2) + "\n")
-    tmp.replace(folder / COMMIT_MARKER)
+    write_atomic(folder / COMMIT_MARKER, json.dumps({**info, "committed_at": time.time()}, indent=2) + "\n")
 
 
 def read_commit(folder: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, first_line
 
 T = TypeVar("T")
 
@@ -95,11 +95,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CogvxError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise CogvxError(f"{path}: not UTF-8 text") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise CogvxError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from None
+        raise CogvxError(f"{path}: cannot parse ({first_line(err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, RankError
+from cogvx_dist.launch_env import under_mpi
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 """The repository's ds_configs/ (shipped beside the package in a source checkout)."""
@@ -44,8 +45,7 @@ def init_distributed() -> RankInfo:
     """Start the process group (NCCL on GPUs, gloo on CPU) from launcher env or MPI, and pick this rank's device."""
     import deepspeed
 
-    under_mpi = "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ
-    if under_mpi and "RANK" not in os.environ:
+    if under_mpi() and "RANK" not in os.environ:
         # DeepSpeed's MPI discovery overwrites MASTER_ADDR (rank 0's first `hostname -I` address) and MASTER_PORT
         # (its `distributed_port` argument): run it here so that values the user exported win, e.g. loopback in
         # tests or the right interface on a multi-homed node.
@@ -91,13 +91,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     result = value.detach().clone()
     dist.all_reduce(result, op=dist.ReduceOp.SUM)
     return result / dist.get_world_size()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is true on some rank."""
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
 
 
 def _find_auto(node: Any, path: str = "") -> str | None:
@@ -196,7 +189,7 @@ def load_checkpoint(engine: Any, folder: Path) -> dict[str, Any]:
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise CogvxError(f"cannot load checkpoint {folder}")
+        raise RankError(f"cannot load checkpoint {folder}")
     return client_state or {}
 
 

@@ -15,3 +15,7 @@ def first_line(err: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(err).__name__
+
+
+class RankError(CogvxError):
+    """A problem that may hold on some ranks only (e.g. adapters that differ); every rank reports it with its rank."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +163,3 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
     )
     stripped = {k[len(EXPORT_PREFIX) :] if k.startswith(EXPORT_PREFIX) else k: v for k, v in state.items()}
     return stripped, settings
-
-
-def settings_dict(settings: LoraSettings) -> dict[str, Any]:
-    """Plain-JSON form of the settings (for manifests and run summaries)."""
-    return {**asdict(settings), "scale": settings.scale}

@@ -17,7 +17,9 @@ from tests.conftest import run_cli
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tiny_checkpoint_generates_in_its_pipeline(tiny_checkpoint, family):
     info = describe_checkpoint(tiny_checkpoint(family))
-    pipeline_class = diffusers.CogVideoXImageToVideoPipeline if info.family.image_to_video else diffusers.CogVideoXPipeline
+    pipeline_class = info.family.pipeline_type()
+    expected = diffusers.CogVideoXImageToVideoPipeline if info.family.image_to_video else diffusers.CogVideoXPipeline
+    assert pipeline_class is expected
     pipe = pipeline_class.from_pretrained(str(info.source))
     kwargs = {}
     if info.family.image_to_video:

@@ -51,6 +51,13 @@ def test_bad_config_values_name_the_key(overrides, message):
         load_config(RunConfig, None, ["model.path=m", "data.shards=s", *overrides])
 
 
+def test_config_file_that_is_not_text_is_one_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CogvxError, match="not UTF-8 text"):
+        load_config(RunConfig, path)
+
+
 def test_global_batch_must_match_ranks():
     config = load_config(RunConfig, None, ["model.path=m", "data.shards=s", "train.global_batch_size=6",
                                            "train.grad_accum_steps=2"])
@@ -128,10 +135,10 @@ def test_shipped_ds_configs_resolve_to_concrete_values(name):
 
 
 def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
-    for step in (2, 4, 6, 8):
+    for step in (2, 3, 4, 6, 8):
         folder = ckpt.checkpoint_folder(tmp_path, step)
         folder.mkdir(parents=True)
-        if step != 8:  # step 8 crashed mid-save: no marker
+        if step not in (3, 8):  # steps 3 and 8 crashed mid-save: no marker
             ckpt.commit(folder, {"step": step})
     assert ckpt.find_resume_point(tmp_path, "auto") == ckpt.checkpoint_folder(tmp_path, 6)
     assert ckpt.find_resume_point(tmp_path, "none") is None
@@ -140,23 +147,29 @@ def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
     ckpt.prune(tmp_path, keep_last=2)
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 6]
     assert ckpt.checkpoint_folder(tmp_path, 8).exists()  # newer than the newest commit: maybe still being written
+    assert not ckpt.checkpoint_folder(tmp_path, 3).exists()  # an abandoned save older than a commit goes
 
 
 def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
     script = (
         "import sys\n"
         "from cogvx_dist.train.loop import forbid_encoders\n"
-        "from cogvx_dist.models import load_transformer, load_text_encoder\n"
+        "from cogvx_dist.models import load_transformer, load_text_encoder, load_vae\n"
         "forbid_encoders()\n"
         "load_transformer(sys.argv[1])\n"
         "try:\n"
         "    load_text_encoder(sys.argv[1])\n"
         "except RuntimeError as err:\n"
         "    print('refused:', err)\n"
+        "try:\n"
+        "    load_vae(sys.argv[1])\n"
+        "except RuntimeError as err:\n"
+        "    print('refused:', err)\n"
     )
     out = subprocess.run([sys.executable, "-c", script, str(tiny_checkpoint("CogVideoX-2b"))], capture_output=True,
                          text=True, check=True)
     assert "refused: a training rank tried to build T5EncoderModel" in out.stdout
+    assert "refused: a training rank tried to build AutoencoderKLCogVideoX" in out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +186,7 @@ def good_run(tiny_checkpoint, tmp_path_factory):
         (["train.max_step=3"], "unknown config key train.max_step"),
         (["train.global_batch_size=3"], "train.global_batch_size=3 is not micro_batch_size"),
         (["data.shards=/nonexistent/shards"], "data.shards: no shard manifest"),
+        (["deepspeed.config=zero4"], "deepspeed.config 'zero4': no such file"),
         (["model.path={five_b}"], "shards do not match the model: family CogVideoX-2b (model is CogVideoX-5b)"),
     ],
 )

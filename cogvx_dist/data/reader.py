@@ -29,6 +29,7 @@ from cogvx_dist.data.schema import (
     decode_sample,
 )
 from cogvx_dist.errors import CogvxError
+from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION
 from cogvx_dist.models.loading import CheckpointInfo
 
 
@@ -180,7 +181,7 @@ def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -
     if manifest.height % 16 or manifest.width % 16:
         problems.append(f"resolution {manifest.height}x{manifest.width} (must be a multiple of 16)")
     if family.use_learned_positional_embeddings:
-        expected = (config["sample_height"] * 8, config["sample_width"] * 8)
+        expected = (config["sample_height"] * VAE_SPATIAL_COMPRESSION, config["sample_width"] * VAE_SPATIAL_COMPRESSION)
         if (manifest.height, manifest.width) != expected:
             problems.append(f"resolution {manifest.height}x{manifest.width} (learned positions fix {expected[0]}x{expected[1]})")
     if manifest.image_to_video != family.image_to_video:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from cogvx_dist.errors import CogvxError
+from cogvx_dist.fileio import write_atomic
 
 FORMAT_NAME = "cogvx-latent-shards"
 FORMAT_VERSION = 1
@@ -156,12 +156,7 @@ class Manifest:
 
     def write(self, folder: str | Path) -> Path:
         """Write manifest.json atomically into `folder`."""
-        path = Path(folder) / MANIFEST_NAME
-        # A process-unique temporary name: several prep processes may finalize the same folder at once.
-        tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return write_atomic(Path(folder) / MANIFEST_NAME, self.to_json())
 
     @classmethod
     def read(cls, folder: str | Path) -> "Manifest":

@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset
 
 from cogvx_dist.data.reader import collate
 from cogvx_dist.data.schema import MANIFEST_NAME, Manifest, decode_sample
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, first_line
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:")
 
@@ -43,7 +43,7 @@ def read_remote_manifest(location: str) -> Manifest:
         with wds.gopen(url) as stream:
             text = stream.read().decode()
     except Exception as err:  # curl/pipe failures surface as various OSErrors
-        raise CogvxError(f"data.shards: cannot read {url}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise CogvxError(f"data.shards: cannot read {url}: {first_line(err)}") from None
     if not text:
         raise CogvxError(f"data.shards: {url} is empty or could not be fetched")
     return Manifest.parse(text, where=url)

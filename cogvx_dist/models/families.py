@@ -12,6 +12,11 @@ from typing import Any
 
 from cogvx_dist.errors import CogvxError
 
+VAE_SPATIAL_COMPRESSION = 8
+"""Pixels per latent along height and width, in every CogVideoX VAE."""
+VAE_TEMPORAL_COMPRESSION = 4
+"""Every CogVideoX VAE maps F = 4k + 1 frames to k + 1 latent frames."""
+
 # Scheduler settings shared by every released CogVideoX checkpoint; only snr_shift_scale differs per family.
 _COMMON_SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_end": 0.012,

@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from cogvx_dist.errors import CogvxError
-from cogvx_dist.models.families import ModelFamily, get_family
+from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION, ModelFamily, get_family
 from cogvx_dist.models.loading import TINY_INFO_FILE
 
 TINY_HEIGHT = 32
 TINY_WIDTH = 48
 TINY_TEXT_DIM = 32
-_VAE_SPATIAL_COMPRESSION = 8
 
 _CAPTION_WORDS = (
     "a the red green blue yellow white black orange purple square circle triangle ball box shape moves slides "
@@ -84,8 +83,8 @@ def _tiny_transformer_config(family: ModelFamily, frames: int) -> dict[str, Any]
         "time_embed_dim": 32,
         "ofs_embed_dim": 32 if family.ofs_embed_dim is not None else None,  # added to the time embedding
         "sample_frames": frames,
-        "sample_height": TINY_HEIGHT // _VAE_SPATIAL_COMPRESSION,
-        "sample_width": TINY_WIDTH // _VAE_SPATIAL_COMPRESSION,
+        "sample_height": TINY_HEIGHT // VAE_SPATIAL_COMPRESSION,
+        "sample_width": TINY_WIDTH // VAE_SPATIAL_COMPRESSION,
         "patch_size": 2,
         "patch_size_t": family.patch_size_t,
         "patch_bias": family.full_size_transformer.get("patch_bias", True),

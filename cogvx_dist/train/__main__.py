@@ -1,4 +1,4 @@
-"""Per-rank entry point: `deepspeed [launcher args] -m cogvx_dist.train --config run.yaml [section.key=value ...]`."""
+"""Per-rank entry point: `deepspeed [launcher args] --module cogvx_dist.train --config run.yaml [section.key=value ...]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, RankError
+from cogvx_dist.launch_env import env_rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0"))))
+    rank = env_rank()
     try:
         from cogvx_dist.config import load_config
         from cogvx_dist.train.config import RunConfig
@@ -25,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
         train(load_config(RunConfig, args.config, args.overrides))
     except CogvxError as err:
-        # Pre-flight checks are identical on every rank, so one line from rank 0 tells the whole story; errors
-        # raised once ranks run (e.g. adapters that differ) can be rank-specific and carry the rank.
-        if getattr(err, "rank_specific", False):
+        # Most checks come out the same on every rank, so one line from rank 0 tells the whole story; a RankError
+        # (e.g. adapters that differ, a checkpoint one node cannot read) may not, and carries the rank.
+        if isinstance(err, RankError):
             print(f"cogvx train [rank {rank}]: error: {err}", file=sys.stderr)
         elif rank == 0:
             print(f"cogvx train: error: {err}", file=sys.stderr)

@@ -21,7 +21,8 @@ from cogvx_dist.config import to_dict
 from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex, check_manifest, make_loader
 from cogvx_dist.data.schema import Manifest
 from cogvx_dist.data.streaming import StreamingMicroBatches, is_remote, read_remote_manifest
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, RankError
+from cogvx_dist.fileio import write_atomic
 from cogvx_dist.lora import (
     adapter_checksum,
     export_lora,
@@ -32,6 +33,7 @@ from cogvx_dist.lora import (
 )
 from cogvx_dist.metrics import MetricsWriter
 from cogvx_dist.models import CheckpointInfo, describe_checkpoint, load_scheduler, load_transformer
+from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 
@@ -48,6 +50,8 @@ class Preflight:
     manifest: Manifest
     index: ShardIndex | None
     """Random access to local shards; None in streaming mode."""
+    ds_config: dict[str, Any]
+    """The DeepSpeed config with the run's values filled in."""
 
 
 def preflight(config: RunConfig) -> Preflight:
@@ -66,7 +70,14 @@ def preflight(config: RunConfig) -> Preflight:
     if config.train.micro_batch_size > manifest.num_samples:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} exceeds the "
                          f"{manifest.num_samples} samples")
-    return Preflight(checkpoint, manifest, index)
+    ds_config = distributed.resolve_ds_config(
+        distributed.load_ds_config(config.deepspeed.config),
+        micro_batch_size=config.train.micro_batch_size, grad_accum_steps=config.train.grad_accum_steps,
+        max_grad_norm=config.optim.max_grad_norm, lr=config.optim.lr, betas=config.optim.betas,
+        eps=config.optim.eps, weight_decay=config.optim.weight_decay, bf16=config.model.dtype == "bfloat16",
+        on_gpu=torch.cuda.is_available(),
+    )
+    return Preflight(checkpoint, manifest, index, ds_config)
 
 
 def _logger(rank: int) -> logging.Logger:
@@ -139,12 +150,13 @@ def _step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
 def _tokens_per_sample(manifest: Manifest, transformer_config: dict[str, Any]) -> int:
     patch, patch_t = transformer_config["patch_size"], transformer_config.get("patch_size_t") or 1
     frames = -(-manifest.latent_frames // patch_t)
-    spatial = (manifest.height // 8 // patch) * (manifest.width // 8 // patch)
+    latent_height, latent_width = manifest.height // VAE_SPATIAL_COMPRESSION, manifest.width // VAE_SPATIAL_COMPRESSION
+    spatial = (latent_height // patch) * (latent_width // patch)
     return frames * spatial + manifest.text_max_length
 
 
 def _save(engine: Any, config: RunConfig, ranks: distributed.RankInfo, step: int, position: int,
-          names: list[str]) -> str:
+          names: list[str]) -> None:
     folder = ckpt.checkpoint_folder(config.output_dir, step)
     state = {"step": step, "position": position, "seed": config.train.seed, "world_size": ranks.world_size,
              "rng": "noise, timesteps and order derive from (seed, step, micro-step, rank); no RNG state to restore"}
@@ -160,7 +172,6 @@ def _save(engine: Any, config: RunConfig, ranks: distributed.RankInfo, step: int
         ckpt.commit(folder, {**state, "adapter_checksum": checksum})
         ckpt.prune(config.output_dir, config.checkpoint.keep_last)
     distributed.barrier()
-    return checksum
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -171,9 +182,6 @@ def train(config: RunConfig) -> dict[str, Any]:
     log = _logger(ranks.rank)
     try:
         return _train(config, ranks, checks, log)
-    except CogvxError as err:
-        err.rank_specific = True  # type: ignore[attr-defined]
-        raise
     finally:
         distributed.shutdown()
 
@@ -182,19 +190,13 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
     from tqdm import tqdm
 
     global_batch = config.check_world(ranks.world_size)
-    on_gpu = ranks.device.type == "cuda"
     dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
-    ds_config = distributed.resolve_ds_config(
-        distributed.load_ds_config(config.deepspeed.config),
-        micro_batch_size=config.train.micro_batch_size, grad_accum_steps=config.train.grad_accum_steps,
-        max_grad_norm=config.optim.max_grad_norm, lr=config.optim.lr, betas=config.optim.betas,
-        eps=config.optim.eps, weight_decay=config.optim.weight_decay, bf16=dtype == torch.bfloat16, on_gpu=on_gpu,
-    )
+    ds_config = checks.ds_config
     output = Path(config.output_dir)
     if ranks.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "run_config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        (output / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        write_atomic(output / "run_config.json", json.dumps(to_dict(config), indent=2) + "\n")
+        write_atomic(output / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
     log.info("%d ranks on %s, %s, ZeRO-%d, global batch %d, %d samples (%s)", ranks.world_size, ranks.device.type,
              config.model.dtype, distributed.zero_stage(ds_config), global_batch, checks.manifest.num_samples,
              checks.checkpoint.family.name)
@@ -205,7 +207,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
     lora_names = sorted(lora_parameters(transformer))
     checksums = distributed.all_gather_object(adapter_checksum(lora_state_dict(transformer)))
     if len(set(checksums)) != 1:
-        raise CogvxError(f"LoRA adapters differ across ranks at start-up (checksums {checksums}); "
+        raise RankError(f"LoRA adapters differ across ranks at start-up (checksums {checksums}); "
                          "check that every node runs the same cogvx, torch and peft versions")
     context = LossContext(checks.checkpoint.family, checks.checkpoint.transformer_config,
                           load_scheduler(config.model.path))
@@ -247,7 +249,6 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
     crash_after = int(os.environ.get(CRASH_AFTER_STEP_ENV, "0"))
     progress = tqdm(total=config.train.max_steps, initial=start_step, desc="train", unit="step",
                     disable=not (ranks.is_main and config.log.progress_bar), dynamic_ncols=True)
-    checksum = None
     window_start, window_wait, window_steps, window_loss = time.perf_counter(), 0.0, 0, 0.0
     engine.train()
     for step in range(start_step + 1, config.train.max_steps + 1):
@@ -290,7 +291,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
             progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{samples_per_s:.2f}")
             window_start, window_wait, window_steps, window_loss = time.perf_counter(), 0.0, 0, 0.0
         if step % config.checkpoint.every_steps == 0 or step == config.train.max_steps:
-            checksum = _save(engine, config, ranks, step, position, lora_names)
+            _save(engine, config, ranks, step, position, lora_names)
             if crash_after and step == crash_after:
                 os._exit(75)
     progress.close()
@@ -301,7 +302,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
     final = state_dict_names(distributed.gather_master_weights(engine, lora_names))
     final_checksums = distributed.all_gather_object(adapter_checksum(final))
     if len(set(final_checksums)) != 1:
-        raise CogvxError(f"adapters differ across ranks after training: {final_checksums}")
+        raise RankError(f"adapters differ across ranks after training: {final_checksums}")
     summary = {
         "steps": config.train.max_steps,
         "resumed_from_step": start_step,
@@ -313,7 +314,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
     }
     if ranks.is_main:
         export_lora(final, config.lora, output / ckpt.LORA_SUBDIR)
-        (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         log.info("done: %d steps, adapter %s, exported to %s", config.train.max_steps, final_checksums[0][:12],
                  output / ckpt.LORA_SUBDIR)
     return summary

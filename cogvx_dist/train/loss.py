@@ -16,8 +16,6 @@ import torch
 from cogvx_dist.data.schema import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
 from cogvx_dist.models.families import ModelFamily
 
-VAE_SPATIAL_COMPRESSION = 8
-
 
 @dataclass(frozen=True)
 class LossContext:
