@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cogvx_dist.errors import CogvxError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -39,12 +41,29 @@ class MetricsWriter:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (the last record wins for a step logged twice after a resume)."""
+    """All records of a run's metrics.jsonl (the last record wins for a step logged twice after a resume).
+
+    A last line that is not valid JSON is skipped: the run is still writing it, or died while writing it. Any other
+    bad line (undecodable, not a JSON object, no integer "step") raises CogvxError naming the file and line."""
     path = Path(output_dir) / METRICS_FILE
     by_step: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                by_step[record["step"]] = record
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if index == last:
+                break  # torn final line: a step being written (or a crash mid-write)
+            raise CogvxError(f"{path} line {index + 1}: not JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise CogvxError(f"{path} line {index + 1}: expected a JSON object, got {type(record).__name__}")
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise CogvxError(f"{path} line {index + 1}: no integer \"step\" in the record")
+        by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, first_line
 
 REPORT_DIR = "report"
 
@@ -174,6 +174,17 @@ def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file that a run wrote; CogvxError naming the file if it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CogvxError(f"{path}: cannot read it as JSON ({first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise CogvxError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the plots and the summary of a run into out_dir (default RUN_DIR/report); returns the summary dict."""
     from cogvx_dist.metrics import METRICS_FILE, read_metrics
@@ -181,10 +192,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     run = Path(run_dir)
     if not run.is_dir():
         raise CogvxError(f"{run}: no such run folder")
-    try:
-        records = [r for r in read_metrics(run) if r.get("loss") is not None]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise CogvxError(f"{run / METRICS_FILE} is not a metrics file ({err})") from None
+    records = [r for r in read_metrics(run) if r.get("loss") is not None]  # bad lines raise CogvxError
     if not records:
         raise CogvxError(f"{run / METRICS_FILE} is missing or holds no steps yet (has training logged a step?)")
     out = Path(out_dir) if out_dir else run / REPORT_DIR
@@ -194,11 +202,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     extra: dict[str, Any] = {}
     summary_file = run / "train_summary.json"
     if summary_file.is_file():
-        train_summary = json.loads(summary_file.read_text())
+        train_summary = _read_json_object(summary_file)
         extra.update({k: train_summary.get(k) for k in ("world_size", "zero_stage", "family")})
     validated = run / "validation" / "validated.json"
     if validated.is_file():
-        extra["validated_steps"] = sorted(int(s) for s in json.loads(validated.read_text()).get("steps", {}))
+        try:
+            extra["validated_steps"] = sorted(int(s) for s in _read_json_object(validated).get("steps", {}))
+        except (TypeError, ValueError, AttributeError) as err:
+            raise CogvxError(f"{validated}: \"steps\" is not a map of step numbers ({first_line(err)})") from None
 
     plots = {
         "loss": plot_loss(records, out / "loss.png"),

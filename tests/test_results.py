@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -207,6 +208,61 @@ def test_report_writes_plots_and_summary(tmp_path):
     empty.mkdir()
     missing = run_cli("report", str(empty), timeout=120)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+def test_report_skips_a_torn_last_metrics_line(tmp_path):
+    """A run still writing (or killed mid-write) leaves half a line at the end: the report uses the whole lines."""
+    from cogvx_dist.metrics import METRICS_FILE, read_metrics
+    from cogvx_dist.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_metrics(run, 6)
+    with open(run / METRICS_FILE, "a") as handle:
+        handle.write('{"step": 7, "loss": 1.2, "samples_')
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    summary = write_report(run)
+    assert summary["steps"] == 6 and summary["last_step"] == 6
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"step": 3, "loss": ', "line 3: not JSON"),  # torn, but not the last line: the file is damaged
+    ("[1, 2]", "line 3: expected a JSON object, got list"),
+    ('{"loss": 1.0}', 'line 3: no integer "step"'),
+])
+def test_report_names_file_and_line_of_a_bad_metrics_line(tmp_path, bad, message):
+    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.metrics import METRICS_FILE, read_metrics
+    from cogvx_dist.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": 1, "loss": 1.0}), json.dumps({"step": 2, "loss": 0.9}), bad,
+             json.dumps({"step": 4, "loss": 0.8})]
+    (run / METRICS_FILE).write_text("\n".join(lines) + "\n")
+    with pytest.raises(CogvxError, match=f"{METRICS_FILE} {message}"):
+        read_metrics(run)
+    with pytest.raises(CogvxError, match=message):
+        write_report(run)
+
+
+@pytest.mark.parametrize("name,text", [("train_summary.json", '{"world_size": 2'),
+                                       ("train_summary.json", "[]"),
+                                       ("validation/validated.json", "not json")])
+def test_report_names_a_broken_run_file(tmp_path, name, text):
+    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_metrics(run, 3)
+    (run / name).parent.mkdir(parents=True, exist_ok=True)
+    (run / name).write_text(text)
+    with pytest.raises(CogvxError, match=re.escape(f"{run / name}: ")):
+        write_report(run)
+    result = run_cli("report", str(run), timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(run / name) in result.stderr
 
 
 @pytest.mark.slow
