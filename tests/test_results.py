@@ -173,6 +173,10 @@ def test_watch_samples_a_checkpoint_committed_while_it_runs(model_2b, tmp_path):
     assert "validated steps none" in again.stdout and "training finished" in again.stdout, again.stdout
 
 
+def _step_time(step: int) -> float:
+    return (0.2, 0.4, 0.8)[step % 3]
+
+
 def _write_metrics(run: Path, steps: int) -> None:
     from cogvx_dist.metrics import MetricsWriter
 
@@ -180,9 +184,11 @@ def _write_metrics(run: Path, steps: int) -> None:
     rng = np.random.default_rng(0)
     for step in range(1, steps + 1):
         loss = 1.0 + 0.8 * np.exp(-step / 8) + 0.05 * rng.standard_normal()
+        # 4 samples a step in a varying time: fast and slow steps, so a time-weighted rate differs from a mean.
+        step_time = _step_time(step)
         writer.log(step, {"loss": float(loss), "grad_norm": 0.5, "lr": 1e-3 * min(1, step / 3),
-                          "samples_per_s": 10.0 + step % 3, "tokens_per_s": 240.0 * (10 + step % 3),
-                          "step_time_s": 0.4, "data_wait_s": 0.01, "peak_memory_gib": 1.5 + step / 100,
+                          "samples_per_s": 4 / step_time, "tokens_per_s": 240.0 * 4 / step_time,
+                          "step_time_s": step_time, "data_wait_s": 0.01, "peak_memory_gib": 1.5 + step / 100,
                           "samples_seen": 4 * step})
     writer.close()
 
@@ -201,7 +207,14 @@ def test_report_writes_plots_and_summary(tmp_path):
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["loss_falls"] is True
     assert summary["peak_memory_gib"] == pytest.approx(1.8)
-    assert summary["samples_per_s"] == pytest.approx(np.mean([10 + s % 3 for s in range(2, 31)]))
+    # Throughput is total samples over total time of the steady steps (2..30, step 1 includes warm-up), not the
+    # plain mean of the per-step rates, which overweights the fast steps.
+    steady = range(2, 31)
+    time_weighted = 4 * len(steady) / sum(_step_time(s) for s in steady)
+    plain_mean = float(np.mean([4 / _step_time(s) for s in steady]))
+    assert summary["samples_per_s"] == pytest.approx(time_weighted)
+    assert summary["samples_per_s"] != pytest.approx(plain_mean, rel=0.05)
+    assert summary["tokens_per_s"] == pytest.approx(240 * time_weighted)
     assert "falling" in (run / "report" / "summary.txt").read_text() and "samples/s" in result.stdout
 
     empty = tmp_path / "empty"
