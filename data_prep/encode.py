@@ -102,16 +102,3 @@ class Encoders:
         """Latent channels of the VAE (read from its config)."""
         return int(self.vae().config.latent_channels)
 
-
-def config_value(model: str, subfolder: str, key: str) -> Any:
-    """A value from a component's config.json without loading weights."""
-    import json
-    from pathlib import Path
-
-    path = Path(model) / subfolder / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text()).get(key)
-    from huggingface_hub import hf_hub_download
-
-    return json.loads(Path(hf_hub_download(model, f"{subfolder}/config.json")).read_text()).get(key)
-

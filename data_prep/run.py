@@ -79,32 +79,51 @@ def _logger(rank: int) -> Callable[[str], None]:
 
 def _header(config: PrepConfig, info: Any, frames: int, buckets: list[tuple[int, int]], fps: float) -> dict[str, Any]:
     """The manifest fields every rank must agree on (all but shards, skipped and extra)."""
-    from data_prep.encode import config_value
+    from cogvx_dist.models.loading import read_component_config
 
     family = info.family
-    scaling = config_value(config.model, "vae", "scaling_factor") or family.vae_scaling_factor
-    temporal = config_value(config.model, "vae", "temporal_compression_ratio") or 4
+    vae = read_component_config(config.model, "vae")
+    text_encoder = read_component_config(config.model, "text_encoder")
+    scaling = _config_number(config, "vae", vae, "scaling_factor", default=family.vae_scaling_factor, whole=False)
+    temporal = _config_number(config, "vae", vae, "temporal_compression_ratio", default=4)
+    latent_channels = _config_number(config, "vae", vae, "latent_channels", default=16)
+    text_embed_dim = _config_number(config, "text_encoder", text_encoder, "d_model")
     names = [schema.LATENT_MEAN, schema.LATENT_LOGVAR, schema.PROMPT_EMBEDS]
     if family.image_to_video:
         names += [schema.IMAGE_MEAN, schema.IMAGE_LOGVAR]
     return {
         "family": family.name,
         "model": config.model_id or str(config.model),
-        "vae_scaling_factor": float(scaling),
+        "vae_scaling_factor": scaling,
         "invert_scale_latents": bool(family.invert_scale_latents),
-        "latent_channels": int(config_value(config.model, "vae", "latent_channels") or 16),
+        "latent_channels": latent_channels,
         "frames": frames,
         "height": buckets[0][0],
         "width": buckets[0][1],
-        "latent_frames": (frames - 1) // int(temporal) + 1,
+        "latent_frames": (frames - 1) // temporal + 1,
         "fps": float(fps),
         "text_max_length": family.text_max_length,
-        "text_embed_dim": int(config_value(config.model, "text_encoder", "d_model")),
+        "text_embed_dim": text_embed_dim,
         "dtypes": {name: config.storage_dtype for name in names},
         "image_to_video": family.image_to_video,
         "latent_scaling": schema.LATENT_SCALING,
         "buckets": [list(b) for b in buckets],
     }
+
+
+def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], key: str,
+                   default: float | None = None, whole: bool = True) -> Any:
+    """A positive number from a component's config (`default` when absent); a missing value with no default, or a
+    value that is not a positive (whole) number, is a CogvxError naming the file and key."""
+    value = values.get(key) or default
+    where = f"{config.model}/{subfolder}/config.json"
+    if value is None:
+        raise CogvxError(f"{where}: no {key!r} (needed for the manifest)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or (
+            whole and not float(value).is_integer()):
+        kind = "whole number" if whole else "number"
+        raise CogvxError(f"{where}: {key!r} must be a positive {kind}, not {value!r}")
+    return int(value) if whole else float(value)
 
 
 def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[int, int]], config: PrepConfig,
@@ -159,8 +178,8 @@ def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
 
     root, records = read_records(config.data, config.layout)
     out = Path(config.out)
+    header = _header(config, info, frames, buckets, fps)  # before anything is written: it checks the configs
     (out / shardio.PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    header = _header(config, info, frames, buckets, fps)
     settings = {k: v for k, v in asdict(config).items() if k in (
         "target_fps", "frame_stride", "vae_tiling", "vae_slicing", "storage_dtype", "compute_dtype", "layout",
         "max_failed_fraction")}

@@ -213,6 +213,23 @@ def test_cli_reports_wrong_typed_yaml_value_in_one_line(tmp_path):
         f"cogvx prep: error: {yaml_path}: text_batch_size must be an integer, got 'abc'"]
 
 
+def test_checkpoint_without_component_config_is_one_line_error(tiny_checkpoint, dataset, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("CogVideoX-2b"), model)
+    encoder_config = model / "text_encoder" / "config.json"
+    values = json.loads(encoder_config.read_text())
+    encoder_config.unlink()
+    with pytest.raises(CogvxError, match=r"text_encoder holds none of config\.json") as caught:
+        run_prep(_config(model, dataset.data, tmp_path / "a"))
+    assert "\n" not in str(caught.value)
+    del values["d_model"]
+    encoder_config.write_text(json.dumps(values))
+    with pytest.raises(CogvxError, match=r"text_encoder/config\.json: no 'd_model'") as caught:
+        run_prep(_config(model, dataset.data, tmp_path / "a"))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "a").exists(), "a checkpoint error is found before anything is written"
+
+
 # --------------------------------------------------------------------------------------------------- prep, one rank
 def test_every_good_video_encoded_once_and_every_bad_one_reported(prepped, dataset):
     out, result = prepped
