@@ -12,6 +12,7 @@ unusable (empty prompt, missing caption file) is returned with `problem` set and
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,13 +110,19 @@ def _unique_sources(rows: list[_Row]) -> list[Record]:
     return records
 
 
-def _read_lines(path: Path, strip_trailing: bool = True) -> list[str]:
+def _read_utf8(path: Path) -> str:
+    """The file's text with line endings kept as they are; bytes that are not UTF-8 are a CogvxError naming the
+    line."""
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise CogvxError(f"{path}:{line}: not valid UTF-8") from None
-    lines = text.splitlines()
+
+
+def _read_lines(path: Path, strip_trailing: bool = True) -> list[str]:
+    lines = _read_utf8(path).splitlines()
     while strip_trailing and lines and not lines[-1].strip():  # trailing blank lines are not entries
         lines.pop()
     return lines
@@ -147,7 +154,8 @@ def _read_cogvideo(root: Path) -> list[_Row]:
 
 
 def _read_csv(path: Path) -> list[_Row]:
-    with open(path, newline="", encoding="utf-8") as handle:
+    # Decoded whole first so that a byte that is not UTF-8 is reported with its line (csv reads lazily).
+    with io.StringIO(_read_utf8(path), newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         for needed in ("video", "prompt"):

@@ -111,6 +111,22 @@ def test_malformed_lines_name_file_and_line(tmp_path):
         read_records(cog)
 
 
+def test_non_utf8_metadata_names_file_and_line(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"video,prompt\r\na.mp4,one\r\nb.mp4,caf\xe9\r\n")
+    with pytest.raises(CogvxError, match=r"m\.csv:3: not valid UTF-8$"):
+        read_records(tmp_path / "m.csv")
+    (tmp_path / "h.csv").write_bytes(b"vid\xe9o,prompt\na.mp4,one\n")
+    with pytest.raises(CogvxError, match=r"h\.csv:1: not valid UTF-8$"):
+        read_records(tmp_path / "h.csv")
+    (tmp_path / "m.jsonl").write_bytes(b'{"video": "a.mp4", "prompt": "x"}\n{"video": "b.mp4", "prompt": "\xff"}\n')
+    with pytest.raises(CogvxError, match=r"m\.jsonl:2: not valid UTF-8$"):
+        read_records(tmp_path / "m.jsonl")
+    # Valid UTF-8 with CRLF line ends and a quoted multi-line prompt still reads as before.
+    (tmp_path / "ok.csv").write_bytes('video,prompt\r\na.mp4,"caf\u00e9\r\nau lait"\r\n'.encode())
+    _, records = read_records(tmp_path / "ok.csv")
+    assert [(r.video, r.prompt, r.origin) for r in records] == [("a.mp4", "caf\u00e9\r\nau lait", "ok.csv:3")]
+
+
 def test_repeated_video_gets_distinct_stable_keys(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"video": "a.mp4", "prompt": "x"}\n{"video": "a.mp4", "prompt": "y"}\n')
     _, records = read_records(tmp_path / "m.jsonl")
