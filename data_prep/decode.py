@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogvx_dist.errors import first_line
+
 
 class BadInput(Exception):
     """This input cannot be used; the message is the reason written to errors.jsonl."""
@@ -90,7 +92,8 @@ def decode_video(
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
-        raise BadInput(f"unreadable video ({_short(err).replace(str(path), path.name)})") from None
+        reason = first_line(err)[:200].replace(str(path), path.name)
+        raise BadInput(f"unreadable video ({reason})") from None
     try:
         if not container.streams.video:
             raise BadInput("no video stream")
@@ -117,9 +120,8 @@ def decode_video(
                     break
         except (av.FFmpegError, OSError, ValueError) as err:
             if len(picked) < len(wanted):
-                raise BadInput(
-                    f"corrupt video: decoding failed after {seen} frames ({_short(err).replace(str(path), path.name)})"
-                ) from None
+                reason = first_line(err)[:200].replace(str(path), path.name)
+                raise BadInput(f"corrupt video: decoding failed after {seen} frames ({reason})") from None
         if len(picked) < len(wanted):
             raise BadInput(
                 f"too short: {seen} decodable frames, need {last + 1} ({frames} frames at stride {step:g})"
@@ -144,7 +146,7 @@ def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
             image = image.resize((rw, rh), Image.Resampling.BOX if rh <= image.height else Image.Resampling.BICUBIC)
             array = np.array(image)  # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, OSError) as err:
-        raise BadInput(f"unreadable conditioning image {path.name} ({_short(err)})") from None
+        raise BadInput(f"unreadable conditioning image {path.name} ({first_line(err)[:200]})") from None
     return center_crop(array, bucket)[None]
 
 
@@ -155,11 +157,6 @@ def to_model_input(frames: np.ndarray | torch.Tensor, device: str | torch.device
         tensor = tensor[None]
     tensor = tensor.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).to(torch.float32)
     return (tensor / 127.5 - 1.0).to(dtype).contiguous()
-
-
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 def default_decode_workers() -> int:

@@ -25,7 +25,8 @@ import torch
 
 from cogvx_dist.data import schema
 from cogvx_dist.data.schema import Manifest, ShardEntry
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, first_line
+from cogvx_dist.fileio import write_atomic
 
 PARTS_DIR = "parts"
 SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
@@ -44,13 +45,6 @@ def part_path(out: Path, rank: int) -> Path:
 def rank_errors_path(out: Path, rank: int) -> Path:
     """Errors file of a rank."""
     return Path(out) / PARTS_DIR / f"errors-r{rank:05d}.jsonl"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a process-unique temporary name and rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class ShardWriter:
@@ -338,7 +332,7 @@ def verify(out: str | Path) -> tuple[list[str], int]:
             try:
                 tensors, meta = schema.decode_sample(sample)
             except Exception as err:  # any decode failure is a problem to report, not a crash
-                problems.append(f"{where}: does not decode ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+                problems.append(f"{where}: does not decode ({first_line(err)})")
                 continue
             size = (meta.get("height", manifest.height), meta.get("width", manifest.width))
             if size not in buckets:
