@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.errors import CogvxError, first_line
+from cogvx_dist.fileio import write_atomic
 
 log = logging.getLogger("cogvx.sample")
 
@@ -90,7 +91,6 @@ class Sampler:
     """A loaded pipeline that draws clips from prompts, with adapters swapped in and out between clips."""
 
     def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto") -> None:
-        import diffusers
         import torch
 
         from cogvx_dist.models import describe_checkpoint
@@ -104,11 +104,11 @@ class Sampler:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise CogvxError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
         self.dtype = getattr(torch, dtype)
-        pipeline_class = getattr(diffusers, self.family.pipeline_class)
+        pipeline_class = self.family.pipeline_type()
         try:
             self.pipe = pipeline_class.from_pretrained(str(model), torch_dtype=self.dtype)
         except (OSError, ValueError) as err:
-            raise CogvxError(f"cannot load the {self.family.pipeline_class} from {model}: {_first_line(err)}") from None
+            raise CogvxError(f"cannot load the {self.family.pipeline_class} from {model}: {first_line(err)}") from None
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.lora: Path | None = None
@@ -125,7 +125,7 @@ class Sampler:
         try:
             self.pipe.load_lora_weights(str(folder))
         except (ValueError, RuntimeError, KeyError, OSError) as err:
-            raise CogvxError(f"LoRA {folder} does not load into {self.info.source}: {_first_line(err)}") from None
+            raise CogvxError(f"LoRA {folder} does not load into {self.info.source}: {first_line(err)}") from None
         self.lora = folder
 
     def _check_adapter_fits(self, folder: Path) -> None:
@@ -137,7 +137,7 @@ class Sampler:
         except CogvxError:
             raise
         except Exception as err:  # corrupt or foreign safetensors: one line, not a traceback
-            raise CogvxError(f"cannot read LoRA {folder}: {_first_line(err)}") from None
+            raise CogvxError(f"cannot read LoRA {folder}: {first_line(err)}") from None
         modules = dict(self.pipe.transformer.named_modules())
         for name, tensor in state.items():
             base_name = name.split(".lora_A.")[0].split(".lora_B.")[0]
@@ -190,12 +190,7 @@ def _load_image(path: str | Path, height: int, width: int) -> Any:
     try:
         return Image.open(path).convert("RGB").resize((width, height))
     except OSError as err:
-        raise CogvxError(f"--image {path}: not a readable image ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+        raise CogvxError(f"--image {path}: not a readable image ({first_line(err)})") from None
 
 
 def frame_grid(frames: np.ndarray, columns: int = 0, pad: int = 2) -> Any:
@@ -283,7 +278,14 @@ def run_model(run_dir: Path) -> str:
     config = run_dir / "run_config.json"
     if not config.is_file():
         raise CogvxError(f"{run_dir} has no run_config.json (not a training run folder yet?); pass --model")
-    return json.loads(config.read_text())["model"]["path"]
+    try:
+        path = json.loads(config.read_text())["model"]["path"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CogvxError(f"{config}: no model.path to sample with ({type(err).__name__}: {first_line(err)}); "
+                         "pass --model") from None
+    if not isinstance(path, str) or not path:
+        raise CogvxError(f"{config}: model.path is {path!r}, not a checkpoint path; pass --model")
+    return path
 
 
 def _load_record(path: Path) -> dict[str, Any]:
@@ -296,9 +298,8 @@ def _load_record(path: Path) -> dict[str, Any]:
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    # `cogvx report` and other watchers read it while we write: fsync'd and renamed into place.
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def watch_run(

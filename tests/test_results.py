@@ -173,6 +173,29 @@ def test_watch_samples_a_checkpoint_committed_while_it_runs(model_2b, tmp_path):
     assert "validated steps none" in again.stdout and "training finished" in again.stdout, again.stdout
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"model": {}}', '{"model": "m"}', "[]", '{"model": {"path": 3}}'])
+def test_watch_with_a_broken_run_config_is_one_line(tmp_path, text):
+    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.sample import run_model
+
+    (tmp_path / "run_config.json").write_text(text)
+    with pytest.raises(CogvxError, match=re.escape(str(tmp_path / "run_config.json")) + ".*pass --model") as info:
+        run_model(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "run_config.json").write_text('{"model": {"path": "/models/2b"}}')
+    assert run_model(tmp_path) == "/models/2b"
+
+
+def test_validation_record_is_replaced_whole(tmp_path):
+    from cogvx_dist.sample import _load_record, _write_record
+
+    path = tmp_path / "validated.json"
+    _write_record(path, {"steps": {"2": {"folder": "step-00000002"}}})
+    _write_record(path, {"steps": {"2": {}, "4": {}}})
+    assert _load_record(path) == {"steps": {"2": {}, "4": {}}}
+    assert [p.name for p in tmp_path.iterdir()] == ["validated.json"]  # no temporary left behind
+
+
 def _step_time(step: int) -> float:
     return (0.2, 0.4, 0.8)[step % 3]
 
