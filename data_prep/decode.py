@@ -7,7 +7,6 @@ Decoding returns uint8 frames [F, H, W, 3]; `to_model_input` moves them to the e
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,8 +156,3 @@ def to_model_input(frames: np.ndarray | torch.Tensor, device: str | torch.device
         tensor = tensor[None]
     tensor = tensor.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).to(torch.float32)
     return (tensor / 127.5 - 1.0).to(dtype).contiguous()
-
-
-def default_decode_workers() -> int:
-    """A decode pool size that leaves a core for the encoder."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))

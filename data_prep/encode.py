@@ -97,8 +97,3 @@ class Encoders:
         x = to_model_input(np.stack(clips), self.device, self.dtype)
         dist = self.vae().encode(x).latent_dist
         return dist.mean.float().cpu(), dist.logvar.float().cpu()
-
-    def latent_channels(self) -> int:
-        """Latent channels of the VAE (read from its config)."""
-        return int(self.vae().config.latent_channels)
-
