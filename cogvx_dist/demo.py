@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -114,9 +113,6 @@ def _run_logged(command: list[str], log_path: Path, env: dict[str, str] | None =
         raise CogvxError(f"`{_shown(command)}` failed with exit code {rc}; log {log_path}:\n{tail}")
 
 
-_PREP_LINE = re.compile(r"rank (\d+): encoded (\d+),.*? ([\d.]+) s \(([\d.]+) videos/s")
-
-
 def _prep(model: Path, data: Path, shards: Path, processes: int, device: str, logs: Path,
           result: DemoResult) -> dict[str, Any]:
     """Run `cogvx prep` as `processes` parallel processes (ranks of one job), then make sure the manifest exists."""
@@ -143,22 +139,32 @@ def _prep(model: Path, data: Path, shards: Path, processes: int, device: str, lo
     # The last process to finish merges the manifest; finalize covers the case where neither saw the other done.
     if not (shards / "manifest.json").is_file():
         _run_logged(_cogvx("prep", "finalize", str(shards)), logs / "prep-finalize.log")
+    # The numbers come from what prep wrote, not from its log text: the manifest, and each rank's progress file
+    # (parts/rank-RRRRR.json), whose "stats" hold the clips it encoded and its run time (start-up excluded).
+    from cogvx_dist.data.schema import Manifest
+    from data_prep.shards import read_part
+
+    manifest = Manifest.read(shards)
     per_rank = []
     for rank in range(processes):
-        for match in _PREP_LINE.finditer((logs / f"prep-rank{rank}.log").read_text()):
-            per_rank.append({"rank": int(match.group(1)), "encoded": int(match.group(2)),
-                             "seconds": float(match.group(3)), "videos_per_s": float(match.group(4))})
-    manifest = json.loads((shards / "manifest.json").read_text())
-    samples = sum(entry.get("samples", 0) for entry in manifest.get("shards", []))
+        part = read_part(shards, rank)
+        stats = (part or {}).get("stats") or {}
+        if "encoded" not in stats or "seconds" not in stats:
+            raise CogvxError(f"prep rank {rank} left no encoding stats in {shards}/parts "
+                             f"(log {logs}/prep-rank{rank}.log)")
+        encoded, seconds = int(stats["encoded"]), float(stats["seconds"])
+        per_rank.append({"rank": rank, "encoded": encoded, "seconds": seconds,
+                         "videos_per_s": round(encoded / seconds, 3) if seconds > 0 else 0.0})
+    encoded_total = sum(r["encoded"] for r in per_rank)
     encode_seconds = max((r["seconds"] for r in per_rank), default=0.0)
     return {
         "processes": processes,
-        "samples": samples or sum(r["encoded"] for r in per_rank),
-        "shards": len(manifest.get("shards", [])),
+        "samples": manifest.num_samples or encoded_total,
+        "shards": len(manifest.shards),
         "wall_s": round(wall, 2),
-        "videos_per_s_wall": round(sum(r["encoded"] for r in per_rank) / wall, 3) if wall else 0.0,
+        "videos_per_s_wall": round(encoded_total / wall, 3) if wall else 0.0,
         # Encoding rate of the job: all encoded clips over the slowest process's run time (start-up excluded).
-        "videos_per_s": round(sum(r["encoded"] for r in per_rank) / encode_seconds, 3) if encode_seconds else 0.0,
+        "videos_per_s": round(encoded_total / encode_seconds, 3) if encode_seconds else 0.0,
         "per_rank": per_rank,
     }
 

@@ -314,6 +314,14 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["shards"]) == 4
     assert {json.loads(p.read_text())["rank"] for p in (out / "shards" / "parts").glob("rank-*.json")} == {0, 1}
+    # The prep numbers are read from what prep wrote (manifest, per-rank stats), not scraped from its logs.
+    prep = summary["numbers"]["prep"]
+    parts = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["stats"]
+             for p in (out / "shards" / "parts").glob("rank-*.json")}
+    assert prep["samples"] == 4 and prep["shards"] == len(manifest["shards"])
+    assert [(r["rank"], r["encoded"], r["seconds"]) for r in prep["per_rank"]] == \
+        [(rank, parts[rank]["encoded"], parts[rank]["seconds"]) for rank in (0, 1)]
+    assert prep["videos_per_s"] == pytest.approx(4 / max(s["seconds"] for s in parts.values()), abs=1e-3)
     train_summary = json.loads((out / "run" / "train_summary.json").read_text())
     assert train_summary["world_size"] == 2 and train_summary["steps"] == 4
     assert (out / "run" / "lora" / LORA_WEIGHTS_NAME).is_file()
