@@ -283,8 +283,28 @@ def test_manifest_records_geometry_scaling_and_shards(prepped, dataset):
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
-def test_shards_are_plain_tar_without_pickles(prepped):
+def test_shards_are_plain_tar_without_pickles(prepped, monkeypatch):
+    import itertools
+    import pickle
+
+    from cogvx_dist.data.reader import ShardIndex
+    from cogvx_dist.data.streaming import StreamingMicroBatches
+
     out, _ = prepped
+    # Every reader must get through the shards without unpickling anything (a protocol-0/1 pickle would not start
+    # with 0x80, so the byte check below alone is not enough). Calls are recorded too, in case a reader swallows
+    # the exception.
+    unpickled: list[str] = []
+
+    def refuse(name: str):
+        def call(*args, **kwargs):
+            unpickled.append(name)
+            raise AssertionError(f"{name} called while reading prep shards")
+        return call
+
+    for module, name in ((pickle, "loads"), (pickle, "load"), (pickle, "Unpickler"), (torch, "load"),
+                         (torch.serialization, "load")):
+        monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))
     shards = sorted(out.glob("shard-*.tar"))
     listing = subprocess.run(["tar", "-tf", str(shards[0])], capture_output=True, text=True, check=True).stdout
     members = listing.split()
@@ -299,6 +319,21 @@ def test_shards_are_plain_tar_without_pickles(prepped):
                 else:
                     header_len = int.from_bytes(data[:8], "little")
                     assert json.loads(data[8 : 8 + header_len])  # a safetensors header, nothing executable
+    manifest = schema.Manifest.read(out)
+    index = ShardIndex(out)
+    assert len(index) == manifest.num_samples == 7
+    for i in range(len(index)):
+        tensors, meta = index.read(i)
+        assert tensors[schema.LATENT_MEAN].shape == (16, 3, 4, 6) and meta["frames"] == 9
+    assert verify(out) == ([], 7)
+    stream = StreamingMicroBatches(f"pipe:cat {out}/{{name}}", manifest, micro_batch_size=1, seed=0, rank=0,
+                                   start_step=0)
+    batches = list(itertools.islice(iter(stream), 4))
+    assert len(batches) == 4
+    for batch in batches:
+        assert batch[schema.LATENT_MEAN].shape == (1, 16, 3, 4, 6) and len(batch["keys"]) == 1
+        assert batch["keys"][0] in {key for shard in manifest.shards for key in shard.keys}
+    assert unpickled == []
 
 
 def test_stored_moments_equal_direct_vae_encode(prepped, dataset, tiny_checkpoint):
