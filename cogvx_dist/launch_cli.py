@@ -87,6 +87,24 @@ def select_hosts(hosts: list[Host], nodes: int | None, gpus_per_node: int | None
     return hosts
 
 
+def place_ranks(hosts: list[Host], world_size: int) -> list[Host]:
+    """The hosts `mpiexec -n world_size` uses with this hostfile: it fills each host's slots in order (Open MPI's
+    and Hydra's default by-slot mapping), so the last host used may run fewer ranks than its slots."""
+    total = sum(h.slots for h in hosts)
+    if world_size < 1:
+        raise CogvxError(f"--world-size must be at least 1, got {world_size}")
+    if world_size > total:
+        raise CogvxError(f"--world-size {world_size} but the hosts have only {total} slots "
+                         f"({', '.join(f'{h.name}={h.slots}' for h in hosts)}); mpiexec would oversubscribe them")
+    placed, left = [], world_size
+    for host in hosts:
+        if left == 0:
+            break
+        placed.append(Host(host.name, min(host.slots, left)))
+        left -= placed[-1].slots
+    return placed
+
+
 def check_deepspeed_env(path: Path) -> list[str]:
     """Variable names of a `.deepspeed_env` file; raises on lines DeepSpeed mishandles.
 
@@ -176,6 +194,11 @@ def plan_launch(args: argparse.Namespace) -> Plan:
             raise CogvxError("give --hostfile, or --nodes (and --gpus-per-node) to describe the cluster")
         count = args.gpus_per_node if args.gpus_per_node is not None else 1
         hosts = select_hosts([Host(f"node-{i}", 1) for i in range(max(args.nodes, 1))], args.nodes, count)
+    if args.world_size is not None:
+        if args.launcher != "mpi":
+            raise CogvxError("--world-size is for --launcher mpi (mpiexec -n N); the other launchers start every "
+                             "slot of the hosts (trim them with --nodes / --gpus-per-node)")
+        hosts = place_ranks(hosts, args.world_size)
     world = sum(h.slots for h in hosts)
     notes: list[str] = []
 
@@ -270,6 +293,9 @@ def register(command: AddCommand) -> None:
     check.add_argument("--launcher", choices=LAUNCHERS, default="pdsh",
                        help="how the job starts: pdsh (deepspeed --hostfile over ssh), no-ssh (per-node "
                             "deepspeed --no_ssh), mpi (mpiexec + MPI discovery), slurm (sbatch)")
+    check.add_argument("--world-size", type=int,
+                       help="ranks the job starts (mpiexec -n N; --launcher mpi only): they fill the hosts' slots "
+                            "in order (default: every slot)")
     check.add_argument("--master-addr", help="rendezvous address (default: the first host)")
     check.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="rendezvous port")
     check.add_argument("--deepspeed-env", help="the .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)")

@@ -28,7 +28,8 @@ else
     check+=(--nodes 1 --gpus-per-node "$NP")
 fi
 export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-29500}"
-check+=(--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+# The check must see the world mpiexec starts: NP ranks filling the hostfile's slots in order, not every slot.
+check+=(--world-size "$NP" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 mpi_env_args
 # shellcheck disable=SC2206  # MPI_ARGS is a list of flags on purpose
 extra=(${MPI_ARGS:-})

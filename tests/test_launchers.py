@@ -475,6 +475,38 @@ def test_mpi_dry_runs_for_both_mpi_flavours(tmp_path):
                                            "m", "--data", "d", "--out", "o"]]
 
 
+def test_mpi_precheck_checks_the_world_mpiexec_starts(shards, tmp_path):
+    """NP=2 with a 2+2-slot hostfile: mpiexec starts 2 ranks, so the precheck must check a world of 2, not 4."""
+    config, _ = run_config(tmp_path, *shards)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("w-0 slots=2\nw-1 slots=2\n")
+    result = dry_run("train_mpi.sh", str(config), HOSTFILE=str(hostfile), NP="2", MPI_FLAVOR="openmpi",
+                     MASTER_ADDR="127.0.0.1")  # CHECK left on: the precheck command is printed
+    assert result.returncode == 0, result.stderr
+    check, launch = command_lines(result.stdout)
+    assert check[:5] == [sys.executable, "-m", "cogvx_dist", "launch", "check"]
+    assert launch[launch.index("-n") + 1] == "2"
+    assert check[check.index("--world-size") + 1] == "2"
+    ran = subprocess.run(check, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "cogvx launch check: ok (1 nodes, 2 ranks, global batch 4, 7 samples)" in ran.stderr
+
+
+def test_launch_check_world_size_fills_slots_in_order(shards, tmp_path, capsys):
+    config, _ = run_config(tmp_path, *shards)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\nnode-b slots=2\n")
+    args = ["--config", str(config), "--hostfile", str(hostfile), "--launcher", "mpi"]
+    code, out, err = launch_check(capsys, *args, "--world-size", "2")
+    assert code == 0, err
+    assert "nodes: 2  ranks: 2  global batch: 4" in out and "node 1: node-b slots=1" in out
+    assert f"mpiexec -n 2 --hostfile {hostfile} python" in out
+    code, _, err = launch_check(capsys, *args, "--world-size", "4")
+    assert code == 2 and "--world-size 4 but the hosts have only 3 slots" in err
+    code, _, err = launch_check(capsys, "--config", str(config), "--hostfile", str(hostfile), "--world-size", "2")
+    assert code == 2 and "--world-size is for --launcher mpi" in err
+
+
 def test_slurm_batch_scripts_dry_run(fake_slurm):
     train = dry_run("slurm/train.sbatch", "run.yaml", "train.max_steps=3", fake_bin=fake_slurm, COGVX_REPO=str(REPO),
                     SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="123", SLURM_NNODES="2")
