@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cogvx_dist.errors import CogvxError
-
-# Set by mpiexec/mpirun of MPICH (Hydra: PMI_*), Open MPI (OMPI_*, PMIX_*), MVAPICH (MV2_*), Intel MPI (PMI_*).
-MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
+from cogvx_dist.launch_env import under_mpi
 
 
 @dataclass
@@ -46,12 +44,6 @@ def _env_int(name: str, env: dict[str, str]) -> int | None:
         return int(value)
     except ValueError:
         raise CogvxError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def under_mpi(env: dict[str, str] | None = None) -> bool:
-    """True when an MPI launcher started this process."""
-    env = os.environ if env is None else env
-    return any(name in env for name in MPI_ENV_MARKERS)
 
 
 def discover_ranks(rank: int | None = None, world_size: int | None = None,

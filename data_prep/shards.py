@@ -27,6 +27,7 @@ from cogvx_dist.data import schema
 from cogvx_dist.data.schema import Manifest, ShardEntry
 from cogvx_dist.errors import CogvxError, first_line
 from cogvx_dist.fileio import write_atomic
+from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION
 
 PARTS_DIR = "parts"
 SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
@@ -287,13 +288,13 @@ def expected_shapes(manifest: Manifest, height: int, width: int) -> dict[str, tu
     """Tensor shapes a sample of the given bucket must have."""
     c, lf = manifest.latent_channels, manifest.latent_frames
     shapes = {
-        schema.LATENT_MEAN: (c, lf, height // 8, width // 8),
-        schema.LATENT_LOGVAR: (c, lf, height // 8, width // 8),
+        schema.LATENT_MEAN: (c, lf, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION),
+        schema.LATENT_LOGVAR: (c, lf, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION),
         schema.PROMPT_EMBEDS: (manifest.text_max_length, manifest.text_embed_dim),
     }
     if manifest.image_to_video:
-        shapes[schema.IMAGE_MEAN] = (c, 1, height // 8, width // 8)
-        shapes[schema.IMAGE_LOGVAR] = (c, 1, height // 8, width // 8)
+        shapes[schema.IMAGE_MEAN] = (c, 1, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION)
+        shapes[schema.IMAGE_LOGVAR] = (c, 1, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION)
     return shapes
 
 
