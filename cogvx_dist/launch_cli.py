@@ -268,11 +268,28 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+HOSTFILE_FORMATS = ("table", "hosts", "slots", "hydra")
+
+
+def format_hosts(hosts: list[Host], form: str) -> str:
+    """Hosts as `cogvx launch hostfile --format` prints them: table ("host slots" lines, then "total N"), hosts (one
+    name a line), slots (the total), hydra (MPICH Hydra's "host:N" lines)."""
+    if form == "table":
+        lines = [f"{h.name} {h.slots}" for h in hosts] + [f"total {sum(h.slots for h in hosts)}"]
+    elif form == "hosts":
+        lines = [h.name for h in hosts]
+    elif form == "slots":
+        lines = [str(sum(h.slots for h in hosts))]
+    elif form == "hydra":
+        lines = [f"{h.name}:{h.slots}" for h in hosts]
+    else:
+        raise CogvxError(f"unknown hostfile format {form!r} (one of {', '.join(HOSTFILE_FORMATS)})")
+    return "\n".join(lines) + "\n"
+
+
 def _parse_hostfile_cmd(args: argparse.Namespace) -> int:
     hosts = select_hosts(read_hostfile(args.hostfile), args.nodes, args.gpus_per_node)
-    for host in hosts:
-        print(f"{host.name} {host.slots}")
-    print(f"total {sum(h.slots for h in hosts)}")
+    sys.stdout.write(format_hosts(hosts, args.format))
     return 0
 
 
@@ -307,6 +324,9 @@ def register(command: AddCommand) -> None:
     hostfile.add_argument("hostfile", help="DeepSpeed hostfile")
     hostfile.add_argument("--nodes", type=int, help="use the first N hosts")
     hostfile.add_argument("--gpus-per-node", type=int, help="ranks per node")
+    hostfile.add_argument("--format", choices=HOSTFILE_FORMATS, default="table",
+                          help="table: \"host slots\" lines and the total; hosts: the names; slots: the total; "
+                               "hydra: MPICH's \"host:N\" lines (the launchers read hostfiles through this)")
 
 
 def _no_action(parser: argparse.ArgumentParser) -> int:

@@ -34,16 +34,21 @@ die() {
 # Take a first line with `| sed -n 1p`, never `| head -n 1`: head exits early, the writer dies of SIGPIPE, and with
 # pipefail the whole script stops (exit 141) at random.
 
+# Hostfiles are read by `cogvx launch hostfile`, the parser `cogvx launch check` and the DeepSpeed launcher rules
+# use, so a script never reads a hostfile differently from the check (a bad line fails here, with its number).
+# hostfile_read FILE FORMAT: the hostfile in FORMAT (hosts | slots | hydra | table); exits 2 on a bad hostfile.
+hostfile_read() {
+    "$PYTHON" -m cogvx_dist launch hostfile "$1" --format "$2"
+}
+
 # hostfile_hosts FILE: the host names of a DeepSpeed/Open MPI hostfile ("host slots=N", # comments), in order.
 hostfile_hosts() {
-    awk '{sub(/#.*/, "")} NF {print $1}' "$1"
+    hostfile_read "$1" hosts
 }
 
 # hostfile_slots FILE: the sum of slots over the hostfile's hosts.
 hostfile_slots() {
-    awk '{sub(/#.*/, "")} NF {n = 0; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {split($i, kv, "="); n = kv[2]}
-         if (n == 0) {printf "%s: no slots=N on line %d\n", FILENAME, NR > "/dev/stderr"; exit 2} total += n}
-         END {print total + 0}' "$1"
+    hostfile_read "$1" slots
 }
 
 # precheck CONFIG [OVERRIDES...] -- [check flags]: `cogvx launch check` before a job starts (skip with CHECK=0).
@@ -79,8 +84,7 @@ mpi_host_args() {
     else
         local converted="${TMPDIR:-/tmp}/cogvx-hydra-hosts.$$"
         local text
-        text="$(awk '{sub(/#.*/, "")} NF {n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) {split($i, kv, "="); n = kv[2]}
-                     print $1 ":" n}' "$hostfile")"
+        text="$(hostfile_read "$hostfile" hydra)" || exit
         if [[ "${DRY_RUN:-0}" == 1 ]]; then
             echo "# hydra hosts $converted:"
             sed 's/^/#   /' <<<"$text"

@@ -14,8 +14,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 MPI_HOST_ARGS=()
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "hostfile $HOSTFILE not found"
+    slots="$(hostfile_slots "$HOSTFILE")"  # always read: a bad hostfile fails here
     mpi_host_args "$HOSTFILE"
-    NP="${NP:-$(hostfile_slots "$HOSTFILE")}"
+    NP="${NP:-$slots}"
 fi
 NP="${NP:-2}"
 mpi_env_args

@@ -18,9 +18,11 @@ MPI_HOST_ARGS=()
 check=(--config "$CONFIG" --launcher mpi)
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "hostfile $HOSTFILE not found"
+    slots="$(hostfile_slots "$HOSTFILE")"  # always read: a bad hostfile fails here
+    first_host="$(hostfile_hosts "$HOSTFILE" | sed -n 1p)"
     mpi_host_args "$HOSTFILE"
-    NP="${NP:-$(hostfile_slots "$HOSTFILE")}"
-    MASTER_ADDR="${MASTER_ADDR:-$(hostfile_hosts "$HOSTFILE" | sed -n 1p)}"
+    NP="${NP:-$slots}"
+    MASTER_ADDR="${MASTER_ADDR:-$first_host}"
     check+=(--hostfile "$HOSTFILE")
 else
     NP="${NP:-1}"

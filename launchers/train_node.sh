@@ -24,7 +24,8 @@ NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-${JOB_COMPLETION_INDEX:-}}}"
 [[ -n "$NODE_RANK" ]] || die "NODE_RANK is not set (nor SLURM_NODEID or JOB_COMPLETION_INDEX)"
 if [[ -n "${HOSTFILE:-}" ]]; then
     [[ -f "$HOSTFILE" ]] || die "hostfile $HOSTFILE not found"
-    NNODES="${NNODES:-$(hostfile_hosts "$HOSTFILE" | wc -l)}"
+    file_hosts="$(hostfile_hosts "$HOSTFILE")"  # always read: a bad hostfile fails here
+    NNODES="${NNODES:-$(wc -l <<<"$file_hosts")}"
 fi
 NNODES="${NNODES:-${SLURM_NNODES:-}}"
 [[ -n "$NNODES" ]] || die "NNODES is not set (nor SLURM_NNODES or HOSTFILE)"
@@ -41,7 +42,7 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
     if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
         MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
     elif [[ -n "${HOSTFILE:-}" ]]; then
-        MASTER_ADDR="$(hostfile_hosts "$HOSTFILE" | sed -n 1p)"
+        MASTER_ADDR="$(sed -n 1p <<<"$file_hosts")"
     fi
 fi
 [[ -n "${MASTER_ADDR:-}" ]] || die "MASTER_ADDR is not set (the address of node 0, reachable from every node)"

@@ -20,7 +20,8 @@ CONFIG="$1"
 shift
 HOSTFILE="${HOSTFILE:-hostfile}"
 [[ -f "$HOSTFILE" ]] || die "hostfile $HOSTFILE not found (format: one 'host slots=N' per line; see launchers/hostfile.example)"
-MASTER_ADDR="${MASTER_ADDR:-$(hostfile_hosts "$HOSTFILE" | sed -n 1p)}"
+first_host="$(hostfile_hosts "$HOSTFILE" | sed -n 1p)"  # always read: a bad hostfile fails here
+MASTER_ADDR="${MASTER_ADDR:-$first_host}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
 limits=()

@@ -507,6 +507,51 @@ def test_launch_check_world_size_fills_slots_in_order(shards, tmp_path, capsys):
     assert code == 2 and "--world-size is for --launcher mpi" in err
 
 
+BAD_HOSTFILES = {
+    "no-slots": "w-0 slots=2\nw-1\n",  # the awk readers took this as w-1:1 (Hydra) or refused it (slots)
+    "zero-slots": "w-0 slots=2\nw-1 slots=0\n",
+    "duplicate": "w-0 slots=2\nw-0 slots=2\n",
+    "trailing-word": "w-0 slots=2 max_slots=4\n",
+    "empty": "# nothing here\n",
+}
+SCRIPT_RUNS = {
+    "train_mpi-mpich": ("train_mpi.sh", ["run.yaml"], {"MPI_FLAVOR": "mpich"}),
+    "train_mpi-openmpi-np-set": ("train_mpi.sh", ["run.yaml"],
+                                 {"MPI_FLAVOR": "openmpi", "NP": "2", "MASTER_ADDR": "10.0.0.1"}),
+    "prep_mpi": ("prep_mpi.sh", ["--model", "m", "--out", "o"], {"MPI_FLAVOR": "mpich", "NP": "2"}),
+    "train_pdsh": ("train_pdsh.sh", ["run.yaml"], {"MASTER_ADDR": "10.0.0.1"}),
+    "train_node": ("train_node.sh", ["run.yaml"], {"NODE_RANK": "0", "NNODES": "1", "MASTER_ADDR": "10.0.0.1",
+                                                   "GPUS_PER_NODE": "1"}),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPT_RUNS)
+@pytest.mark.parametrize("bad", BAD_HOSTFILES)
+def test_scripts_reject_a_bad_hostfile_as_launch_check_does(tmp_path, capsys, script, bad):
+    """The scripts read hostfiles through `cogvx launch hostfile`: a bad one fails there, with launch check's own
+    message, even with CHECK=0 and every value the hostfile would provide already set."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(BAD_HOSTFILES[bad])
+    code, out, err = launch_check(capsys, "--config", "run.yaml", "--hostfile", str(hostfile), "--launcher", "mpi")
+    assert code == 2 and out == ""
+    (message,) = err.strip().splitlines()
+    name, args, env = SCRIPT_RUNS[script]
+    result = dry_run(name, *args, HOSTFILE=str(hostfile), CHECK="0", TMPDIR=str(tmp_path), **env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr.splitlines(), result.stderr
+    assert command_lines(result.stdout) == [], "nothing is launched"
+
+
+def test_hostfile_formats_the_scripts_read(tmp_path, capsys):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# operator-written style\nw-0.svc slots=2\nw-1.svc slots=1  # last\n")
+    expected = {"hosts": "w-0.svc\nw-1.svc\n", "slots": "3\n", "hydra": "w-0.svc:2\nw-1.svc:1\n",
+                "table": "w-0.svc 2\nw-1.svc 1\ntotal 3\n"}
+    for form, text in expected.items():
+        assert cogvx_main(["launch", "hostfile", str(hostfile), "--format", form]) == 0
+        assert capsys.readouterr().out == text, form
+
+
 def test_slurm_batch_scripts_dry_run(fake_slurm):
     train = dry_run("slurm/train.sbatch", "run.yaml", "train.max_steps=3", fake_bin=fake_slurm, COGVX_REPO=str(REPO),
                     SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="123", SLURM_NNODES="2")
