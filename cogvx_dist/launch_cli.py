@@ -183,7 +183,6 @@ def plan_launch(args: argparse.Namespace) -> Plan:
     # Heavy imports here, so `cogvx --help` stays fast.
     from cogvx_dist import checkpoint as ckpt
     from cogvx_dist.config import load_config
-    from cogvx_dist.distributed import load_ds_config
     from cogvx_dist.train.config import RunConfig
     from cogvx_dist.train.loop import preflight
 
@@ -204,8 +203,7 @@ def plan_launch(args: argparse.Namespace) -> Plan:
 
     config = load_config(RunConfig, args.config, args.overrides)
     global_batch = config.check_world(world)
-    load_ds_config(config.deepspeed.config)  # a missing or broken DeepSpeed JSON fails here, not on every rank
-    checks = preflight(config)
+    checks = preflight(config)  # includes the DeepSpeed JSON: a broken one fails here, not on every rank
     samples = checks.manifest.num_samples
     if samples < global_batch:
         raise CogvxError(
