@@ -241,3 +241,25 @@ def test_gradient_checkpointing_every_kth_block(tiny_checkpoint, monkeypatch, ev
     assert len(calls) == expected_calls
     checkpointed_blocks = [getattr(f, "__self__", f) for f in calls]
     assert checkpointed_blocks == (list(transformer.transformer_blocks)[::every] if every else [])
+
+
+def test_several_resolution_buckets_need_micro_batch_one(good_run, tmp_path):
+    import shutil
+
+    from cogvx_dist.data.schema import Manifest
+    from cogvx_dist.train.loop import preflight
+
+    model, root = good_run
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    manifest = Manifest.read(shards)
+    manifest.buckets = [[manifest.height, manifest.width], [manifest.width, manifest.height]]
+    manifest.write(shards)
+    overrides = [f"model.path={model}", f"data.shards={shards}"]
+    assert preflight(load_config(RunConfig, None, overrides)).manifest.sizes()[1] == (48, 32)
+    with pytest.raises(CogvxError, match="needs samples of one size"):
+        preflight(load_config(RunConfig, None, [*overrides, "train.micro_batch_size=2"]))
+    manifest.buckets.append([40, 48])
+    manifest.write(shards)
+    with pytest.raises(CogvxError, match="resolution 40x48 \\(must be a multiple of 16\\)"):
+        preflight(load_config(RunConfig, None, overrides))

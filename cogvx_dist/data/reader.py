@@ -178,12 +178,14 @@ def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -
         problems.append(f"text embedding width {manifest.text_embed_dim} (transformer: {config.get('text_embed_dim')})")
     if manifest.text_max_length != config.get("max_text_seq_length", 226):
         problems.append(f"text length {manifest.text_max_length} (transformer: {config.get('max_text_seq_length')})")
-    if manifest.height % 16 or manifest.width % 16:
-        problems.append(f"resolution {manifest.height}x{manifest.width} (must be a multiple of 16)")
-    if family.use_learned_positional_embeddings:
-        expected = (config["sample_height"] * VAE_SPATIAL_COMPRESSION, config["sample_width"] * VAE_SPATIAL_COMPRESSION)
-        if (manifest.height, manifest.width) != expected:
-            problems.append(f"resolution {manifest.height}x{manifest.width} (learned positions fix {expected[0]}x{expected[1]})")
+    for height, width in manifest.sizes():
+        if height % 16 or width % 16:
+            problems.append(f"resolution {height}x{width} (must be a multiple of 16)")
+        if family.use_learned_positional_embeddings:
+            expected = (config["sample_height"] * VAE_SPATIAL_COMPRESSION,
+                        config["sample_width"] * VAE_SPATIAL_COMPRESSION)
+            if (height, width) != expected:
+                problems.append(f"resolution {height}x{width} (learned positions fix {expected[0]}x{expected[1]})")
     if manifest.image_to_video != family.image_to_video:
         problems.append("image conditioning " + ("present" if manifest.image_to_video else "absent")
                         + f" (family {family.name} " + ("needs it)" if family.image_to_video else "has none)"))

@@ -67,6 +67,10 @@ def preflight(config: RunConfig) -> Preflight:
         raise CogvxError(f"data.shards: {err}") from None
     check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
     index = None if config.data.streaming else ShardIndex(config.data.shards, manifest)
+    if config.train.micro_batch_size > 1 and len(manifest.sizes()) > 1:
+        raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} needs samples of one size, but the "
+                         f"shards hold {len(manifest.sizes())} resolution buckets; use micro_batch_size 1 with "
+                         "grad_accum_steps for a larger batch, or prep one bucket per dataset")
     if config.train.micro_batch_size > manifest.num_samples:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} exceeds the "
                          f"{manifest.num_samples} samples")
