@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def bench_tiny(args: argparse.Namespace) -> dict:
+    from cogvx_dist.data.schema import Manifest
     from cogvx_dist.models.tiny import make_tiny_checkpoint
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
@@ -38,16 +39,16 @@ def bench_tiny(args: argparse.Namespace) -> dict:
                         storage_dtype="bfloat16")
     result = run_prep(config)
     t = result.timings
+    made = Manifest.read(work / "out")
     return {
         "mode": "tiny-cpu", "family": args.family, "videos": result.encoded, "seconds": round(result.seconds, 3),
         "videos_per_s": round(result.videos_per_second, 3),
         "s_per_video": {k.removesuffix("_s"): round(v / max(1, result.encoded), 4) for k, v in t.items()},
-        "source": f"{args.frames}x{args.height}x{args.width} mp4 -> 9x32x48",
+        "source": f"{args.frames}x{args.height}x{args.width} mp4 -> {made.frames}x{made.height}x{made.width}",
     }
 
 
 def bench_full_size(args: argparse.Namespace) -> dict:
-    import numpy as np
     import torch
     from concurrent.futures import ThreadPoolExecutor
     from diffusers import AutoencoderKLCogVideoX

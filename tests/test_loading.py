@@ -7,7 +7,6 @@ import json
 import shutil
 import weakref
 
-import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 from transformers import T5EncoderModel

@@ -5,7 +5,6 @@ Real mp4 files (synthetic moving shapes and broken files), the tiny checkpoints,
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from cogvx_dist.train.loop import CRASH_AFTER_STEP_ENV, SUMMARY_FILE
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex
 from cogvx_dist.data.schema import Manifest
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 LORA = {"rank": 8, "alpha": 4.0}
 
@@ -59,8 +57,7 @@ def write_config(path: Path, model: Path, shards: Path, output: Path, **sections
 
 
 def launch(config: Path, nproc: int = 2, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    result = run_cli("train", "--config", str(config), "--nproc", str(nproc), *overrides, env=env)
-    return result
+    return run_cli("train", "--config", str(config), "--nproc", str(nproc), *overrides, env=env)
 
 
 def evaluation_loss(model: Path, shards: Path, adapter: dict[str, torch.Tensor] | None) -> float:
