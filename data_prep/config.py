@@ -67,7 +67,8 @@ class PrepConfig:
     shard_max_samples: int = 1000
     """Most samples per shard."""
     max_failed_fraction: float = 0.1
-    """The job exits non-zero when more than this fraction of inputs could not be used."""
+    """The job exits non-zero when more than this fraction of all its inputs could not be used (checked by the
+    process that merges the manifest, and by any process whose own failures alone pass it)."""
     rank: int | None = None
     """This process's rank (overrides MPI and environment discovery; needs world_size)."""
     world_size: int | None = None

@@ -335,10 +335,13 @@ def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
     result = PrepResult(rank, world, len(mine), already, encoded, failed, writer.shards_written,
                         writer.bytes_written, seconds, {k: round(v, 3) for k, v in timings.items()})
     log(summary_line(result))
-    if mine and failed / len(mine) > config.max_failed_fraction:
+    # The limit is on the whole job's inputs. A rank cannot see the other ranks' failures, so it fails on its own
+    # only when its failures alone pass the job's limit (skewed bad inputs on one slice must not fail a job that is
+    # under it); the merge below judges the job as a whole.
+    if records and failed / len(records) > config.max_failed_fraction:
         result.exit_code = 1
-        log(f"rank {rank}: {failed} of {len(mine)} inputs failed, more than max_failed_fraction "
-            f"{config.max_failed_fraction:g} (reasons in {errors_path})")
+        log(f"rank {rank}: {failed} failed inputs of this rank alone are more than max_failed_fraction "
+            f"{config.max_failed_fraction:g} of the job's {len(records)} inputs (reasons in {errors_path})")
 
     # Merge: under MPI rank 0 after a barrier; otherwise whichever process sees every rank complete.
     ranks.barrier()

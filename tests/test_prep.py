@@ -463,3 +463,33 @@ def test_cli_config_yaml_with_flag_overrides(tmp_path):
     assert (config.target_fps, config.frame_stride) == (8.0, None)  # the flag's sampling mode replaces the file's
     assert config.shard_max_samples == 5 and config.vae_tiling is False and config.model == "m"
     config.check_basic()
+
+
+def test_failure_limit_is_on_the_whole_job_not_one_ranks_slice(tiny_checkpoint, dataset, tmp_path):
+    """All bad inputs on rank 0's slice: 6 of 13 fail, under a 0.5 limit for the job although 6 of rank 0's 7 fail."""
+    import csv
+
+    rows = list(csv.DictReader(open(dataset.data, newline="")))
+    bad = [r for r in rows if r["video"] in dataset.bad]
+    good = [r for r in rows if r["video"] not in dataset.bad]
+    assert (len(bad), len(good)) == (6, 7)
+    ordered = [None] * 13
+    ordered[0::2] = bad + good[:1]  # rank 0 of 2 takes the even positions
+    ordered[1::2] = good[1:]
+    skewed = dataset.root / "skewed.csv"
+    with open(skewed, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(ordered)
+    model = tiny_checkpoint("CogVideoX-2b")
+
+    def run(out: Path, rank: int, limit: float):
+        return run_prep(_config(model, skewed, out, rank=rank, world_size=2, max_failed_fraction=limit))
+
+    first, last = run(tmp_path / "under", 0, 0.5), run(tmp_path / "under", 1, 0.5)
+    assert (first.failed, first.exit_code, first.manifest) == (6, 0, None)
+    assert (last.failed, last.job_skipped, last.exit_code) == (0, 6, 0)  # the last rank merged the manifest
+
+    first, last = run(tmp_path / "over", 0, 0.4), run(tmp_path / "over", 1, 0.4)
+    assert first.exit_code == 1  # 6 of the job's 13 inputs are already more than 0.4, whatever rank 1 finds
+    assert (last.failed, last.exit_code) == (0, 1)  # rank 1 is clean, but the job it merged is over the limit
