@@ -58,6 +58,7 @@ def init_distributed() -> RankInfo:
             os.environ["MASTER_ADDR"] = address
     deepspeed.init_distributed(auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
+    _unlink_cpu_allreduce_buffer(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -65,6 +66,32 @@ def init_distributed() -> RankInfo:
     else:
         device = torch.device("cpu")
     return RankInfo(rank, world, local_rank, device)
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def cpu_allreduce_buffer_path(rank: int) -> Path:
+    """The POSIX shared-memory file DeepSpeed's CPU accelerator creates per rank when all ranks share a node."""
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """Drop the name of this rank's CPU all-reduce buffer once every rank has mapped every buffer.
+
+    DeepSpeed never unlinks it: each CPU run on one node left 64 MiB per rank in /dev/shm (RAM) until reboot, which
+    fills a container's small /dev/shm after a few runs. The mappings stay valid after the unlink, and the kernel
+    frees the memory when the last rank exits, also after a crash.
+    """
+    path = cpu_allreduce_buffer_path(rank)
+    if torch.cuda.is_available() or not SHM_DIR.is_dir():
+        return
+    dist.barrier()  # every rank has finished opening its peers' buffers inside init_distributed
+    try:
+        path.unlink()
+    except FileNotFoundError:  # ranks on several nodes: DeepSpeed made no buffer
+        pass
 
 
 def shutdown() -> None:

@@ -56,6 +56,11 @@ def write_config(path: Path, model: Path, shards: Path, output: Path, **sections
     return path
 
 
+def shm_buffers() -> set[str]:
+    """DeepSpeed CPU all-reduce buffers present in /dev/shm (one per rank of a single-node CPU run)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def launch(config: Path, nproc: int = 2, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_cli("train", "--config", str(config), "--nproc", str(nproc), *overrides, env=env)
 
@@ -107,8 +112,10 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
     output = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": stage},
                           train={"max_steps": 16})
+    buffers_before = shm_buffers()
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert shm_buffers() <= buffers_before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
     summary = json.loads((output / SUMMARY_FILE).read_text())
     assert summary["zero_stage"] == int(stage[-1]) and summary["world_size"] == 2
     assert len(set(summary["adapter_checksums"])) == 1 and len(summary["adapter_checksums"]) == 2
@@ -205,8 +212,10 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(shards_2b, tmp_path):
 
     crashed = tmp_path / "crashed"
     config = write_config(tmp_path / "crashed.yaml", model, shards, crashed)
+    buffers_before = shm_buffers()
     first = launch(config, env={CRASH_AFTER_STEP_ENV: "4"})
     assert first.returncode != 0
+    assert shm_buffers() <= buffers_before, "a crashed run left its shared-memory buffers in /dev/shm"
     assert [step for step, _ in complete_checkpoints(crashed)] == [4]
     assert not (crashed / SUMMARY_FILE).exists()
     second = launch(config, 2, "checkpoint.resume=auto")
