@@ -40,6 +40,10 @@ def register(command: AddCommand) -> None:
     prep.add_argument("--vae-batch-size", type=int, dest="vae_batch_size")
     prep.add_argument("--vae-slicing", action=argparse.BooleanOptionalAction, dest="vae_slicing")
     prep.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, dest="vae_tiling")
+    prep.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction, dest="vae_channels_last",
+                      help="channels-last (NDHWC) VAE weights and input (GPU speed; same moments up to rounding)")
+    prep.add_argument("--vae-compile", action=argparse.BooleanOptionalAction, dest="vae_compile",
+                      help="torch.compile the VAE encoder (about a minute per process and clip size)")
     prep.add_argument("--decode-workers", type=int, dest="decode_workers")
     prep.add_argument("--text-chunk", type=int, dest="text_chunk", help="records per T5-then-VAE round")
     prep.add_argument("--shard-size", dest="shard_max_bytes", help="target shard size, e.g. 512MiB or 1GB")
@@ -58,7 +62,7 @@ def register(command: AddCommand) -> None:
 
 _FIELDS = ("model", "model_id", "data", "out", "layout", "frames", "target_fps", "frame_stride", "storage_dtype",
            "compute_dtype", "device", "text_batch_size", "vae_batch_size", "vae_slicing", "vae_tiling",
-           "decode_workers", "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank",
+           "vae_channels_last", "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank",
            "world_size", "progress")
 
 

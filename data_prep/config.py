@@ -58,6 +58,12 @@ class PrepConfig:
     """Encode a VAE batch one clip at a time (diffusers enable_slicing): less memory for vae_batch_size > 1."""
     vae_tiling: bool = False
     """Encode in spatial tiles (diffusers enable_tiling): much less memory, slower, slightly different moments."""
+    vae_channels_last: bool = False
+    """Keep the VAE's convolution weights and input channels-last (NDHWC): cuDNN's bf16 3D convolutions avoid a
+    layout conversion per layer on NVIDIA GPUs. Same moments up to rounding; measure with benchmarks/bench_prep.py."""
+    vae_compile: bool = False
+    """torch.compile the VAE encoder (fuses the norms and activations between convolutions). Each process compiles
+    once per clip size (about a minute on a GPU), so it pays off on slices of many clips."""
     decode_workers: int = 2
     """Threads decoding videos ahead of the VAE (PyAV releases the GIL while decoding)."""
     text_chunk: int = 4096

@@ -39,7 +39,8 @@ def pick_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
 class Encoders:
     """The prep encoders over one ComponentStore, used in the CogVideoX order and released between phases."""
 
-    def __init__(self, model: str, device: str, dtype: torch.dtype, slicing: bool = True, tiling: bool = False):
+    def __init__(self, model: str, device: str, dtype: torch.dtype, slicing: bool = True, tiling: bool = False,
+                 channels_last: bool = False, compile: bool = False):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -53,6 +54,8 @@ class Encoders:
         self.dtype = dtype
         self.slicing = slicing
         self.tiling = tiling
+        self.channels_last = channels_last
+        self.compile = compile
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], max_length: int, batch_size: int,
@@ -83,6 +86,10 @@ class Encoders:
                 vae.enable_slicing()
             if self.tiling:
                 vae.enable_tiling()
+            if self.channels_last:
+                to_channels_last(vae)
+            if self.compile:
+                vae.encoder.compile()
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.benchmark = True
         return vae
@@ -95,5 +102,19 @@ class Encoders:
     def encode_clips(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, logvar) [B, C, F_latent, h, w] of uint8 clips [F, H, W, 3] of one size, in fp32 on CPU."""
         x = to_model_input(np.stack(clips), self.device, self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         dist = self.vae().encode(x).latent_dist
         return dist.mean.float().cpu(), dist.logvar.float().cpu()
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """Convolution weights in channels-last order: 5-D (Conv3d) as NDHWC, 4-D (the VAE's Conv2d down-samplers) as NHWC.
+
+    `module.to(memory_format=torch.channels_last_3d)` refuses a model that also holds 4-D weights.
+    """
+    formats = {5: torch.channels_last_3d, 4: torch.channels_last}
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.dim() in formats:
+                parameter.data = parameter.data.contiguous(memory_format=formats[parameter.dim()])

@@ -181,8 +181,8 @@ def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
     header = _header(config, info, frames, buckets, fps)  # before anything is written: it checks the configs
     (out / shardio.PARTS_DIR).mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k in (
-        "target_fps", "frame_stride", "vae_tiling", "vae_slicing", "storage_dtype", "compute_dtype", "layout",
-        "max_failed_fraction")}
+        "target_fps", "frame_stride", "vae_tiling", "vae_slicing", "vae_channels_last", "vae_compile",
+        "storage_dtype", "compute_dtype", "layout", "max_failed_fraction")}
     settings["data"] = str(config.data)
 
     # Resume: settings must match what is already in the folder; complete shards (of any rank) are kept.
@@ -249,7 +249,8 @@ def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
     storage = DTYPES[config.storage_dtype]
     device = pick_device(config.device, ranks.local_rank)
     compute = pick_compute_dtype(config.compute_dtype, device)
-    encoders = Encoders(config.model, device, compute, slicing=config.vae_slicing, tiling=config.vae_tiling)
+    encoders = Encoders(config.model, device, compute, slicing=config.vae_slicing, tiling=config.vae_tiling,
+                        channels_last=config.vae_channels_last, compile=config.vae_compile)
     i2v = family.image_to_video
     if usable:
         log(f"rank {rank}/{world} ({ranks.source}): {len(usable)} to encode on {device} ({compute}), "

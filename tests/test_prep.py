@@ -358,6 +358,34 @@ def test_stored_moments_equal_direct_vae_encode(prepped, dataset, tiny_checkpoin
         assert not torch.equal(tensors[schema.LATENT_MEAN], tensors[schema.LATENT_MEAN] * 1.15258426), "unscaled"
 
 
+def test_channels_last_vae_stores_the_same_moments(prepped, dataset, tiny_checkpoint, tmp_path):
+    out, _ = prepped
+    fast = tmp_path / "channels-last"
+    result = run_prep(_config(tiny_checkpoint("CogVideoX-2b"), dataset.data, fast, vae_channels_last=True))
+    assert result.encoded == 7
+    reference, samples = _read_shards(out), _read_shards(fast)
+    assert samples.keys() == reference.keys()
+    for key, (tensors, _) in samples.items():
+        for name, value in tensors.items():
+            torch.testing.assert_close(value, reference[key][0][name], rtol=1e-5, atol=1e-5)
+    assert json.loads(next((fast / "parts").glob("rank-*.json")).read_text())["settings"]["vae_channels_last"]
+
+
+@pytest.mark.slow
+def test_compiled_vae_encoder_gives_the_eager_moments(dataset, tiny_checkpoint):
+    from data_prep.encode import Encoders
+
+    clips = [decode_video(dataset.root / source, 9, [(32, 48)], target_fps=8).frames for source in dataset.good[:2]]
+    model = tiny_checkpoint("CogVideoX-2b")
+    eager = Encoders(str(model), "cpu", torch.float32).encode_clips(clips)
+    compiled_encoders = Encoders(str(model), "cpu", torch.float32, channels_last=True, compile=True)
+    compiled = compiled_encoders.encode_clips(clips)
+    assert type(compiled_encoders.vae().encoder).__name__ == "CogVideoXEncoder3D"  # compiled in place
+    assert compiled_encoders.vae().encoder._compiled_call_impl is not None
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_rerun_encodes_nothing_again_and_failure_limit_sets_exit_code(prepped, tiny_checkpoint, dataset):
     out, _ = prepped
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}

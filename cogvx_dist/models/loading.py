@@ -205,6 +205,12 @@ class ComponentStore:
             self._loaded[name] = _LOADERS[name](self.source, self.dtype, self.device)
         return self._loaded[name]
 
+    def put(self, name: str, component: Any) -> None:
+        """Hold a component built in memory (e.g. random full-size weights in a benchmark) as if it were loaded."""
+        if name not in _LOADERS:
+            raise CogvxError(f"unknown component {name!r}; components: {', '.join(COMPONENT_ORDER)}")
+        self._loaded[name] = component
+
     def loaded(self) -> list[str]:
         """Names of the components currently held, in CogVideoX order."""
         return [name for name in COMPONENT_ORDER if name in self._loaded]
