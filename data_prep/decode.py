@@ -149,10 +149,13 @@ def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
     return center_crop(array, bucket)[None]
 
 
-def to_model_input(frames: np.ndarray | torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [F, H, W, 3] (or a batch [B, F, H, W, 3]) -> [B, 3, F, H, W] in [-1, 1] on `device`."""
+def to_model_input(frames: np.ndarray | torch.Tensor, device: str | torch.device, dtype: torch.dtype,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 [F, H, W, 3] (or a batch [B, F, H, W, 3]) -> [B, 3, F, H, W] in [-1, 1] on `device`.
+
+    With memory_format=torch.channels_last_3d the decoded frame order is kept (no transposing copy)."""
     tensor = torch.as_tensor(frames)
     if tensor.dim() == 4:
         tensor = tensor[None]
     tensor = tensor.to(device, non_blocking=True).permute(0, 4, 1, 2, 3).to(torch.float32)
-    return (tensor / 127.5 - 1.0).to(dtype).contiguous()
+    return (tensor / 127.5 - 1.0).to(dtype).contiguous(memory_format=memory_format)

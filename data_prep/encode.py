@@ -56,6 +56,7 @@ class Encoders:
         self.tiling = tiling
         self.channels_last = channels_last
         self.compile = compile
+        self._vae_switched = False  # the switches are applied once to each VAE the store holds
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], max_length: int, batch_size: int,
@@ -78,10 +79,10 @@ class Encoders:
         self.store.unload("text_encoder", "tokenizer")
 
     def vae(self) -> Any:
-        """The VAE, loaded on first use with the slicing/tiling switches."""
-        first = "vae" not in self.store.loaded()
+        """The VAE, loaded on first use, with the slicing, tiling, channels-last and compile switches applied once."""
         vae = self.store.get("vae")
-        if first:
+        if not self._vae_switched:
+            self._vae_switched = True
             if self.slicing:
                 vae.enable_slicing()
             if self.tiling:
@@ -97,13 +98,13 @@ class Encoders:
     def release_vae(self) -> None:
         """Free the VAE (before T5 loads for the next chunk)."""
         self.store.unload("vae")
+        self._vae_switched = False
 
     @torch.inference_mode()
     def encode_clips(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, logvar) [B, C, F_latent, h, w] of uint8 clips [F, H, W, 3] of one size, in fp32 on CPU."""
-        x = to_model_input(np.stack(clips), self.device, self.dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        layout = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        x = to_model_input(np.stack(clips), self.device, self.dtype, layout)
         dist = self.vae().encode(x).latent_dist
         return dist.mean.float().cpu(), dist.logvar.float().cpu()
 
