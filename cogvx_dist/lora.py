@@ -5,6 +5,8 @@ This module is the one place that knows the adapter's key naming:
 - adapter state dicts (`lora_state_dict`): `transformer_blocks.0.attn1.to_q.lora_A.weight`;
 - the exported file `pytorch_lora_weights.safetensors`: the same with a `transformer.` prefix, plus the PEFT
   config in the safetensors metadata so that diffusers reloads it with lora_alpha (scale alpha/r), not scale 1.
+  The config's `base_model_name_or_path` holds the model family it was trained on (e.g. CogVideoX-5b): families
+  such as 5b, 5b-I2V and 1.5-5b share every adapted shape, so only this record tells their adapters apart.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise CogvxError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
-    def peft_config(self) -> Any:
-        """The equivalent `peft.LoraConfig`."""
+    def peft_config(self, base_model: str | None = None) -> Any:
+        """The equivalent `peft.LoraConfig`; `base_model` (the family name) is recorded as its base model."""
         from peft import LoraConfig
 
         return LoraConfig(
@@ -63,6 +65,7 @@ class LoraSettings:
             target_modules=list(self.target_modules),
             lora_dropout=self.dropout,
             init_lora_weights=True,
+            base_model_name_or_path=base_model,
         )
 
 
@@ -126,8 +129,9 @@ def trainable_parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out_dir: str | Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` in the diffusers CogVideoX LoRA format, alpha kept."""
+def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out_dir: str | Path,
+                family: str | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` in the diffusers CogVideoX LoRA format, alpha and family kept."""
     from diffusers import CogVideoXPipeline
 
     out = Path(out_dir)
@@ -136,15 +140,27 @@ def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out
     CogVideoXPipeline.save_lora_weights(
         save_directory=str(out),
         transformer_lora_layers=tensors,
-        transformer_lora_adapter_metadata=settings.peft_config().to_dict(),
+        transformer_lora_adapter_metadata=settings.peft_config(base_model=family).to_dict(),
         weight_name=LORA_WEIGHTS_NAME,
         safe_serialization=True,
     )
     return out / LORA_WEIGHTS_NAME
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
-    """Read an exported adapter: its state dict (state-dict names) and the settings it was trained with."""
+@dataclass
+class ExportedLora:
+    """An adapter file read back."""
+
+    state: dict[str, torch.Tensor]
+    """Adapter state dict with state-dict names (`...to_q.lora_A.weight`)."""
+    settings: LoraSettings
+    """Rank, alpha, targets and dropout it was trained with."""
+    family: str | None
+    """Model family it was trained on; None for files written by other tools (or before this was recorded)."""
+
+
+def load_exported_lora(path: str | Path) -> ExportedLora:
+    """Read an exported adapter (its folder or the file) with its settings and the family it was trained on."""
     from diffusers import CogVideoXPipeline
 
     path = Path(path)
@@ -162,4 +178,10 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
         dropout=float(config.get("lora_dropout", 0.0)),
     )
     stripped = {k[len(EXPORT_PREFIX) :] if k.startswith(EXPORT_PREFIX) else k: v for k, v in state.items()}
-    return stripped, settings
+    return ExportedLora(stripped, settings, config.get("base_model_name_or_path") or None)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
+    """Read an exported adapter: its state dict (state-dict names) and the settings it was trained with."""
+    exported = load_exported_lora(path)
+    return exported.state, exported.settings

@@ -85,7 +85,7 @@ def _sample(args: argparse.Namespace) -> int:
         options = WatchOptions(interval_s=args.interval, once=args.once, stop_after=args.stop_after,
                                max_wait_s=args.max_wait, until_done=args.until_done, baseline=args.baseline)
         result = watch_run(args.watch, prompts, settings, options, model=args.model, device=args.device,
-                           dtype=args.dtype, image=args.image)
+                           dtype=args.dtype, image=args.image, allow_other_family=args.allow_other_family)
         print(f"validated steps {result.validated or 'none'}"
               + (f", skipped vanished {result.skipped}" if result.skipped else "")
               + f"; stopped: {result.reason}; files in {Path(args.watch) / 'validation'}")
@@ -100,7 +100,7 @@ def _sample(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".mp4":
         raise CogvxError(f"--out {out}: the clip is written as an mp4, name it *.mp4")
     lora = lora_folder(args.lora) if args.lora else None  # fail on a bad path before loading the model
-    sampler = Sampler(args.model, device=args.device, dtype=args.dtype)
+    sampler = Sampler(args.model, device=args.device, dtype=args.dtype, allow_other_family=args.allow_other_family)
     sampler.set_lora(lora)
     frames = sampler.generate(prompts[0], settings, image=args.image)
     clip, grid = save_clip(frames, out, settings.fps or sampler.family.fps, settings.grid_columns)
@@ -161,6 +161,8 @@ def register(command: AddCommand) -> None:
     sample.add_argument("--prompt", action="append", help="prompt (repeatable with --watch)")
     sample.add_argument("--prompts-file", help="file with one prompt per line (--watch)")
     sample.add_argument("--image", help="first frame for image-to-video families (with --watch: for every prompt)")
+    sample.add_argument("--allow-other-family", action="store_true",
+                        help="apply a LoRA trained on another family of the same shapes (e.g. 5b on 1.5-5b)")
     sample.add_argument("--out", help="output mp4 (default sample.mp4); a _grid.png preview goes beside it")
     sample.add_argument("--gif", action="store_true", help="also write an animated GIF preview")
     sample.add_argument("--inference-steps", type=int, default=50, help="denoising steps (default 50)")

@@ -90,7 +90,8 @@ def lora_folder(path: str | Path) -> Path:
 class Sampler:
     """A loaded pipeline that draws clips from prompts, with adapters swapped in and out between clips."""
 
-    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto",
+                 allow_other_family: bool = False) -> None:
         import torch
 
         from cogvx_dist.models import describe_checkpoint
@@ -112,6 +113,7 @@ class Sampler:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.lora: Path | None = None
+        self.allow_other_family = allow_other_family
 
     def set_lora(self, lora: str | Path | None) -> None:
         """Apply the exported adapter at `lora` (at its trained alpha/r), or none; the previous one is removed."""
@@ -130,14 +132,19 @@ class Sampler:
 
     def _check_adapter_fits(self, folder: Path) -> None:
         """Every adapter matrix must match a layer of this transformer (a LoRA from another family does not)."""
-        from cogvx_dist.lora import read_lora
+        from cogvx_dist.lora import load_exported_lora
 
         try:
-            state, settings = read_lora(folder)
+            exported = load_exported_lora(folder)
         except CogvxError:
             raise
         except Exception as err:  # corrupt or foreign safetensors: one line, not a traceback
             raise CogvxError(f"cannot read LoRA {folder}: {first_line(err)}") from None
+        state, settings = exported.state, exported.settings
+        if exported.family and exported.family != self.family.name and not self.allow_other_family:
+            # 5b, 5b-I2V and 1.5-5b adapters have the same shapes and would load silently into each other.
+            raise CogvxError(f"LoRA {folder} was trained on {exported.family}, but {self.info.source} is "
+                             f"{self.family.name}; pass --allow-other-family to apply it anyway")
         modules = dict(self.pipe.transformer.named_modules())
         for name, tensor in state.items():
             base_name = name.split(".lora_A.")[0].split(".lora_B.")[0]
@@ -312,6 +319,7 @@ def watch_run(
     dtype: str = "auto",
     image: str | Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    allow_other_family: bool = False,
 ) -> WatchResult:
     """Sample `prompts` with each new committed checkpoint of `run_dir`; log to files and TensorBoard.
 
@@ -344,7 +352,8 @@ def watch_run(
         # The model is loaded lazily: a watcher started before the trainer wrote run_config.json just waits.
         nonlocal sampler, writer
         if sampler is None:
-            sampler = Sampler(model or run_model(run), device=device, dtype=dtype)
+            sampler = Sampler(model or run_model(run), device=device, dtype=dtype,
+                              allow_other_family=allow_other_family)
             writer = SummaryWriter(str(run / "tensorboard" / VALIDATION_DIR))
             log.info("validating %s with %s on %s: %d prompt(s), %d steps", run, sampler.info.source,
                      sampler.device, len(prompts), settings.num_inference_steps)

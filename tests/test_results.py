@@ -98,6 +98,31 @@ def test_lora_for_another_model_is_rejected_in_process(model_2b, tmp_path):
         sampler.generate("x", SampleSettings(num_inference_steps=1), image=tmp_path / "first.png")
 
 
+def test_lora_from_another_family_of_equal_shapes_is_refused_unless_allowed(tiny_checkpoint, tmp_path):
+    """5b and 5b-I2V adapters have the same shapes: only the family recorded at export tells them apart."""
+    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.lora import load_exported_lora
+    from cogvx_dist.sample import Sampler
+
+    source, target = tiny_checkpoint("CogVideoX-5b"), tiny_checkpoint("CogVideoX-5b-I2V")
+    transformer = load_transformer(source)
+    inject_lora(transformer, SETTINGS, seed=0)
+    export_lora(lora_state_dict(transformer), SETTINGS, tmp_path / "lora-5b", family="CogVideoX-5b")
+    assert load_exported_lora(tmp_path / "lora-5b").family == "CogVideoX-5b"
+
+    with pytest.raises(CogvxError, match=r"trained on CogVideoX-5b, but .* is CogVideoX-5b-I2V; pass --allow-other"):
+        Sampler(target, device="cpu").set_lora(tmp_path / "lora-5b")
+    sampler = Sampler(target, device="cpu", allow_other_family=True)
+    sampler.set_lora(tmp_path / "lora-5b")  # the shapes fit: it applies when asked to
+    assert sampler.lora == tmp_path / "lora-5b"
+    Sampler(source, device="cpu").set_lora(tmp_path / "lora-5b")  # its own family
+
+    # Files without the record (other tools, older exports) are checked by shape only.
+    export_lora(lora_state_dict(transformer), SETTINGS, tmp_path / "unrecorded")
+    assert load_exported_lora(tmp_path / "unrecorded").family is None
+    Sampler(target, device="cpu").set_lora(tmp_path / "unrecorded")
+
+
 def test_image_to_video_family_samples_from_a_first_frame(tiny_checkpoint, tmp_path):
     from PIL import Image
 

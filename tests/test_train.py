@@ -12,7 +12,7 @@ import yaml
 from diffusers import CogVideoXPipeline
 
 from cogvx_dist.checkpoint import COMMIT_MARKER, complete_checkpoints
-from cogvx_dist.lora import LoraSettings, inject_lora, lora_parameters, read_lora
+from cogvx_dist.lora import LoraSettings, inject_lora, load_exported_lora, lora_parameters, read_lora
 from cogvx_dist.models import describe_checkpoint, load_scheduler, load_transformer
 from cogvx_dist.train.loop import CRASH_AFTER_STEP_ENV, SUMMARY_FILE
 from cogvx_dist.train.loss import LossContext, diffusion_loss
@@ -122,6 +122,8 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
 
     adapter, settings = read_lora(output / "lora")
     assert (settings.rank, settings.alpha) == (8, 4.0)
+    assert load_exported_lora(output / "lora").family == "CogVideoX-2b"
+    assert load_exported_lora(complete_checkpoints(output)[-1][1] / "lora").family == "CogVideoX-2b"
     before, after = evaluation_loss(model, shards, None), evaluation_loss(model, shards, adapter)
     assert after < 0.9 * before, (before, after)
 

@@ -160,7 +160,7 @@ def _tokens_per_sample(manifest: Manifest, transformer_config: dict[str, Any]) -
 
 
 def _save(engine: Any, config: RunConfig, ranks: distributed.RankInfo, step: int, position: int,
-          names: list[str]) -> None:
+          names: list[str], family: str) -> None:
     folder = ckpt.checkpoint_folder(config.output_dir, step)
     state = {"step": step, "position": position, "seed": config.train.seed, "world_size": ranks.world_size,
              "rng": "noise, timesteps and order derive from (seed, step, micro-step, rank); no RNG state to restore"}
@@ -169,7 +169,7 @@ def _save(engine: Any, config: RunConfig, ranks: distributed.RankInfo, step: int
     adapter = state_dict_names(masters)
     checksum = adapter_checksum(adapter)
     if ranks.is_main:
-        export_lora(adapter, config.lora, folder / ckpt.LORA_SUBDIR)
+        export_lora(adapter, config.lora, folder / ckpt.LORA_SUBDIR, family)
         ckpt.write_master_weights(folder, masters, {"step": step, "position": position})
     distributed.barrier()
     if ranks.is_main:
@@ -295,7 +295,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
             progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{samples_per_s:.2f}")
             window_start, window_wait, window_steps, window_loss = time.perf_counter(), 0.0, 0, 0.0
         if step % config.checkpoint.every_steps == 0 or step == config.train.max_steps:
-            _save(engine, config, ranks, step, position, lora_names)
+            _save(engine, config, ranks, step, position, lora_names, checks.checkpoint.family.name)
             if crash_after and step == crash_after:
                 os._exit(75)
     progress.close()
@@ -317,7 +317,7 @@ def _train(config: RunConfig, ranks: distributed.RankInfo, checks: Preflight, lo
         "family": checks.checkpoint.family.name,
     }
     if ranks.is_main:
-        export_lora(final, config.lora, output / ckpt.LORA_SUBDIR)
+        export_lora(final, config.lora, output / ckpt.LORA_SUBDIR, checks.checkpoint.family.name)
         write_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         log.info("done: %d steps, adapter %s, exported to %s", config.train.max_steps, final_checksums[0][:12],
                  output / ckpt.LORA_SUBDIR)
