@@ -28,7 +28,7 @@ from cogvx_dist.cli import main as cogvx_main
 from cogvx_dist.launch_cli import parse_hostfile, select_hosts
 from cogvx_dist.errors import CogvxError
 from tests.conftest import REPO
-from tests.shard_factory import write_synthetic_shards
+from cogvx_dist.data.synthetic import write_synthetic_shards
 from tests.test_train import write_config
 
 LAUNCHERS = REPO / "launchers"

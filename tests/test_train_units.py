@@ -21,7 +21,7 @@ from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.loop import lr_lambda
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from tests.conftest import run_cli
-from tests.shard_factory import write_synthetic_shards
+from cogvx_dist.data.synthetic import write_synthetic_shards
 from tests.test_train import write_config
 
 

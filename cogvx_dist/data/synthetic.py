@@ -1,6 +1,7 @@
-"""Shards with synthetic latent moments, for testing the train tier without decoding videos.
+"""Latent shards with synthetic moments, for the train tier without videos: unit tests and the training benchmark.
 
-They follow the real schema and manifest; the end-to-end tests use shards made by `cogvx prep` instead.
+They follow the real schema and manifest (the end-to-end tests use shards made by `cogvx prep` instead). The
+latents share one spatial pattern plus a small per-sample offset, so a LoRA visibly learns them in a few steps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from cogvx_dist.data.schema import (
     file_sha256,
 )
 from cogvx_dist.models import describe_checkpoint
+from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION, VAE_TEMPORAL_COMPRESSION
 
 
 def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], seed: int = 0) -> Manifest:
@@ -23,8 +25,8 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
     info = describe_checkpoint(model)
     config = info.transformer_config
     channels, text_dim = config["out_channels"], config["text_embed_dim"]
-    latent_frames = (info.frames - 1) // 4 + 1
-    h, w = info.height // 8, info.width // 8
+    latent_frames = (info.frames - 1) // VAE_TEMPORAL_COMPRESSION + 1
+    h, w = info.height // VAE_SPATIAL_COMPRESSION, info.width // VAE_SPATIAL_COMPRESSION
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     pattern = torch.randn(channels, 1, h, w, generator=generator)
