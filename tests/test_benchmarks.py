@@ -50,3 +50,40 @@ def test_unknown_variant_is_one_line():
     run = run_bench("--full-size", "--device", "cpu", "--variants", "eager,turbo")
     assert run.returncode != 0 and "unknown variant part 'turbo'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+TRAIN_BENCH = BENCH.parent / "bench_train.py"
+
+
+@pytest.mark.slow
+def test_train_benchmark_runs_cogvx_train_and_reads_its_metrics(tmp_path):
+    run = subprocess.run([sys.executable, str(TRAIN_BENCH), "--steps", "5", "--warmup", "2", "--json",
+                          str(tmp_path / "report.json"), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["returncode"] == 0 and report["steps_timed"] == 3  # steps 3, 4, 5
+    assert report["s_per_step_median"] > 0 and report["tokens_per_s_median"] > 0
+    assert report["geometry"] == "9x32x48" and report["lora"] == {"rank": 8, "alpha": 8.0}
+    assert json.loads((tmp_path / "work" / "ds.json").read_text())["optimizer"]["params"]["torch_adam"] is True
+    assert (tmp_path / "work" / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_full_size_train_checkpoint_passes_the_trainer_preflight(tmp_path):
+    """The GPU benchmark's checkpoint (released config, random weights; one block here) is one the trainer takes."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_train import write_train_checkpoint
+
+    from cogvx_dist.config import load_config
+    from cogvx_dist.data.synthetic import write_synthetic_shards
+    from cogvx_dist.models import describe_checkpoint
+    from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.loop import preflight
+
+    model = write_train_checkpoint(tmp_path / "model", "CogVideoX-2b", "cpu", num_layers=1)
+    info = describe_checkpoint(model)
+    assert info.family.name == "CogVideoX-2b" and (info.frames, info.height, info.width) == (49, 480, 720)
+    assert info.transformer_config["num_attention_heads"] == 30 and info.transformer_config["num_layers"] == 1
+    write_synthetic_shards(tmp_path / "shards", model, [1])
+    checks = preflight(load_config(RunConfig, None, [f"model.path={model}", f"data.shards={tmp_path / 'shards'}"]))
+    assert checks.manifest.latent_frames == 13 and checks.manifest.sizes() == [(480, 720)]

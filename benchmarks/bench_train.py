@@ -1,0 +1,171 @@
+"""Training throughput: seconds per step, tokens/s and peak memory of the real `cogvx train`.
+
+    python benchmarks/bench_train.py                              # tiny 2b checkpoint on CPU (smoke; CPU numbers)
+    python benchmarks/bench_train.py --full-size --json r.json    # CUDA: full-size 2b transformer, random weights,
+                                                                  # 49x480x720 latents (17,776 tokens), 1 rank
+    python benchmarks/bench_train.py --full-size --family CogVideoX-5b
+
+It writes a training-only checkpoint (transformer + scheduler; full-size configs from the family table, random
+weights) or a tiny one, synthetic latent shards of the model's geometry, and a run config with the default LoRA
+(r=128, alpha=64 on to_q/to_k/to_v/to_out.0), gradient checkpointing and a DeepSpeed ZeRO config; then it launches
+`cogvx train` as a user would and reads `metrics.jsonl`: step_time_s per step, the first --warmup steps left out.
+
+Reference, measured on one H200 with a diffusers-example-style loop (same LoRA, bf16, batch 1, 49x480x720):
+2b with checkpointing under DeepSpeed ZeRO-2 on one rank 1.303 s/step and 8.3 GiB (1.271 s and 7.0 GiB without
+DeepSpeed); 5b with checkpointing 3.385 s/step and 17.7 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+REFERENCE = {
+    "CogVideoX-2b": {"s_per_step": 1.303, "peak_gib": 8.3, "case": "diffusers-style loop, ZeRO-2 single rank"},
+    "CogVideoX-5b": {"s_per_step": 3.385, "peak_gib": 17.7, "case": "diffusers-style loop, no DeepSpeed"},
+}
+"""H200 figures for the same work (../shared/ENVIRONMENT.md), with gradient checkpointing."""
+
+
+def write_train_checkpoint(out: Path, family_name: str, device: str, num_layers: int | None = None) -> Path:
+    """A diffusers folder holding what training ranks read (model_index.json, transformer/, scheduler/): the
+    family's released transformer config with random bf16 weights (built on `device`, which is fast on a GPU)."""
+    import diffusers
+    import torch
+    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+    from cogvx_dist.models.families import get_family
+
+    family = get_family(family_name)
+    config = dict(family.full_size_transformer)
+    if num_layers:
+        config["num_layers"] = num_layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    del transformer
+    CogVideoXDPMScheduler(**family.scheduler_config()).save_pretrained(out / "scheduler")
+    index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+             "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+             "scheduler": ["diffusers", "CogVideoXDPMScheduler"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def write_ds_config(out: Path, name: str, torch_adam: bool) -> Path:
+    """A copy of ds_configs/NAME.json with the optimizer implementation chosen (FusedAdam needs a CUDA JIT build)."""
+    config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = torch_adam
+    out.write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def bench(args: argparse.Namespace) -> dict:
+    import torch
+    import yaml
+
+    from cogvx_dist.data.synthetic import write_synthetic_shards
+    from cogvx_dist.models import describe_checkpoint
+    from cogvx_dist.models.tiny import make_tiny_checkpoint
+
+    cuda = torch.cuda.is_available()
+    if args.full_size and not cuda:
+        raise SystemExit("--full-size needs a CUDA device (the tiny mode runs on CPU)")
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
+    t0 = time.perf_counter()
+    if args.full_size:
+        model = write_train_checkpoint(work / "model", args.family, "cuda", args.num_layers)
+    else:
+        model = make_tiny_checkpoint(work / "model", args.family, overwrite=True)
+    setup_s = time.perf_counter() - t0
+    info = describe_checkpoint(model)
+    write_synthetic_shards(work / "shards", model, [args.samples])
+    rank, alpha = (args.lora_rank or (128 if args.full_size else 8)), (args.lora_alpha or (64.0 if args.full_size else 8.0))
+    output = work / "run"
+    run_config = {
+        "output_dir": str(output),
+        "model": {"path": str(model), "dtype": "bfloat16" if cuda else "float32",
+                  "gradient_checkpointing": args.checkpointing},
+        "data": {"shards": str(work / "shards")},
+        "lora": {"rank": rank, "alpha": alpha},
+        "optim": {"lr": 1e-4},
+        "train": {"max_steps": args.steps, "micro_batch_size": 1, "grad_accum_steps": 1, "seed": 0},
+        "deepspeed": {"config": str(write_ds_config(work / "ds.json", args.zero, args.torch_adam))},
+        "checkpoint": {"every_steps": args.steps, "keep_last": 1, "resume": "none"},
+        "log": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
+    }
+    (work / "run.yaml").write_text(yaml.safe_dump(run_config))
+    t0 = time.perf_counter()
+    launch = subprocess.run([sys.executable, "-m", "cogvx_dist", "train", "--config", str(work / "run.yaml"),
+                             "--nproc", str(args.nproc)], capture_output=True, text=True, cwd=REPO)
+    run_s = time.perf_counter() - t0
+    (work / "train_log.txt").write_text(launch.stdout + launch.stderr)
+    report: dict = {
+        "mode": "full-size-cuda" if args.full_size else f"tiny-{'cuda' if cuda else 'cpu'}",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "family": info.family.name,
+        "geometry": f"{info.frames}x{info.height}x{info.width}", "ranks": args.nproc, "zero": args.zero,
+        "torch_adam": args.torch_adam, "gradient_checkpointing": args.checkpointing,
+        "lora": {"rank": rank, "alpha": alpha}, "num_layers": args.num_layers or info.transformer_config["num_layers"],
+        "checkpoint_setup_s": round(setup_s, 1), "train_command_s": round(run_s, 1), "returncode": launch.returncode,
+    }
+    if launch.returncode != 0:
+        report["error"] = (launch.stderr or launch.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        report["log"] = str(work / "train_log.txt")
+        return report
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [m for m in metrics if m["step"] > args.warmup] or metrics
+    step_times = [m["step_time_s"] for m in timed]
+    report.update({
+        "steps_timed": len(timed),
+        "s_per_step_median": round(statistics.median(step_times), 4),
+        "s_per_step_min": round(min(step_times), 4),
+        "tokens_per_s_median": round(statistics.median(m["tokens_per_s"] for m in timed), 1),
+        "data_wait_s_median": round(statistics.median(m["data_wait_s"] for m in timed), 5),
+        "peak_memory_gib": round(max(m["peak_memory_gib"] for m in metrics), 2),
+        "loss_first_last": [round(metrics[0]["loss"], 4), round(metrics[-1]["loss"], 4)],
+    })
+    reference = REFERENCE.get(info.family.name)
+    if args.full_size and reference and not args.num_layers and args.checkpointing == 1 and args.nproc == 1:
+        report["reference"] = reference
+        report["vs_reference"] = round(report["s_per_step_median"] / reference["s_per_step"], 3)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full-size", action="store_true", help="CUDA: the family's released transformer config")
+    parser.add_argument("--family", default="CogVideoX-2b")
+    parser.add_argument("--num-layers", type=int, help="full-size: fewer transformer blocks (quick checks)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
+    parser.add_argument("--samples", type=int, default=8, help="synthetic samples in the shards")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) on this machine")
+    parser.add_argument("--zero", default="zero2", help="ds_configs/ name: zero1, zero2, zero3, *_offload")
+    parser.add_argument("--torch-adam", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch AdamW instead of DeepSpeed FusedAdam (which JIT-builds a CUDA op first)")
+    parser.add_argument("--checkpointing", type=int, default=1, help="model.gradient_checkpointing (0 = off)")
+    parser.add_argument("--lora-rank", type=int, help="default 128 full-size, 8 tiny")
+    parser.add_argument("--lora-alpha", type=float, help="default 64 full-size, 8 tiny")
+    parser.add_argument("--work", help="folder for checkpoint, shards and run (default: a new temporary one)")
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args()
+    report = bench(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    sys.exit(0 if report["returncode"] == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
