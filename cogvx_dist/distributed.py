@@ -58,7 +58,7 @@ def init_distributed() -> RankInfo:
             os.environ["MASTER_ADDR"] = address
     deepspeed.init_distributed(auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    _unlink_cpu_allreduce_buffer(rank)
+    _unlink_cpu_allreduce_buffer(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -77,20 +77,21 @@ def cpu_allreduce_buffer_path(rank: int) -> Path:
     return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
 
 
-def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+def _unlink_cpu_allreduce_buffer(rank: int, world_size: int) -> None:
     """Drop the name of this rank's CPU all-reduce buffer once every rank has mapped every buffer.
 
     DeepSpeed never unlinks it: each CPU run on one node left 64 MiB per rank in /dev/shm (RAM) until reboot, which
     fills a container's small /dev/shm after a few runs. The mappings stay valid after the unlink, and the kernel
     frees the memory when the last rank exits, also after a crash.
     """
-    path = cpu_allreduce_buffer_path(rank)
-    if torch.cuda.is_available() or not SHM_DIR.is_dir():
+    # DeepSpeed's own condition for making the buffers (LOCAL_SIZE, set by its launcher, equals the world size). It
+    # is the same on every rank, so either all ranks enter the barrier or none does.
+    if int(os.environ.get("LOCAL_SIZE", "0") or 0) != world_size:
         return
     dist.barrier()  # every rank has finished opening its peers' buffers inside init_distributed
     try:
-        path.unlink()
-    except FileNotFoundError:  # ranks on several nodes: DeepSpeed made no buffer
+        cpu_allreduce_buffer_path(rank).unlink()
+    except FileNotFoundError:  # a GPU accelerator (NCCL) made no buffer
         pass
 
 
