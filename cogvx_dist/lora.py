@@ -5,14 +5,16 @@ This module is the one place that knows the adapter's key naming:
 - adapter state dicts (`lora_state_dict`): `transformer_blocks.0.attn1.to_q.lora_A.weight`;
 - the exported file `pytorch_lora_weights.safetensors`: the same with a `transformer.` prefix, plus the PEFT
   config in the safetensors metadata so that diffusers reloads it with lora_alpha (scale alpha/r), not scale 1.
-  The config's `base_model_name_or_path` holds the model family it was trained on (e.g. CogVideoX-5b): families
-  such as 5b, 5b-I2V and 1.5-5b share every adapted shape, so only this record tells their adapters apart.
+  Beside diffusers' metadata, `cogvx_family` records the model family it was trained on (e.g. CogVideoX-5b):
+  5b, 5b-I2V and 1.5-5b share every adapted shape, so only this record tells their adapters apart. (Not in the PEFT
+  config's base_model_name_or_path: PEFT takes that for a hub repository and looks it up when the adapter is saved.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from cogvx_dist.errors import CogvxError
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"
 EXPORT_PREFIX = "transformer."
+FAMILY_METADATA_KEY = "cogvx_family"
 
 
 @dataclass
@@ -55,8 +58,8 @@ class LoraSettings:
         if not 0.0 <= self.dropout < 1.0:
             raise CogvxError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
-    def peft_config(self, base_model: str | None = None) -> Any:
-        """The equivalent `peft.LoraConfig`; `base_model` (the family name) is recorded as its base model."""
+    def peft_config(self) -> Any:
+        """The equivalent `peft.LoraConfig`."""
         from peft import LoraConfig
 
         return LoraConfig(
@@ -65,7 +68,6 @@ class LoraSettings:
             target_modules=list(self.target_modules),
             lora_dropout=self.dropout,
             init_lora_weights=True,
-            base_model_name_or_path=base_model,
         )
 
 
@@ -140,11 +142,27 @@ def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out
     CogVideoXPipeline.save_lora_weights(
         save_directory=str(out),
         transformer_lora_layers=tensors,
-        transformer_lora_adapter_metadata=settings.peft_config(base_model=family).to_dict(),
+        transformer_lora_adapter_metadata=settings.peft_config().to_dict(),
         weight_name=LORA_WEIGHTS_NAME,
         safe_serialization=True,
     )
-    return out / LORA_WEIGHTS_NAME
+    file = out / LORA_WEIGHTS_NAME
+    if family:
+        _add_metadata(file, {FAMILY_METADATA_KEY: family})
+    return file
+
+
+def _add_metadata(file: Path, extra: dict[str, str]) -> None:
+    """Rewrite a safetensors file with more metadata entries (diffusers' writer takes only the adapter config)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    temporary = file.with_name(f".{file.name}.tmp")
+    save_file(tensors, str(temporary), metadata={**metadata, **extra})
+    os.replace(temporary, file)
 
 
 @dataclass
@@ -178,7 +196,11 @@ def load_exported_lora(path: str | Path) -> ExportedLora:
         dropout=float(config.get("lora_dropout", 0.0)),
     )
     stripped = {k[len(EXPORT_PREFIX) :] if k.startswith(EXPORT_PREFIX) else k: v for k, v in state.items()}
-    return ExportedLora(stripped, settings, config.get("base_model_name_or_path") or None)
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        family = (handle.metadata() or {}).get(FAMILY_METADATA_KEY) or None
+    return ExportedLora(stripped, settings, family)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:

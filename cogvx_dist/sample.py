@@ -141,22 +141,23 @@ class Sampler:
         except Exception as err:  # corrupt or foreign safetensors: one line, not a traceback
             raise CogvxError(f"cannot read LoRA {folder}: {first_line(err)}") from None
         state, settings = exported.state, exported.settings
-        if exported.family and exported.family != self.family.name and not self.allow_other_family:
-            # 5b, 5b-I2V and 1.5-5b adapters have the same shapes and would load silently into each other.
-            raise CogvxError(f"LoRA {folder} was trained on {exported.family}, but {self.info.source} is "
-                             f"{self.family.name}; pass --allow-other-family to apply it anyway")
+        trained_on = f" (trained on {exported.family})" if exported.family else ""
         modules = dict(self.pipe.transformer.named_modules())
         for name, tensor in state.items():
             base_name = name.split(".lora_A.")[0].split(".lora_B.")[0]
             layer = modules.get(base_name)
             if layer is None or not hasattr(layer, "weight"):
-                raise CogvxError(f"LoRA {folder} targets {base_name}, which {self.family.name} "
+                raise CogvxError(f"LoRA {folder}{trained_on} targets {base_name}, which {self.family.name} "
                                  f"({self.info.source}) does not have: it was trained for another model")
             out_features, in_features = layer.weight.shape[:2]
             expected = (settings.rank, in_features) if ".lora_A." in name else (out_features, settings.rank)
             if tuple(tensor.shape) != expected:
-                raise CogvxError(f"LoRA {folder}: {name} has shape {tuple(tensor.shape)}, this "
+                raise CogvxError(f"LoRA {folder}{trained_on}: {name} has shape {tuple(tensor.shape)}, this "
                                  f"{self.family.name} checkpoint needs {expected}: it was trained for another model")
+        # Shapes fit. 5b, 5b-I2V and 1.5-5b adapters have the same shapes, so only the record tells them apart.
+        if exported.family and exported.family != self.family.name and not self.allow_other_family:
+            raise CogvxError(f"LoRA {folder} was trained on {exported.family}, but {self.info.source} is "
+                             f"{self.family.name}; pass --allow-other-family to apply it anyway")
 
     def generate(self, prompt: str, settings: SampleSettings, image: str | Path | None = None) -> np.ndarray:
         """One clip as float32 [frames, height, width, 3] in [0, 1]."""

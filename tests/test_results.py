@@ -115,6 +115,15 @@ def test_lora_from_another_family_of_equal_shapes_is_refused_unless_allowed(tiny
     sampler = Sampler(target, device="cpu", allow_other_family=True)
     sampler.set_lora(tmp_path / "lora-5b")  # the shapes fit: it applies when asked to
     assert sampler.lora == tmp_path / "lora-5b"
+    # The record is not PEFT's base_model_name_or_path, which PEFT would look up on the hub as a repository.
+    assert [c.base_model_name_or_path for c in sampler.pipe.transformer.peft_config.values()] == [None]
+
+    # Shapes that do not fit are reported as such, with no suggestion that the flag would help.
+    state = {k.replace("transformer_blocks.1.", "transformer_blocks.7."): v for k, v in lora_state_dict(transformer).items()}
+    export_lora(state, SETTINGS, tmp_path / "deeper", family="CogVideoX-5b")
+    with pytest.raises(CogvxError, match=r"trained on CogVideoX-5b\) targets transformer_blocks.7") as refused:
+        Sampler(target, device="cpu", allow_other_family=True).set_lora(tmp_path / "deeper")
+    assert "--allow-other-family" not in str(refused.value)
     Sampler(source, device="cpu").set_lora(tmp_path / "lora-5b")  # its own family
 
     # Files without the record (other tools, older exports) are checked by shape only.
