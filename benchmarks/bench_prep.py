@@ -23,8 +23,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import torch
+
+    from data_prep.decode import Clip
 
 
 def bench_tiny(args: argparse.Namespace) -> dict:
@@ -51,6 +59,12 @@ def bench_tiny(args: argparse.Namespace) -> dict:
         "source": f"{args.frames}x{args.height}x{args.width} mp4 -> {made.frames}x{made.height}x{made.width}",
     }
 
+
+TARGET_S_PER_VIDEO = 0.6
+"""Issue 3's target on one H200 for a 49x480x720 clip with the full-size VAE (T5 included)."""
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_heads": 64,
+          "feed_forward_proj": "gated-gelu"}
+"""The CogVideoX text encoder's config (google t5-v1_1-xxl), less its layer count (--t5-layers)."""
 
 VARIANT_TOKENS = ("channels_last", "compile", "tiling", "batchN")
 """What a full-size variant name may join with '+': the prep switches vae_channels_last, vae_compile, vae_tiling,
@@ -83,12 +97,17 @@ def parse_clip(text: str) -> tuple[int, int, int]:
 
 def bench_full_size(args: argparse.Namespace) -> dict:
     """Each variant on the same decoded clips: warm-up (compile), then a pipelined pass with decode running ahead."""
-    import torch
+    import gc
+    import traceback
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
+
+    from cogvx_dist.models.families import get_family
     from data_prep.decode import decode_video
     from data_prep.synthetic import make_synthetic_dataset
 
+    text_length = get_family("CogVideoX-2b").text_max_length
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "")
     if not device:
         raise SystemExit("--full-size needs a CUDA device (or --device cpu with a small --clip for a smoke run)")
@@ -110,16 +129,12 @@ def bench_full_size(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "videos": args.count,
         "clip": f"{frames}x{height}x{width} (decoded from {frames}x{source[0]}x{source[1]} mp4)",
-        "t5_layers": args.t5_layers, "target_s_per_video": 0.6, "variants": {},
+        "t5_layers": args.t5_layers, "target_s_per_video": TARGET_S_PER_VIDEO, "variants": {},
     }
 
     def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-
-    # T5 (the T5-XXL config, random weights): all prompts in batches, as prep runs it; then freed.
-    report["t5"] = bench_t5(args, device, dtype)
-    save()
 
     # Decode alone with the worker pool: its rate must exceed the VAE's for decoding to stay hidden.
     t0 = time.perf_counter()
@@ -132,9 +147,15 @@ def bench_full_size(args: argparse.Namespace) -> dict:
     for name in variants:
         print(f"[bench] variant {name} ...", file=sys.stderr, flush=True)
         try:
-            result, mean = bench_vae_variant(specs[name], clips[0], paths, decode, args, device, dtype)
+            result, mean = bench_vae_variant(specs[name], clips[0], paths, decode, args, device, dtype,
+                                             text_length)
         except Exception as err:  # a variant that fails (e.g. compile on this stack) must not lose the others
-            result, mean = {"error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}, None
+            traceback.print_exc()
+            result, mean = {"error": f"{type(err).__name__}: {first_line_of(err)}"}, None
+            del err
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         if mean is not None:
             if reference is None:
                 reference, result["moments_vs"] = mean, "itself (first variant)"
@@ -146,26 +167,42 @@ def bench_full_size(args: argparse.Namespace) -> dict:
         print(f"[bench] {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
         save()
 
+    # T5 (the T5-XXL config, random weights) after the VAE, which is what the target is about: all prompts in
+    # batches, as prep runs it.
+    try:
+        report["t5"] = bench_t5(args, device, dtype, text_length)
+    except Exception as err:
+        traceback.print_exc()
+        report["t5"] = {"error": f"{type(err).__name__}: {first_line_of(err)}"}
+    save()
+
     timed = {n: v["s_per_video"]["pipelined"] for n, v in report["variants"].items() if "s_per_video" in v}
     if timed:
         best = min(timed, key=timed.get)
+        t5_s = report["t5"].get("s_per_video")
         report["best"] = {"variant": best, "s_per_video": timed[best],
-                          "meets_target": cuda and frames == 49 and (height, width) == (480, 720)
-                          and timed[best] + report["t5"]["s_per_video"] <= 0.6}
+                          "with_t5_s_per_video": None if t5_s is None else round(timed[best] + t5_s, 4)}
+        report["best"]["meets_target"] = (cuda and frames == 49 and (height, width) == (480, 720) and t5_s is not None
+                                          and report["best"]["with_t5_s_per_video"] <= TARGET_S_PER_VIDEO)
         report["decode_keeps_up"] = report["decode_pool_s_per_video"] <= timed[best]
     save()
     return report
 
 
-def bench_t5(args: argparse.Namespace, device: str, dtype) -> dict:
+def first_line_of(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else ""
+
+
+def bench_t5(args: argparse.Namespace, device: str, dtype: torch.dtype, text_length: int) -> dict:
+    """T5 seconds per prompt and prompts/s over --count prompts in --text-batch-size batches (after a warm-up)."""
     import torch
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     with torch.device(device):
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=args.t5_layers,
-                                     num_heads=64, feed_forward_proj="gated-gelu")).to(dtype).eval()
-    ids = torch.randint(0, 32128, (args.count, 226), device=device)
+        t5 = T5EncoderModel(T5Config(**T5_XXL, num_layers=args.t5_layers)).to(dtype).eval()
+    ids = torch.randint(0, T5_XXL["vocab_size"], (args.count, text_length), device=device)
     with torch.inference_mode():
         t5(ids[:1])  # warm-up
         _sync(device)
@@ -180,7 +217,9 @@ def bench_t5(args: argparse.Namespace, device: str, dtype) -> dict:
     return {"s_per_video": round(seconds / args.count, 4), "prompts_per_s": round(args.count / seconds, 1)}
 
 
-def bench_vae_variant(spec: dict, first_clip, paths: list, decode, args: argparse.Namespace, device: str, dtype):
+def bench_vae_variant(spec: dict, first_clip: Clip, paths: list[Path], decode: Callable[[Path], Clip],
+                      args: argparse.Namespace, device: str, dtype: torch.dtype,
+                      text_length: int) -> tuple[dict, torch.Tensor]:
     """(timings, posterior mean of the first clip) for one variant, through prep's own Encoders."""
     import io
     from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +247,7 @@ def bench_vae_variant(spec: dict, first_clip, paths: list, decode, args: argpars
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
-    embeds = torch.zeros(226, 4096, dtype=torch.bfloat16)
+    embeds = torch.zeros(text_length, T5_XXL["d_model"], dtype=torch.bfloat16)
     writer = wds.TarWriter(io.BytesIO(), encoder=False)
     vae_s = write_s = wait_s = 0.0
     total0 = time.perf_counter()

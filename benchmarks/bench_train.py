@@ -65,7 +65,11 @@ def write_train_checkpoint(out: Path, family_name: str, device: str, num_layers:
 
 def write_ds_config(out: Path, name: str, torch_adam: bool) -> Path:
     """A copy of ds_configs/NAME.json with the optimizer implementation chosen (FusedAdam needs a CUDA JIT build)."""
-    config = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+    source = REPO / "ds_configs" / f"{name}.json"
+    if not source.is_file():
+        names = ", ".join(sorted(p.stem for p in source.parent.glob("*.json")))
+        raise SystemExit(f"--zero {name}: no ds_configs/{name}.json; one of {names}")
+    config = json.loads(source.read_text())
     config["optimizer"]["params"]["torch_adam"] = torch_adam
     out.write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -76,13 +80,22 @@ def bench(args: argparse.Namespace) -> dict:
     import yaml
 
     from cogvx_dist.data.synthetic import write_synthetic_shards
+    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.lora import LoraSettings
     from cogvx_dist.models import describe_checkpoint
+    from cogvx_dist.models.families import get_family
     from cogvx_dist.models.tiny import make_tiny_checkpoint
 
     cuda = torch.cuda.is_available()
     if args.full_size and not cuda:
         raise SystemExit("--full-size needs a CUDA device (the tiny mode runs on CPU)")
+    try:
+        get_family(args.family)
+    except CogvxError as err:
+        raise SystemExit(f"--family: {err}") from None
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ds_config = write_ds_config(work / "ds.json", args.zero, args.torch_adam)  # before the slow part: --zero checked
     t0 = time.perf_counter()
     if args.full_size:
         model = write_train_checkpoint(work / "model", args.family, "cuda", args.num_layers)
@@ -91,7 +104,9 @@ def bench(args: argparse.Namespace) -> dict:
     setup_s = time.perf_counter() - t0
     info = describe_checkpoint(model)
     write_synthetic_shards(work / "shards", model, [args.samples])
-    rank, alpha = (args.lora_rank or (128 if args.full_size else 8)), (args.lora_alpha or (64.0 if args.full_size else 8.0))
+    # Full size: the trainer's defaults (r=128, alpha=64); tiny: r=8, as wide as its narrow layers allow.
+    defaults = LoraSettings() if args.full_size else LoraSettings(rank=8, alpha=8.0)
+    rank, alpha = args.lora_rank or defaults.rank, args.lora_alpha or defaults.alpha
     output = work / "run"
     run_config = {
         "output_dir": str(output),
@@ -101,27 +116,31 @@ def bench(args: argparse.Namespace) -> dict:
         "lora": {"rank": rank, "alpha": alpha},
         "optim": {"lr": 1e-4},
         "train": {"max_steps": args.steps, "micro_batch_size": 1, "grad_accum_steps": 1, "seed": 0},
-        "deepspeed": {"config": str(write_ds_config(work / "ds.json", args.zero, args.torch_adam))},
+        "deepspeed": {"config": str(ds_config)},
         "checkpoint": {"every_steps": args.steps, "keep_last": 1, "resume": "none"},
         "log": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
     }
     (work / "run.yaml").write_text(yaml.safe_dump(run_config))
-    t0 = time.perf_counter()
-    launch = subprocess.run([sys.executable, "-m", "cogvx_dist", "train", "--config", str(work / "run.yaml"),
-                             "--nproc", str(args.nproc)], capture_output=True, text=True, cwd=REPO)
-    run_s = time.perf_counter() - t0
-    (work / "train_log.txt").write_text(launch.stdout + launch.stderr)
     report: dict = {
         "mode": "full-size-cuda" if args.full_size else f"tiny-{'cuda' if cuda else 'cpu'}",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "family": info.family.name,
         "geometry": f"{info.frames}x{info.height}x{info.width}", "ranks": args.nproc, "zero": args.zero,
         "torch_adam": args.torch_adam, "gradient_checkpointing": args.checkpointing,
         "lora": {"rank": rank, "alpha": alpha}, "num_layers": args.num_layers or info.transformer_config["num_layers"],
-        "checkpoint_setup_s": round(setup_s, 1), "train_command_s": round(run_s, 1), "returncode": launch.returncode,
+        "checkpoint_setup_s": round(setup_s, 1), "returncode": None, "log": str(work / "train_log.txt"),
+        "metrics": str(output / "metrics.jsonl"),
     }
+    save(report, args.json)  # a run cut short still leaves the set-up and where the logs are
+    t0 = time.perf_counter()
+    # The launcher's output goes straight to a file: if this process is killed, the log up to then remains.
+    with open(work / "train_log.txt", "w") as log:
+        launch = subprocess.run([sys.executable, "-m", "cogvx_dist", "train", "--config", str(work / "run.yaml"),
+                                 "--nproc", str(args.nproc)], stdout=log, stderr=subprocess.STDOUT, text=True,
+                                cwd=REPO)
+    report.update({"train_command_s": round(time.perf_counter() - t0, 1), "returncode": launch.returncode})
     if launch.returncode != 0:
-        report["error"] = (launch.stderr or launch.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        report["log"] = str(work / "train_log.txt")
+        lines = (work / "train_log.txt").read_text(errors="replace").strip().splitlines()
+        report["error"] = lines[-1] if lines else "(no output)"
         return report
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = [m for m in metrics if m["step"] > args.warmup] or metrics
@@ -140,6 +159,11 @@ def bench(args: argparse.Namespace) -> dict:
         report["reference"] = reference
         report["vs_reference"] = round(report["s_per_step_median"] / reference["s_per_step"], 3)
     return report
+
+
+def save(report: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
@@ -161,8 +185,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
     report = bench(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    save(report, args.json)
     print(json.dumps(report, indent=2))
     sys.exit(0 if report["returncode"] == 0 else 1)
 

@@ -82,7 +82,6 @@ class Encoders:
         """The VAE, loaded on first use, with the slicing, tiling, channels-last and compile switches applied once."""
         vae = self.store.get("vae")
         if not self._vae_switched:
-            self._vae_switched = True
             if self.slicing:
                 vae.enable_slicing()
             if self.tiling:
@@ -93,6 +92,7 @@ class Encoders:
                 vae.encoder.compile()
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.benchmark = True
+            self._vae_switched = True
         return vae
 
     def release_vae(self) -> None:
