@@ -180,6 +180,7 @@ class ExportedLora:
 def load_exported_lora(path: str | Path) -> ExportedLora:
     """Read an exported adapter (its folder or the file) with its settings and the family it was trained on."""
     from diffusers import CogVideoXPipeline
+    from safetensors import safe_open
 
     path = Path(path)
     file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
@@ -196,9 +197,7 @@ def load_exported_lora(path: str | Path) -> ExportedLora:
         dropout=float(config.get("lora_dropout", 0.0)),
     )
     stripped = {k[len(EXPORT_PREFIX) :] if k.startswith(EXPORT_PREFIX) else k: v for k, v in state.items()}
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
+    with safe_open(str(file), framework="pt") as handle:  # the header only
         family = (handle.metadata() or {}).get(FAMILY_METADATA_KEY) or None
     return ExportedLora(stripped, settings, family)
 
