@@ -36,11 +36,11 @@ if TYPE_CHECKING:
 
 
 def bench_tiny(args: argparse.Namespace) -> dict:
-    from cogvx_dist.data.schema import Manifest
-    from cogvx_dist.models.tiny import make_tiny_checkpoint
+    from cogvx_dist.core.shard_format import Manifest
+    from cogvx_dist.core.tiny import make_tiny_checkpoint
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
-    from data_prep.synthetic import make_synthetic_dataset
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     model = Path(args.model) if args.model else make_tiny_checkpoint(work / "tiny", args.family)
@@ -103,9 +103,9 @@ def bench_full_size(args: argparse.Namespace) -> dict:
 
     import torch
 
-    from cogvx_dist.models.families import get_family
+    from cogvx_dist.core.families import get_family
     from data_prep.decode import decode_video
-    from data_prep.synthetic import make_synthetic_dataset
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 
     text_length = get_family("CogVideoX-2b").text_max_length
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "")
@@ -228,7 +228,7 @@ def bench_vae_variant(spec: dict, first_clip: Clip, paths: list[Path], decode: C
     import webdataset as wds
     from diffusers import AutoencoderKLCogVideoX
 
-    from cogvx_dist.data import schema
+    from cogvx_dist.core import shard_format as schema
     from data_prep.encode import Encoders
 
     cuda = device.startswith("cuda")

@@ -43,7 +43,7 @@ def write_train_checkpoint(out: Path, family_name: str, device: str, num_layers:
     import torch
     from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
-    from cogvx_dist.models.families import get_family
+    from cogvx_dist.core.families import get_family
 
     family = get_family(family_name)
     config = dict(family.full_size_transformer)
@@ -79,12 +79,12 @@ def bench(args: argparse.Namespace) -> dict:
     import torch
     import yaml
 
-    from cogvx_dist.data.synthetic import write_synthetic_shards
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.lora import LoraSettings
-    from cogvx_dist.models import describe_checkpoint
-    from cogvx_dist.models.families import get_family
-    from cogvx_dist.models.tiny import make_tiny_checkpoint
+    from cogvx_dist.core.synthetic_shards import write_synthetic_shards
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.core.lora import LoraSettings
+    from cogvx_dist.core.loading import describe_checkpoint
+    from cogvx_dist.core.families import get_family
+    from cogvx_dist.core.tiny import make_tiny_checkpoint
 
     cuda = torch.cuda.is_available()
     if args.full_size and not cuda:

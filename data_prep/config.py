@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("auto", "cogvideo", "csv", "jsonl", "folder")
@@ -86,7 +86,7 @@ class PrepConfig:
     def from_dict(cls, values: dict[str, Any], where: str = "prep config") -> "PrepConfig":
         """Build from a mapping with the shared config loader (unknown keys and wrong types are rejected by name);
         `buckets` may be given as "HxW" strings and `shard_max_bytes` as "512MiB"."""
-        from cogvx_dist.config import from_dict
+        from cogvx_dist.core.config_files import from_dict
 
         values = dict(values)
         try:
@@ -102,7 +102,7 @@ class PrepConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PrepConfig":
         """Load a YAML or TOML file whose top-level keys are field names."""
-        from cogvx_dist.config import read_config_file
+        from cogvx_dist.core.config_files import read_config_file
 
         return cls.from_dict(read_config_file(path), where=str(path))
 

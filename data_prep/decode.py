@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cogvx_dist.errors import first_line
+from cogvx_dist.core.errors import first_line
 
 
 class BadInput(Exception):

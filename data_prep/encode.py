@@ -20,7 +20,7 @@ def pick_device(device: str, local_rank: int) -> str:
     """The device string for this process: its own GPU where there is one (local_rank % count)."""
     if device != "auto":
         if device.startswith("cuda") and not torch.cuda.is_available():
-            from cogvx_dist.errors import CogvxError
+            from cogvx_dist.core.errors import CogvxError
 
             raise CogvxError(f"device {device} requested but CUDA is not available")
         return device
@@ -44,7 +44,7 @@ class Encoders:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
-        from cogvx_dist.models import ComponentStore
+        from cogvx_dist.core.loading import ComponentStore
 
         # Weight-loading bars would interleave with the per-rank prep bars.
         transformers_logging.disable_progress_bar()

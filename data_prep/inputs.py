@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogvx_dist.data.schema import sample_key
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.shard_format import sample_key
+from cogvx_dist.core.errors import CogvxError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")

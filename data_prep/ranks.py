@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.launch_env import under_mpi
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.launch_env import under_mpi
 
 
 @dataclass

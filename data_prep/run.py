@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cogvx_dist.data import schema
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core.errors import CogvxError
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, Clip, decode_video, load_image
 from data_prep.inputs import Record, read_records
@@ -79,7 +79,7 @@ def _logger(rank: int) -> Callable[[str], None]:
 
 def _header(config: PrepConfig, info: Any, frames: int, buckets: list[tuple[int, int]], fps: float) -> dict[str, Any]:
     """The manifest fields every rank must agree on (all but shards, skipped and extra)."""
-    from cogvx_dist.models.loading import read_component_config
+    from cogvx_dist.core.loading import read_component_config
 
     family = info.family
     vae = read_component_config(config.model, "vae")
@@ -160,7 +160,7 @@ def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
     """Run this process's share of a prep job (and merge the manifest when this process is the last or rank 0)."""
     import torch
 
-    from cogvx_dist.models import describe_checkpoint
+    from cogvx_dist.core.loading import describe_checkpoint
     from data_prep.encode import DTYPES, Encoders, pick_compute_dtype, pick_device
 
     started = time.perf_counter()

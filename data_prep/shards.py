@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.data import schema
-from cogvx_dist.data.schema import Manifest, ShardEntry
-from cogvx_dist.errors import CogvxError, first_line
-from cogvx_dist.fileio import write_atomic
-from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION
+from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core.shard_format import Manifest, ShardEntry
+from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION
 
 PARTS_DIR = "parts"
 SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     """Factory: tiny_checkpoint(family, seed=0) -> Path of a tiny diffusers checkpoint (cached per session)."""
-    from cogvx_dist.models.tiny import make_tiny_checkpoint
+    from cogvx_dist.core.tiny import make_tiny_checkpoint
 
     made: dict[tuple[str, int], Path] = {}
     root = tmp_path_factory.mktemp("tiny")

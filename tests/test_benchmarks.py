@@ -74,9 +74,9 @@ def test_full_size_train_checkpoint_passes_the_trainer_preflight(tmp_path):
     sys.path.insert(0, str(BENCH.parent))
     from bench_train import write_train_checkpoint
 
-    from cogvx_dist.config import load_config
-    from cogvx_dist.data.synthetic import write_synthetic_shards
-    from cogvx_dist.models import describe_checkpoint
+    from cogvx_dist.core.config_files import load_config
+    from cogvx_dist.core.synthetic_shards import write_synthetic_shards
+    from cogvx_dist.core.loading import describe_checkpoint
     from cogvx_dist.train.config import RunConfig
     from cogvx_dist.train.loop import preflight
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import CogVideoXTransformer3DModel
 
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.lora import LoraSettings, inject_lora, trainable_parameter_count
-from cogvx_dist.models import FAMILIES, describe_checkpoint, detect_family, get_family
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.lora import LoraSettings, inject_lora, trainable_parameter_count
+from cogvx_dist.core.families import FAMILIES, detect_family, get_family
+from cogvx_dist.core.loading import describe_checkpoint
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 from cogvx_dist.cli import main as cogvx_main
-from cogvx_dist.launch_cli import parse_hostfile, select_hosts
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.launch import parse_hostfile, select_hosts
+from cogvx_dist.core.errors import CogvxError
 from tests.conftest import REPO
-from cogvx_dist.data.synthetic import write_synthetic_shards
+from cogvx_dist.core.synthetic_shards import write_synthetic_shards
 from tests.test_train import write_config
 
 LAUNCHERS = REPO / "launchers"
@@ -291,7 +291,7 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 
 
 def test_manifests_agree_with_each_other_and_resume():
-    from cogvx_dist.config import from_dict
+    from cogvx_dist.core.config_files import from_dict
     from cogvx_dist.train.config import RunConfig
 
     # The ConfigMap's run config is a valid RunConfig and resumes by itself after a restart.
@@ -616,7 +616,7 @@ def test_launch_check_good_plan(shards, tmp_path, capsys):
 
 
 def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
-    from cogvx_dist.checkpoint import COMMIT_MARKER, checkpoint_folder
+    from cogvx_dist.train.checkpoints import COMMIT_MARKER, checkpoint_folder
 
     config, output = run_config(tmp_path, *shards)
     folder = checkpoint_folder(output, 2)
@@ -664,7 +664,7 @@ def test_launch_check_errors_are_one_line(shards, tmp_path, capsys, monkeypatch,
 
 def test_deepspeed_env_example_is_what_deepspeed_accepts():
     """The example must survive DeepSpeed's line parser (no comments, no blank lines) once copied."""
-    from cogvx_dist.launch_cli import check_deepspeed_env
+    from cogvx_dist.launch import check_deepspeed_env
 
     names = check_deepspeed_env(LAUNCHERS / "deepspeed_env.example")
     assert "NCCL_SOCKET_IFNAME" in names and len(names) == len(set(names))

@@ -11,15 +11,7 @@ import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 from transformers import T5EncoderModel
 
-from cogvx_dist.models import (
-    COMPONENT_ORDER,
-    ComponentStore,
-    load_scheduler,
-    load_text_encoder,
-    load_tokenizer,
-    load_transformer,
-    load_vae,
-)
+from cogvx_dist.core.loading import COMPONENT_ORDER, ComponentStore, load_scheduler, load_text_encoder, load_tokenizer, load_transformer, load_vae
 from tests.conftest import run_cli
 
 

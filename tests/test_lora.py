@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline
 
-from cogvx_dist.lora import (
+from cogvx_dist.core.lora import (
     LORA_WEIGHTS_NAME,
     LoraSettings,
     adapter_checksum,
@@ -19,7 +19,7 @@ from cogvx_dist.lora import (
     lora_state_dict,
     read_lora,
 )
-from cogvx_dist.models import load_transformer
+from cogvx_dist.core.loading import load_transformer
 
 
 def _randomise_b(transformer: torch.nn.Module, seed: int) -> None:
@@ -59,8 +59,8 @@ def test_only_adapter_weights_train(tiny_checkpoint):
 
 _CHECKSUM_SCRIPT = """
 import sys
-from cogvx_dist.lora import LoraSettings, adapter_checksum, inject_lora, lora_state_dict
-from cogvx_dist.models import load_transformer
+from cogvx_dist.core.lora import LoraSettings, adapter_checksum, inject_lora, lora_state_dict
+from cogvx_dist.core.loading import load_transformer
 transformer = inject_lora(load_transformer(sys.argv[1]), LoraSettings(), seed=int(sys.argv[2]))
 print(adapter_checksum(lora_state_dict(transformer)))
 """

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from cogvx_dist.data import schema
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core.errors import CogvxError
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, choose_bucket, decode_video, frame_indices, to_model_input
 from data_prep.inputs import read_records
 from data_prep.ranks import discover_ranks, under_mpi
 from data_prep.run import run_prep
 from data_prep.shards import verify
-from data_prep.synthetic import make_synthetic_dataset, render_clip, write_mp4
+from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, render_clip, write_mp4
 from tests.conftest import run_cli
 
 EXPECTED_REASON = {
@@ -286,8 +286,8 @@ def test_shards_are_plain_tar_without_pickles(prepped, monkeypatch):
     import itertools
     import pickle
 
-    from cogvx_dist.data.reader import ShardIndex
-    from cogvx_dist.data.streaming import StreamingMicroBatches
+    from cogvx_dist.train.reader import ShardIndex
+    from cogvx_dist.train.streaming import StreamingMicroBatches
 
     out, _ = prepped
     # Every reader must get through the shards without unpickling anything (a protocol-0/1 pickle would not start
@@ -336,7 +336,7 @@ def test_shards_are_plain_tar_without_pickles(prepped, monkeypatch):
 
 
 def test_stored_moments_equal_direct_vae_encode(prepped, dataset, tiny_checkpoint):
-    from cogvx_dist.models import load_text_encoder, load_tokenizer, load_vae
+    from cogvx_dist.core.loading import load_text_encoder, load_tokenizer, load_vae
 
     out, _ = prepped
     samples = _read_shards(out)
@@ -445,7 +445,7 @@ def test_image_to_video_and_buckets(tiny_checkpoint, tmp_path):
     assert manifest.image_to_video and manifest.sizes() == [(32, 48), (48, 32)]
     samples = _read_shards(out)
     assert verify(out)[0] == []
-    from cogvx_dist.models import load_vae
+    from cogvx_dist.core.loading import load_vae
     from data_prep.decode import load_image
 
     vae = load_vae(model, torch.float32)
@@ -479,7 +479,7 @@ def test_chunked_t5_and_batched_vae_give_the_same_samples(prepped, tiny_checkpoi
 
 def test_cli_config_yaml_with_flag_overrides(tmp_path):
     from cogvx_dist.cli import build_parser
-    from data_prep.cli import config_from_args
+    from cogvx_dist.cli.prep import config_from_args
 
     path = tmp_path / "prep.yaml"
     path.write_text("model: m\ndata: d\nout: o\nbuckets: [480x720, [720, 480]]\nframe_stride: 2\n"

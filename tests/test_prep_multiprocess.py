@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx_dist.data import schema
+from cogvx_dist.core import shard_format as schema
 from data_prep.config import PrepConfig
 from data_prep.run import CRASH_ENV, run_prep
 from data_prep.shards import verify
-from data_prep.synthetic import make_synthetic_dataset
+from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow

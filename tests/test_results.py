@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from cogvx_dist.checkpoint import LORA_SUBDIR, checkpoint_folder, commit
-from cogvx_dist.lora import LORA_WEIGHTS_NAME, LoraSettings, export_lora, inject_lora, lora_state_dict
-from cogvx_dist.models import load_transformer
+from cogvx_dist.train.checkpoints import LORA_SUBDIR, checkpoint_folder, commit
+from cogvx_dist.core.lora import LORA_WEIGHTS_NAME, LoraSettings, export_lora, inject_lora, lora_state_dict
+from cogvx_dist.core.loading import load_transformer
 from tests.conftest import REPO, run_cli
 
 SETTINGS = LoraSettings(rank=4, alpha=4.0)
@@ -84,8 +84,8 @@ def test_sample_with_and_without_lora_differ_and_bad_lora_is_one_line(model_2b, 
 
 def test_lora_for_another_model_is_rejected_in_process(model_2b, tmp_path):
     """An adapter naming layers this transformer lacks (a deeper model's) fails with one clear message."""
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.sample import SampleSettings, Sampler
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.results.sample import SampleSettings, Sampler
 
     transformer = load_transformer(model_2b)
     inject_lora(transformer, SETTINGS, seed=0)
@@ -100,9 +100,9 @@ def test_lora_for_another_model_is_rejected_in_process(model_2b, tmp_path):
 
 def test_lora_from_another_family_of_equal_shapes_is_refused_unless_allowed(tiny_checkpoint, tmp_path):
     """5b and 5b-I2V adapters have the same shapes: only the family recorded at export tells them apart."""
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.lora import load_exported_lora
-    from cogvx_dist.sample import Sampler
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.core.lora import load_exported_lora
+    from cogvx_dist.results.sample import Sampler
 
     source, target = tiny_checkpoint("CogVideoX-5b"), tiny_checkpoint("CogVideoX-5b-I2V")
     transformer = load_transformer(source)
@@ -135,8 +135,8 @@ def test_lora_from_another_family_of_equal_shapes_is_refused_unless_allowed(tiny
 def test_image_to_video_family_samples_from_a_first_frame(tiny_checkpoint, tmp_path):
     from PIL import Image
 
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.sample import SampleSettings, Sampler
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.results.sample import SampleSettings, Sampler
 
     sampler = Sampler(tiny_checkpoint("CogVideoX-5b-I2V"), device="cpu")
     assert type(sampler.pipe).__name__ == "CogVideoXImageToVideoPipeline"
@@ -209,8 +209,8 @@ def test_watch_samples_a_checkpoint_committed_while_it_runs(model_2b, tmp_path):
 
 @pytest.mark.parametrize("text", ["{not json", '{"model": {}}', '{"model": "m"}', "[]", '{"model": {"path": 3}}'])
 def test_watch_with_a_broken_run_config_is_one_line(tmp_path, text):
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.sample import run_model
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.results.sample import run_model
 
     (tmp_path / "run_config.json").write_text(text)
     with pytest.raises(CogvxError, match=re.escape(str(tmp_path / "run_config.json")) + ".*pass --model") as info:
@@ -221,7 +221,7 @@ def test_watch_with_a_broken_run_config_is_one_line(tmp_path, text):
 
 
 def test_validation_record_is_replaced_whole(tmp_path):
-    from cogvx_dist.sample import _load_record, _write_record
+    from cogvx_dist.results.sample import _load_record, _write_record
 
     path = tmp_path / "validated.json"
     _write_record(path, {"steps": {"2": {"folder": "step-00000002"}}})
@@ -235,7 +235,7 @@ def _step_time(step: int) -> float:
 
 
 def _write_metrics(run: Path, steps: int) -> None:
-    from cogvx_dist.metrics import MetricsWriter
+    from cogvx_dist.train.metrics import MetricsWriter
 
     writer = MetricsWriter(run, enabled=True, tensorboard=False)
     rng = np.random.default_rng(0)
@@ -282,8 +282,8 @@ def test_report_writes_plots_and_summary(tmp_path):
 
 def test_report_skips_a_torn_last_metrics_line(tmp_path):
     """A run still writing (or killed mid-write) leaves half a line at the end: the report uses the whole lines."""
-    from cogvx_dist.metrics import METRICS_FILE, read_metrics
-    from cogvx_dist.report import write_report
+    from cogvx_dist.train.metrics import METRICS_FILE, read_metrics
+    from cogvx_dist.results.report import write_report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -301,9 +301,9 @@ def test_report_skips_a_torn_last_metrics_line(tmp_path):
     ('{"loss": 1.0}', 'line 3: no integer "step"'),
 ])
 def test_report_names_file_and_line_of_a_bad_metrics_line(tmp_path, bad, message):
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.metrics import METRICS_FILE, read_metrics
-    from cogvx_dist.report import write_report
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.train.metrics import METRICS_FILE, read_metrics
+    from cogvx_dist.results.report import write_report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -320,8 +320,8 @@ def test_report_names_file_and_line_of_a_bad_metrics_line(tmp_path, bad, message
                                        ("train_summary.json", "[]"),
                                        ("validation/validated.json", "not json")])
 def test_report_names_a_broken_run_file(tmp_path, name, text):
-    from cogvx_dist.errors import CogvxError
-    from cogvx_dist.report import write_report
+    from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.results.report import write_report
 
     run = tmp_path / "run"
     run.mkdir()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvx_dist.models import FAMILIES, describe_checkpoint
+from cogvx_dist.core.families import FAMILIES
+from cogvx_dist.core.loading import describe_checkpoint
 from tests.conftest import run_cli
 
 

@@ -11,13 +11,13 @@ import torch
 import yaml
 from diffusers import CogVideoXPipeline
 
-from cogvx_dist.checkpoint import COMMIT_MARKER, complete_checkpoints
-from cogvx_dist.lora import LoraSettings, inject_lora, load_exported_lora, lora_parameters, read_lora
-from cogvx_dist.models import describe_checkpoint, load_scheduler, load_transformer
+from cogvx_dist.train.checkpoints import COMMIT_MARKER, complete_checkpoints
+from cogvx_dist.core.lora import LoraSettings, inject_lora, load_exported_lora, lora_parameters, read_lora
+from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
 from cogvx_dist.train.loop import CRASH_AFTER_STEP_ENV, SUMMARY_FILE
 from cogvx_dist.train.loss import LossContext, diffusion_loss
-from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex
-from cogvx_dist.data.schema import Manifest
+from cogvx_dist.train.reader import BatchPlan, MicroBatches, ShardIndex
+from cogvx_dist.core.shard_format import Manifest
 from tests.conftest import run_cli
 
 LORA = {"rank": 8, "alpha": 4.0}
@@ -28,7 +28,7 @@ def shards_2b(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     """Shards made by the prep tier from real mp4 clips of moving shapes: 8 samples in shards of 3, 3 and 2."""
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
-    from data_prep.synthetic import make_synthetic_dataset
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 
     model = tiny_checkpoint("CogVideoX-2b")
     root = tmp_path_factory.mktemp("prep-2b")

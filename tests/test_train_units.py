@@ -10,18 +10,19 @@ import sys
 import pytest
 import torch
 
-from cogvx_dist import checkpoint as ckpt
-from cogvx_dist.config import load_config
-from cogvx_dist.data.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
-from cogvx_dist.distributed import load_ds_config, resolve_ds_config
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.lora import LoraSettings, inject_lora
-from cogvx_dist.models import FAMILIES, describe_checkpoint, load_scheduler, load_transformer
+from cogvx_dist.train import checkpoints as ckpt
+from cogvx_dist.core.config_files import load_config
+from cogvx_dist.train.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
+from cogvx_dist.train.engine import load_ds_config, resolve_ds_config
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.lora import LoraSettings, inject_lora
+from cogvx_dist.core.families import FAMILIES
+from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.loop import lr_lambda
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from tests.conftest import run_cli
-from cogvx_dist.data.synthetic import write_synthetic_shards
+from cogvx_dist.core.synthetic_shards import write_synthetic_shards
 from tests.test_train import write_config
 
 
@@ -153,7 +154,7 @@ def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
     script = (
         "import sys\n"
         "from cogvx_dist.train.loop import forbid_encoders\n"
-        "from cogvx_dist.models import load_transformer, load_text_encoder, load_vae\n"
+        "from cogvx_dist.core.loading import load_transformer, load_text_encoder, load_vae\n"
         "forbid_encoders()\n"
         "load_transformer(sys.argv[1])\n"
         "try:\n"
@@ -201,7 +202,7 @@ def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, 
 
 
 def test_streaming_reads_pipe_locations(good_run):
-    from cogvx_dist.data.streaming import StreamingMicroBatches, member_url, read_remote_manifest
+    from cogvx_dist.train.streaming import StreamingMicroBatches, member_url, read_remote_manifest
 
     _, root = good_run
     location = f"pipe:cat {root / 'shards'}/{{name}}"
@@ -245,7 +246,7 @@ def test_gradient_checkpointing_every_kth_block(tiny_checkpoint, monkeypatch, ev
 def test_several_resolution_buckets_need_micro_batch_one(good_run, tmp_path):
     import shutil
 
-    from cogvx_dist.data.schema import Manifest
+    from cogvx_dist.core.shard_format import Manifest
     from cogvx_dist.train.loop import preflight
 
     model, root = good_run

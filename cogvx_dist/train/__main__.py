@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from cogvx_dist.errors import CogvxError, RankError
-from cogvx_dist.launch_env import env_rank
+from cogvx_dist.core.errors import CogvxError, RankError
+from cogvx_dist.core.launch_env import env_rank
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = env_rank()
     try:
-        from cogvx_dist.config import load_config
+        from cogvx_dist.core.config_files import load_config
         from cogvx_dist.train.config import RunConfig
         from cogvx_dist.train.loop import train
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.lora import LoraSettings
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.lora import LoraSettings
 
 
 @dataclass

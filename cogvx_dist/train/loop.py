@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from cogvx_dist import checkpoint as ckpt
-from cogvx_dist import distributed
-from cogvx_dist.config import to_dict
-from cogvx_dist.data.reader import BatchPlan, MicroBatches, ShardIndex, check_manifest, make_loader
-from cogvx_dist.data.schema import Manifest
-from cogvx_dist.data.streaming import StreamingMicroBatches, is_remote, read_remote_manifest
-from cogvx_dist.errors import CogvxError, RankError
-from cogvx_dist.fileio import write_atomic
-from cogvx_dist.lora import (
+from cogvx_dist.train import checkpoints as ckpt
+from cogvx_dist.train import engine as distributed
+from cogvx_dist.core.config_files import to_dict
+from cogvx_dist.train.reader import BatchPlan, MicroBatches, ShardIndex, check_manifest, make_loader
+from cogvx_dist.core.shard_format import Manifest
+from cogvx_dist.train.streaming import StreamingMicroBatches, is_remote, read_remote_manifest
+from cogvx_dist.core.errors import CogvxError, RankError
+from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.lora import (
     adapter_checksum,
     export_lora,
     inject_lora,
@@ -31,9 +31,9 @@ from cogvx_dist.lora import (
     lora_state_dict,
     state_dict_names,
 )
-from cogvx_dist.metrics import MetricsWriter
-from cogvx_dist.models import CheckpointInfo, describe_checkpoint, load_scheduler, load_transformer
-from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION
+from cogvx_dist.train.metrics import MetricsWriter
+from cogvx_dist.core.loading import CheckpointInfo, describe_checkpoint, load_scheduler, load_transformer
+from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 

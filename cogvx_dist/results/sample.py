@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from cogvx_dist.errors import CogvxError, first_line
-from cogvx_dist.fileio import write_atomic
+from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.files import write_atomic
 
 log = logging.getLogger("cogvx.sample")
 
@@ -70,7 +70,7 @@ def pick_device(device: str = "auto") -> str:
 
 def lora_folder(path: str | Path) -> Path:
     """The folder holding `pytorch_lora_weights.safetensors` (accepts the file itself), or a one-line error."""
-    from cogvx_dist.lora import LORA_WEIGHTS_NAME
+    from cogvx_dist.core.lora import LORA_WEIGHTS_NAME
 
     path = Path(path)
     if path.is_file() and path.name.endswith(".safetensors"):
@@ -94,7 +94,7 @@ class Sampler:
                  allow_other_family: bool = False) -> None:
         import torch
 
-        from cogvx_dist.models import describe_checkpoint
+        from cogvx_dist.core.loading import describe_checkpoint
 
         self.info = describe_checkpoint(model)
         self.family = self.info.family
@@ -132,7 +132,7 @@ class Sampler:
 
     def _check_adapter_fits(self, folder: Path) -> None:
         """Every adapter matrix must match a layer of this transformer (a LoRA from another family does not)."""
-        from cogvx_dist.lora import load_exported_lora
+        from cogvx_dist.core.lora import load_exported_lora
 
         try:
             exported = load_exported_lora(folder)
@@ -328,7 +328,7 @@ def watch_run(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from cogvx_dist.checkpoint import LORA_SUBDIR, complete_checkpoints
+    from cogvx_dist.train.checkpoints import LORA_SUBDIR, complete_checkpoints
     from cogvx_dist.train.loop import SUMMARY_FILE
 
     run = Path(run_dir)

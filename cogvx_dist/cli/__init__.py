@@ -10,11 +10,11 @@ import json
 import sys
 from collections.abc import Callable
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from cogvx_dist.models.tiny import make_tiny_checkpoint
+    from cogvx_dist.core.tiny import make_tiny_checkpoint
 
     out = make_tiny_checkpoint(args.out, args.family, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
@@ -22,7 +22,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from cogvx_dist.models import describe_checkpoint
+    from cogvx_dist.core.loading import describe_checkpoint
 
     info = describe_checkpoint(args.model)
     family = info.family
@@ -48,7 +48,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _families(_: argparse.Namespace) -> int:
-    from cogvx_dist.models import FAMILIES
+    from cogvx_dist.core.families import FAMILIES
 
     for family in FAMILIES.values():
         kind = "image-to-video" if family.image_to_video else "text-to-video"
@@ -61,7 +61,7 @@ def _families(_: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    from cogvx_dist.models.families import FAMILIES
+    from cogvx_dist.core.families import FAMILIES
 
     parser = argparse.ArgumentParser(prog="cogvx", description="Distributed LoRA fine-tuning for CogVideoX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("families", _families, "list the supported CogVideoX families")
 
     # Each tier registers its own subcommands (lazily importing its heavy modules in the handlers).
-    from cogvx_dist.launch_cli import register as register_launch
-    from cogvx_dist.results_cli import register as register_results
-    from cogvx_dist.train.cli import register as register_train
-    from data_prep.cli import register as register_prep
+    from cogvx_dist.launch import register as register_launch
+    from cogvx_dist.cli.results import register as register_results
+    from cogvx_dist.cli.train import register as register_train
+    from cogvx_dist.cli.prep import register as register_prep
 
     register_prep(command)
     register_train(command)

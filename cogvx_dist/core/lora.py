@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"

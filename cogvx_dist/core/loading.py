@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.errors import CogvxError, first_line
-from cogvx_dist.models.families import ModelFamily, detect_family
+from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.families import ModelFamily, detect_family
 
 COMPONENT_ORDER = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 COGVIDEOX_PIPELINES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")

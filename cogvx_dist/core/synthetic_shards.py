@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from cogvx_dist.data.schema import (
+from cogvx_dist.core.shard_format import (
     IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS, Manifest, ShardEntry, encode_sample,
     file_sha256,
 )
-from cogvx_dist.models import describe_checkpoint
-from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION, VAE_TEMPORAL_COMPRESSION
+from cogvx_dist.core.loading import describe_checkpoint
+from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION, VAE_TEMPORAL_COMPRESSION
 
 
 def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], seed: int = 0) -> Manifest:

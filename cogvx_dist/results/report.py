@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.errors import CogvxError, first_line
+from cogvx_dist.core.errors import CogvxError, first_line
 
 REPORT_DIR = "report"
 
@@ -83,7 +83,7 @@ def _time_weighted(records: list[dict[str, Any]], key: str) -> float:
 
 
 def run_stats(records: list[dict[str, Any]]) -> RunStats:
-    """Summary numbers of metrics records (as `cogvx_dist.metrics.read_metrics` returns them)."""
+    """Summary numbers of metrics records (as `cogvx_dist.train.metrics.read_metrics` returns them)."""
     if not records:
         raise CogvxError("no metrics records to summarise")
     losses = [r["loss"] for r in records]
@@ -187,7 +187,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the plots and the summary of a run into out_dir (default RUN_DIR/report); returns the summary dict."""
-    from cogvx_dist.metrics import METRICS_FILE, read_metrics
+    from cogvx_dist.train.metrics import METRICS_FILE, read_metrics
 
     run = Path(run_dir)
     if not run.is_dir():

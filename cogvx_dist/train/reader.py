@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cogvx_dist.data.schema import (
+from cogvx_dist.core.shard_format import (
     IMAGE_LOGVAR,
     IMAGE_MEAN,
     LATENT_LOGVAR,
@@ -28,9 +28,9 @@ from cogvx_dist.data.schema import (
     Manifest,
     decode_sample,
 )
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION
-from cogvx_dist.models.loading import CheckpointInfo
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION
+from cogvx_dist.core.loading import CheckpointInfo
 
 
 class ShardIndex:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 DEMO_MARKER = ".cogvx-demo"
 """File marking a folder as a demo output, which a later `cogvx demo --out` may replace."""
@@ -141,7 +141,7 @@ def _prep(model: Path, data: Path, shards: Path, processes: int, device: str, lo
         _run_logged(_cogvx("prep", "finalize", str(shards)), logs / "prep-finalize.log")
     # The numbers come from what prep wrote, not from its log text: the manifest, and each rank's progress file
     # (parts/rank-RRRRR.json), whose "stats" hold the clips it encoded and its run time (start-up excluded).
-    from cogvx_dist.data.schema import Manifest
+    from cogvx_dist.core.shard_format import Manifest
     from data_prep.shards import read_part
 
     manifest = Manifest.read(shards)
@@ -194,7 +194,7 @@ def _comparison_png(without: Any, with_lora: Any, path: Path) -> Path:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from cogvx_dist.sample import frame_grid
+    from cogvx_dist.results.sample import frame_grid
 
     top = np.asarray(frame_grid(without, columns=len(without)))
     bottom = np.asarray(frame_grid(with_lora, columns=len(with_lora)))
@@ -214,11 +214,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     import numpy as np
     import torch
 
-    from cogvx_dist.metrics import read_metrics
-    from cogvx_dist.models.tiny import make_tiny_checkpoint
-    from cogvx_dist.report import plot_loss, write_report
-    from cogvx_dist.sample import SampleSettings, Sampler, WatchOptions, pick_device, save_clip, watch_run
-    from data_prep.synthetic import make_synthetic_dataset
+    from cogvx_dist.train.metrics import read_metrics
+    from cogvx_dist.core.tiny import make_tiny_checkpoint
+    from cogvx_dist.results.report import plot_loss, write_report
+    from cogvx_dist.results.sample import SampleSettings, Sampler, WatchOptions, pick_device, save_clip, watch_run
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 
     if settings.clips < 2:
         raise CogvxError("--clips must be at least 2 (one per prep process)")

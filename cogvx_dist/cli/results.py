@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -41,7 +41,7 @@ def _quiet_libraries() -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from cogvx_dist.demo import DemoSettings, run_demo
+    from cogvx_dist.results.demo import DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), clips=args.clips, steps=args.steps,
                             inference_steps=args.inference_steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
@@ -63,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sample_settings(args: argparse.Namespace):
-    from cogvx_dist.sample import SampleSettings
+    from cogvx_dist.results.sample import SampleSettings
 
     if args.inference_steps < 1:
         raise CogvxError("--inference-steps must be at least 1")
@@ -74,7 +74,7 @@ def _sample_settings(args: argparse.Namespace):
 
 def _sample(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from cogvx_dist.sample import Sampler, WatchOptions, lora_folder, read_prompts, save_clip, watch_run
+    from cogvx_dist.results.sample import Sampler, WatchOptions, lora_folder, read_prompts, save_clip, watch_run
 
     prompts = read_prompts(args.prompt or [], args.prompts_file)
     settings = _sample_settings(args)
@@ -127,7 +127,7 @@ def _write_gif(frames, path: Path, fps: int) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cogvx_dist.report import write_report
+    from cogvx_dist.results.report import write_report
 
     summary = write_report(args.run_dir, args.out)
     print(summary["text"], end="")

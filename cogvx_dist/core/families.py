@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 VAE_SPATIAL_COMPRESSION = 8
 """Pixels per latent along height and width, in every CogVideoX VAE."""

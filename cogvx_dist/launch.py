@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
@@ -181,8 +181,8 @@ def build_commands(launcher: str, hosts: list[Host], hostfile: str | None, confi
 def plan_launch(args: argparse.Namespace) -> Plan:
     """Every check of `cogvx launch check`; raises CogvxError at the first problem."""
     # Heavy imports here, so `cogvx --help` stays fast.
-    from cogvx_dist import checkpoint as ckpt
-    from cogvx_dist.config import load_config
+    from cogvx_dist.train import checkpoints as ckpt
+    from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
     from cogvx_dist.train.loop import preflight
 

@@ -89,7 +89,7 @@ def _clear_rate(config):
 
 
 def _prep(args: argparse.Namespace) -> int:
-    from cogvx_dist.errors import CogvxError
+    from cogvx_dist.core.errors import CogvxError
 
     if args.action == "finalize":
         folder = args.folder or args.out

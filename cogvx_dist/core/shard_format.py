@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.fileio import write_atomic
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.files import write_atomic
 
 FORMAT_NAME = "cogvx-latent-shards"
 FORMAT_VERSION = 1

@@ -26,7 +26,7 @@ def _free_port() -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from cogvx_dist.config import load_config
+    from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
     from cogvx_dist.train.loop import preflight
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError
 
 METRICS_FILE = "metrics.jsonl"
 

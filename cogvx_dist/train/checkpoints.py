@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.fileio import write_atomic
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.files import write_atomic
 
 COMMIT_MARKER = "COMMITTED.json"
 LORA_SUBDIR = "lora"

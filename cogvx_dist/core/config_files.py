@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from cogvx_dist.errors import CogvxError, first_line
+from cogvx_dist.core.errors import CogvxError, first_line
 
 T = TypeVar("T")
 

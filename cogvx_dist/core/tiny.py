@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.errors import CogvxError
-from cogvx_dist.models.families import VAE_SPATIAL_COMPRESSION, ModelFamily, get_family
-from cogvx_dist.models.loading import TINY_INFO_FILE
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION, ModelFamily, get_family
+from cogvx_dist.core.loading import TINY_INFO_FILE
 
 TINY_HEIGHT = 32
 TINY_WIDTH = 48

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cogvx_dist.errors import CogvxError, RankError
-from cogvx_dist.launch_env import under_mpi
+from cogvx_dist.core.errors import CogvxError, RankError
+from cogvx_dist.core.launch_env import under_mpi
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 """The repository's ds_configs/ (shipped beside the package in a source checkout)."""
 
 
