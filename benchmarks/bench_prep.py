@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 
 def bench_tiny(args: argparse.Namespace) -> dict:
     from cogvx_dist.core.shard_format import Manifest
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
     from cogvx_dist.core.tiny import make_tiny_checkpoint
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
-    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-prep-"))
     model = Path(args.model) if args.model else make_tiny_checkpoint(work / "tiny", args.family)
@@ -104,8 +104,8 @@ def bench_full_size(args: argparse.Namespace) -> dict:
     import torch
 
     from cogvx_dist.core.families import get_family
-    from data_prep.decode import decode_video
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
+    from data_prep.decode import decode_video
 
     text_length = get_family("CogVideoX-2b").text_max_length
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "")

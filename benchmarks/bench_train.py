@@ -79,11 +79,11 @@ def bench(args: argparse.Namespace) -> dict:
     import torch
     import yaml
 
-    from cogvx_dist.core.synthetic_shards import write_synthetic_shards
     from cogvx_dist.core.errors import CogvxError
-    from cogvx_dist.core.lora import LoraSettings
-    from cogvx_dist.core.loading import describe_checkpoint
     from cogvx_dist.core.families import get_family
+    from cogvx_dist.core.loading import describe_checkpoint
+    from cogvx_dist.core.lora import LoraSettings
+    from cogvx_dist.core.synthetic_shards import write_synthetic_shards
     from cogvx_dist.core.tiny import make_tiny_checkpoint
 
     cuda = torch.cuda.is_available()

@@ -1,1 +1,7 @@
-from cogvx_dist.cli import main; import sys; sys.exit(main())
+"""`python -m cogvx_dist`: the `cogvx` command line."""
+
+import sys
+
+from cogvx_dist.cli import main
+
+sys.exit(main())

@@ -1,25 +1,21 @@
-"""`cogvx launch ...`: checks and commands for cluster launches (see launchers/ and docs/CLUSTER.md).
+"""Launch plans: hostfiles, where ranks go, and the command each node runs (see launchers/ and docs/CLUSTER.md).
 
-`cogvx launch check` is a dry run of a multi-node job: it reads the hostfile (or a node count), the run config and
-the shard manifest, checks what would otherwise fail only once every node has started (world size, batch
-arithmetic, samples per global batch, paths, the `.deepspeed_env` format), and prints the exact command each node
+`plan_launch` is the dry run behind `cogvx launch check`: it reads the hostfile (or a node count), the run config
+and the shard manifest, checks what would otherwise fail only once every node has started (world size, batch
+arithmetic, samples per global batch, paths, the `.deepspeed_env` format), and builds the exact command each node
 would run. It starts nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
-
-AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 LAUNCHERS = ("pdsh", "no-ssh", "mpi", "slurm")
 DEFAULT_PORT = 29500
@@ -178,30 +174,59 @@ def build_commands(launcher: str, hosts: list[Host], hostfile: str | None, confi
     raise CogvxError(f"unknown launcher {launcher!r} (one of {', '.join(LAUNCHERS)})")
 
 
-def plan_launch(args: argparse.Namespace) -> Plan:
-    """Every check of `cogvx launch check`; raises CogvxError at the first problem."""
-    # Heavy imports here, so `cogvx --help` stays fast.
-    from cogvx_dist.train import checkpoints as ckpt
-    from cogvx_dist.core.config_files import load_config
-    from cogvx_dist.train.config import RunConfig
-    from cogvx_dist.train.loop import preflight
+@dataclass
+class LaunchRequest:
+    """What `cogvx launch check` is asked about."""
 
-    if args.hostfile:
-        hosts = select_hosts(read_hostfile(args.hostfile), args.nodes, args.gpus_per_node)
+    config: str
+    """Run config path, as the job will read it."""
+    overrides: list[str] = field(default_factory=list)
+    """section.key=value overrides passed to the job."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile; without it, `nodes` (and `gpus_per_node`) describe the cluster."""
+    nodes: int | None = None
+    """Use the first N hosts (without a hostfile: N nodes)."""
+    gpus_per_node: int | None = None
+    """Ranks per node (default: the hostfile's slots, else 1)."""
+    launcher: str = "pdsh"
+    """One of LAUNCHERS."""
+    world_size: int | None = None
+    """Ranks mpiexec starts (launcher mpi only)."""
+    master_addr: str | None = None
+    """Rendezvous address (default: the first host)."""
+    master_port: int = DEFAULT_PORT
+    """Rendezvous port."""
+    deepspeed_env: str | None = None
+    """The .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)."""
+
+
+def cluster_hosts(request: LaunchRequest) -> list[Host]:
+    """The hosts and ranks per host the launch uses."""
+    if request.hostfile:
+        hosts = select_hosts(read_hostfile(request.hostfile), request.nodes, request.gpus_per_node)
     else:
-        if args.nodes is None:
+        if request.nodes is None:
             raise CogvxError("give --hostfile, or --nodes (and --gpus-per-node) to describe the cluster")
-        count = args.gpus_per_node if args.gpus_per_node is not None else 1
-        hosts = select_hosts([Host(f"node-{i}", 1) for i in range(max(args.nodes, 1))], args.nodes, count)
-    if args.world_size is not None:
-        if args.launcher != "mpi":
+        count = request.gpus_per_node if request.gpus_per_node is not None else 1
+        hosts = select_hosts([Host(f"node-{i}", 1) for i in range(max(request.nodes, 1))], request.nodes, count)
+    if request.world_size is not None:
+        if request.launcher != "mpi":
             raise CogvxError("--world-size is for --launcher mpi (mpiexec -n N); the other launchers start every "
                              "slot of the hosts (trim them with --nodes / --gpus-per-node)")
-        hosts = place_ranks(hosts, args.world_size)
-    world = sum(h.slots for h in hosts)
-    notes: list[str] = []
+        hosts = place_ranks(hosts, request.world_size)
+    return hosts
 
-    config = load_config(RunConfig, args.config, args.overrides)
+
+def plan_launch(request: LaunchRequest) -> Plan:
+    """Every check of `cogvx launch check`; raises CogvxError at the first problem."""
+    # Heavy imports here, so `cogvx --help` stays fast.
+    from cogvx_dist.core.config_files import load_config
+    from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.preflight import preflight
+
+    hosts = cluster_hosts(request)
+    world = sum(h.slots for h in hosts)
+    config = load_config(RunConfig, request.config, request.overrides)
     global_batch = config.check_world(world)
     checks = preflight(config)  # includes the DeepSpeed JSON: a broken one fails here, not on every rank
     samples = checks.manifest.num_samples
@@ -210,16 +235,35 @@ def plan_launch(args: argparse.Namespace) -> Plan:
             f"data.shards has {samples} samples, fewer than one global batch of {global_batch} (micro_batch_size "
             f"{config.train.micro_batch_size} x grad_accum_steps {config.train.grad_accum_steps} x {world} ranks): "
             "every step would repeat samples; use fewer ranks or smaller batches, or prep more data")
+    notes = _data_notes(config, len(checks.manifest.shards), samples, world, global_batch)
+    notes += _path_notes(config, request.config)
+    if request.launcher == "pdsh":
+        notes += _deepspeed_env_notes(request.deepspeed_env)
+    master_addr = request.master_addr or hosts[0].name
+    commands = build_commands(request.launcher, hosts, request.hostfile, request.config, list(request.overrides),
+                              master_addr, request.master_port,
+                              {"nodes": request.nodes, "gpus_per_node": request.gpus_per_node})
+    return Plan(hosts, world, global_batch, samples, notes, commands)
+
+
+def _data_notes(config: Any, shards: int, samples: int, world: int, global_batch: int) -> list[str]:
+    notes = []
     if config.data.streaming:
         # Streaming ranks draw shards with replacement, so any count works, but a rank per shard or more means ranks
         # read the same shards at the same time.
-        notes.append(f"streaming {len(checks.manifest.shards)} shards to {world} ranks (drawn with replacement; "
-                     "resume is approximate)")
+        notes.append(f"streaming {shards} shards to {world} ranks (drawn with replacement; resume is approximate)")
     epochs = config.train.max_steps * global_batch / samples
     notes.append(f"{config.train.max_steps} steps x {global_batch} samples = {epochs:.2f} passes over the data")
+    return notes
 
+
+def _path_notes(config: Any, config_path: str) -> list[str]:
+    """Relative paths, an output folder that cannot be written, and where a restarted job resumes."""
+    from cogvx_dist.train import checkpoints
+
+    notes = []
     for key, value in (("model.path", config.model.path), ("data.shards", config.data.shards),
-                       ("output_dir", config.output_dir), ("config", args.config)):
+                       ("output_dir", config.output_dir), ("config", config_path)):
         if value and not Path(value).is_absolute() and Path(value).exists():
             notes.append(f"{key} {value} is relative: every node must start in the same directory ({Path.cwd()})")
     output = Path(config.output_dir)
@@ -227,43 +271,22 @@ def plan_launch(args: argparse.Namespace) -> Plan:
     if existing is None or not os.access(existing, os.W_OK):
         raise CogvxError(f"output_dir {output}: cannot create or write it (nearest existing folder: {existing})")
     fresh = config.checkpoint.resume == "auto" and not output.exists()
-    resume = None if fresh else ckpt.find_resume_point(config.output_dir, config.checkpoint.resume)
+    resume = None if fresh else checkpoints.find_resume_point(config.output_dir, config.checkpoint.resume)
     if resume is not None:
         notes.append(f"resumes from {resume} (checkpoint.resume={config.checkpoint.resume})")
     elif config.checkpoint.resume != "auto":
         notes.append(f"checkpoint.resume={config.checkpoint.resume}: a restarted job will NOT resume by itself")
-
-    if args.launcher == "pdsh":
-        env_files = [p for p in (Path.cwd() / ".deepspeed_env", Path.home() / ".deepspeed_env") if p.is_file()]
-        if args.deepspeed_env:
-            env_files = [Path(args.deepspeed_env)]
-            if not env_files[0].is_file():
-                raise CogvxError(f"--deepspeed-env {args.deepspeed_env} does not exist")
-        for env_file in env_files:
-            notes.append(f"{env_file} exports {', '.join(check_deepspeed_env(env_file)) or 'nothing'} to every node")
-    master_addr = args.master_addr or hosts[0].name
-    commands = build_commands(args.launcher, hosts, args.hostfile, args.config, list(args.overrides), master_addr,
-                              args.master_port, {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node})
-    return Plan(hosts, world, global_batch, samples, notes, commands)
+    return notes
 
 
-def _check(args: argparse.Namespace) -> int:
-    plan = plan_launch(args)
-    if args.quiet:
-        print(f"cogvx launch check: ok ({len(plan.hosts)} nodes, {plan.world_size} ranks, global batch "
-              f"{plan.global_batch}, {plan.samples} samples)", file=sys.stderr)
-        return 0
-    print(f"nodes: {len(plan.hosts)}  ranks: {plan.world_size}  global batch: {plan.global_batch}  "
-          f"samples: {plan.samples}")
-    for rank, host in enumerate(plan.hosts):
-        print(f"  node {rank}: {host.name} slots={host.slots}")
-    for note in plan.notes:
-        print(f"note: {note}")
-    print(f"commands ({args.launcher}):")
-    for where, command in plan.commands:
-        print(f"# {where}")
-        print(command)
-    return 0
+def _deepspeed_env_notes(given: str | None) -> list[str]:
+    env_files = [p for p in (Path.cwd() / ".deepspeed_env", Path.home() / ".deepspeed_env") if p.is_file()]
+    if given:
+        env_files = [Path(given)]
+        if not env_files[0].is_file():
+            raise CogvxError(f"--deepspeed-env {given} does not exist")
+    return [f"{env_file} exports {', '.join(check_deepspeed_env(env_file)) or 'nothing'} to every node"
+            for env_file in env_files]
 
 
 HOSTFILE_FORMATS = ("table", "hosts", "slots", "hydra")
@@ -283,50 +306,3 @@ def format_hosts(hosts: list[Host], form: str) -> str:
     else:
         raise CogvxError(f"unknown hostfile format {form!r} (one of {', '.join(HOSTFILE_FORMATS)})")
     return "\n".join(lines) + "\n"
-
-
-def _parse_hostfile_cmd(args: argparse.Namespace) -> int:
-    hosts = select_hosts(read_hostfile(args.hostfile), args.nodes, args.gpus_per_node)
-    sys.stdout.write(format_hosts(hosts, args.format))
-    return 0
-
-
-def register(command: AddCommand) -> None:
-    """Add the launch subcommands."""
-    launch = command("launch", lambda _: _no_action(launch), "check a multi-node launch and print its commands")
-    sub = launch.add_subparsers(dest="launch_command", metavar="ACTION")
-
-    check = sub.add_parser(
-        "check", help="dry run: check hostfile, run config and shards, print each node's command",
-        description="Check a multi-node job before it starts (world size, batch arithmetic, samples, paths, "
-                    ".deepspeed_env) and print the exact command each node would run. Starts nothing.")
-    check.set_defaults(handler=_check)
-    check.add_argument("--config", required=True, help="run config (YAML or TOML), as the job will read it")
-    check.add_argument("--hostfile", help="DeepSpeed hostfile: one \"HOSTNAME slots=N\" line per node")
-    check.add_argument("--nodes", type=int, help="use the first N hosts (without --hostfile: N nodes)")
-    check.add_argument("--gpus-per-node", type=int, help="ranks per node (default: the hostfile's slots, else 1)")
-    check.add_argument("--launcher", choices=LAUNCHERS, default="pdsh",
-                       help="how the job starts: pdsh (deepspeed --hostfile over ssh), no-ssh (per-node "
-                            "deepspeed --no_ssh), mpi (mpiexec + MPI discovery), slurm (sbatch)")
-    check.add_argument("--world-size", type=int,
-                       help="ranks the job starts (mpiexec -n N; --launcher mpi only): they fill the hosts' slots "
-                            "in order (default: every slot)")
-    check.add_argument("--master-addr", help="rendezvous address (default: the first host)")
-    check.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="rendezvous port")
-    check.add_argument("--deepspeed-env", help="the .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)")
-    check.add_argument("--quiet", action="store_true", help="print one line on success instead of the plan")
-    check.add_argument("overrides", nargs="*", help="section.key=value overrides, as passed to the job")
-
-    hostfile = sub.add_parser("hostfile", help="parse a hostfile and print hosts, slots and the world size")
-    hostfile.set_defaults(handler=_parse_hostfile_cmd)
-    hostfile.add_argument("hostfile", help="DeepSpeed hostfile")
-    hostfile.add_argument("--nodes", type=int, help="use the first N hosts")
-    hostfile.add_argument("--gpus-per-node", type=int, help="ranks per node")
-    hostfile.add_argument("--format", choices=HOSTFILE_FORMATS, default="table",
-                          help="table: \"host slots\" lines and the total; hosts: the names; slots: the total; "
-                               "hydra: MPICH's \"host:N\" lines (the launchers read hostfiles through this)")
-
-
-def _no_action(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2

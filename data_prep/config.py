@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cogvx_dist.core.devices import DTYPE_NAMES
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.families import SIZE_MULTIPLE
 
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("auto", "cogvideo", "csv", "jsonl", "folder")
-# The VAE compresses 8x spatially and the transformer patches 2x2 latents: pixel sizes must divide by 16.
-SIZE_MULTIPLE = 16
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
@@ -83,7 +82,7 @@ class PrepConfig:
     """Show a progress bar per process."""
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "prep config") -> "PrepConfig":
+    def from_dict(cls, values: dict[str, Any], where: str = "prep config") -> PrepConfig:
         """Build from a mapping with the shared config loader (unknown keys and wrong types are rejected by name);
         `buckets` may be given as "HxW" strings and `shard_max_bytes` as "512MiB"."""
         from cogvx_dist.core.config_files import from_dict
@@ -100,13 +99,13 @@ class PrepConfig:
             raise CogvxError(f"{where}: {err}") from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "PrepConfig":
+    def from_yaml(cls, path: str | Path) -> PrepConfig:
         """Load a YAML or TOML file whose top-level keys are field names."""
         from cogvx_dist.core.config_files import read_config_file
 
         return cls.from_dict(read_config_file(path), where=str(path))
 
-    def replace(self, **overrides: Any) -> "PrepConfig":
+    def replace(self, **overrides: Any) -> PrepConfig:
         """A copy with the non-None overrides applied (CLI flags over YAML)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -117,8 +116,8 @@ class PrepConfig:
                 raise CogvxError(f"{key} is required (--{key})")
         if self.layout not in LAYOUTS:
             raise CogvxError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise CogvxError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.storage_dtype!r}")
+        if self.storage_dtype not in DTYPE_NAMES:
+            raise CogvxError(f"storage_dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.storage_dtype!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):
             raise CogvxError(f"compute_dtype must be auto, float32 or bfloat16, not {self.compute_dtype!r}")
         if not (self.device in ("auto", "cpu") or re.match(r"^cuda(:\d+)?$", self.device)):

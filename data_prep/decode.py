@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,8 @@ def center_crop(array: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     return array[..., top : top + bh, left : left + bw, :]
 
 
-def frame_indices(frames: int, source_fps: float, target_fps: float | None, stride: int | None) -> tuple[list[int], float]:
+def frame_indices(frames: int, source_fps: float, target_fps: float | None,
+                  stride: int | None) -> tuple[list[int], float]:
     """Source frame indices to take, and the stride they imply.
 
     With a target fps the step is source_fps / target_fps (never below 1: a slower source is not padded with
@@ -91,8 +93,7 @@ def decode_video(
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
-        reason = first_line(err)[:200].replace(str(path), path.name)
-        raise BadInput(f"unreadable video ({reason})") from None
+        raise BadInput(f"unreadable video ({_reason(err, path)})") from None
     try:
         if not container.streams.video:
             raise BadInput("no video stream")
@@ -103,32 +104,43 @@ def decode_video(
         if not height or not width:
             raise BadInput("video stream has no frame size")
         bucket = choose_bucket(height, width, buckets)
-        rh, rw = resized_size(height, width, bucket)
         wanted, step = frame_indices(frames, source_fps, target_fps, stride)
-        wanted_set, last = set(wanted), wanted[-1]
-        picked: dict[int, np.ndarray] = {}
-        seen = 0
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                seen = index + 1
-                if index in wanted_set:
-                    # swscale does resize + RGB conversion in one pass; area averaging avoids aliasing on downscale.
-                    rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA").to_ndarray()
-                    picked[index] = center_crop(rgb, bucket)
-                if index >= last:
-                    break
-        except (av.FFmpegError, OSError, ValueError) as err:
-            if len(picked) < len(wanted):
-                reason = first_line(err)[:200].replace(str(path), path.name)
-                raise BadInput(f"corrupt video: decoding failed after {seen} frames ({reason})") from None
-        if len(picked) < len(wanted):
-            raise BadInput(
-                f"too short: {seen} decodable frames, need {last + 1} ({frames} frames at stride {step:g})"
-            )
-        array = np.stack([picked[i] for i in wanted])
+        array = _selected_frames(container, stream, wanted, step, bucket, resized_size(height, width, bucket), path)
     finally:
         container.close()
     return Clip(array, source_fps / step, source_fps, step, (height, width))
+
+
+def _selected_frames(container: Any, stream: Any, wanted: list[int], step: float, bucket: tuple[int, int],
+                     resized: tuple[int, int], path: Path) -> np.ndarray:
+    """The wanted frame indices of the stream, resized and cropped to the bucket, as uint8 [F, H, W, 3]."""
+    import av
+
+    wanted_set, last = set(wanted), wanted[-1]
+    picked: dict[int, np.ndarray] = {}
+    seen = 0
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            seen = index + 1
+            if index in wanted_set:
+                # swscale does resize + RGB conversion in one pass; area averaging avoids aliasing on downscale.
+                rgb = frame.reformat(width=resized[1], height=resized[0], format="rgb24",
+                                     interpolation="AREA").to_ndarray()
+                picked[index] = center_crop(rgb, bucket)
+            if index >= last:
+                break
+    except (av.FFmpegError, OSError, ValueError) as err:
+        if len(picked) < len(wanted):
+            raise BadInput(f"corrupt video: decoding failed after {seen} frames ({_reason(err, path)})") from None
+    if len(picked) < len(wanted):
+        raise BadInput(f"too short: {seen} decodable frames, need {last + 1} ({len(wanted)} frames at stride "
+                       f"{step:g})")
+    return np.stack([picked[i] for i in wanted])
+
+
+def _reason(err: BaseException, path: Path) -> str:
+    """A decoder error's first line, short, naming the file by its name only."""
+    return first_line(err)[:200].replace(str(path), path.name)
 
 
 def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:

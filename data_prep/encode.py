@@ -13,28 +13,6 @@ import torch
 
 from data_prep.decode import to_model_input
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device: str, local_rank: int) -> str:
-    """The device string for this process: its own GPU where there is one (local_rank % count)."""
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            from cogvx_dist.core.errors import CogvxError
-
-            raise CogvxError(f"device {device} requested but CUDA is not available")
-        return device
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return "cpu"
-
-
-def pick_compute_dtype(compute_dtype: str, device: str) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU unless configured."""
-    if compute_dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[compute_dtype]
-
 
 class Encoders:
     """The prep encoders over one ComponentStore, used in the CogVideoX order and released between phases."""

@@ -17,8 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogvx_dist.core.shard_format import sample_key
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.shard_format import sample_key
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -141,7 +141,8 @@ def _read_cogvideo(root: Path) -> list[_Row]:
     if images is not None and len(images) > len(videos) and not any(i.strip() for i in images[len(videos):]):
         images = images[: len(videos)]
     if len(prompts) != len(videos):
-        raise CogvxError(f"{prompts_path} has {len(prompts)} lines but {videos_path} has {len(videos)}; they must match")
+        raise CogvxError(f"{prompts_path} has {len(prompts)} lines but {videos_path} has {len(videos)}; "
+                         "they must match")
     if images is not None and len(images) != len(videos):
         raise CogvxError(f"{images_path} has {len(images)} lines but {videos_path} has {len(videos)}; they must match")
     rows = []
@@ -220,5 +221,6 @@ def _read_folder(root: Path) -> list[_Row]:
             continue
         rows.append((rel, prompt, image_rel, rel, None))
     if not rows:
-        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}) and no prompts.txt/videos.txt or metadata file")
+        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}) and no prompts.txt/videos.txt or "
+                         "metadata file")
     return rows

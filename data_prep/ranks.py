@@ -8,32 +8,9 @@ WORLD_SIZE) > a single process.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.launch_env import under_mpi
-
-
-@dataclass
-class RankInfo:
-    """This process's place in the job."""
-
-    rank: int
-    """Global rank, 0..world_size-1."""
-    world_size: int
-    """Number of processes in the job."""
-    local_rank: int
-    """Rank among the processes of this node (picks the GPU)."""
-    source: str
-    """Where the numbers came from: flags, mpi, env, k8s or single."""
-    comm: Any = None
-    """The mpi4py communicator when running under MPI (used for the final barrier), else None."""
-
-    def barrier(self) -> None:
-        """Wait for every rank (MPI only; other launchers finalize through the part files)."""
-        if self.comm is not None:
-            self.comm.Barrier()
+from cogvx_dist.core.launch_env import RankInfo, under_mpi
 
 
 def _env_int(name: str, env: dict[str, str]) -> int | None:

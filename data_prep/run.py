@@ -2,33 +2,33 @@
 
 Per chunk of records (config.text_chunk): T5 embeds every prompt, T5 is freed, then the VAE encodes the clips that
 decode workers prepare ahead of it, and samples are written as they finish. Everything is keyed by
-`schema.sample_key(source)`, so a rerun skips samples already in complete shards and encodes nothing twice.
+`shard_format.sample_key(source)`, so a rerun skips samples already in complete shards and encodes nothing twice.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import os
-import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core import shard_format
+from cogvx_dist.core.devices import compute_dtype, pick_device, torch_dtype
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.faults import fault_hook
+from cogvx_dist.core.launch_env import RankInfo
+from cogvx_dist.core.logs import rank_logger
+from data_prep import shards as shardio
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, Clip, decode_video, load_image
 from data_prep.inputs import Record, read_records
-from data_prep.ranks import RankInfo, discover_ranks
-from data_prep import shards as shardio
-
-CRASH_ENV = "COGVX_PREP_CRASH_AFTER"
-"""Test hook: exit hard (os._exit) after this many samples were written by this process, mid-shard."""
+from data_prep.ranks import discover_ranks
 
 
 @dataclass
@@ -68,47 +68,20 @@ class PrepResult:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
 
-def _logger(rank: int) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        # Rank 0 speaks plainly; other ranks say who they are so interleaved logs stay readable.
-        prefix = "" if rank == 0 else f"[rank {rank}] "
-        print(f"{prefix}{message}", file=sys.stderr, flush=True)
-
-    return log
-
-
-def _header(config: PrepConfig, info: Any, frames: int, buckets: list[tuple[int, int]], fps: float) -> dict[str, Any]:
-    """The manifest fields every rank must agree on (all but shards, skipped and extra)."""
+def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[int, int]],
+            fps: float) -> dict[str, Any]:
+    """The manifest fields every rank must agree on, from the family and the VAE's and T5's configs."""
     from cogvx_dist.core.loading import read_component_config
 
-    family = info.family
     vae = read_component_config(config.model, "vae")
     text_encoder = read_component_config(config.model, "text_encoder")
-    scaling = _config_number(config, "vae", vae, "scaling_factor", default=family.vae_scaling_factor, whole=False)
-    temporal = _config_number(config, "vae", vae, "temporal_compression_ratio", default=4)
-    latent_channels = _config_number(config, "vae", vae, "latent_channels", default=16)
-    text_embed_dim = _config_number(config, "text_encoder", text_encoder, "d_model")
-    names = [schema.LATENT_MEAN, schema.LATENT_LOGVAR, schema.PROMPT_EMBEDS]
-    if family.image_to_video:
-        names += [schema.IMAGE_MEAN, schema.IMAGE_LOGVAR]
-    return {
-        "family": family.name,
-        "model": config.model_id or str(config.model),
-        "vae_scaling_factor": scaling,
-        "invert_scale_latents": bool(family.invert_scale_latents),
-        "latent_channels": latent_channels,
-        "frames": frames,
-        "height": buckets[0][0],
-        "width": buckets[0][1],
-        "latent_frames": (frames - 1) // temporal + 1,
-        "fps": float(fps),
-        "text_max_length": family.text_max_length,
-        "text_embed_dim": text_embed_dim,
-        "dtypes": {name: config.storage_dtype for name in names},
-        "image_to_video": family.image_to_video,
-        "latent_scaling": schema.LATENT_SCALING,
-        "buckets": [list(b) for b in buckets],
-    }
+    return shard_format.manifest_header(
+        family, config.model_id or str(config.model),
+        vae_scaling_factor=_config_number(config, "vae", vae, "scaling_factor", default=family.vae_scaling_factor,
+                                          whole=False),
+        latent_channels=_config_number(config, "vae", vae, "latent_channels", default=16),
+        text_embed_dim=_config_number(config, "text_encoder", text_encoder, "d_model"),
+        frames=frames, buckets=buckets, fps=fps, storage_dtype=config.storage_dtype)
 
 
 def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], key: str,
@@ -140,7 +113,8 @@ def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[in
     return clip, image, time.perf_counter() - start
 
 
-def _ordered_prefetch(pool: ThreadPoolExecutor, items: list[Record], fn: Callable[[Record], Any], window: int):
+def _ordered_prefetch(pool: ThreadPoolExecutor, items: list[Record], fn: Callable[[Record], Any],
+                      window: int) -> Iterator[tuple[Record, Future]]:
     """Yield (item, future) in input order, keeping at most `window` decodes in flight (bounds memory)."""
     queue: collections.deque[tuple[Record, Future]] = collections.deque()
     it = iter(items)
@@ -156,212 +130,247 @@ def _ordered_prefetch(pool: ThreadPoolExecutor, items: list[Record], fn: Callabl
         yield item, future
 
 
-def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
-    """Run this process's share of a prep job (and merge the manifest when this process is the last or rank 0)."""
-    import torch
+class PrepJob:
+    """One process's share of a prep job, phase by phase: plan the slice (resume), encode it chunk by chunk, then
+    record the rank's result and merge the manifest when this process is the last (or MPI rank 0)."""
 
-    from cogvx_dist.core.loading import describe_checkpoint
-    from data_prep.encode import DTYPES, Encoders, pick_compute_dtype, pick_device
+    def __init__(self, config: PrepConfig, ranks: RankInfo | None = None) -> None:
+        from cogvx_dist.core.loading import describe_checkpoint
 
-    started = time.perf_counter()
-    config.check_basic()
-    info = describe_checkpoint(config.model)
-    family = info.family
-    frames = config.check_family(family, info.frames)
-    buckets = list(config.buckets) or [(info.height, info.width)]
-    if config.target_fps is None and config.frame_stride is None:
-        config = config.replace(target_fps=float(family.fps))
-    fps = config.target_fps if config.target_fps is not None else float(family.fps)
-    ranks = ranks or discover_ranks(config.rank, config.world_size)
-    rank, world = ranks.rank, ranks.world_size
-    log = _logger(rank)
+        self.started = time.perf_counter()
+        config.check_basic()
+        info = describe_checkpoint(config.model)
+        self.family = info.family
+        self.frames = config.check_family(self.family, info.frames)
+        self.buckets = list(config.buckets) or [(info.height, info.width)]
+        if config.target_fps is None and config.frame_stride is None:
+            config = config.replace(target_fps=float(self.family.fps))
+        self.config = config
+        self.ranks = ranks or discover_ranks(config.rank, config.world_size)
+        self.rank, self.world = self.ranks.rank, self.ranks.world_size
+        self.log = rank_logger("cogvx.prep", self.rank, every_rank=True)
+        self.root, self.records = read_records(config.data, config.layout)
+        self.out = Path(config.out)
+        # Before anything is written: building the header checks the component configs.
+        self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps)
+        self.failed = self.encoded = 0
+        self.timings = {"decode_s": 0.0, "decode_wait_s": 0.0, "t5_s": 0.0, "vae_s": 0.0, "write_s": 0.0}
+        self.written_fault = fault_hook("prep.written")
 
-    root, records = read_records(config.data, config.layout)
-    out = Path(config.out)
-    header = _header(config, info, frames, buckets, fps)  # before anything is written: it checks the configs
-    (out / shardio.PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in asdict(config).items() if k in (
-        "target_fps", "frame_stride", "vae_tiling", "vae_slicing", "vae_channels_last", "vae_compile",
-        "storage_dtype", "compute_dtype", "layout", "max_failed_fraction")}
-    settings["data"] = str(config.data)
+    def run(self) -> PrepResult:
+        """Encode what this rank's slice still lacks; the result says what was done."""
+        todo = self._plan()
+        with open(shard_format.rank_errors_path(self.out, self.rank), "w") as errors:  # earlier errors are retried
+            self.errors = errors
+            self.bar = self._progress_bar()
+            usable = [r for r in todo if not r.problem or self._fail(r, r.problem)]
+            self._open_encoders(usable)
+            self._encode(usable)
+            self.bar.close()
+        return self._finish()
 
-    # Resume: settings must match what is already in the folder; complete shards (of any rank) are kept.
-    parts = shardio.all_parts(out)
-    for other_rank, other in parts.items():
-        if other["header"] != header:
-            diff = sorted(k for k in set(header) | set(other["header"]) if header.get(k) != other["header"].get(k))
-            raise CogvxError(
-                f"{out} holds shards made with other settings ({', '.join(diff)} differ from rank {other_rank}'s); "
-                "use a new --out folder or the same settings"
-            )
-    mine_before = parts.get(rank)
-    own_shards = shardio.recover_rank_shards(out, rank, mine_before["shards"] if mine_before else [])
-    done = {k for r, p in parts.items() if r != rank for e in p["shards"] for k in e.keys}
-    done.update(k for e in own_shards for k in e.keys)
+    def _plan(self) -> list[Record]:
+        """This rank's slice minus what complete shards already hold (of any rank); writes the progress file."""
+        parts = shardio.all_parts(self.out)
+        for other_rank, other in parts.items():
+            if other["header"] != self.header:
+                diff = sorted(k for k in set(self.header) | set(other["header"])
+                              if self.header.get(k) != other["header"].get(k))
+                raise CogvxError(
+                    f"{self.out} holds shards made with other settings ({', '.join(diff)} differ from rank "
+                    f"{other_rank}'s); use a new --out folder or the same settings")
+        mine_before = parts.get(self.rank)
+        own_shards = shardio.recover_rank_shards(self.out, self.rank, mine_before["shards"] if mine_before else [])
+        done = {k for r, p in parts.items() if r != self.rank for e in p["shards"] for k in e.keys}
+        done.update(k for e in own_shards for k in e.keys)
+        self.mine = self.records[self.rank::self.world]  # disjoint, deterministic, balanced
+        todo = [r for r in self.mine if r.key not in done]
+        self.already = len(self.mine) - len(todo)
+        self.part: dict[str, Any] = {
+            "rank": self.rank, "world_size": self.world, "complete": False, "header": self.header,
+            "settings": _settings(self.config), "inputs": len(self.mine), "shards": own_shards, "stats": {},
+        }
+        shardio.write_part(self.out, self.part)
+        if self.already:
+            self.log.info("resuming: %d of %d inputs of rank %d are already in complete shards", self.already,
+                          len(self.mine), self.rank)
+        return todo
 
-    mine = records[rank::world]  # disjoint, deterministic, balanced
-    todo = [r for r in mine if r.key not in done]
-    already = len(mine) - len(todo)
-    part: dict[str, Any] = {
-        "rank": rank, "world_size": world, "complete": False, "header": header, "settings": settings,
-        "inputs": len(mine), "shards": own_shards, "stats": {},
-    }
-    shardio.write_part(out, part)
+    def _progress_bar(self) -> Any:
+        from tqdm import tqdm
 
-    # Errors of earlier runs are retried: this run's errors file starts empty.
-    errors_path = shardio.rank_errors_path(out, rank)
-    errors_file = open(errors_path, "w")
-    failed = 0
-    timings = {"decode_s": 0.0, "decode_wait_s": 0.0, "t5_s": 0.0, "vae_s": 0.0, "write_s": 0.0}
+        return tqdm(total=len(self.mine), initial=self.already, position=self.rank if self.world <= 16 else 0,
+                    desc=f"prep r{self.rank}", unit="video", disable=not self.config.progress, dynamic_ncols=True,
+                    mininterval=1.0, leave=True)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(mine), initial=already, position=rank if world <= 16 else 0, desc=f"prep r{rank}",
-               unit="video", disable=not config.progress, dynamic_ncols=True, mininterval=1.0, leave=True)
-
-    def fail(record: Record, reason: str) -> None:
-        nonlocal failed
-        failed += 1
+    def _fail(self, record: Record, reason: str) -> bool:
+        """Record an input that cannot be used (errors file, count, progress); False, for filters."""
+        self.failed += 1
         item = {"source": record.source, "video": record.video, "origin": record.origin, "reason": reason,
-                "rank": rank}
-        errors_file.write(json.dumps(item, sort_keys=True) + "\n")
-        errors_file.flush()
-        bar.update(1)
+                "rank": self.rank}
+        self.errors.write(json.dumps(item, sort_keys=True) + "\n")
+        self.errors.flush()
+        self.bar.update(1)
+        return False
 
-    usable = []
-    for record in todo:
-        if record.problem:
-            fail(record, record.problem)
-        else:
-            usable.append(record)
+    def _open_encoders(self, usable: list[Record]) -> None:
+        from data_prep.encode import Encoders
 
-    if already:
-        log(f"resuming: {already} of {len(mine)} inputs of rank {rank} are already in complete shards")
+        config = self.config
+        self.device = pick_device(config.device, self.ranks.local_rank)
+        compute = compute_dtype(config.compute_dtype, self.device)
+        self.storage = torch_dtype(config.storage_dtype)
+        self.encoders = Encoders(config.model, self.device, compute, slicing=config.vae_slicing,
+                                 tiling=config.vae_tiling, channels_last=config.vae_channels_last,
+                                 compile=config.vae_compile)
+        own_shards = self.part["shards"]
+        first_index = shardio.next_shard_index(self.out, self.rank, own_shards)
+        self.writer = shardio.ShardWriter(self.out, self.rank, first_index, config.shard_max_bytes,
+                                          config.shard_max_samples, self._on_shard)
+        if usable:
+            self.log.info("rank %d/%d (%s): %d to encode on %s (%s), %d frames, buckets %s", self.rank, self.world,
+                          self.ranks.source, len(usable), self.device, compute, self.frames,
+                          ", ".join(f"{h}x{w}" for h, w in self.buckets))
 
-    def on_shard(entry: schema.ShardEntry) -> None:
-        part["shards"].append(entry)
-        shardio.write_part(out, part)
+    def _on_shard(self, entry: shard_format.ShardEntry) -> None:
+        self.part["shards"].append(entry)
+        shardio.write_part(self.out, self.part)
 
-    writer = shardio.ShardWriter(out, rank, shardio.next_shard_index(out, rank, own_shards),
-                                 config.shard_max_bytes, config.shard_max_samples, on_shard)
-    encoded = 0
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    storage = DTYPES[config.storage_dtype]
-    device = pick_device(config.device, ranks.local_rank)
-    compute = pick_compute_dtype(config.compute_dtype, device)
-    encoders = Encoders(config.model, device, compute, slicing=config.vae_slicing, tiling=config.vae_tiling,
-                        channels_last=config.vae_channels_last, compile=config.vae_compile)
-    i2v = family.image_to_video
-    if usable:
-        log(f"rank {rank}/{world} ({ranks.source}): {len(usable)} to encode on {device} ({compute}), "
-            f"{frames} frames, buckets {', '.join(f'{h}x{w}' for h, w in buckets)}")
+    def _encode(self, usable: list[Record]) -> None:
+        """Per chunk of records: T5 for every prompt, T5 freed, then the VAE over clips decoded ahead by a pool."""
+        config = self.config
+        chunks = [usable[i : i + config.text_chunk] for i in range(0, len(usable), config.text_chunk)]
+        with ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode") as pool:
+            for chunk_index, chunk in enumerate(chunks):
+                if chunk_index:
+                    self.encoders.release_vae()
+                self._encode_chunk(pool, chunk)
+        self.writer.close()
+        self.encoders.release_vae()
 
-    def flush(batch: list[tuple[Record, Clip, np.ndarray | None, torch.Tensor]]) -> None:
-        nonlocal encoded
-        if not batch:
-            return
+    def _encode_chunk(self, pool: ThreadPoolExecutor, chunk: list[Record]) -> None:
         t0 = time.perf_counter()
-        mean, logvar = encoders.encode_clips([clip.frames for _, clip, _, _ in batch])
-        if i2v:
-            image_mean, image_logvar = encoders.encode_clips([image for _, _, image, _ in batch])
-        if device.startswith("cuda"):
+        embeds = self.encoders.encode_prompts([r.prompt for r in chunk], self.family.text_max_length,
+                                              self.config.text_batch_size, self.storage)
+        self.encoders.release_text_encoder()
+        self.timings["t5_s"] += time.perf_counter() - t0
+        # The VAE batches hold clips of one bucket.
+        embed_of = {r.key: e for r, e in zip(chunk, embeds)}
+        pending: dict[tuple[int, int], list] = {}
+        window = 2 * self.config.decode_workers + self.config.vae_batch_size
+        for record, future in _ordered_prefetch(pool, chunk, self._decode, window):
+            t0 = time.perf_counter()
+            try:
+                clip, image, seconds = future.result()
+            except BadInput as err:
+                self.timings["decode_wait_s"] += time.perf_counter() - t0
+                self._fail(record, str(err))
+                continue
+            self.timings["decode_wait_s"] += time.perf_counter() - t0
+            self.timings["decode_s"] += seconds
+            bucket = (clip.frames.shape[1], clip.frames.shape[2])
+            pending.setdefault(bucket, []).append((record, clip, image, embed_of.pop(record.key)))
+            if len(pending[bucket]) >= self.config.vae_batch_size:
+                self._encode_batch(pending.pop(bucket))
+        for bucket in list(pending):
+            self._encode_batch(pending.pop(bucket))
+
+    def _decode(self, record: Record) -> tuple[Clip, np.ndarray | None, float]:
+        return _decode_task(self.root, record, self.frames, self.buckets, self.config, self.family.fps,
+                            self.family.image_to_video)
+
+    def _encode_batch(self, batch: list[tuple[Record, Clip, np.ndarray | None, Any]]) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        mean, logvar = self.encoders.encode_clips([clip.frames for _, clip, _, _ in batch])
+        if self.family.image_to_video:
+            image_mean, image_logvar = self.encoders.encode_clips([image for _, _, image, _ in batch])
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        timings["vae_s"] += t1 - t0
+        self.timings["vae_s"] += t1 - t0
         for i, (record, clip, _, embeds) in enumerate(batch):
             tensors = {
-                schema.LATENT_MEAN: mean[i].to(storage),
-                schema.LATENT_LOGVAR: logvar[i].to(storage),
-                schema.PROMPT_EMBEDS: embeds.to(storage),
+                shard_format.LATENT_MEAN: mean[i].to(self.storage),
+                shard_format.LATENT_LOGVAR: logvar[i].to(self.storage),
+                shard_format.PROMPT_EMBEDS: embeds.to(self.storage),
             }
-            if i2v:
-                tensors[schema.IMAGE_MEAN] = image_mean[i].to(storage)
-                tensors[schema.IMAGE_LOGVAR] = image_logvar[i].to(storage)
-            meta = {
-                "prompt": record.prompt, "source": record.source, "video": record.video, "image": record.image,
-                "frames": frames, "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
-                "fps": round(clip.fps, 4), "source_fps": round(clip.source_fps, 4), "stride": round(clip.stride, 4),
-                "source_size": list(clip.source_size),
-            }
-            writer.write(record.key, tensors, meta)
-            encoded += 1
-            bar.update(1)
-            if crash_after and encoded >= crash_after:
-                writer.flush_for_crash_test()
-                os._exit(3)
-        timings["write_s"] += time.perf_counter() - t1
+            if self.family.image_to_video:
+                tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
+                tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
+            self.writer.write(record.key, tensors, _sample_meta(record, clip, self.frames))
+            self.encoded += 1
+            self.bar.update(1)
+            if self.written_fault:
+                self.writer.flush()
+                self.written_fault(self.encoded)
+        self.timings["write_s"] += time.perf_counter() - t1
 
-    chunks = [usable[i : i + config.text_chunk] for i in range(0, len(usable), config.text_chunk)]
-    window = 2 * config.decode_workers + config.vae_batch_size
-    with ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode") as pool:
-        for chunk_index, chunk in enumerate(chunks):
-            # 1) T5 for every prompt of the chunk, then free it before the VAE is loaded.
-            if chunk_index:
-                encoders.release_vae()
-            t0 = time.perf_counter()
-            embeds = encoders.encode_prompts([r.prompt for r in chunk], family.text_max_length,
-                                             config.text_batch_size, storage)
-            encoders.release_text_encoder()
-            timings["t5_s"] += time.perf_counter() - t0
-            # 2) VAE over clips decoded ahead by the pool; batches hold clips of one bucket.
-            embed_of = {r.key: e for r, e in zip(chunk, embeds)}
-            pending: dict[tuple[int, int], list] = {}
-            task = lambda r: _decode_task(root, r, frames, buckets, config, family.fps, i2v)  # noqa: E731
-            for record, future in _ordered_prefetch(pool, chunk, task, window):
-                t0 = time.perf_counter()
-                try:
-                    clip, image, seconds = future.result()
-                except BadInput as err:
-                    timings["decode_wait_s"] += time.perf_counter() - t0
-                    fail(record, str(err))
-                    continue
-                timings["decode_wait_s"] += time.perf_counter() - t0
-                timings["decode_s"] += seconds
-                bucket = (clip.frames.shape[1], clip.frames.shape[2])
-                pending.setdefault(bucket, []).append((record, clip, image, embed_of.pop(record.key)))
-                if len(pending[bucket]) >= config.vae_batch_size:
-                    flush(pending.pop(bucket))
-            for bucket in list(pending):
-                flush(pending.pop(bucket))
-    writer.close()
-    encoders.release_vae()
-    bar.close()
-    errors_file.close()
-
-    seconds = time.perf_counter() - started
-    part["complete"] = True
-    part["stats"] = {"encoded": encoded, "failed": failed, "already_done": already, "seconds": round(seconds, 3),
-                     **{k: round(v, 3) for k, v in timings.items()}}
-    shardio.write_part(out, part)
-    result = PrepResult(rank, world, len(mine), already, encoded, failed, writer.shards_written,
-                        writer.bytes_written, seconds, {k: round(v, 3) for k, v in timings.items()})
-    log(summary_line(result))
-    # The limit is on the whole job's inputs. A rank cannot see the other ranks' failures, so it fails on its own
-    # only when its failures alone pass the job's limit (skewed bad inputs on one slice must not fail a job that is
-    # under it); the merge below judges the job as a whole.
-    if records and failed / len(records) > config.max_failed_fraction:
-        result.exit_code = 1
-        log(f"rank {rank}: {failed} failed inputs of this rank alone are more than max_failed_fraction "
-            f"{config.max_failed_fraction:g} of the job's {len(records)} inputs (reasons in {errors_path})")
-
-    # Merge: under MPI rank 0 after a barrier; otherwise whichever process sees every rank complete.
-    ranks.barrier()
-    if ranks.comm is not None and rank != 0:
+    def _finish(self) -> PrepResult:
+        """Mark this rank complete, judge its failures, and merge the manifest if every rank is done."""
+        seconds = time.perf_counter() - self.started
+        timings = {k: round(v, 3) for k, v in self.timings.items()}
+        self.part["complete"] = True
+        self.part["stats"] = {"encoded": self.encoded, "failed": self.failed, "already_done": self.already,
+                              "seconds": round(seconds, 3), **timings}
+        shardio.write_part(self.out, self.part)
+        result = PrepResult(self.rank, self.world, len(self.mine), self.already, self.encoded, self.failed,
+                            self.writer.shards_written, self.writer.bytes_written, seconds, timings)
+        self.log.info(summary_line(result))
+        limit = self.config.max_failed_fraction
+        # The limit is on the whole job's inputs. A rank cannot see the other ranks' failures, so it fails on its
+        # own only when its failures alone pass the job's limit (skewed bad inputs on one slice must not fail a job
+        # that is under it); the merge judges the job as a whole.
+        if self.records and self.failed / len(self.records) > limit:
+            result.exit_code = 1
+            self.log.info("rank %d: %d failed inputs of this rank alone are more than max_failed_fraction %g of the "
+                          "job's %d inputs (reasons in %s)", self.rank, self.failed, limit, len(self.records),
+                          shard_format.rank_errors_path(self.out, self.rank))
+        self._merge(result)
         return result
-    _, missing, _ = shardio.parts_status(out)
-    if missing:
-        log(f"rank(s) {', '.join(map(str, missing))} still running; the last to finish (or `cogvx prep finalize "
-            f"{out}`) writes the manifest")
-        return result
-    manifest, inputs = shardio.finalize(out)
-    result.manifest = str(out / schema.MANIFEST_NAME)
-    result.job_inputs, result.job_skipped = inputs, manifest.skipped
-    log(finalize_line(out, manifest, inputs))
-    if inputs and manifest.skipped / inputs > config.max_failed_fraction:
-        result.exit_code = 1
-        log(f"{manifest.skipped} of {inputs} inputs failed, more than max_failed_fraction "
-            f"{config.max_failed_fraction:g} (reasons in {out / schema.ERRORS_NAME})")
-    return result
+
+    def _merge(self, result: PrepResult) -> None:
+        """Under MPI rank 0 merges after a barrier; otherwise whichever process sees every rank complete."""
+        self.ranks.barrier()
+        if self.ranks.comm is not None and self.rank != 0:
+            return
+        _, missing, _ = shardio.parts_status(self.out)
+        if missing:
+            self.log.info("rank(s) %s still running; the last to finish (or `cogvx prep finalize %s`) writes the "
+                          "manifest", ", ".join(map(str, missing)), self.out)
+            return
+        manifest, inputs = shardio.finalize(self.out)
+        result.manifest = str(self.out / shard_format.MANIFEST_NAME)
+        result.job_inputs, result.job_skipped = inputs, manifest.skipped
+        self.log.info(finalize_line(self.out, manifest, inputs))
+        if inputs and manifest.skipped / inputs > self.config.max_failed_fraction:
+            result.exit_code = 1
+            self.log.info("%d of %d inputs failed, more than max_failed_fraction %g (reasons in %s)",
+                          manifest.skipped, inputs, self.config.max_failed_fraction,
+                          self.out / shard_format.ERRORS_NAME)
+
+
+def run_prep(config: PrepConfig, ranks: RankInfo | None = None) -> PrepResult:
+    """Run this process's share of a prep job (and merge the manifest when this process is the last or rank 0)."""
+    return PrepJob(config, ranks).run()
+
+
+def _settings(config: PrepConfig) -> dict[str, Any]:
+    """The prep settings recorded with the shards (provenance; not part of what ranks must agree on)."""
+    keys = ("target_fps", "frame_stride", "vae_tiling", "vae_slicing", "vae_channels_last", "vae_compile",
+            "storage_dtype", "compute_dtype", "layout", "max_failed_fraction")
+    return {**{k: v for k, v in asdict(config).items() if k in keys}, "data": str(config.data)}
+
+
+def _sample_meta(record: Record, clip: Clip, frames: int) -> dict[str, Any]:
+    """The JSON member of a sample: what it is and where it came from."""
+    return {
+        "prompt": record.prompt, "source": record.source, "video": record.video, "image": record.image,
+        "frames": frames, "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
+        "fps": round(clip.fps, 4), "source_fps": round(clip.source_fps, 4), "stride": round(clip.stride, 4),
+        "source_size": list(clip.source_size),
+    }
 
 
 def summary_line(result: PrepResult) -> str:
@@ -376,8 +385,8 @@ def summary_line(result: PrepResult) -> str:
     )
 
 
-def finalize_line(out: Path, manifest: schema.Manifest, inputs: int) -> str:
+def finalize_line(out: Path, manifest: shard_format.Manifest, inputs: int) -> str:
     """One line after the merge."""
     total = sum(s.bytes for s in manifest.shards)
-    return (f"wrote {out / schema.MANIFEST_NAME}: {manifest.num_samples} samples in {len(manifest.shards)} shards "
-            f"({total} bytes), {manifest.skipped} of {inputs} inputs skipped")
+    return (f"wrote {out / shard_format.MANIFEST_NAME}: {manifest.num_samples} samples in {len(manifest.shards)} "
+            f"shards ({total} bytes), {manifest.skipped} of {inputs} inputs skipped")

@@ -1,20 +1,13 @@
 """Shard writing (temporary name, then rename), per-rank progress files, resume, the final manifest merge, and the
-inspect/verify checks.
-
-Files in an output folder:
-- `shard-rRRRRR-NNNNNN.tar`: complete shards of rank R (brace-expressible: `shard-r{00000..00003}-{000000..000009}.tar`);
-- `.shard-rRRRRR-NNNNNN.tar.tmp`: the shard being written; renamed only when complete, deleted on resume;
-- `parts/rank-RRRRR.json`: what rank R has finished (header, shards with keys, counts); rewritten atomically after
-  every shard, marked complete at the end of the rank's slice;
-- `parts/errors-rRRRRR.jsonl`: inputs rank R could not use, with the reason;
-- `manifest.json` + `errors.jsonl`: the merge of all parts, written once every rank is complete.
+inspect/verify checks. The folder layout is the shard format's (cogvx_dist/core/shard_format.py): a rank's
+progress file is rewritten atomically after every shard and marked complete at the end of the rank's slice; a
+temporary shard is deleted on resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,28 +17,18 @@ from typing import Any
 import torch
 
 from cogvx_dist.core import shard_format as schema
-from cogvx_dist.core.shard_format import Manifest, ShardEntry
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.files import write_atomic
-from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION
-
-PARTS_DIR = "parts"
-SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
-
-
-def shard_name(rank: int, index: int) -> str:
-    """Final file name of a rank's index-th shard."""
-    return f"shard-r{rank:05d}-{index:06d}.tar"
-
-
-def part_path(out: Path, rank: int) -> Path:
-    """Progress file of a rank."""
-    return Path(out) / PARTS_DIR / f"rank-{rank:05d}.json"
-
-
-def rank_errors_path(out: Path, rank: int) -> Path:
-    """Errors file of a rank."""
-    return Path(out) / PARTS_DIR / f"errors-r{rank:05d}.jsonl"
+from cogvx_dist.core.shard_format import (
+    PARTS_DIR,
+    SHARD_RE,
+    Manifest,
+    ShardEntry,
+    part_path,
+    read_part,
+    shard_name,
+    temporary_shard_name,
+)
 
 
 class ShardWriter:
@@ -67,7 +50,7 @@ class ShardWriter:
 
     @property
     def _tmp(self) -> Path:
-        return self.out / f".{shard_name(self.rank, self.index)}.tmp"
+        return self.out / temporary_shard_name(self.rank, self.index)
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Append one sample; closes the shard once it reaches the size or sample limit."""
@@ -84,8 +67,8 @@ class ShardWriter:
         if self._handle.tell() >= self.max_bytes or len(self._keys) >= self.max_samples:
             self.close()
 
-    def flush_for_crash_test(self) -> None:
-        """Push buffered bytes to the temporary file (used by the crash hook so a partial shard exists on disk)."""
+    def flush(self) -> None:
+        """Push buffered bytes of the open shard to its temporary file (it stays temporary until closed)."""
         if self._handle is not None:
             self._handle.flush()
 
@@ -116,19 +99,6 @@ def tar_keys(path: Path) -> list[str]:
             if not keys or keys[-1] != key:
                 keys.append(key)
     return keys
-
-
-def read_part(out: Path, rank: int) -> dict[str, Any] | None:
-    """A rank's progress file, or None."""
-    path = part_path(out, rank)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CogvxError(f"{path}: not valid JSON ({err.msg}); delete it to redo rank {rank}") from None
-    data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
-    return data
 
 
 def write_part(out: Path, part: dict[str, Any]) -> None:
@@ -284,20 +254,6 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def expected_shapes(manifest: Manifest, height: int, width: int) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes a sample of the given bucket must have."""
-    c, lf = manifest.latent_channels, manifest.latent_frames
-    shapes = {
-        schema.LATENT_MEAN: (c, lf, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION),
-        schema.LATENT_LOGVAR: (c, lf, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION),
-        schema.PROMPT_EMBEDS: (manifest.text_max_length, manifest.text_embed_dim),
-    }
-    if manifest.image_to_video:
-        shapes[schema.IMAGE_MEAN] = (c, 1, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION)
-        shapes[schema.IMAGE_LOGVAR] = (c, 1, height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION)
-    return shapes
-
-
 def verify(out: str | Path) -> tuple[list[str], int]:
     """(problems, samples checked): checksums, sizes, and every sample decoded and checked against the manifest."""
     out = Path(out)
@@ -338,7 +294,7 @@ def verify(out: str | Path) -> tuple[list[str], int]:
             size = (meta.get("height", manifest.height), meta.get("width", manifest.width))
             if size not in buckets:
                 problems.append(f"{where}: size {size[0]}x{size[1]} is not one of the manifest's buckets")
-            for name, shape in expected_shapes(manifest, *size).items():
+            for name, shape in manifest.expected_shapes(*size).items():
                 if name not in tensors:
                     problems.append(f"{where}: no {name} tensor")
                     continue

@@ -1,15 +1,10 @@
-"""Shared fixtures: tiny checkpoints are made once per test session and per family."""
+"""Fixtures shared by unit and end-to-end tests: tiny checkpoints (made once per session and family) and shards."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -29,14 +24,38 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m cogvx_dist ARGS` in a fresh process, capturing text output."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "cogvx_dist", *args],
-        cwd=cwd or REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture(scope="session")
+def synthetic_shards(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: synthetic_shards(sizes, family="CogVideoX-2b") -> (model, folder) of latent shards with synthetic
+    moments in the real format (cached per session)."""
+    from cogvx_dist.core.synthetic_shards import write_synthetic_shards
+
+    made: dict[tuple[tuple[int, ...], str], tuple[Path, Path]] = {}
+
+    def make(sizes: tuple[int, ...], family: str = "CogVideoX-2b") -> tuple[Path, Path]:
+        key = (tuple(sizes), family)
+        if key not in made:
+            model = tiny_checkpoint(family)
+            folder = tmp_path_factory.mktemp("synthetic-shards")
+            write_synthetic_shards(folder, model, list(sizes))
+            made[key] = (model, folder)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prepped_2b(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Shards made by the prep tier from real mp4 clips of moving shapes: 8 samples in shards of 3, 3 and 2."""
+    from cogvx_dist.core.shard_format import Manifest
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
+    from data_prep.config import PrepConfig
+    from data_prep.run import run_prep
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    root = tmp_path_factory.mktemp("prep-2b")
+    dataset = make_synthetic_dataset(root / "videos", count=8, seed=0)
+    result = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(root / "shards"),
+                                 storage_dtype="float32", shard_max_samples=3, progress=False))
+    assert result.encoded == 8 and [s.samples for s in Manifest.read(root / "shards").shards] == [3, 3, 2]
+    return model, root / "shards"

@@ -1,23 +1,18 @@
-"""`cogvx prep ...` and `cogvx shards ...` subcommands (registered into the main `cogvx` parser).
+"""`cogvx prep`: encode videos and prompts into latent shards (the prep tier, data_prep/).
 
     cogvx prep --model M --data ROOT --out DIR [options]   encode (this process's slice; resumes)
     cogvx prep finalize DIR                                merge per-rank progress into manifest.json
-    cogvx shards inspect DIR                               manifest summary
-    cogvx shards verify DIR                                checksums, and every sample decodes and fits the manifest
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-
-AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
-def register(command: AddCommand) -> None:
-    """Add the prep tier's subcommands; `command(name, handler, help)` returns the new subparser."""
-    prep = command("prep", _prep, "encode videos and prompts into WebDataset latent shards (resumable, multi-process)")
+def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
+    """Arguments and handler of `cogvx prep`."""
+    prep.set_defaults(handler=run)
     prep.add_argument("action", nargs="?", choices=("run", "finalize"), default="run",
                       help="run (default): encode this process's slice; finalize DIR: merge the manifest")
     prep.add_argument("folder", nargs="?", help="output folder (for finalize)")
@@ -55,15 +50,11 @@ def register(command: AddCommand) -> None:
     prep.add_argument("--no-progress", action="store_false", dest="progress", default=None,
                       help="no progress bar")
 
-    shards = command("shards", _shards, "inspect or verify a folder of prep shards")
-    shards.add_argument("action", choices=("inspect", "verify"), help="inspect: manifest summary; verify: full check")
-    shards.add_argument("folder", help="shard folder (holding manifest.json)")
-
 
 _FIELDS = ("model", "model_id", "data", "out", "layout", "frames", "target_fps", "frame_stride", "storage_dtype",
            "compute_dtype", "device", "text_batch_size", "vae_batch_size", "vae_slicing", "vae_tiling",
-           "vae_channels_last", "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank",
-           "world_size", "progress")
+           "vae_channels_last", "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes",
+           "shard_max_samples", "max_failed_fraction", "rank", "world_size", "progress")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -88,29 +79,11 @@ def _clear_rate(config):
     return dataclasses.replace(config, target_fps=None, frame_stride=None)
 
 
-def _prep(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from cogvx_dist.core.errors import CogvxError
 
     if args.action == "finalize":
-        folder = args.folder or args.out
-        if not folder:
-            raise CogvxError("prep finalize needs the output folder: cogvx prep finalize DIR")
-        from pathlib import Path
-
-        from data_prep.run import finalize_line
-        from data_prep.shards import finalize
-
-        manifest, inputs = finalize(folder)
-        print(finalize_line(Path(folder), manifest, inputs))
-        # The job's own limit (recorded by its ranks) unless the flag overrides it.
-        limit = args.max_failed_fraction
-        if limit is None:
-            limit = float(manifest.extra.get("prep", {}).get("max_failed_fraction", 0.1))
-        if inputs and manifest.skipped / inputs > limit:
-            print(f"{manifest.skipped} of {inputs} inputs failed, more than max_failed_fraction {limit:g}",
-                  file=sys.stderr)
-            return 1
-        return 0
+        return _finalize(args)
     if args.folder:
         raise CogvxError(f"unexpected argument {args.folder!r} (the output folder is --out)")
     config = config_from_args(args)
@@ -131,17 +104,25 @@ def _prep(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _shards(args: argparse.Namespace) -> int:
-    from data_prep.shards import inspect_text, verify
+def _finalize(args: argparse.Namespace) -> int:
+    """`cogvx prep finalize DIR`: merge the ranks' progress into the manifest; 1 when too many inputs failed."""
+    from pathlib import Path
 
-    if args.action == "inspect":
-        print(inspect_text(args.folder))
-        return 0
-    problems, checked = verify(args.folder)
-    for problem in problems:
-        print(problem)
-    if problems:
-        print(f"{len(problems)} problem(s) in {args.folder} ({checked} samples checked)", file=sys.stderr)
+    from cogvx_dist.core.errors import CogvxError
+    from data_prep.run import finalize_line
+    from data_prep.shards import finalize
+
+    folder = args.folder or args.out
+    if not folder:
+        raise CogvxError("prep finalize needs the output folder: cogvx prep finalize DIR")
+    manifest, inputs = finalize(folder)
+    print(finalize_line(Path(folder), manifest, inputs))
+    # The job's own limit (recorded by its ranks) unless the flag overrides it.
+    limit = args.max_failed_fraction
+    if limit is None:
+        limit = float(manifest.extra.get("prep", {}).get("max_failed_fraction", 0.1))
+    if inputs and manifest.skipped / inputs > limit:
+        print(f"{manifest.skipped} of {inputs} inputs failed, more than max_failed_fraction {limit:g}",
+              file=sys.stderr)
         return 1
-    print(f"ok: {checked} samples, every shard matches its checksum and every sample decodes")
     return 0

@@ -10,9 +10,6 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-
-AddCommand = Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]
 
 
 def _free_port() -> int:
@@ -23,12 +20,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
-    from cogvx_dist.train.loop import preflight
+    from cogvx_dist.train.preflight import preflight
 
     config = load_config(RunConfig, args.config, args.overrides)
     nproc = args.nproc or max(1, torch.cuda.device_count())
@@ -43,10 +40,10 @@ def _train(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
-def register(command: AddCommand) -> None:
-    """Add `cogvx train`."""
-    train = command("train", _train, "train a LoRA adapter on this node's GPUs (or CPU ranks) with DeepSpeed")
+def configure(train: argparse.ArgumentParser, name: str = "train") -> None:
+    """Arguments and handler of `cogvx train`."""
     train.add_argument("--config", help="run config (YAML or TOML)")
     train.add_argument("--nproc", type=int, default=0, help="ranks on this node (default: one per GPU, else 1)")
     train.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=10")
+    train.set_defaults(handler=run)

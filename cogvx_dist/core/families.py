@@ -16,6 +16,12 @@ VAE_SPATIAL_COMPRESSION = 8
 """Pixels per latent along height and width, in every CogVideoX VAE."""
 VAE_TEMPORAL_COMPRESSION = 4
 """Every CogVideoX VAE maps F = 4k + 1 frames to k + 1 latent frames."""
+PATCH_SIZE = 2
+"""Latents per transformer token along height and width, in every CogVideoX transformer."""
+SIZE_MULTIPLE = VAE_SPATIAL_COMPRESSION * PATCH_SIZE
+"""Pixel heights and widths must be multiples of this (8x VAE compression times the 2x2 patch)."""
+TEXT_MAX_LENGTH = 226
+"""T5 tokens per prompt in every CogVideoX family."""
 
 # Scheduler settings shared by every released CogVideoX checkpoint; only snr_shift_scale differs per family.
 _COMMON_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -74,7 +80,7 @@ class ModelFamily:
     """Largest frame count the family supports."""
     full_size_transformer: dict[str, Any] = field(default_factory=dict)
     """The released transformer config (used to build the full-size model on the meta device)."""
-    text_max_length: int = 226
+    text_max_length: int = TEXT_MAX_LENGTH
     """Number of T5 tokens per prompt."""
     ofs_value: float = 2.0
     """ofs value passed to the transformer by the I2V 1.5 pipeline (ignored where ofs_embed_dim is None)."""
@@ -95,7 +101,32 @@ class ModelFamily:
 
     def is_valid_frame_count(self, frames: int) -> bool:
         """True when `frames` has the family's 8N+1 / 16N+1 form (tiny models use the small ones)."""
-        return frames >= 1 + self.frame_multiple and (frames - 1) % self.frame_multiple == 0 and frames <= self.max_frames
+        return (1 + self.frame_multiple <= frames <= self.max_frames
+                and (frames - 1) % self.frame_multiple == 0)
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of `frames` pixel frames (F = 4k + 1 -> k + 1)."""
+        return (frames - 1) // VAE_TEMPORAL_COMPRESSION + 1
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent height and width of a clip of this pixel size."""
+        return height // VAE_SPATIAL_COMPRESSION, width // VAE_SPATIAL_COMPRESSION
+
+    def latent_shape(self, channels: int, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """[C, F_latent, H/8, W/8]: the shape of a clip's latents (and of their posterior moments)."""
+        return (channels, self.latent_frames(frames), *self.latent_size(height, width))
+
+    def tokens_per_sample(self, frames: int, height: int, width: int) -> int:
+        """Transformer tokens of one sample: video patches (2x2 latents, and 2 latent frames in CogVideoX 1.5, whose
+        first frame is repeated to an even count) plus the text tokens."""
+        latent_height, latent_width = self.latent_size(height, width)
+        patch_frames = -(-self.latent_frames(frames) // (self.patch_size_t or 1))
+        return patch_frames * (latent_height // PATCH_SIZE) * (latent_width // PATCH_SIZE) + self.text_max_length
+
+    def native_pixel_size(self, transformer_config: dict[str, Any]) -> tuple[int, int]:
+        """The pixel height and width a transformer's position embeddings were made for."""
+        return (transformer_config["sample_height"] * VAE_SPATIAL_COMPRESSION,
+                transformer_config["sample_width"] * VAE_SPATIAL_COMPRESSION)
 
     def structure(self) -> tuple[bool, bool, int | None, bool, bool]:
         """The transformer-config signature that identifies the family."""
@@ -120,8 +151,8 @@ def _transformer(heads: int, layers: int, **extra: Any) -> dict[str, Any]:
         "sample_frames": 49,
         "sample_height": 60,
         "sample_width": 90,
-        "patch_size": 2,
-        "max_text_seq_length": 226,
+        "patch_size": PATCH_SIZE,
+        "max_text_seq_length": TEXT_MAX_LENGTH,
         "temporal_compression_ratio": 4,
     }
     config.update(extra)

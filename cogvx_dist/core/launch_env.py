@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 # Set by mpiexec/mpirun of MPICH (Hydra: PMI_*), Open MPI (OMPI_*, PMIX_*), MVAPICH (MV2_*), Intel MPI (PMI_*).
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
@@ -26,3 +28,29 @@ def env_rank(env: Mapping[str, str] | None = None) -> int:
         if env.get(name, "").isdigit():
             return int(env[name])
     return 0
+
+
+@dataclass
+class RankInfo:
+    """This process's place in a job (prep or training)."""
+
+    rank: int
+    """Global rank, 0..world_size-1."""
+    world_size: int
+    """Number of processes in the job."""
+    local_rank: int
+    """Rank among the processes of this node (picks the GPU)."""
+    source: str = "env"
+    """Where the numbers came from: flags, mpi, env, k8s, single, or the process group."""
+    comm: Any = None
+    """The mpi4py communicator when prep runs under MPI (used for its final barrier), else None."""
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every prep rank (MPI only; other launchers finalize through the part files)."""
+        if self.comm is not None:
+            self.comm.Barrier()

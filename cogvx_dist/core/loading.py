@@ -118,7 +118,7 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> An
         _check_local_folder(Path(source), (subfolder,))
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise CogvxError(f"cannot load {subfolder} from {source}: {first_line(err)}") from None
 
 
@@ -151,20 +151,12 @@ def load_transformer(
 
 
 def load_vae(
-    source: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    slicing: bool = False,
-    tiling: bool = False,
+    source: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """The AutoencoderKLCogVideoX from `vae/`, in eval mode with gradients off."""
     from diffusers import AutoencoderKLCogVideoX
 
     vae = _from_pretrained(AutoencoderKLCogVideoX, str(source), "vae", torch_dtype=dtype)
-    if slicing:
-        vae.enable_slicing()
-    if tiling:
-        vae.enable_tiling()
     return vae.to(device).eval().requires_grad_(False)
 
 

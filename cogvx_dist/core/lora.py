@@ -27,6 +27,23 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"
 EXPORT_PREFIX = "transformer."
 FAMILY_METADATA_KEY = "cogvx_family"
+_DOWN, _UP = ".lora_A.", ".lora_B."
+"""The two matrices of an adapted layer: A projects the input down to the rank, B back up."""
+
+
+def is_lora_key(name: str) -> bool:
+    """True for a LoRA matrix under any of the three namings."""
+    return _DOWN in name or _UP in name
+
+
+def adapted_layer(name: str) -> str:
+    """The layer a LoRA matrix adapts: `transformer_blocks.0.attn1.to_q.lora_A.weight` -> `...attn1.to_q`."""
+    return name.split(_DOWN)[0].split(_UP)[0]
+
+
+def lora_matrix_shape(name: str, rank: int, in_features: int, out_features: int) -> tuple[int, int]:
+    """The shape a LoRA matrix of rank `rank` must have on a linear layer of the given size."""
+    return (rank, in_features) if _DOWN in name else (out_features, rank)
 
 
 @dataclass
@@ -88,7 +105,7 @@ def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, seed: int)
         if param.is_meta:
             continue
         with torch.no_grad():
-            if ".lora_A." in name:
+            if _DOWN in name:
                 bound = 1.0 / math.sqrt(param.shape[1])
                 values = torch.rand(param.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
                 param.copy_(values.to(param.dtype))
@@ -101,7 +118,7 @@ def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, seed: int)
 
 def lora_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The adapter's parameters, by their in-memory names."""
-    return {name: p for name, p in transformer.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    return {name: p for name, p in transformer.named_parameters() if is_lora_key(name)}
 
 
 def state_dict_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,11 +141,6 @@ def adapter_checksum(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
-
-
-def trainable_parameter_count(model: torch.nn.Module) -> int:
-    """Number of parameter elements with requires_grad set."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out_dir: str | Path,
@@ -201,8 +213,3 @@ def load_exported_lora(path: str | Path) -> ExportedLora:
         family = (handle.metadata() or {}).get(FAMILY_METADATA_KEY) or None
     return ExportedLora(stripped, settings, family)
 
-
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:
-    """Read an exported adapter: its state dict (state-dict names) and the settings it was trained with."""
-    exported = load_exported_lora(path)
-    return exported.state, exported.settings

@@ -1,7 +1,13 @@
 """The shard format: the contract between the prep tier and the train tier, in one place.
 
-A dataset folder holds WebDataset tar shards and a `manifest.json`. One sample in a shard is two tar members
-sharing a key:
+A dataset folder holds:
+- `shard-rRRRRR-NNNNNN.tar`: complete WebDataset shards of prep rank R (brace-expressible:
+  `shard-r{00000..00003}-{000000..000009}.tar`);
+- `.shard-rRRRRR-NNNNNN.tar.tmp`: a shard being written; renamed only when complete;
+- `parts/rank-RRRRR.json` and `parts/errors-rRRRRR.jsonl`: what prep rank R has finished and could not use;
+- `manifest.json` + `errors.jsonl`: the merge of all parts, written once every rank is complete.
+
+One sample in a shard is two tar members sharing a key:
 
 - `KEY.latents.safetensors`: the tensors (VAE posterior moments of the video, the prompt's T5 embedding, and for
   image-to-video families the moments of the conditioning first frame);
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +31,15 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.families import ModelFamily
 from cogvx_dist.core.files import write_atomic
 
 FORMAT_NAME = "cogvx-latent-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
+PARTS_DIR = "parts"
+SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
 
 TENSORS_EXT = "latents.safetensors"
 META_EXT = "json"
@@ -45,9 +55,38 @@ IMAGE_MEAN = "image_latent_mean"
 IMAGE_LOGVAR = "image_latent_logvar"
 """[C, 1, H/8, W/8] posterior log-variance of the conditioning first frame (image-to-video families only)."""
 
+VIDEO_TENSORS = (LATENT_MEAN, LATENT_LOGVAR, PROMPT_EMBEDS)
+IMAGE_TENSORS = (IMAGE_MEAN, IMAGE_LOGVAR)
+
+
+def tensor_names(image_to_video: bool) -> tuple[str, ...]:
+    """The tensors every sample of a dataset holds: the image moments only for image-to-video families."""
+    return VIDEO_TENSORS + IMAGE_TENSORS if image_to_video else VIDEO_TENSORS
+
+
 LATENT_SCALING = "scale-after-sampling"
 """Recorded in the manifest: moments are unscaled; the trainer multiplies a drawn latent by the VAE scaling factor
 (and, for invert_scale_latents I2V families, divides image latents by it), exactly once."""
+
+
+def shard_name(rank: int, index: int) -> str:
+    """Final file name of a prep rank's index-th shard."""
+    return f"shard-r{rank:05d}-{index:06d}.tar"
+
+
+def temporary_shard_name(rank: int, index: int) -> str:
+    """The name a shard has while it is written."""
+    return f".{shard_name(rank, index)}.tmp"
+
+
+def part_path(out: str | Path, rank: int) -> Path:
+    """Progress file of a prep rank."""
+    return Path(out) / PARTS_DIR / f"rank-{rank:05d}.json"
+
+
+def rank_errors_path(out: str | Path, rank: int) -> Path:
+    """Errors file of a prep rank."""
+    return Path(out) / PARTS_DIR / f"errors-r{rank:05d}.jsonl"
 
 
 def sample_key(source: str) -> str:
@@ -148,6 +187,20 @@ class Manifest:
         """Every (height, width) a sample may have: the buckets, or just (height, width)."""
         return [tuple(b) for b in self.buckets] or [(self.height, self.width)]
 
+    def expected_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes a sample of the given bucket must have."""
+        from cogvx_dist.core.families import get_family
+
+        latent_size = get_family(self.family).latent_size(height, width)
+        shapes = {
+            LATENT_MEAN: (self.latent_channels, self.latent_frames, *latent_size),
+            LATENT_LOGVAR: (self.latent_channels, self.latent_frames, *latent_size),
+            PROMPT_EMBEDS: (self.text_max_length, self.text_embed_dim),
+        }
+        if self.image_to_video:
+            shapes[IMAGE_MEAN] = shapes[IMAGE_LOGVAR] = (self.latent_channels, 1, *latent_size)
+        return shapes
+
     def to_json(self) -> str:
         """Serialised manifest."""
         data = asdict(self)
@@ -159,7 +212,7 @@ class Manifest:
         return write_atomic(Path(folder) / MANIFEST_NAME, self.to_json())
 
     @classmethod
-    def read(cls, folder: str | Path) -> "Manifest":
+    def read(cls, folder: str | Path) -> Manifest:
         """Read and validate `folder/manifest.json` (or a manifest path)."""
         path = Path(folder)
         if path.is_dir():
@@ -169,7 +222,7 @@ class Manifest:
         return cls.parse(path.read_text(), where=str(path))
 
     @classmethod
-    def parse(cls, text: str, where: str) -> "Manifest":
+    def parse(cls, text: str, where: str) -> Manifest:
         """Validate manifest JSON text; `where` names its origin in error messages."""
         try:
             data = json.loads(text)
@@ -195,6 +248,43 @@ class Manifest:
             return cls(**data)
         except TypeError as err:
             raise CogvxError(f"{where}: incomplete manifest ({err})") from None
+
+
+def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: float, latent_channels: int,
+                    text_embed_dim: int, frames: int, buckets: list[tuple[int, int]], fps: float,
+                    storage_dtype: str) -> dict[str, Any]:
+    """The manifest fields every writer of a dataset must agree on (all but shards, skipped and extra)."""
+    return {
+        "family": family.name,
+        "model": model,
+        "vae_scaling_factor": vae_scaling_factor,
+        "invert_scale_latents": bool(family.invert_scale_latents),
+        "latent_channels": latent_channels,
+        "frames": frames,
+        "height": buckets[0][0],
+        "width": buckets[0][1],
+        "latent_frames": family.latent_frames(frames),
+        "fps": float(fps),
+        "text_max_length": family.text_max_length,
+        "text_embed_dim": text_embed_dim,
+        "dtypes": {name: storage_dtype for name in tensor_names(family.image_to_video)},
+        "image_to_video": family.image_to_video,
+        "latent_scaling": LATENT_SCALING,
+        "buckets": [list(b) for b in buckets],
+    }
+
+
+def read_part(out: str | Path, rank: int) -> dict[str, Any] | None:
+    """A prep rank's progress file (header, settings, shards with keys, counts, stats), or None."""
+    path = part_path(out, rank)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CogvxError(f"{path}: not valid JSON ({err.msg}); delete it to redo rank {rank}") from None
+    data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
+    return data
 
 
 def file_sha256(path: str | Path) -> str:

@@ -112,11 +112,26 @@ def make_synthetic_dataset(
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    entries: list[tuple[str, str, str | None]] = []  # video, prompt, image
-    good: list[str] = []
-    prompts: dict[str, str] = {}
     sub = "videos/" if layout != "folder" else ""
+    entries = _good_clips(root, sub, count, frames, height, width, fps, seed, images)
+    good = [name for name, _, _ in entries]
+    bad = _broken_inputs(root, sub, frames, height, width, fps, seed) if broken else {}
+    for name, kind in bad.items():
+        entries.append((name, "" if kind == "empty_prompt" else f"broken clip {kind.replace('_', ' ')}", None))
+    prompts = {name: text for name, text, _ in entries}
+    data_arg = _write_layout(root, layout, entries, images)
+    if layout == "folder":
+        # A folder lists only files that exist: a missing video cannot be named there.
+        for name in [n for n, kind in bad.items() if kind == "missing"]:
+            del bad[name], prompts[name]
+    return SyntheticDataset(root, data_arg, good, bad, prompts)
+
+
+def _good_clips(root: Path, sub: str, count: int, frames: int, height: int, width: int, fps: int, seed: int,
+                images: bool) -> list[tuple[str, str, str | None]]:
+    """Write the captioned clips (and their first frames as PNGs with `images`): (video, prompt, image) each."""
+    rng = random.Random(seed)
+    entries: list[tuple[str, str, str | None]] = []
     for i in range(count):
         colour, shape, direction = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(DIRECTIONS))
         clip = render_clip(colour, shape, direction, frames, height, width, seed=seed * 100003 + i)
@@ -128,42 +143,33 @@ def make_synthetic_dataset(
 
             image = f"{sub}clip_{i:04d}.png"
             Image.fromarray(clip[0]).save(root / image)
-        text = caption(colour, shape, direction)
-        entries.append((name, text, image))
-        good.append(name)
-        prompts[name] = text
+        entries.append((name, caption(colour, shape, direction), image))
+    return entries
 
+
+def _broken_inputs(root: Path, sub: str, frames: int, height: int, width: int, fps: int, seed: int) -> dict[str, str]:
+    """One input of each BROKEN_KIND: source -> kind (the missing one is listed, never written)."""
+    sample = write_mp4(root / f"{sub}_donor.mp4", render_clip("red", "square", "left", frames, height, width), fps)
+    data = sample.read_bytes()
+    sample.unlink()
+    files = {
+        "truncated": data[: len(data) // 2],
+        "random_bytes": np.random.default_rng(seed).integers(0, 256, size=4096, dtype=np.uint8).tobytes(),
+        "empty": b"",
+    }
     bad: dict[str, str] = {}
-    if broken:
-        sample = write_mp4(root / f"{sub}_donor.mp4", render_clip("red", "square", "left", frames, height, width), fps)
-        data = sample.read_bytes()
-        sample.unlink()
-        files = {
-            "truncated": data[: len(data) // 2],
-            "random_bytes": np.random.default_rng(seed).integers(0, 256, size=4096, dtype=np.uint8).tobytes(),
-            "empty": b"",
-        }
-        for kind, payload in files.items():
-            name = f"{sub}broken_{kind}.mp4"
-            (root / name).write_bytes(payload)
-            bad[name] = kind
-        short = f"{sub}broken_too_short.mp4"
-        write_mp4(root / short, render_clip("blue", "circle", "up", 3, height, width), fps)
-        bad[short] = "too_short"
-        bad[f"{sub}broken_missing.mp4"] = "missing"  # listed, never written
-        no_prompt = f"{sub}broken_empty_prompt.mp4"
-        write_mp4(root / no_prompt, render_clip("green", "square", "down", frames, height, width), fps)
-        bad[no_prompt] = "empty_prompt"
-        for name, kind in bad.items():
-            entries.append((name, "" if kind == "empty_prompt" else f"broken clip {kind.replace('_', ' ')}", None))
-            prompts[name] = entries[-1][1]
-
-    data_arg = _write_layout(root, layout, entries, images)
-    if layout == "folder":
-        # A folder lists only files that exist: a missing video cannot be named there.
-        for name in [n for n, kind in bad.items() if kind == "missing"]:
-            del bad[name], prompts[name]
-    return SyntheticDataset(root, data_arg, good, bad, prompts)
+    for kind, payload in files.items():
+        name = f"{sub}broken_{kind}.mp4"
+        (root / name).write_bytes(payload)
+        bad[name] = kind
+    short = f"{sub}broken_too_short.mp4"
+    write_mp4(root / short, render_clip("blue", "circle", "up", 3, height, width), fps)
+    bad[short] = "too_short"
+    bad[f"{sub}broken_missing.mp4"] = "missing"
+    no_prompt = f"{sub}broken_empty_prompt.mp4"
+    write_mp4(root / no_prompt, render_clip("green", "square", "down", frames, height, width), fps)
+    bad[no_prompt] = "empty_prompt"
+    return bad
 
 
 def _write_layout(root: Path, layout: str, entries: list[tuple[str, str, str | None]], images: bool) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION, ModelFamily, get_family
+from cogvx_dist.core.families import PATCH_SIZE, TEXT_MAX_LENGTH, VAE_SPATIAL_COMPRESSION, ModelFamily, get_family
 from cogvx_dist.core.loading import TINY_INFO_FILE
 
 TINY_HEIGHT = 32
@@ -66,7 +66,7 @@ def _make_tokenizer(seed: int) -> Any:
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "spiece.model").write_bytes(model.getvalue())
         (Path(folder) / "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 226})
+            json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": TEXT_MAX_LENGTH})
         )
         return AutoTokenizer.from_pretrained(folder), model.getvalue()
 
@@ -85,7 +85,7 @@ def _tiny_transformer_config(family: ModelFamily, frames: int) -> dict[str, Any]
         "sample_frames": frames,
         "sample_height": TINY_HEIGHT // VAE_SPATIAL_COMPRESSION,
         "sample_width": TINY_WIDTH // VAE_SPATIAL_COMPRESSION,
-        "patch_size": 2,
+        "patch_size": PATCH_SIZE,
         "patch_size_t": family.patch_size_t,
         "patch_bias": family.full_size_transformer.get("patch_bias", True),
         "max_text_seq_length": family.text_max_length,

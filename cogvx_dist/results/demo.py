@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cogvx_dist.core import shard_format
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.lora import LORA_WEIGHTS_NAME
+from cogvx_dist.core.run_folder import RunFolder
 
 DEMO_MARKER = ".cogvx-demo"
 """File marking a folder as a demo output, which a later `cogvx demo --out` may replace."""
@@ -137,20 +140,21 @@ def _prep(model: Path, data: Path, shards: Path, processes: int, device: str, lo
         tail = "\n".join((logs / f"prep-rank{failed[0]}.log").read_text().splitlines()[-15:])
         raise CogvxError(f"prep rank(s) {failed} failed; log {logs}/prep-rank{failed[0]}.log:\n{tail}")
     # The last process to finish merges the manifest; finalize covers the case where neither saw the other done.
-    if not (shards / "manifest.json").is_file():
+    if not (shards / shard_format.MANIFEST_NAME).is_file():
         _run_logged(_cogvx("prep", "finalize", str(shards)), logs / "prep-finalize.log")
-    # The numbers come from what prep wrote, not from its log text: the manifest, and each rank's progress file
-    # (parts/rank-RRRRR.json), whose "stats" hold the clips it encoded and its run time (start-up excluded).
-    from cogvx_dist.core.shard_format import Manifest
-    from data_prep.shards import read_part
+    return _prep_numbers(shards, processes, wall, logs)
 
-    manifest = Manifest.read(shards)
+
+def _prep_numbers(shards: Path, processes: int, wall: float, logs: Path) -> dict[str, Any]:
+    """Prep's numbers from what prep wrote, not from its log text: the manifest, and each rank's progress file,
+    whose "stats" hold the clips it encoded and its run time (start-up excluded)."""
+    manifest = shard_format.Manifest.read(shards)
     per_rank = []
     for rank in range(processes):
-        part = read_part(shards, rank)
+        part = shard_format.read_part(shards, rank)
         stats = (part or {}).get("stats") or {}
         if "encoded" not in stats or "seconds" not in stats:
-            raise CogvxError(f"prep rank {rank} left no encoding stats in {shards}/parts "
+            raise CogvxError(f"prep rank {rank} left no encoding stats in {shards}/{shard_format.PARTS_DIR} "
                              f"(log {logs}/prep-rank{rank}.log)")
         encoded, seconds = int(stats["encoded"]), float(stats["seconds"])
         per_rank.append({"rank": rank, "encoded": encoded, "seconds": seconds,
@@ -209,139 +213,171 @@ def _comparison_png(without: Any, with_lora: Any, path: Path) -> Path:
     return path
 
 
+class Demo:
+    """The demo's stages in order; each records its wall time, its paths, its numbers and the command to repeat it."""
+
+    def __init__(self, settings: DemoSettings) -> None:
+        import torch
+
+        from cogvx_dist.core.devices import pick_device
+
+        if settings.clips < 2:
+            raise CogvxError("--clips must be at least 2 (one per prep process)")
+        if settings.steps < 1 or settings.inference_steps < 1:
+            raise CogvxError("--steps and --inference-steps must be at least 1")
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self.on_gpu = self.device.startswith("cuda")
+        self.ranks = settings.train_ranks or (max(1, min(2, torch.cuda.device_count())) if self.on_gpu else 2)
+        self.out = settings.out.resolve()
+        self.logs = self.out / "logs"
+        self.result = DemoResult(out=str(self.out), device=self.device, settings={
+            k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()})
+        from cogvx_dist.results.sample import SampleSettings
+
+        self.sample_settings = SampleSettings(num_inference_steps=settings.inference_steps, seed=settings.seed)
+
+    def run(self) -> DemoResult:
+        """Every stage; the measurements are also written to OUT/summary.json and OUT/summary.md."""
+        started = time.perf_counter()
+        _prepare_out(self.out)
+        self.logs.mkdir()
+        stages = [("tiny checkpoint", self.make_model), ("synthetic clips", self.make_clips), ("prep", self.prep),
+                  ("train", self.train), ("validation", self.validate), ("sample", self.sample),
+                  ("report", self.report)]
+        for number, (name, stage) in enumerate(stages, start=1):
+            _say(f"[demo] {number}/{len(stages)} {stage.__doc__} ...")
+            stage_started = time.perf_counter()
+            detail = stage()
+            seconds = time.perf_counter() - stage_started
+            self.result.stages.append(StageTime(name, round(seconds, 2)))
+            _say(f"[demo]   {detail} ({seconds:.1f} s)")
+        result = self.result
+        result.numbers["total_s"] = round(time.perf_counter() - started, 1)
+        (self.out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        (self.out / "summary.md").write_text(summary_markdown(result))
+        result.paths["summary"] = str(self.out / "summary.md")
+        return result
+
+    def make_model(self) -> str:
+        """tiny CogVideoX-2b checkpoint"""
+        from cogvx_dist.core.tiny import make_tiny_checkpoint
+
+        self.model = make_tiny_checkpoint(self.out / "model", DEMO_FAMILY, seed=self.settings.seed)
+        self.result.commands.append(f"cogvx make-tiny-model {self.model} --family {DEMO_FAMILY} "
+                                    f"--seed {self.settings.seed}")
+        self.result.paths["model"] = str(self.model)
+        return f"wrote {self.model}"
+
+    def make_clips(self) -> str:
+        """synthetic captioned mp4 clips"""
+        from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
+
+        # 48x72 keeps the tiny model's 2:3 aspect (32x48), so prep only scales; 16 frames at 8 fps cover 9 frames.
+        dataset = make_synthetic_dataset(self.out / "data", count=self.settings.clips, frames=16, height=48,
+                                         width=72, fps=8, seed=self.settings.seed, layout="folder")
+        self.data = dataset.data
+        self.prompt = self.settings.prompt or dataset.prompts[dataset.good[0]]
+        self.result.paths["data"] = str(dataset.data)
+        return f"{len(dataset.good)} clips in {dataset.data}, e.g. {dataset.good[0]}: {self.prompt!r}"
+
+    def prep(self) -> str:
+        """prep (T5 + VAE -> shards)"""
+        self.shards = self.out / "shards"
+        prep = _prep(self.model, self.data, self.shards, self.settings.prep_processes,
+                     "cuda" if self.on_gpu else "cpu", self.logs, self.result)
+        self.result.numbers["prep"] = prep
+        self.result.paths["shards"] = str(self.shards)
+        return (f"{prep['samples']} samples in {prep['shards']} shards, {prep['videos_per_s']:.2f} videos/s encoding "
+                f"({prep['videos_per_s_wall']:.2f} videos/s with process start-up)")
+
+    def train(self) -> str:
+        """train with DeepSpeed ZeRO-2 (the trainer exports the LoRA at the end)"""
+        from cogvx_dist.train.metrics import read_metrics
+
+        self.run_dir = RunFolder(self.out / "run")
+        config = _train_config(self.out / "run.yaml", self.settings, self.model, self.shards, self.run_dir.root,
+                               self.on_gpu)
+        command = _cogvx("train", "--config", str(config), "--nproc", str(self.ranks))
+        self.result.commands.append(_shown(command))
+        _run_logged(command, self.logs / "train.log")
+        self.records = read_metrics(self.run_dir.root)
+        self.train_summary = json.loads(self.run_dir.summary.read_text())
+        run = self.run_dir
+        self.result.paths.update({"run": str(run.root), "run_config": str(config),
+                                  "lora": str(run.lora / LORA_WEIGHTS_NAME), "metrics": str(run.metrics),
+                                  "tensorboard": str(run.tensorboard)})
+        return (f"{len(self.records)} steps on {self.ranks} rank(s) ({self.device}), loss "
+                f"{self.records[0]['loss']:.4f} -> {self.records[-1]['loss']:.4f}, LoRA exported to {run.lora}")
+
+    def validate(self) -> str:
+        """validate each checkpoint (cogvx sample --watch --once)"""
+        from cogvx_dist.results.watch import SamplerSpec, WatchOptions, watch_run
+
+        run = self.run_dir
+        self.watched = watch_run(run.root, [self.prompt], self.sample_settings, WatchOptions(once=True),
+                                 SamplerSpec(device=self.device))
+        self.result.commands.append(f"cogvx sample --watch {run.root} --prompt {json.dumps(self.prompt)} --once "
+                                    f"--inference-steps {self.settings.inference_steps}")
+        self.result.paths["validation"] = str(run.validation)
+        return f"sampled steps {self.watched.validated} into {run.validation}"
+
+    def sample(self) -> str:
+        """sample with and without the LoRA"""
+        import numpy as np
+
+        from cogvx_dist.results.sample import Sampler, save_clip
+
+        settings, prompt = self.settings, self.prompt
+        sampler = Sampler(self.model, device=self.device)
+        without = sampler.generate(prompt, self.sample_settings)
+        sampler.set_lora(self.run_dir.lora)
+        with_lora = sampler.generate(prompt, self.sample_settings)
+        samples = self.out / "samples"
+        without_mp4, without_grid = save_clip(without, samples / "without_lora.mp4", sampler.family.fps)
+        with_mp4, with_grid = save_clip(with_lora, samples / "with_lora.mp4", sampler.family.fps)
+        comparison = _comparison_png(without, with_lora, samples / "comparison.png")
+        difference = float(np.abs(with_lora - without).mean())
+        self.result.numbers["sample"] = {
+            "prompt": prompt, "inference_steps": settings.inference_steps, "seed": settings.seed,
+            "frames": int(without.shape[0]), "height": int(without.shape[1]), "width": int(without.shape[2]),
+            "mean_abs_pixel_difference": round(difference, 5),
+            "mean_abs_pixel_difference_0_255": round(difference * 255, 3),
+            "clips_differ": difference > 1e-4,
+        }
+        self.result.commands.append(f"cogvx sample --model {self.model} --lora {self.run_dir.lora} --prompt "
+                                    f"{json.dumps(prompt)} --inference-steps {settings.inference_steps} "
+                                    f"--out {with_mp4}")
+        self.result.paths.update({"without_lora": str(without_mp4), "with_lora": str(with_mp4),
+                                  "without_lora_grid": str(without_grid), "with_lora_grid": str(with_grid),
+                                  "comparison": str(comparison)})
+        return f"mean |with - without| = {difference:.4f} ({difference * 255:.2f} of 255) -> {samples}"
+
+    def report(self) -> str:
+        """report"""
+        from cogvx_dist.results.report import plot_loss, write_report
+
+        run, records, summary = self.run_dir, self.records, self.train_summary
+        report = write_report(run.root)
+        loss_png = plot_loss(records, self.out / "loss_curve.png",
+                             title=f"demo: LoRA training loss ({self.ranks} ranks, {self.settings.steps} steps)")
+        self.result.commands.append(f"cogvx report {run.root}")
+        self.result.paths.update({"loss_curve": str(loss_png), "report": str(run.report)})
+        self.result.numbers["train"] = {
+            "ranks": summary["world_size"], "zero_stage": summary["zero_stage"], "steps": len(records),
+            "samples_seen": summary["samples_seen"], "loss_first_step": round(records[0]["loss"], 5),
+            "loss_last_step": round(records[-1]["loss"], 5), "loss_first_fifth": round(report["loss_first"], 5),
+            "loss_last_fifth": round(report["loss_last"], 5), "loss_falls": report["loss_falls"],
+            "samples_per_s": round(report["samples_per_s"], 3), "tokens_per_s": round(report["tokens_per_s"], 1),
+            "step_time_s": round(report["step_time_s"], 4), "peak_memory_gib": round(report["peak_memory_gib"], 3),
+            "validated_steps": self.watched.validated,
+        }
+        return f"plots in {run.report}, loss curve {loss_png}"
+
+
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run every stage; returns the measurements (also written to OUT/summary.json and OUT/summary.md)."""
-    import numpy as np
-    import torch
-
-    from cogvx_dist.train.metrics import read_metrics
-    from cogvx_dist.core.tiny import make_tiny_checkpoint
-    from cogvx_dist.results.report import plot_loss, write_report
-    from cogvx_dist.results.sample import SampleSettings, Sampler, WatchOptions, pick_device, save_clip, watch_run
-    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
-
-    if settings.clips < 2:
-        raise CogvxError("--clips must be at least 2 (one per prep process)")
-    if settings.steps < 1 or settings.inference_steps < 1:
-        raise CogvxError("--steps and --inference-steps must be at least 1")
-    device = pick_device(settings.device)
-    on_gpu = device.startswith("cuda")
-    ranks = settings.train_ranks or (max(1, min(2, torch.cuda.device_count())) if on_gpu else 2)
-    out = settings.out.resolve()
-    _prepare_out(out)
-    logs = out / "logs"
-    logs.mkdir()
-    result = DemoResult(out=str(out), settings={k: str(v) if isinstance(v, Path) else v
-                                                for k, v in asdict(settings).items()}, device=device)
-    total_started = time.perf_counter()
-
-    def stage(name: str) -> float:
-        _say(f"[demo] {name} ...")
-        return time.perf_counter()
-
-    def done(name: str, started: float, detail: str) -> None:
-        seconds = time.perf_counter() - started
-        result.stages.append(StageTime(name, round(seconds, 2)))
-        _say(f"[demo]   {detail} ({seconds:.1f} s)")
-
-    # 1. A tiny random-weight checkpoint in the full diffusers layout.
-    t = stage(f"1/7 tiny {DEMO_FAMILY} checkpoint")
-    model = make_tiny_checkpoint(out / "model", DEMO_FAMILY, seed=settings.seed)
-    result.commands.append(f"cogvx make-tiny-model {model} --family {DEMO_FAMILY} --seed {settings.seed}")
-    result.paths["model"] = str(model)
-    done("tiny checkpoint", t, f"wrote {model}")
-
-    # 2. Real mp4 clips of coloured shapes moving in captioned directions.
-    t = stage(f"2/7 {settings.clips} synthetic captioned mp4 clips")
-    # 48x72 keeps the tiny model's 2:3 aspect (32x48), so prep only scales; 16 frames at 8 fps cover 9 frames.
-    dataset = make_synthetic_dataset(out / "data", count=settings.clips, frames=16, height=48, width=72, fps=8,
-                                     seed=settings.seed, layout="folder")
-    prompt = settings.prompt or dataset.prompts[dataset.good[0]]
-    result.paths["data"] = str(dataset.data)
-    done("synthetic clips", t, f"{len(dataset.good)} clips in {dataset.data}, e.g. {dataset.good[0]}: {prompt!r}")
-
-    # 3. Prep: T5 + VAE encode into WebDataset shards, two processes over disjoint slices.
-    t = stage(f"3/7 prep with {settings.prep_processes} processes (T5 + VAE -> shards)")
-    shards = out / "shards"
-    prep = _prep(model, dataset.data, shards, settings.prep_processes, "cuda" if on_gpu else "cpu", logs, result)
-    result.numbers["prep"] = prep
-    result.paths["shards"] = str(shards)
-    done("prep", t, f"{prep['samples']} samples in {prep['shards']} shards, {prep['videos_per_s']:.2f} videos/s "
-                    f"encoding ({prep['videos_per_s_wall']:.2f} videos/s with process start-up)")
-
-    # 4. DeepSpeed training on several ranks; the trainer exports the LoRA at the end.
-    t = stage(f"4/7 train {settings.steps} steps with DeepSpeed ZeRO-2 on {ranks} rank(s) ({device})")
-    run = out / "run"
-    config = _train_config(out / "run.yaml", settings, model, shards, run, on_gpu)
-    train_command = _cogvx("train", "--config", str(config), "--nproc", str(ranks))
-    result.commands.append(_shown(train_command))
-    _run_logged(train_command, logs / "train.log")
-    records = read_metrics(run)
-    train_summary = json.loads((run / "train_summary.json").read_text())
-    lora_dir = run / "lora"
-    result.paths.update({"run": str(run), "run_config": str(config), "lora": str(lora_dir / "pytorch_lora_weights.safetensors"),
-                         "metrics": str(run / "metrics.jsonl"), "tensorboard": str(run / "tensorboard")})
-    done("train", t, f"{len(records)} steps, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, "
-                     f"LoRA exported to {lora_dir}")
-
-    # 5. Validation: what `cogvx sample --watch RUN` does beside a live run, here over the finished one.
-    t = stage("5/7 validate each checkpoint (cogvx sample --watch --once)")
-    sample_settings = SampleSettings(num_inference_steps=settings.inference_steps, seed=settings.seed)
-    watched = watch_run(run, [prompt], sample_settings, WatchOptions(once=True), device=device)
-    result.commands.append(f"cogvx sample --watch {run} --prompt {json.dumps(prompt)} --once "
-                           f"--inference-steps {settings.inference_steps}")
-    result.paths["validation"] = str(run / "validation")
-    done("validation", t, f"sampled steps {watched.validated} into {run / 'validation'}")
-
-    # 6. The same prompt and noise with and without the LoRA.
-    t = stage("6/7 sample with and without the LoRA")
-    sampler = Sampler(model, device=device)
-    fps = sampler.family.fps
-    without = sampler.generate(prompt, sample_settings)
-    sampler.set_lora(lora_dir)
-    with_lora = sampler.generate(prompt, sample_settings)
-    samples = out / "samples"
-    without_mp4, without_grid = save_clip(without, samples / "without_lora.mp4", fps)
-    with_mp4, with_grid = save_clip(with_lora, samples / "with_lora.mp4", fps)
-    comparison = _comparison_png(without, with_lora, samples / "comparison.png")
-    difference = float(np.abs(with_lora - without).mean())
-    result.numbers["sample"] = {
-        "prompt": prompt, "inference_steps": settings.inference_steps, "seed": settings.seed,
-        "frames": int(without.shape[0]), "height": int(without.shape[1]), "width": int(without.shape[2]),
-        "mean_abs_pixel_difference": round(difference, 5),
-        "mean_abs_pixel_difference_0_255": round(difference * 255, 3),
-        "clips_differ": difference > 1e-4,
-    }
-    result.commands.append(f"cogvx sample --model {model} --lora {lora_dir} --prompt {json.dumps(prompt)} "
-                           f"--inference-steps {settings.inference_steps} --out {with_mp4}")
-    result.paths.update({"without_lora": str(without_mp4), "with_lora": str(with_mp4),
-                         "without_lora_grid": str(without_grid), "with_lora_grid": str(with_grid),
-                         "comparison": str(comparison)})
-    done("sample", t, f"mean |with - without| = {difference:.4f} ({difference * 255:.2f} of 255) -> {samples}")
-
-    # 7. Report: plots and text from metrics.jsonl; the headline loss curve is copied to the top folder.
-    t = stage("7/7 report")
-    report = write_report(run)
-    loss_png = plot_loss(records, out / "loss_curve.png",
-                         title=f"demo: LoRA training loss ({ranks} ranks, {settings.steps} steps)")
-    result.commands.append(f"cogvx report {run}")
-    result.paths.update({"loss_curve": str(loss_png), "report": str(run / "report")})
-    result.numbers["train"] = {
-        "ranks": train_summary["world_size"], "zero_stage": train_summary["zero_stage"], "steps": len(records),
-        "samples_seen": train_summary["samples_seen"], "loss_first_step": round(records[0]["loss"], 5),
-        "loss_last_step": round(records[-1]["loss"], 5), "loss_first_fifth": round(report["loss_first"], 5),
-        "loss_last_fifth": round(report["loss_last"], 5), "loss_falls": report["loss_falls"],
-        "samples_per_s": round(report["samples_per_s"], 3), "tokens_per_s": round(report["tokens_per_s"], 1),
-        "step_time_s": round(report["step_time_s"], 4), "peak_memory_gib": round(report["peak_memory_gib"], 3),
-        "validated_steps": watched.validated,
-    }
-    done("report", t, f"plots in {run / 'report'}, loss curve {loss_png}")
-
-    result.numbers["total_s"] = round(time.perf_counter() - total_started, 1)
-    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(result))
-    result.paths["summary"] = str(out / "summary.md")
-    return result
+    return Demo(settings).run()
 
 
 def summary_markdown(result: DemoResult) -> str:
@@ -366,7 +402,8 @@ def summary_markdown(result: DemoResult) -> str:
         f"| loss | first step {train['loss_first_step']:.4f} -> last step {train['loss_last_step']:.4f}; "
         f"mean of first fifth {train['loss_first_fifth']:.4f} -> last fifth {train['loss_last_fifth']:.4f} "
         f"({'falling' if train['loss_falls'] else 'NOT falling'}) |",
-        f"| peak memory, rank 0 | {train['peak_memory_gib']:.2f} GiB ({'CUDA allocator peak' if result.device.startswith('cuda') else 'process peak RSS'}) |",
+        f"| peak memory, rank 0 | {train['peak_memory_gib']:.2f} GiB "
+        f"({'CUDA allocator peak' if result.device.startswith('cuda') else 'process peak RSS'}) |",
         f"| with vs without LoRA | mean abs pixel difference {sample['mean_abs_pixel_difference']:.4f} "
         f"({sample['mean_abs_pixel_difference_0_255']:.2f} of 255): "
         f"{'the clips differ' if sample['clips_differ'] else 'the clips are the same'} |",

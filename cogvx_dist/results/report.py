@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError, first_line
-
-REPORT_DIR = "report"
+from cogvx_dist.core.run_folder import RunFolder
 
 
 @dataclass
@@ -168,9 +167,10 @@ def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
         f"peak memory (rank 0): {stats.peak_memory_gib:.2f} GiB (CUDA allocator peak on GPU, process peak RSS on CPU)",
     ]
     if extra.get("world_size"):
-        lines.append(f"ranks: {extra['world_size']}, ZeRO stage {extra.get('zero_stage')}, family {extra.get('family')}")
+        lines.append(f"ranks: {extra['world_size']}, ZeRO stage {extra.get('zero_stage')}, "
+                     f"family {extra.get('family')}")
     if extra.get("validated_steps"):
-        lines.append(f"validation samples for steps {extra['validated_steps']} in {run_dir / 'validation'}")
+        lines.append(f"validation samples for steps {extra['validated_steps']} in {RunFolder(run_dir).validation}")
     return "\n".join(lines) + "\n"
 
 
@@ -187,31 +187,47 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the plots and the summary of a run into out_dir (default RUN_DIR/report); returns the summary dict."""
-    from cogvx_dist.train.metrics import METRICS_FILE, read_metrics
+    from cogvx_dist.train.metrics import read_metrics
 
-    run = Path(run_dir)
+    folder = RunFolder(run_dir)
+    run = folder.root
     if not run.is_dir():
         raise CogvxError(f"{run}: no such run folder")
     records = [r for r in read_metrics(run) if r.get("loss") is not None]  # bad lines raise CogvxError
     if not records:
-        raise CogvxError(f"{run / METRICS_FILE} is missing or holds no steps yet (has training logged a step?)")
-    out = Path(out_dir) if out_dir else run / REPORT_DIR
+        raise CogvxError(f"{folder.metrics} is missing or holds no steps yet (has training logged a step?)")
+    out = Path(out_dir) if out_dir else folder.report
     out.mkdir(parents=True, exist_ok=True)
     stats = run_stats(records)
+    extra = _run_facts(folder)
+    plots = write_plots(records, out)
+    text = summary_text(stats, run, extra)
+    (out / "summary.txt").write_text(text)
+    summary = {"run_dir": str(run), **asdict(stats), "loss_falls": stats.loss_falls, **extra,
+               "plots": {name: str(path) for name, path in plots.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["text"] = text
+    return summary
 
+
+def _run_facts(folder: RunFolder) -> dict[str, Any]:
+    """World size, ZeRO stage and family from the training summary, and the validated steps, where they exist."""
     extra: dict[str, Any] = {}
-    summary_file = run / "train_summary.json"
-    if summary_file.is_file():
-        train_summary = _read_json_object(summary_file)
+    if folder.summary.is_file():
+        train_summary = _read_json_object(folder.summary)
         extra.update({k: train_summary.get(k) for k in ("world_size", "zero_stage", "family")})
-    validated = run / "validation" / "validated.json"
+    validated = folder.validation_record
     if validated.is_file():
         try:
             extra["validated_steps"] = sorted(int(s) for s in _read_json_object(validated).get("steps", {}))
         except (TypeError, ValueError, AttributeError) as err:
             raise CogvxError(f"{validated}: \"steps\" is not a map of step numbers ({first_line(err)})") from None
+    return extra
 
-    plots = {
+
+def write_plots(records: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    """The loss, throughput, memory and learning-rate plots as PNGs in `out`."""
+    return {
         "loss": plot_loss(records, out / "loss.png"),
         "throughput": _plot_panels(records, out / "throughput.png",
                                    [("samples_per_s", "samples/s", "tab:green"),
@@ -222,10 +238,3 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
                            [("lr", "learning rate", "tab:orange"), ("grad_norm", "grad norm", "tab:gray")],
                            "learning rate and gradient norm (before clipping)"),
     }
-    text = summary_text(stats, run, extra)
-    (out / "summary.txt").write_text(text)
-    summary = {"run_dir": str(run), **asdict(stats), "loss_falls": stats.loss_falls, **extra,
-               "plots": {name: str(path) for name, path in plots.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    summary["text"] = text
-    return summary

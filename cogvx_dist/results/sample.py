@@ -1,8 +1,8 @@
-"""Sampling videos with the diffusers pipeline, with or without a trained LoRA, and validation that watches a run.
+"""Sampling videos with the diffusers pipeline, with or without a trained LoRA.
 
 Sampling runs in its own process, never on the training ranks: it is the only place besides data prep that loads
-T5 and the VAE, so `cogvx sample --watch RUN_DIR` can sit on a spare GPU (or a CPU node) and validate each new
-checkpoint while the DeepSpeed ranks keep their memory for the transformer.
+T5 and the VAE, so validation (results/watch.py) can sit on a spare GPU (or a CPU node) while the DeepSpeed ranks
+keep their memory for the transformer.
 
 Adapters load with `pipe.load_lora_weights(folder)`: the file's metadata carries lora_alpha, so diffusers applies
 the adapter at its trained scale alpha / r without any scale argument here.
@@ -10,27 +10,17 @@ the adapter at its trained scale alpha / r without any scale argument here.
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-import shutil
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cogvx_dist.core import run_folder
+from cogvx_dist.core.devices import compute_dtype, pick_device
 from cogvx_dist.core.errors import CogvxError, first_line
-from cogvx_dist.core.files import write_atomic
-
-log = logging.getLogger("cogvx.sample")
-
-VALIDATION_DIR = "validation"
-VALIDATION_RECORD = "validated.json"
-"""JSON record of the checkpoint steps a watcher has already sampled, so that a restarted watcher skips them."""
-DEFAULT_PROMPTS = ("a red square moves left", "a blue circle moves down")
 
 
 @dataclass
@@ -55,19 +45,6 @@ class SampleSettings:
     """Frames per row of the preview grid PNG (0: all frames in one row, up to 9)."""
 
 
-def pick_device(device: str = "auto") -> str:
-    """"auto" is the first GPU when torch sees one, else the CPU; anything else is passed through (checked)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CogvxError(f"--device {device}: no CUDA GPU is visible to torch on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise CogvxError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    return device
-
-
 def lora_folder(path: str | Path) -> Path:
     """The folder holding `pytorch_lora_weights.safetensors` (accepts the file itself), or a one-line error."""
     from cogvx_dist.core.lora import LORA_WEIGHTS_NAME
@@ -80,7 +57,7 @@ def lora_folder(path: str | Path) -> Path:
     if not path.exists():
         raise CogvxError(f"--lora {path} does not exist")
     if not (path / LORA_WEIGHTS_NAME).is_file():
-        nested = path / "lora" / LORA_WEIGHTS_NAME  # a run folder or a checkpoint folder
+        nested = path / run_folder.LORA / LORA_WEIGHTS_NAME  # a run folder or a checkpoint folder
         if nested.is_file():
             return nested.parent
         raise CogvxError(f"--lora {path}: no {LORA_WEIGHTS_NAME} there (pass an exported adapter folder or run dir)")
@@ -92,19 +69,12 @@ class Sampler:
 
     def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto",
                  allow_other_family: bool = False) -> None:
-        import torch
-
         from cogvx_dist.core.loading import describe_checkpoint
 
         self.info = describe_checkpoint(model)
         self.family = self.info.family
         self.device = pick_device(device)
-        if dtype == "auto":
-            # bfloat16 is what CogVideoX runs in on GPUs; CPUs are exact and fast enough in float32 at tiny sizes.
-            dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise CogvxError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-        self.dtype = getattr(torch, dtype)
+        self.dtype = compute_dtype(dtype, self.device)
         pipeline_class = self.family.pipeline_type()
         try:
             self.pipe = pipeline_class.from_pretrained(str(model), torch_dtype=self.dtype)
@@ -132,7 +102,7 @@ class Sampler:
 
     def _check_adapter_fits(self, folder: Path) -> None:
         """Every adapter matrix must match a layer of this transformer (a LoRA from another family does not)."""
-        from cogvx_dist.core.lora import load_exported_lora
+        from cogvx_dist.core.lora import adapted_layer, load_exported_lora, lora_matrix_shape
 
         try:
             exported = load_exported_lora(folder)
@@ -144,13 +114,13 @@ class Sampler:
         trained_on = f" (trained on {exported.family})" if exported.family else ""
         modules = dict(self.pipe.transformer.named_modules())
         for name, tensor in state.items():
-            base_name = name.split(".lora_A.")[0].split(".lora_B.")[0]
+            base_name = adapted_layer(name)
             layer = modules.get(base_name)
             if layer is None or not hasattr(layer, "weight"):
                 raise CogvxError(f"LoRA {folder}{trained_on} targets {base_name}, which {self.family.name} "
                                  f"({self.info.source}) does not have: it was trained for another model")
             out_features, in_features = layer.weight.shape[:2]
-            expected = (settings.rank, in_features) if ".lora_A." in name else (out_features, settings.rank)
+            expected = lora_matrix_shape(name, settings.rank, in_features, out_features)
             if tuple(tensor.shape) != expected:
                 raise CogvxError(f"LoRA {folder}{trained_on}: {name} has shape {tuple(tensor.shape)}, this "
                                  f"{self.family.name} checkpoint needs {expected}: it was trained for another model")
@@ -245,185 +215,3 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | Path | None) -> lis
             raise CogvxError(f"--prompts-file {path} does not exist")
         found += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return found
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Validation that watches a training run
-
-
-@dataclass
-class WatchOptions:
-    """How `cogvx sample --watch` polls and when it stops."""
-
-    interval_s: float = 30.0
-    """Seconds between looks at the run's checkpoints folder."""
-    once: bool = False
-    """Sample every committed checkpoint not yet validated, then exit."""
-    stop_after: int = 0
-    """Exit after validating this many checkpoints (0: no limit)."""
-    max_wait_s: float = 0.0
-    """Exit after this many seconds in total (0: no limit)."""
-    until_done: bool = True
-    """Exit once train_summary.json exists and every committed checkpoint is validated."""
-    baseline: bool = True
-    """Also sample the prompts once without any adapter (validation/base/), for comparison."""
-
-
-@dataclass
-class WatchResult:
-    """What a watcher did."""
-
-    validated: list[int] = field(default_factory=list)
-    """Steps sampled in this call, in order."""
-    skipped: list[int] = field(default_factory=list)
-    """Steps whose checkpoint vanished (pruned by keep_last) before they could be sampled."""
-    reason: str = ""
-    """Why the watcher stopped."""
-
-
-def run_model(run_dir: Path) -> str:
-    """The checkpoint a run trained on, from its run_config.json."""
-    config = run_dir / "run_config.json"
-    if not config.is_file():
-        raise CogvxError(f"{run_dir} has no run_config.json (not a training run folder yet?); pass --model")
-    try:
-        path = json.loads(config.read_text())["model"]["path"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise CogvxError(f"{config}: no model.path to sample with ({type(err).__name__}: {first_line(err)}); "
-                         "pass --model") from None
-    if not isinstance(path, str) or not path:
-        raise CogvxError(f"{config}: model.path is {path!r}, not a checkpoint path; pass --model")
-    return path
-
-
-def _load_record(path: Path) -> dict[str, Any]:
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("%s is not valid JSON; starting a fresh record", path)
-    return {"steps": {}}
-
-
-def _write_record(path: Path, record: dict[str, Any]) -> None:
-    # `cogvx report` and other watchers read it while we write: fsync'd and renamed into place.
-    write_atomic(path, json.dumps(record, indent=2) + "\n")
-
-
-def watch_run(
-    run_dir: str | Path,
-    prompts: Sequence[str],
-    settings: SampleSettings,
-    options: WatchOptions,
-    model: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    image: str | Path | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    allow_other_family: bool = False,
-) -> WatchResult:
-    """Sample `prompts` with each new committed checkpoint of `run_dir`; log to files and TensorBoard.
-
-    `image` is the first frame for image-to-video families (the same for every prompt and checkpoint).
-    """
-    from torch.utils.tensorboard import SummaryWriter
-
-    from cogvx_dist.train.checkpoints import LORA_SUBDIR, complete_checkpoints
-    from cogvx_dist.train.loop import SUMMARY_FILE
-
-    run = Path(run_dir)
-    if not prompts:
-        raise CogvxError("--watch needs prompts: --prompt TEXT (repeatable) or --prompts-file FILE")
-    started = time.monotonic()
-    # A watcher started beside the trainer (same batch job) may come up before the run folder exists: wait for it.
-    while not run.is_dir():
-        if options.once or (options.max_wait_s and time.monotonic() - started >= options.max_wait_s):
-            raise CogvxError(f"--watch {run}: no such run folder")
-        log.info("waiting for %s to appear", run)
-        sleep(options.interval_s)
-    out_root = run / VALIDATION_DIR
-    out_root.mkdir(parents=True, exist_ok=True)
-    record_path = out_root / VALIDATION_RECORD
-    record = _load_record(record_path)
-    result = WatchResult()
-    sampler: Sampler | None = None
-    writer: Any = None
-
-    def ensure_loaded() -> Sampler:
-        # The model is loaded lazily: a watcher started before the trainer wrote run_config.json just waits.
-        nonlocal sampler, writer
-        if sampler is None:
-            sampler = Sampler(model or run_model(run), device=device, dtype=dtype,
-                              allow_other_family=allow_other_family)
-            writer = SummaryWriter(str(run / "tensorboard" / VALIDATION_DIR))
-            log.info("validating %s with %s on %s: %d prompt(s), %d steps", run, sampler.info.source,
-                     sampler.device, len(prompts), settings.num_inference_steps)
-            if options.baseline and "base" not in record:
-                record["base"] = _sample_prompts(sampler, prompts, settings, out_root / "base", writer, 0, "base",
-                                                 image)
-                _write_record(record_path, record)
-        return sampler
-
-    try:
-        while True:
-            model_known = model is not None or (run / "run_config.json").is_file()
-            pending = [(s, p) for s, p in complete_checkpoints(run) if str(s) not in record["steps"]]
-            for step, folder in pending if model_known else []:
-                current = ensure_loaded()
-                target = out_root / f"step-{step:08d}"
-                # Copy the adapter first: keep_last may delete the checkpoint while we sample, and the copy
-                # keeps the exact adapter that made these clips next to them.
-                try:
-                    shutil.copytree(folder / LORA_SUBDIR, target / LORA_SUBDIR, dirs_exist_ok=True)
-                except (FileNotFoundError, shutil.Error):
-                    log.warning("checkpoint step %d vanished before it could be validated (keep_last?)", step)
-                    result.skipped.append(step)
-                    continue
-                current.set_lora(target / LORA_SUBDIR)
-                entry = _sample_prompts(current, prompts, settings, target, writer, step, "lora", image)
-                current.set_lora(None)
-                record["steps"][str(step)] = entry
-                _write_record(record_path, record)
-                result.validated.append(step)
-                log.info("validated step %d: %s", step, target)
-                if options.stop_after and len(result.validated) >= options.stop_after:
-                    result.reason = f"validated {len(result.validated)} checkpoint(s) (--stop-after)"
-                    return result
-            if options.once:
-                result.reason = "every committed checkpoint is validated (--once)"
-                return result
-            finished = (run / SUMMARY_FILE).is_file()
-            if options.until_done and finished and not [
-                s for s, _ in complete_checkpoints(run) if str(s) not in record["steps"]
-            ]:
-                result.reason = "training finished and every committed checkpoint is validated"
-                return result
-            if options.max_wait_s and time.monotonic() - started >= options.max_wait_s:
-                result.reason = f"--max-wait {options.max_wait_s:g} s reached"
-                return result
-            sleep(options.interval_s)
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def _sample_prompts(sampler: Sampler, prompts: Sequence[str], settings: SampleSettings, folder: Path,
-                    writer: Any, step: int, tag: str, image: str | Path | None = None) -> dict[str, Any]:
-    """Sample each prompt into `folder` (mp4 + grid PNG) and log the grids to TensorBoard at `step`."""
-    fps = settings.fps or sampler.family.fps
-    files = []
-    started = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        frames = sampler.generate(prompt, settings, image=image)
-        clip, grid = save_clip(frames, folder / f"{i:02d}_{slug(prompt)}.mp4", fps, settings.grid_columns)
-        files.append({"prompt": prompt, "mp4": clip.name, "grid": grid.name,
-                      "mean_pixel": float(frames.mean())})
-        if writer is not None:
-            # add_video needs moviepy; the frame grid shows the same frames as one image.
-            grid_pixels = np.asarray(frame_grid(frames, settings.grid_columns))
-            writer.add_image(f"{VALIDATION_DIR}/{i:02d}_{tag}", grid_pixels, step, dataformats="HWC")
-            writer.add_text(f"{VALIDATION_DIR}/{i:02d}_prompt", prompt, step)
-    if writer is not None:
-        writer.flush()
-    return {"folder": folder.name, "clips": files, "seconds": round(time.perf_counter() - started, 3),
-            "seed": settings.seed, "num_inference_steps": settings.num_inference_steps}

@@ -1,4 +1,7 @@
-"""Per-rank entry point: `deepspeed [launcher args] --module cogvx_dist.train --config run.yaml [section.key=value ...]`."""
+"""Per-rank entry point of a training job.
+
+    deepspeed [launcher args] --module cogvx_dist.train --config run.yaml [section.key=value ...]
+"""
 
 from __future__ import annotations
 

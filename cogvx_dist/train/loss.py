@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.core.shard_format import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
 from cogvx_dist.core.families import ModelFamily
+from cogvx_dist.core.shard_format import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,89 @@
-"""Training metrics: a JSONL file and TensorBoard event files, written by rank 0."""
+"""Training metrics: the throughput window between log lines, metrics.jsonl and TensorBoard (rank 0), the
+per-rank sample trace, and reading metrics back."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.core.errors import CogvxError
+import torch
 
-METRICS_FILE = "metrics.jsonl"
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.run_folder import RunFolder
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: the CUDA allocator's peak on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class StepMeter:
+    """Loss, step time and data wait over the optimizer steps since the last log line.
+
+    Losses stay tensors until a log step reads them: reading one forces the host to wait for the device.
+    """
+
+    def __init__(self, global_batch: int, tokens_per_sample: int, device: torch.device) -> None:
+        self.global_batch = global_batch
+        self.tokens_per_sample = tokens_per_sample
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.started = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+        self.loss_sum: torch.Tensor | float = 0.0
+
+    def next_batch(self, loader: Any) -> Any:
+        """The loader's next micro-batch, its wait counted as data wait."""
+        started = time.perf_counter()
+        batch = next(loader)
+        self.data_wait += time.perf_counter() - started
+        return batch
+
+    def step_done(self, loss: torch.Tensor) -> None:
+        """An optimizer step ended with this (all-ranks mean) loss."""
+        self.steps += 1
+        self.loss_sum = self.loss_sum + loss
+
+    def values(self, lr: float, grad_norm: float | None, samples_seen: int) -> dict[str, Any]:
+        """The metrics of the window, which then starts again."""
+        elapsed = time.perf_counter() - self.started
+        samples_per_s = self.steps * self.global_batch / elapsed
+        values = {
+            "loss": float(self.loss_sum) / self.steps,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+            "tokens_per_s": samples_per_s * self.tokens_per_sample,
+            "step_time_s": elapsed / self.steps,
+            "data_wait_s": self.data_wait / self.steps,
+            "peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
+            "samples_seen": samples_seen,
+        }
+        self._reset()
+        return values
 
 
 class MetricsWriter:
     """Appends one JSON object per logged step to output_dir/metrics.jsonl, mirrored to TensorBoard."""
 
     def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool) -> None:
+        run = RunFolder(output_dir)
         self.enabled = enabled
-        self.path = Path(output_dir) / METRICS_FILE
+        self.path = run.metrics
         self._tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(run.tensorboard))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record `values` for optimizer step `step`."""
@@ -40,12 +102,27 @@ class MetricsWriter:
             self._tb.close()
 
 
+class SampleTrace:
+    """Each rank's sample keys per micro-step (log.sample_trace), one JSON line each, written as they happen."""
+
+    def __init__(self, output_dir: str | Path, rank: int) -> None:
+        path = RunFolder(output_dir).trace_file(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)  # line-buffered: lines survive a crash
+
+    def write(self, step: int, micro_step: int, keys: list[str]) -> None:
+        self._file.write(json.dumps({"step": step, "micro_step": micro_step, "keys": keys}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """All records of a run's metrics.jsonl (the last record wins for a step logged twice after a resume).
 
     A last line that is not valid JSON is skipped: the run is still writing it, or died while writing it. Any other
     bad line (undecodable, not a JSON object, no integer "step") raises CogvxError naming the file and line."""
-    path = Path(output_dir) / METRICS_FILE
+    path = RunFolder(output_dir).metrics
     by_step: dict[int, dict[str, Any]] = {}
     if not path.is_file():
         return []

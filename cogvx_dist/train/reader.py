@@ -17,20 +17,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.shard_format import (
-    IMAGE_LOGVAR,
-    IMAGE_MEAN,
-    LATENT_LOGVAR,
-    LATENT_MEAN,
+    IMAGE_TENSORS,
+    MANIFEST_NAME,
     META_EXT,
-    PROMPT_EMBEDS,
     TENSORS_EXT,
+    VIDEO_TENSORS,
     Manifest,
     decode_sample,
 )
-from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.families import VAE_SPATIAL_COMPRESSION
-from cogvx_dist.core.loading import CheckpointInfo
 
 
 class ShardIndex:
@@ -45,7 +41,7 @@ class ShardIndex:
             if not path.is_file():
                 raise CogvxError(f"data.shards: shard {path} listed in the manifest is missing")
             if len(shard.keys) != shard.samples:
-                raise CogvxError(f"{self.folder / 'manifest.json'}: shard {shard.name} lists {len(shard.keys)} keys "
+                raise CogvxError(f"{self.folder / MANIFEST_NAME}: shard {shard.name} lists {len(shard.keys)} keys "
                                  f"for {shard.samples} samples")
             self.entries.extend((shard_number, key) for key in shard.keys)
         if not self.entries:
@@ -149,7 +145,7 @@ class MicroBatches(Dataset):
 def collate(tensors: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, Any]:
     """Stack samples' tensors into a micro-batch (`keys` lists the sample keys, for traces)."""
     batch: dict[str, Any] = {"keys": keys}
-    for name in (LATENT_MEAN, LATENT_LOGVAR, PROMPT_EMBEDS, IMAGE_MEAN, IMAGE_LOGVAR):
+    for name in VIDEO_TENSORS + IMAGE_TENSORS:
         if name in tensors[0]:
             batch[name] = torch.stack([t[name] for t in tensors])
     return batch
@@ -159,35 +155,3 @@ def make_loader(dataset: Dataset, num_workers: int) -> DataLoader:
     """Loader over micro-batches in order; workers only prefetch, so the order does not depend on them."""
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
-
-
-def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -> None:
-    """Refuse shards made for another family, VAE, text encoder or resolution, saying what differs."""
-    family = checkpoint.family
-    config = checkpoint.transformer_config
-    problems = []
-    if manifest.family != family.name:
-        problems.append(f"family {manifest.family} (model is {family.name})")
-    if abs(manifest.vae_scaling_factor - family.vae_scaling_factor) > 1e-6:
-        problems.append(f"VAE scaling factor {manifest.vae_scaling_factor} (model family uses {family.vae_scaling_factor})")
-    if manifest.invert_scale_latents != family.invert_scale_latents:
-        problems.append(f"invert_scale_latents {manifest.invert_scale_latents} (family: {family.invert_scale_latents})")
-    if manifest.latent_channels != config.get("out_channels", 16):
-        problems.append(f"{manifest.latent_channels} latent channels (transformer: {config.get('out_channels')})")
-    if manifest.text_embed_dim != config.get("text_embed_dim"):
-        problems.append(f"text embedding width {manifest.text_embed_dim} (transformer: {config.get('text_embed_dim')})")
-    if manifest.text_max_length != config.get("max_text_seq_length", 226):
-        problems.append(f"text length {manifest.text_max_length} (transformer: {config.get('max_text_seq_length')})")
-    for height, width in manifest.sizes():
-        if height % 16 or width % 16:
-            problems.append(f"resolution {height}x{width} (must be a multiple of 16)")
-        if family.use_learned_positional_embeddings:
-            expected = (config["sample_height"] * VAE_SPATIAL_COMPRESSION,
-                        config["sample_width"] * VAE_SPATIAL_COMPRESSION)
-            if (height, width) != expected:
-                problems.append(f"resolution {height}x{width} (learned positions fix {expected[0]}x{expected[1]})")
-    if manifest.image_to_video != family.image_to_video:
-        problems.append("image conditioning " + ("present" if manifest.image_to_video else "absent")
-                        + f" (family {family.name} " + ("needs it)" if family.image_to_video else "has none)"))
-    if problems:
-        raise CogvxError(f"{where}: shards do not match the model: " + "; ".join(problems))

@@ -1,114 +1,34 @@
-"""Train tier: real DeepSpeed ranks (2 processes, gloo on CPU) training tiny models from shards."""
+"""Train tier: real DeepSpeed ranks (2 processes, gloo on CPU) training tiny models from prep shards."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import CogVideoXPipeline
 
-from cogvx_dist.train.checkpoints import COMMIT_MARKER, complete_checkpoints
-from cogvx_dist.core.lora import LoraSettings, inject_lora, load_exported_lora, lora_parameters, read_lora
-from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
-from cogvx_dist.train.loop import CRASH_AFTER_STEP_ENV, SUMMARY_FILE
-from cogvx_dist.train.loss import LossContext, diffusion_loss
-from cogvx_dist.train.reader import BatchPlan, MicroBatches, ShardIndex
-from cogvx_dist.core.shard_format import Manifest
-from tests.conftest import run_cli
-
-LORA = {"rank": 8, "alpha": 4.0}
-
-
-@pytest.fixture(scope="module")
-def shards_2b(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
-    """Shards made by the prep tier from real mp4 clips of moving shapes: 8 samples in shards of 3, 3 and 2."""
-    from data_prep.config import PrepConfig
-    from data_prep.run import run_prep
-    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
-
-    model = tiny_checkpoint("CogVideoX-2b")
-    root = tmp_path_factory.mktemp("prep-2b")
-    dataset = make_synthetic_dataset(root / "videos", count=8, seed=0)
-    result = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(root / "shards"),
-                                 storage_dtype="float32", shard_max_samples=3, progress=False))
-    assert result.encoded == 8 and [s.samples for s in Manifest.read(root / "shards").shards] == [3, 3, 2]
-    return model, root / "shards"
+from cogvx_dist.core.faults import FAULT_ENV
+from cogvx_dist.core.loading import load_transformer
+from cogvx_dist.core.lora import LoraSettings, inject_lora, load_exported_lora, lora_parameters
+from cogvx_dist.core.run_folder import COMMIT_MARKER, RunFolder
+from cogvx_dist.train.reader import ShardIndex
+from tests.helpers import (
+    LORA,
+    evaluation_loss,
+    launch,
+    read_adapter,
+    read_trace,
+    shm_buffers,
+    stream_order,
+    summary_of,
+    write_config,
+)
 
 
-def write_config(path: Path, model: Path, shards: Path, output: Path, **sections) -> Path:
-    config = {
-        "output_dir": str(output),
-        "model": {"path": str(model), "dtype": "float32"},
-        "data": {"shards": str(shards)},
-        "lora": dict(LORA),
-        "optim": {"lr": 2e-2, "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.1},
-        "train": {"max_steps": 8, "micro_batch_size": 1, "grad_accum_steps": 2, "seed": 5},
-        "checkpoint": {"every_steps": 4, "keep_last": 2},
-        "log": {"progress_bar": False, "sample_trace": True},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def shm_buffers() -> set[str]:
-    """DeepSpeed CPU all-reduce buffers present in /dev/shm (one per rank of a single-node CPU run)."""
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
-
-
-def launch(config: Path, nproc: int = 2, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli("train", "--config", str(config), "--nproc", str(nproc), *overrides, env=env)
-
-
-def evaluation_loss(model: Path, shards: Path, adapter: dict[str, torch.Tensor] | None) -> float:
-    """Loss over every sample with fixed noise and timesteps; with `adapter`, the trained LoRA is applied."""
-    info = describe_checkpoint(model)
-    transformer = load_transformer(model)
-    if adapter is not None:
-        inject_lora(transformer, LoraSettings(**LORA), seed=0)
-        params = lora_parameters(transformer)
-        with torch.no_grad():
-            for name, value in adapter.items():
-                params[name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")].copy_(value)
-    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
-    index = ShardIndex(shards)
-    batches = MicroBatches(index, BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=len(index))
-    total = 0.0
-    with torch.no_grad():
-        for i in range(len(batches)):
-            generator = torch.Generator().manual_seed(1000 + i)
-            for _ in range(4):
-                total += diffusion_loss(transformer, batches[i], context, generator, torch.device("cpu"),
-                                        torch.float32).item()
-    return total / (4 * len(batches))
-
-
-def stream_order(output: Path, dp_size: int) -> list[tuple[int, str]]:
-    """(step, key) in global stream order: micro-step m of rank r reads position m * dp_size + r (micro batch 1)."""
-    rows = read_trace(output)
-    return [(step, key) for step, micro, rank, key in sorted(rows, key=lambda r: (r[0], r[1] * dp_size + r[2]))]
-
-
-def read_trace(output: Path) -> list[tuple[int, int, int, str]]:
-    rows = []
-    for path in sorted((output / "trace").glob("rank-*.jsonl")):
-        rank = int(path.stem.split("-")[1])
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            for key in record["keys"]:
-                rows.append((record["step"], record["micro_step"], rank, key))
-    return sorted(rows)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
-def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path, stage):
-    model, shards = shards_2b
+def test_zero_stage_trains_identical_adapters_and_loss_falls(prepped_2b, tmp_path, stage):
+    model, shards = prepped_2b
     output = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": stage},
                           train={"max_steps": 16})
@@ -116,14 +36,15 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert shm_buffers() <= buffers_before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
-    summary = json.loads((output / SUMMARY_FILE).read_text())
+    summary = summary_of(output)
     assert summary["zero_stage"] == int(stage[-1]) and summary["world_size"] == 2
     assert len(set(summary["adapter_checksums"])) == 1 and len(summary["adapter_checksums"]) == 2
 
-    adapter, settings = read_lora(output / "lora")
+    exported = load_exported_lora(output / "lora")
+    adapter, settings = exported.state, exported.settings
     assert (settings.rank, settings.alpha) == (8, 4.0)
     assert load_exported_lora(output / "lora").family == "CogVideoX-2b"
-    assert load_exported_lora(complete_checkpoints(output)[-1][1] / "lora").family == "CogVideoX-2b"
+    assert load_exported_lora(RunFolder(output).complete_checkpoints()[-1][1] / "lora").family == "CogVideoX-2b"
     before, after = evaluation_loss(model, shards, None), evaluation_loss(model, shards, adapter)
     assert after < 0.9 * before, (before, after)
 
@@ -141,7 +62,7 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
     assert {rank for _, _, rank, _ in trace} == {0, 1}
 
     # Checkpoints: the last two kept, each committed, holding no frozen weights.
-    kept = complete_checkpoints(output)
+    kept = RunFolder(output).complete_checkpoints()
     assert [step for step, _ in kept] == [12, 16]
     frozen_bytes = (model / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
     for _, folder in kept:
@@ -150,17 +71,16 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(shards_2b, tmp_path
         assert model_states < frozen_bytes / 2, (model_states, frozen_bytes)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2_offload", "zero3_offload"])
-def test_offload_configs_train_identical_adapters(shards_2b, tmp_path, stage):
+def test_offload_configs_train_identical_adapters(prepped_2b, tmp_path, stage):
     """Optimizer (and for ZeRO-3 parameter) offload to CPU: DeepSpeedCPUAdam does the update."""
-    model, shards = shards_2b
+    model, shards = prepped_2b
     output = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": stage},
                           train={"max_steps": 4}, log={"sample_trace": False})
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((output / SUMMARY_FILE).read_text())
+    summary = summary_of(output)
     assert summary["zero_stage"] == int(stage[4]) and len(set(summary["adapter_checksums"])) == 1
     resolved = json.loads((output / "ds_config.json").read_text())
     assert resolved["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -175,19 +95,18 @@ def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
         return transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([321])).sample
 
 
-@pytest.mark.slow
-def test_exported_adapter_reproduces_trained_weights_in_diffusers(shards_2b, tmp_path):
+def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, tmp_path):
     """The trained fp32 weights, recovered from the ZeRO-3 optimizer partitions with DeepSpeed's own tool, give
     the same transformer output as the exported adapter loaded by CogVideoXPipeline.load_lora_weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    model, shards = shards_2b
+    model, shards = prepped_2b
     output = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": "zero3"},
                           train={"max_steps": 4})
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
-    step_folder = complete_checkpoints(output)[-1][1]
+    step_folder = RunFolder(output).complete_checkpoints()[-1][1]
     recovered = get_fp32_state_dict_from_zero_checkpoint(str(step_folder.parent), tag=step_folder.name,
                                                          exclude_frozen_parameters=True)
     trained = load_transformer(model)
@@ -205,9 +124,8 @@ def test_exported_adapter_reproduces_trained_weights_in_diffusers(shards_2b, tmp
     assert not torch.allclose(_transformer_output(load_transformer(model)), _transformer_output(trained), atol=1e-4)
 
 
-@pytest.mark.slow
-def test_crash_and_resume_auto_matches_uninterrupted_run(shards_2b, tmp_path):
-    model, shards = shards_2b
+def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, tmp_path):
+    model, shards = prepped_2b
     straight = tmp_path / "straight"
     config = write_config(tmp_path / "straight.yaml", model, shards, straight)
     assert launch(config).returncode == 0
@@ -215,17 +133,17 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(shards_2b, tmp_path):
     crashed = tmp_path / "crashed"
     config = write_config(tmp_path / "crashed.yaml", model, shards, crashed)
     buffers_before = shm_buffers()
-    first = launch(config, env={CRASH_AFTER_STEP_ENV: "4"})
+    first = launch(config, env={FAULT_ENV: "train.committed=4"})
     assert first.returncode != 0
     assert shm_buffers() <= buffers_before, "a crashed run left its shared-memory buffers in /dev/shm"
-    assert [step for step, _ in complete_checkpoints(crashed)] == [4]
-    assert not (crashed / SUMMARY_FILE).exists()
+    assert [step for step, _ in RunFolder(crashed).complete_checkpoints()] == [4]
+    assert not RunFolder(crashed).summary.exists()
     second = launch(config, 2, "checkpoint.resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert json.loads((crashed / SUMMARY_FILE).read_text())["resumed_from_step"] == 4
+    assert summary_of(crashed)["resumed_from_step"] == 4
 
-    straight_adapter, _ = read_lora(straight / "lora")
-    resumed_adapter, _ = read_lora(crashed / "lora")
+    straight_adapter = read_adapter(straight / "lora")
+    resumed_adapter = read_adapter(crashed / "lora")
     assert straight_adapter.keys() == resumed_adapter.keys()
     for name in straight_adapter:
         assert torch.equal(straight_adapter[name], resumed_adapter[name]), name
@@ -240,14 +158,13 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(shards_2b, tmp_path):
     assert stream_order(one_rank, 1) == [row for row in stream_order(straight, 2) if row[0] > 4]
 
 
-@pytest.mark.slow
-def test_streaming_over_http_trains_on_two_ranks(shards_2b, tmp_path):
+def test_streaming_over_http_trains_on_two_ranks(prepped_2b, tmp_path):
     """Shards served over HTTP on loopback; every rank streams, runs all steps, and ends identical."""
     import functools
     import http.server
     import threading
 
-    model, shards = shards_2b
+    model, shards = prepped_2b
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -261,7 +178,7 @@ def test_streaming_over_http_trains_on_two_ranks(shards_2b, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
     finally:
         server.shutdown()
-    summary = json.loads((output / SUMMARY_FILE).read_text())
+    summary = summary_of(output)
     assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
     keys = {key for _, _, _, key in read_trace(output)}
     assert len(read_trace(output)) == 4 * 2 * 2 and keys <= {key for _, key in ShardIndex(shards).entries}

@@ -18,14 +18,14 @@ import torch
 
 from cogvx_dist.core import shard_format as schema
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, render_clip, write_mp4
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, choose_bucket, decode_video, frame_indices, to_model_input
 from data_prep.inputs import read_records
 from data_prep.ranks import discover_ranks, under_mpi
 from data_prep.run import run_prep
 from data_prep.shards import verify
-from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, render_clip, write_mp4
-from tests.conftest import run_cli
+from tests.helpers import assert_one_line_error, cli, run_cli
 
 EXPECTED_REASON = {
     "truncated": "unreadable video",
@@ -218,14 +218,12 @@ def test_wrong_typed_yaml_value_is_one_line_error_naming_the_key(tmp_path, line,
     assert "\n" not in str(caught.value)
 
 
-def test_cli_reports_wrong_typed_yaml_value_in_one_line(tmp_path):
+def test_cli_reports_wrong_typed_yaml_value_in_one_line(tmp_path, capsys):
     yaml_path = tmp_path / "prep.yaml"
     yaml_path.write_text("model: m\ndata: d\nout: o\ntext_batch_size: abc\n")
-    run = run_cli("prep", "--config", str(yaml_path))
-    assert run.returncode == 2, run.stderr
-    assert "Traceback" not in run.stderr
-    assert run.stderr.strip().splitlines() == [
-        f"cogvx prep: error: {yaml_path}: text_batch_size must be an integer, got 'abc'"]
+    code, _, err = cli(capsys, "prep", "--config", str(yaml_path))
+    line = assert_one_line_error(code, err)
+    assert line == f"cogvx prep: error: {yaml_path}: text_batch_size must be an integer, got 'abc'"
 
 
 def test_checkpoint_without_component_config_is_one_line_error(tiny_checkpoint, dataset, tmp_path):
@@ -251,7 +249,7 @@ def test_every_good_video_encoded_once_and_every_bad_one_reported(prepped, datas
     samples = _read_shards(out)
     expected = {schema.sample_key(s): s for s in dataset.good}
     assert set(samples) == set(expected)
-    for key, (tensors, meta) in samples.items():
+    for key, (_, meta) in samples.items():
         assert meta["source"] == expected[key] and meta["prompt"] == dataset.prompts[expected[key]]
         assert (meta["frames"], meta["height"], meta["width"], meta["fps"]) == (9, 32, 48, 8.0)
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
@@ -413,20 +411,20 @@ def test_verify_finds_corruption(prepped, tmp_path):
     assert any(p.startswith("shard-r00000-000099.tar: on disk but not in the manifest") for p in problems)
 
 
-def test_cli_prep_inspect_verify(tiny_checkpoint, tmp_path):
+def test_cli_prep_inspect_verify(tiny_checkpoint, tmp_path, capsys):
     ds = make_synthetic_dataset(tmp_path / "d", count=2, frames=10, height=32, width=48, layout="folder")
     out = tmp_path / "out"
     run = run_cli("prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(ds.data), "--out", str(out),
                   "--storage-dtype", "float32", "--no-progress", "--shard-size", "1MiB")
     assert run.returncode == 0, run.stderr
     assert "encoded 2, skipped 0" in run.stderr and "2 samples in 1 shards" in run.stderr
-    inspect = run_cli("shards", "inspect", str(out))
-    assert inspect.returncode == 0 and "samples      2 in 1 shards" in inspect.stdout
-    ok = run_cli("shards", "verify", str(out))
-    assert ok.returncode == 0 and ok.stdout.startswith("ok: 2 samples")
-    bad = run_cli("prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(ds.data), "--out",
-                  str(tmp_path / "x"), "--frames", "12")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("cogvx prep: error: frames: 12")
+    code, out_text, _ = cli(capsys, "shards", "inspect", str(out))
+    assert code == 0 and "samples      2 in 1 shards" in out_text
+    code, out_text, _ = cli(capsys, "shards", "verify", str(out))
+    assert code == 0 and out_text.startswith("ok: 2 samples")
+    code, _, err = cli(capsys, "prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(ds.data),
+                       "--out", str(tmp_path / "x"), "--frames", "12")
+    assert assert_one_line_error(code, err).startswith("cogvx prep: error: frames: 12")
 
 
 # ------------------------------------------------------------------------------------------------- I2V and buckets

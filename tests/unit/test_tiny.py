@@ -12,7 +12,7 @@ from PIL import Image
 
 from cogvx_dist.core.families import FAMILIES
 from cogvx_dist.core.loading import describe_checkpoint
-from tests.conftest import run_cli
+from tests.helpers import cli
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -48,22 +48,23 @@ def _tree_digest(folder) -> dict[str, str]:
     }
 
 
-def test_make_tiny_model_cli_is_deterministic_per_seed(tmp_path):
+def test_make_tiny_model_cli_is_deterministic_per_seed(tmp_path, capsys):
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
-        result = run_cli("make-tiny-model", str(tmp_path / name), "--family", "CogVideoX-5b", "--seed", seed)
-        assert result.returncode == 0, result.stderr
+        code, _, err = cli(capsys, "make-tiny-model", str(tmp_path / name), "--family", "CogVideoX-5b", "--seed", seed)
+        assert code == 0, err
     first, again, other = (_tree_digest(tmp_path / n) for n in "abc")
     assert first == again
     assert first.keys() == other.keys()
-    assert first["transformer/diffusion_pytorch_model.safetensors"] != other["transformer/diffusion_pytorch_model.safetensors"]
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert first[weights] != other[weights]
     for required in ("model_index.json", "tokenizer/spiece.model", "text_encoder/config.json", "vae/config.json",
                      "scheduler/scheduler_config.json"):
         assert required in first
 
 
-def test_make_tiny_model_refuses_to_overwrite(tmp_path):
+def test_make_tiny_model_refuses_to_overwrite(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    result = run_cli("make-tiny-model", str(tmp_path / "x"))
-    assert result.returncode == 2 and "--overwrite" in result.stderr
+    code, _, err = cli(capsys, "make-tiny-model", str(tmp_path / "x"))
+    assert code == 2 and "--overwrite" in err
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"

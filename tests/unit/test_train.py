@@ -10,20 +10,20 @@ import sys
 import pytest
 import torch
 
-from cogvx_dist.train import checkpoints as ckpt
 from cogvx_dist.core.config_files import load_config
-from cogvx_dist.train.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
-from cogvx_dist.train.engine import load_ds_config, resolve_ds_config
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.lora import LoraSettings, inject_lora
 from cogvx_dist.core.families import FAMILIES
 from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
-from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.loop import lr_lambda
-from cogvx_dist.train.loss import LossContext, diffusion_loss
-from tests.conftest import run_cli
+from cogvx_dist.core.lora import LoraSettings, inject_lora
+from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.synthetic_shards import write_synthetic_shards
-from tests.test_train import write_config
+from cogvx_dist.train import checkpoints as ckpt
+from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.ds_config import load_ds_config, resolve_ds_config, run_values
+from cogvx_dist.train.loss import LossContext, diffusion_loss
+from cogvx_dist.train.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
+from cogvx_dist.train.schedule import lr_lambda
+from tests.helpers import assert_one_line_error, cli, write_config
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -113,7 +113,7 @@ def test_loss_trains_only_the_adapter_for_every_family(tiny_checkpoint, tmp_path
 def test_warmup_then_cosine():
     config = load_config(RunConfig, None, ["model.path=m", "data.shards=s", "optim.warmup_steps=4",
                                            "optim.schedule=cosine", "train.max_steps=20", "optim.min_lr_ratio=0.1"])
-    factor = lr_lambda(config)
+    factor = lr_lambda(config.optim, config.train.max_steps)
     values = [factor(k) for k in range(21)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0] and values[4] == 1.0
     assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[20] == pytest.approx(0.1)
@@ -122,38 +122,42 @@ def test_warmup_then_cosine():
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
 def test_shipped_ds_configs_resolve_to_concrete_values(name):
     base = load_ds_config(name)
-    resolved = resolve_ds_config(base, micro_batch_size=2, grad_accum_steps=3, max_grad_norm=0.5, lr=1e-3,
-                                 betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0, bf16=True, on_gpu=True)
+    values = run_values(micro_batch_size=2, grad_accum_steps=3, max_grad_norm=0.5, lr=1e-3, betas=[0.9, 0.99],
+                        eps=1e-8, weight_decay=0.0, bf16=True)
+    resolved = resolve_ds_config(base, values, on_gpu=True)
     assert resolved["train_micro_batch_size_per_gpu"] == 2 and resolved["gradient_accumulation_steps"] == 3
     assert resolved["gradient_clipping"] == 0.5 and resolved["optimizer"]["params"]["lr"] == 1e-3
+    assert resolved["bf16"]["enabled"] is True and resolved["optimizer"]["params"]["betas"] == [0.9, 0.99]
     assert resolved["zero_optimization"]["stage"] == int(name[4])
     assert "auto" not in json.dumps(resolved)
+    # The shipped file says "auto" for exactly what cogvx fills, so it shows no number that is never used.
+    assert "auto" in json.dumps(base)
     base["zero_optimization"]["reduce_bucket_size"] = "auto"
     with pytest.raises(CogvxError, match="zero_optimization.reduce_bucket_size"):
-        resolve_ds_config(base, micro_batch_size=1, grad_accum_steps=1, max_grad_norm=1.0, lr=1e-3,
-                          betas=[0.9, 0.99], eps=1e-8, weight_decay=0.0, bf16=True, on_gpu=True)
+        resolve_ds_config(base, values, on_gpu=True)
 
 
 def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
+    run = RunFolder(tmp_path)
     for step in (2, 3, 4, 6, 8):
-        folder = ckpt.checkpoint_folder(tmp_path, step)
+        folder = run.checkpoint(step)
         folder.mkdir(parents=True)
         if step not in (3, 8):  # steps 3 and 8 crashed mid-save: no marker
             ckpt.commit(folder, {"step": step})
-    assert ckpt.find_resume_point(tmp_path, "auto") == ckpt.checkpoint_folder(tmp_path, 6)
+    assert ckpt.find_resume_point(tmp_path, "auto") == run.checkpoint(6)
     assert ckpt.find_resume_point(tmp_path, "none") is None
     with pytest.raises(CogvxError, match="not a complete checkpoint"):
-        ckpt.find_resume_point(tmp_path, str(ckpt.checkpoint_folder(tmp_path, 8)))
+        ckpt.find_resume_point(tmp_path, str(run.checkpoint(8)))
     ckpt.prune(tmp_path, keep_last=2)
-    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [4, 6]
-    assert ckpt.checkpoint_folder(tmp_path, 8).exists()  # newer than the newest commit: maybe still being written
-    assert not ckpt.checkpoint_folder(tmp_path, 3).exists()  # an abandoned save older than a commit goes
+    assert [s for s, _ in run.complete_checkpoints()] == [4, 6]
+    assert run.checkpoint(8).exists()  # newer than the newest commit: maybe still being written
+    assert not run.checkpoint(3).exists()  # an abandoned save older than a commit goes
 
 
 def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
     script = (
         "import sys\n"
-        "from cogvx_dist.train.loop import forbid_encoders\n"
+        "from cogvx_dist.train.model import forbid_encoders\n"
         "from cogvx_dist.core.loading import load_transformer, load_text_encoder, load_vae\n"
         "forbid_encoders()\n"
         "load_transformer(sys.argv[1])\n"
@@ -190,14 +194,13 @@ def good_run(tiny_checkpoint, tmp_path_factory):
         (["model.path={five_b}"], "shards do not match the model: family CogVideoX-2b (model is CogVideoX-5b)"),
     ],
 )
-def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, tmp_path, overrides, message):
+def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, tmp_path, capsys, overrides,
+                                                     message):
     model, root = good_run
     config = write_config(tmp_path / "run.yaml", model, root / "shards", tmp_path / "out")
     overrides = [o.format(five_b=tiny_checkpoint("CogVideoX-5b")) for o in overrides]
-    result = run_cli("train", "--config", str(config), "--nproc", "2", *overrides)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "2", *overrides)
+    assert_one_line_error(code, err, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -221,7 +224,7 @@ def test_streaming_reads_pipe_locations(good_run):
 def test_gradient_checkpointing_every_kth_block(tiny_checkpoint, monkeypatch, every, expected_calls):
     import torch.utils.checkpoint
 
-    from cogvx_dist.train.loop import _enable_gradient_checkpointing
+    from cogvx_dist.train.model import enable_gradient_checkpointing
 
     calls = []
     original = torch.utils.checkpoint.checkpoint
@@ -233,7 +236,7 @@ def test_gradient_checkpointing_every_kth_block(tiny_checkpoint, monkeypatch, ev
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     model = tiny_checkpoint("CogVideoX-2b")
     transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
-    _enable_gradient_checkpointing(transformer, every)
+    enable_gradient_checkpointing(transformer, every)
     hidden = torch.randn(1, 3, 16, 4, 6)
     text = torch.randn(1, 226, 32)
     out = transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([10])).sample
@@ -247,7 +250,7 @@ def test_several_resolution_buckets_need_micro_batch_one(good_run, tmp_path):
     import shutil
 
     from cogvx_dist.core.shard_format import Manifest
-    from cogvx_dist.train.loop import preflight
+    from cogvx_dist.train.preflight import preflight
 
     model, root = good_run
     shards = tmp_path / "shards"

@@ -1,9 +1,6 @@
-"""Launchers: multi-node training simulated on one machine (two `deepspeed --no_ssh` node launchers; mpiexec with
-DeepSpeed's MPI discovery), Kubernetes manifests validated against their schemas, shell launchers syntax-checked
-and dry-run, and `cogvx launch check`.
-
-Prep under `mpiexec -n 2` is exercised by tests/test_prep_multiprocess.py::test_two_mpi_ranks.
-"""
+"""Launchers without training: Kubernetes manifests validated against their schemas, shell launchers
+syntax-checked and dry-run, hostfiles, and `cogvx launch check`. The real multi-node runs are in
+tests/e2e/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -12,8 +9,6 @@ import functools
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,11 +20,9 @@ import pytest
 import yaml
 
 from cogvx_dist.cli import main as cogvx_main
-from cogvx_dist.launch import parse_hostfile, select_hosts
 from cogvx_dist.core.errors import CogvxError
-from tests.conftest import REPO
-from cogvx_dist.core.synthetic_shards import write_synthetic_shards
-from tests.test_train import write_config
+from cogvx_dist.launch import parse_hostfile, select_hosts
+from tests.helpers import REPO, clean_env, short_run_config
 
 LAUNCHERS = REPO / "launchers"
 K8S = LAUNCHERS / "k8s"
@@ -44,132 +37,8 @@ BIN = Path(sys.executable).parent
 # Shared inputs
 
 @pytest.fixture(scope="module")
-def shards(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
-    model = tiny_checkpoint("CogVideoX-2b")
-    folder = tmp_path_factory.mktemp("launch-shards")
-    write_synthetic_shards(folder, model, [3, 2, 2])  # 7 samples
-    return model, folder
-
-
-def run_config(folder: Path, model: Path, shards_dir: Path, **sections: Any) -> tuple[Path, Path]:
-    """A 4-step run (global batch 4 on 2 ranks, 7 samples): (config path, output dir)."""
-    output = folder / "run"
-    defaults = {"train": {"max_steps": 4}, "checkpoint": {"every_steps": 2, "keep_last": 2},
-                "log": {"progress_bar": False, "sample_trace": True, "tensorboard": False}}
-    for section, values in sections.items():
-        defaults.setdefault(section, {}).update(values)
-    return write_config(folder / "run.yaml", model, shards_dir, output, **defaults), output
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """No launcher variables from the outer environment; one torch thread per rank (2 cores)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE",
-                        "JOB_COMPLETION_INDEX", "NNODES", "GPUS_PER_NODE", "DRY_RUN", "CHECK")
-           and not k.startswith(("PMI", "OMPI", "SLURM"))}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **extra})
-    return env
-
-
-def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
-    """Outputs of processes started in their own sessions; on a timeout every group we started is killed."""
-    try:
-        return [p.communicate(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        raise
-
-
-def summary_of(output: Path) -> dict[str, Any]:
-    return json.loads((output / "train_summary.json").read_text())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Real multi-process runs
-
-@pytest.fixture(scope="module")
-def two_node_run(shards, tmp_path_factory) -> dict[str, Any]:
-    """Two nodes simulated by two `launchers/train_node.sh` (deepspeed --no_ssh, node ranks 0 and 1, one rank
-    each) on loopback, started in parallel, with the script writing its own hostfile and running the precheck."""
-    deepspeed = BIN / "deepspeed"
-    if not deepspeed.exists():
-        pytest.skip("no deepspeed console script next to the interpreter")
-    folder = tmp_path_factory.mktemp("two-nodes")
-    config, output = run_config(folder, *shards)
-    port = free_port()
-    procs = [
-        subprocess.Popen(["bash", str(LAUNCHERS / "train_node.sh"), str(config)], cwd=REPO, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                         env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=str(port), DEEPSPEED=str(deepspeed), TMPDIR=str(folder)))
-        for node in (0, 1)
-    ]
-    outputs = communicate_all(procs, timeout=600)
-    return {"returncodes": [p.returncode for p in procs], "outputs": outputs, "output": output,
-            "hostfile": folder / "cogvx-hostfile-2x1"}
-
-
-@pytest.mark.slow
-def test_two_simulated_nodes_train_identical_adapters(two_node_run):
-    for code, (_, err) in zip(two_node_run["returncodes"], two_node_run["outputs"]):
-        assert code == 0, err[-4000:]
-    output = two_node_run["output"]
-    summary = summary_of(output)
-    assert summary["world_size"] == 2 and summary["steps"] == 4
-    checksums = summary["adapter_checksums"]
-    assert len(checksums) == 2 and len(set(checksums)) == 1
-    # Each node ran one rank: the trace files show global ranks 0 and 1 both trained every step.
-    traces = sorted(p.name for p in (output / "trace").glob("rank-*.jsonl"))
-    assert traces == ["rank-00000.jsonl", "rank-00001.jsonl"]
-    for name in traces:
-        steps = {json.loads(line)["step"] for line in (output / "trace" / name).read_text().splitlines()}
-        assert steps == {1, 2, 3, 4}
-    assert (output / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    # The script wrote the hostfile DeepSpeed numbered the ranks from, and ran the precheck on both nodes.
-    assert two_node_run["hostfile"].read_text() == "node-0 slots=1\nnode-1 slots=1\n"
-    for _, err in two_node_run["outputs"]:
-        assert "cogvx launch check: ok (2 nodes, 2 ranks, global batch 4, 7 samples)" in err
-
-
-@pytest.mark.slow
-def test_training_under_mpiexec_with_deepspeed_mpi_discovery(two_node_run, shards, tmp_path):
-    """launchers/train_mpi.sh: `mpiexec -n 2 python -m cogvx_dist.train`, ranks from DeepSpeed's MPI discovery.
-
-    Port 29500 (DeepSpeed's discovery default) is held by this test, so the run only succeeds if the exported
-    MASTER_PORT (and MASTER_ADDR=127.0.0.1) win over what discovery would pick."""
-    mpiexec = BIN / "mpiexec"
-    if not mpiexec.exists():
-        pytest.skip("no mpiexec next to the interpreter (pip install mpich)")
-    config, output = run_config(tmp_path, *shards)
-    blocker = socket.socket()
-    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        blocker.bind(("0.0.0.0", 29500))
-        blocker.listen()
-    except OSError:
-        pass  # someone else holds it: the check below still proves our port was used
-    try:
-        proc = subprocess.Popen(["bash", str(LAUNCHERS / "train_mpi.sh"), str(config)], cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                                env=clean_env(NP="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                                              MPIEXEC=str(mpiexec), MPI_FLAVOR="mpich"))
-        (_, err), = communicate_all([proc], timeout=300)
-    finally:
-        blocker.close()
-    assert proc.returncode == 0, err[-4000:]
-    summary = summary_of(output)
-    assert summary["world_size"] == 2
-    assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
-    # Same config, same world size: the adapter depends only on (seed, step, rank), not on how ranks were started.
-    assert summary["adapter_checksums"] == summary_of(two_node_run["output"])["adapter_checksums"]
+def shards(synthetic_shards) -> tuple[Path, Path]:
+    return synthetic_shards((3, 2, 2))  # 7 samples
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,7 +286,7 @@ def test_train_node_dry_run_under_kubernetes_and_errors(tmp_path):
 
 def test_launch_check_prints_the_commands_the_node_script_runs(shards, tmp_path):
     """`cogvx launch check --launcher no-ssh` and launchers/train_node.sh agree on every node's command."""
-    config, _ = run_config(tmp_path, *shards)
+    config, _ = short_run_config(tmp_path, *shards)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nnode-a slots=1\nnode-b slots=1  # second\n")
     result = subprocess.run([sys.executable, "-m", "cogvx_dist", "launch", "check", "--config", str(config),
@@ -477,7 +346,7 @@ def test_mpi_dry_runs_for_both_mpi_flavours(tmp_path):
 
 def test_mpi_precheck_checks_the_world_mpiexec_starts(shards, tmp_path):
     """NP=2 with a 2+2-slot hostfile: mpiexec starts 2 ranks, so the precheck must check a world of 2, not 4."""
-    config, _ = run_config(tmp_path, *shards)
+    config, _ = short_run_config(tmp_path, *shards)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("w-0 slots=2\nw-1 slots=2\n")
     result = dry_run("train_mpi.sh", str(config), HOSTFILE=str(hostfile), NP="2", MPI_FLAVOR="openmpi",
@@ -493,7 +362,7 @@ def test_mpi_precheck_checks_the_world_mpiexec_starts(shards, tmp_path):
 
 
 def test_launch_check_world_size_fills_slots_in_order(shards, tmp_path, capsys):
-    config, _ = run_config(tmp_path, *shards)
+    config, _ = short_run_config(tmp_path, *shards)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=2\n")
     args = ["--config", str(config), "--hostfile", str(hostfile), "--launcher", "mpi"]
@@ -597,7 +466,7 @@ def launch_check(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_launch_check_good_plan(shards, tmp_path, capsys):
-    config, _ = run_config(tmp_path, *shards)
+    config, _ = short_run_config(tmp_path, *shards)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     code, out, err = launch_check(capsys, "--config", str(config), "--hostfile", str(hostfile))
@@ -616,10 +485,10 @@ def test_launch_check_good_plan(shards, tmp_path, capsys):
 
 
 def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
-    from cogvx_dist.train.checkpoints import COMMIT_MARKER, checkpoint_folder
+    from cogvx_dist.core.run_folder import COMMIT_MARKER, RunFolder
 
-    config, output = run_config(tmp_path, *shards)
-    folder = checkpoint_folder(output, 2)
+    config, output = short_run_config(tmp_path, *shards)
+    folder = RunFolder(output).checkpoint(2)
     folder.mkdir(parents=True)
     (folder / COMMIT_MARKER).write_text(json.dumps({"step": 2, "position": 8, "world_size": 2}))
     code, out, err = launch_check(capsys, "--config", str(config), "--nodes", "2", "--launcher", "no-ssh")
@@ -637,7 +506,7 @@ def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
     ("bad-ds-config", "deepspeed.config 'zero9': no such file"),
 ])
 def test_launch_check_errors_are_one_line(shards, tmp_path, capsys, monkeypatch, setup, message):
-    config, _ = run_config(tmp_path, *shards)
+    config, _ = short_run_config(tmp_path, *shards)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     args = ["--config", str(config), "--hostfile", str(hostfile)]

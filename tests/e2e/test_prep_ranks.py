@@ -5,7 +5,6 @@ Each process is a real `python -m cogvx_dist prep` started in its own interprete
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,12 @@ import pytest
 import torch
 
 from cogvx_dist.core import shard_format as schema
-from data_prep.config import PrepConfig
-from data_prep.run import CRASH_ENV, run_prep
-from data_prep.shards import verify
+from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
-from tests.conftest import REPO, run_cli
-
-pytestmark = pytest.mark.slow
+from data_prep.config import PrepConfig
+from data_prep.run import run_prep
+from data_prep.shards import verify
+from tests.helpers import REPO, clean_env, run_cli
 
 
 def _prep_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -29,11 +27,7 @@ def _prep_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    # No launcher variables leak in from the outer environment; one torch thread per process (2 cores, 2 processes).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION_INDEX") and not k.startswith(("PMI", "OMPI"))}
-    env.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(REPO), **extra})
-    return env
+    return clean_env(MASTER_ADDR="127.0.0.1", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def test_killed_run_resumes_to_the_same_samples(tiny_checkpoint, dataset, tmp_pa
     model = tiny_checkpoint("CogVideoX-2b")
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     # Die hard after 3 samples: one complete shard of 2, one half-written shard under its temporary name.
-    run = run_cli(*_prep_args(model, dataset.data, killed), env=_clean_env(**{CRASH_ENV: "3"}))
+    run = run_cli(*_prep_args(model, dataset.data, killed), env=_clean_env(**{FAULT_ENV: "prep.written=3"}))
     assert run.returncode == 3, run.stderr
     assert [p.name for p in killed.glob("shard-*.tar")] == ["shard-r00000-000000.tar"]
     assert [p.name for p in killed.glob(".shard-*.tmp")] == [".shard-r00000-000001.tar.tmp"]

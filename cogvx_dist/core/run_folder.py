@@ -1,0 +1,124 @@
+"""The run folder: every file and folder name a training run writes, for the trainer and for everything that reads
+a run (sample --watch, report, demo, launch check).
+
+    RUN/run_config.json          the resolved run config (rank 0, at start)
+    RUN/ds_config.json           the resolved DeepSpeed config
+    RUN/metrics.jsonl            one JSON object per logged optimizer step
+    RUN/tensorboard/             TensorBoard events (validation/ below it for `cogvx sample --watch`)
+    RUN/trace/rank-RRRRR.jsonl   sample keys per step and rank (log.sample_trace)
+    RUN/checkpoints/step-SSSSSSSS/   one checkpoint; counts only once COMMITTED.json exists
+        COMMITTED.json               the commit marker, written last
+        master_weights.safetensors   whole fp32 adapter weights (resume on another world size)
+        lora/                        the adapter in the diffusers format
+    RUN/lora/                    the final adapter
+    RUN/train_summary.json       written once training finished
+    RUN/validation/              clips of `cogvx sample --watch`, validated.json records what is done
+    RUN/report/                  `cogvx report` output
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+RUN_CONFIG = "run_config.json"
+DS_CONFIG = "ds_config.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+TRACE = "trace"
+CHECKPOINTS = "checkpoints"
+LORA = "lora"
+"""The adapter folder, in a run and in each checkpoint."""
+SUMMARY = "train_summary.json"
+VALIDATION = "validation"
+VALIDATION_RECORD = "validated.json"
+REPORT = "report"
+COMMIT_MARKER = "COMMITTED.json"
+MASTER_WEIGHTS = "master_weights.safetensors"
+_STEP_FOLDER = re.compile(r"^step-(\d{8})$")
+
+
+def step_folder_name(step: int) -> str:
+    """Name of the checkpoint folder of optimizer step `step` (also used for validation clips)."""
+    return f"step-{step:08d}"
+
+
+class RunFolder:
+    """Paths inside one run's output_dir."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.root)!r})"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / RUN_CONFIG
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / DS_CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
+
+    @property
+    def trace(self) -> Path:
+        return self.root / TRACE
+
+    def trace_file(self, rank: int) -> Path:
+        return self.trace / f"rank-{rank:05d}.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        """The folder of the checkpoint taken after optimizer step `step`."""
+        return self.checkpoints / step_folder_name(step)
+
+    @property
+    def lora(self) -> Path:
+        return self.root / LORA
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def validation(self) -> Path:
+        return self.root / VALIDATION
+
+    @property
+    def validation_record(self) -> Path:
+        return self.validation / VALIDATION_RECORD
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    def step_folders(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every checkpoint folder, committed or not, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for path in self.checkpoints.iterdir():
+            match = _STEP_FOLDER.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every committed checkpoint, oldest first."""
+        return [(step, path) for step, path in self.step_folders() if is_committed(path)]
+
+
+def is_committed(folder: Path) -> bool:
+    """True once a checkpoint folder's commit marker exists."""
+    return (Path(folder) / COMMIT_MARKER).is_file()

@@ -1,0 +1,87 @@
+"""DeepSpeed JSON configs: the shipped ones by name (ds_configs/), and the run's values filled in.
+
+The shipped configs say "auto" where cogvx always fills the value from the run config (batch, accumulation,
+clipping, bf16, the AdamW hyper-parameters), so they show no number that is never used. Pure data: no deepspeed
+import, so the pre-flight resolves a config before any rank starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from cogvx_dist.core.errors import CogvxError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+"""The repository's ds_configs/ (shipped beside the package in a source checkout)."""
+AUTO = "auto"
+
+
+def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    """A DeepSpeed JSON config by ds_configs/ name (zero1, zero2, zero3, zero2_offload, zero3_offload) or path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise CogvxError(f"deepspeed.config {name_or_path!r}: no such file (named configs: {', '.join(names)})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CogvxError(f"deepspeed.config {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def run_values(*, micro_batch_size: int, grad_accum_steps: int, max_grad_norm: float, lr: float,
+               betas: list[float], eps: float, weight_decay: float, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed keys (dotted paths) cogvx fills from the run config, whatever the JSON says."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": max_grad_norm,
+        "bf16.enabled": bf16,
+        "optimizer.params.lr": lr,
+        "optimizer.params.betas": list(betas),
+        "optimizer.params.eps": eps,
+        "optimizer.params.weight_decay": weight_decay,
+    }
+
+
+def resolve_ds_config(base: dict[str, Any], values: dict[str, Any], on_gpu: bool) -> dict[str, Any]:
+    """`base` with `values` (see run_values) filled in, so that every value is concrete; any other "auto" is an
+    error naming the key."""
+    config = copy.deepcopy(base)
+    config.pop("train_batch_size", None)  # DeepSpeed derives it from micro batch, accumulation and world size
+    config.pop("fp16", None)
+    config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})
+    for dotted, value in values.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    offloaded = "offload_optimizer" in config.get("zero_optimization", {})
+    if not on_gpu and not offloaded:
+        config["optimizer"]["params"]["torch_adam"] = True  # FusedAdam needs CUDA; torch's AdamW needs no JIT build
+    auto = _find_auto(config)
+    if auto:
+        raise CogvxError(f"DeepSpeed config value {auto} is \"auto\"; cogvx fills only "
+                         f"{', '.join(values)} from the run config")
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _find_auto(node: Any, path: str = "") -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    elif node == AUTO:
+        return path
+    return None

@@ -1,0 +1,214 @@
+"""What several test modules share: running cogvx (in-process or as a real process), run configs, traces, clips,
+adapters and clean environments for multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LORA = {"rank": 8, "alpha": 4.0}
+"""The adapter the training tests use."""
+
+
+# ---------------------------------------------------------------------------------------------------------- the CLI
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m cogvx_dist ARGS` in a fresh process, capturing text output."""
+    return subprocess.run([sys.executable, "-m", "cogvx_dist", *args], cwd=cwd or REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run `cogvx ARGS` in this process (the console script's own `main`): (exit code, stdout, stderr)."""
+    from cogvx_dist.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    """The CLI failed as it should for a user mistake: exit 2, one line on stderr holding every fragment."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def write_config(path: Path, model: Path, shards: Path, output: Path, **sections: Any) -> Path:
+    """A run config of 8 steps (global batch 2 per rank), checkpoints every 4 steps, sample traces on."""
+    config = {
+        "output_dir": str(output),
+        "model": {"path": str(model), "dtype": "float32"},
+        "data": {"shards": str(shards)},
+        "lora": dict(LORA),
+        "optim": {"lr": 2e-2, "warmup_steps": 2, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "train": {"max_steps": 8, "micro_batch_size": 1, "grad_accum_steps": 2, "seed": 5},
+        "checkpoint": {"every_steps": 4, "keep_last": 2},
+        "log": {"progress_bar": False, "sample_trace": True},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def short_run_config(folder: Path, model: Path, shards_dir: Path, **sections: Any) -> tuple[Path, Path]:
+    """A 4-step run (global batch 4 on 2 ranks, 7 samples): (config path, output dir)."""
+    output = folder / "run"
+    defaults = {"train": {"max_steps": 4}, "checkpoint": {"every_steps": 2, "keep_last": 2},
+                "log": {"progress_bar": False, "sample_trace": True, "tensorboard": False}}
+    for section, values in sections.items():
+        defaults.setdefault(section, {}).update(values)
+    return write_config(folder / "run.yaml", model, shards_dir, output, **defaults), output
+
+
+def launch(config: Path, nproc: int = 2, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`cogvx train --config CONFIG --nproc N` as a user runs it."""
+    return run_cli("train", "--config", str(config), "--nproc", str(nproc), *overrides, env=env)
+
+
+def summary_of(output: Path) -> dict[str, Any]:
+    """A finished run's train_summary.json."""
+    from cogvx_dist.core.run_folder import RunFolder
+
+    return json.loads(RunFolder(output).summary.read_text())
+
+
+def read_adapter(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an exported adapter (state-dict names)."""
+    from cogvx_dist.core.lora import load_exported_lora
+
+    return load_exported_lora(folder).state
+
+
+def shm_buffers() -> set[str]:
+    """DeepSpeed CPU all-reduce buffers present in /dev/shm (one per rank of a single-node CPU run)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+def read_trace(output: Path) -> list[tuple[int, int, int, str]]:
+    """(step, micro-step, rank, key) of every sample the ranks traced, sorted."""
+    rows = []
+    for path in sorted((output / "trace").glob("rank-*.jsonl")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            for key in record["keys"]:
+                rows.append((record["step"], record["micro_step"], rank, key))
+    return sorted(rows)
+
+
+def stream_order(output: Path, dp_size: int) -> list[tuple[int, str]]:
+    """(step, key) in global stream order: micro-step m of rank r reads position m * dp_size + r (micro batch 1)."""
+    rows = read_trace(output)
+    return [(step, key) for step, micro, rank, key in sorted(rows, key=lambda r: (r[0], r[1] * dp_size + r[2]))]
+
+
+def evaluation_loss(model: Path, shards: Path, adapter: dict[str, torch.Tensor] | None) -> float:
+    """Loss over every sample with fixed noise and timesteps; with `adapter`, the trained LoRA is applied."""
+    from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
+    from cogvx_dist.core.lora import LoraSettings, inject_lora, lora_parameters
+    from cogvx_dist.train.loss import LossContext, diffusion_loss
+    from cogvx_dist.train.reader import BatchPlan, MicroBatches, ShardIndex
+
+    info = describe_checkpoint(model)
+    transformer = load_transformer(model)
+    if adapter is not None:
+        inject_lora(transformer, LoraSettings(**LORA), seed=0)
+        params = lora_parameters(transformer)
+        with torch.no_grad():
+            for name, value in adapter.items():
+                in_memory = name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+                params[in_memory].copy_(value)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    index = ShardIndex(shards)
+    batches = MicroBatches(index, BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=len(index))
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(batches)):
+            generator = torch.Generator().manual_seed(1000 + i)
+            for _ in range(4):
+                total += diffusion_loss(transformer, batches[i], context, generator, torch.device("cpu"),
+                                        torch.float32).item()
+    return total / (4 * len(batches))
+
+
+# ---------------------------------------------------------------------------------------------------------- processes
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """No launcher variables from the outer environment; one torch thread per process (2 cores)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "HOSTFILE",
+                        "JOB_COMPLETION_INDEX", "NNODES", "GPUS_PER_NODE", "DRY_RUN", "CHECK")
+           and not k.startswith(("PMI", "OMPI", "SLURM"))}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), **extra})
+    return env
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Outputs of processes started in their own sessions; on a timeout every group we started is killed."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------- results
+def decode_mp4(path: Path) -> np.ndarray:
+    """All frames of an mp4 as uint8 [F, H, W, 3], decoded with PyAV (what a user's player would show)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def make_adapter(model: Path, out_dir: Path, seed: int, strength: float = 0.5, family: str | None = None) -> Path:
+    """Export a rank-4 LoRA whose B matrices are non-zero (a freshly injected one is an exact no-op)."""
+    from cogvx_dist.core.loading import load_transformer
+    from cogvx_dist.core.lora import LoraSettings, export_lora, inject_lora, lora_state_dict
+
+    settings = LoraSettings(rank=4, alpha=4.0)
+    transformer = load_transformer(model)
+    inject_lora(transformer, settings, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randn(v.shape, generator=generator) * strength if ".lora_B." in k else v.clone())
+             for k, v in lora_state_dict(transformer).items()}
+    return export_lora(state, settings, out_dir, family)
+
+
+def write_checkpoint(run: Path, model: Path, step: int, seed: int) -> Path:
+    """A committed checkpoint folder as the trainer lays it out (lora/ + commit marker written last)."""
+    from cogvx_dist.core.run_folder import RunFolder
+    from cogvx_dist.train.checkpoints import commit
+
+    folder = RunFolder(run).checkpoint(step)
+    make_adapter(model, folder / "lora", seed)
+    commit(folder, {"step": step})
+    return folder
