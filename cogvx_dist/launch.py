@@ -64,7 +64,12 @@ def read_hostfile(path: str | Path) -> list[Host]:
     path = Path(path)
     if not path.is_file():
         raise CogvxError(f"hostfile {path} does not exist")
-    return parse_hostfile(path.read_text(), where=f"hostfile {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise CogvxError(f"hostfile {path} line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})") from None
+    return parse_hostfile(text, where=f"hostfile {path}")
 
 
 def select_hosts(hosts: list[Host], nodes: int | None, gpus_per_node: int | None) -> list[Host]:
@@ -153,12 +158,13 @@ def build_commands(launcher: str, hosts: list[Host], hostfile: str | None, confi
             extra += ["--num_gpus", str(limits["gpus_per_node"])]
         return [(f"{hosts[0].name} (starts all {nnodes} nodes over pdsh/ssh)",
                  _quote(["deepspeed", "--hostfile", hostfile, *extra, *rendezvous, *train]))]
-    if launcher == "no-ssh":
+    if launcher == "no-ssh":  # what launchers/train_node.sh runs: `deepspeed --no_ssh` under cogvx's supervision
         hostfile = hostfile or "hostfile"
         return [
             (f"node {rank} ({host.name})",
-             _quote(["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", str(rank), "--num_nodes",
-                     str(nnodes), "--num_gpus", str(host.slots), *rendezvous, *train]))
+             _quote(["cogvx", "train", *_train_args(config, []), "--nproc", str(host.slots), "--hostfile", hostfile,
+                     "--node-rank", str(rank), "--nnodes", str(nnodes), "--master-addr", master_addr,
+                     "--master-port", str(master_port), *overrides]))
             for rank, host in enumerate(hosts)
         ]
     if launcher == "mpi":
@@ -222,19 +228,15 @@ def plan_launch(request: LaunchRequest) -> Plan:
     # Heavy imports here, so `cogvx --help` stays fast.
     from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
-    from cogvx_dist.train.preflight import preflight
+    from cogvx_dist.train.preflight import check_batch_fits, preflight
 
     hosts = cluster_hosts(request)
     world = sum(h.slots for h in hosts)
     config = load_config(RunConfig, request.config, request.overrides)
-    global_batch = config.check_world(world)
+    config.check_world(world)
     checks = preflight(config)  # includes the DeepSpeed JSON: a broken one fails here, not on every rank
+    global_batch = check_batch_fits(config, checks.manifest, world)
     samples = checks.manifest.num_samples
-    if samples < global_batch:
-        raise CogvxError(
-            f"data.shards has {samples} samples, fewer than one global batch of {global_batch} (micro_batch_size "
-            f"{config.train.micro_batch_size} x grad_accum_steps {config.train.grad_accum_steps} x {world} ranks): "
-            "every step would repeat samples; use fewer ranks or smaller batches, or prep more data")
     notes = _data_notes(config, len(checks.manifest.shards), samples, world, global_batch)
     notes += _path_notes(config, request.config)
     if request.launcher == "pdsh":
@@ -271,7 +273,9 @@ def _path_notes(config: Any, config_path: str) -> list[str]:
     if existing is None or not os.access(existing, os.W_OK):
         raise CogvxError(f"output_dir {output}: cannot create or write it (nearest existing folder: {existing})")
     fresh = config.checkpoint.resume == "auto" and not output.exists()
-    resume = None if fresh else checkpoints.find_resume_point(config.output_dir, config.checkpoint.resume)
+    resume, passed_over = (None, []) if fresh else checkpoints.find_resume_point(config.output_dir,
+                                                                                   config.checkpoint.resume)
+    notes += passed_over
     if resume is not None:
         notes.append(f"resumes from {resume} (checkpoint.resume={config.checkpoint.resume})")
     elif config.checkpoint.resume != "auto":

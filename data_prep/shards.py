@@ -45,6 +45,7 @@ class ShardWriter:
         self._handle: Any = None
         self._tar: Any = None
         self._keys: list[str] = []
+        self._digests: list[str] = []
         self.bytes_written = 0
         self.shards_written = 0
 
@@ -61,9 +62,11 @@ class ShardWriter:
             # encoder=False: members are written as the bytes we give (never pickled); fixed mtime makes shards of
             # the same samples byte-identical.
             self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0)
-            self._keys = []
-        self._tar.write(schema.encode_sample(key, tensors, meta))
+            self._keys, self._digests = [], []
+        sample = schema.encode_sample(key, tensors, meta)
+        self._tar.write(sample)
         self._keys.append(key)
+        self._digests.append(schema.sample_digest(sample))
         if self._handle.tell() >= self.max_bytes or len(self._keys) >= self.max_samples:
             self.close()
 
@@ -82,7 +85,8 @@ class ShardWriter:
         self._handle.close()
         final = self.out / shard_name(self.rank, self.index)
         self._tmp.replace(final)
-        entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, schema.file_sha256(final), self._keys)
+        entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, schema.file_sha256(final), self._keys,
+                           self._digests)
         self._tar = self._handle = None
         self.index += 1
         self.bytes_written += entry.bytes
@@ -90,15 +94,12 @@ class ShardWriter:
         self.on_shard(entry)
 
 
-def tar_keys(path: Path) -> list[str]:
-    """Sample keys of a shard in file order, from member names (reads headers only)."""
-    keys: list[str] = []
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key = member.name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
+def shard_entry(path: Path) -> ShardEntry:
+    """The manifest entry of a complete shard file, read back from its samples (keys and digests)."""
+    samples = list(_tar_samples(path))
+    keys = [s["__key__"] for s in samples]
+    digests = [schema.sample_digest(s) for s in samples]
+    return ShardEntry(path.name, len(keys), path.stat().st_size, schema.file_sha256(path), keys, digests)
 
 
 def write_part(out: Path, part: dict[str, Any]) -> None:
@@ -137,11 +138,9 @@ def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry]) -> list[
         if path.name in known:
             continue
         try:
-            keys = tar_keys(path)
-        except (tarfile.TarError, OSError):
+            kept.append(shard_entry(path))
+        except (tarfile.TarError, OSError, KeyError):
             path.unlink()  # cannot happen through rename, but never keep an unreadable shard
-            continue
-        kept.append(ShardEntry(path.name, len(keys), path.stat().st_size, schema.file_sha256(path), keys))
     return sorted(kept, key=lambda e: e.name)
 
 
@@ -278,6 +277,9 @@ def verify(out: str | Path) -> tuple[list[str], int]:
         keys = [s["__key__"] for s in samples]
         if keys != entry.keys:
             problems.append(f"{entry.name}: sample keys differ from the manifest's list")
+        for sample, digest in zip(samples, entry.digests):
+            if schema.TENSORS_EXT in sample and schema.META_EXT in sample and schema.sample_digest(sample) != digest:
+                problems.append(f"{entry.name}:{sample['__key__']}: sha256 differs from the manifest")
         if len(samples) != entry.samples:
             problems.append(f"{entry.name}: {len(samples)} samples, manifest says {entry.samples}")
         for sample in samples:

@@ -21,6 +21,17 @@ run() {
     fi
 }
 
+# run_last CMD...: like run, but the script's process becomes CMD (exec): in a container the script is often PID 1,
+# which the kernel shields from signals it has no handler for, so the supervisor must take its place to receive
+# Kubernetes' SIGTERM.
+run_last() {
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        run "$@"
+    else
+        exec "$@"
+    fi
+}
+
 # say MSG...: progress on stderr, prefixed with the script name (stdout stays the command stream in dry runs).
 say() {
     echo "$(basename "$0"): $*" >&2

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start THIS node's ranks of a multi-node run without ssh (`deepspeed --no_ssh --node_rank R`): run it once on every
-# node (Slurm srun, a Kubernetes Indexed Job/JobSet pod, or by hand). Ranks meet at MASTER_ADDR:MASTER_PORT.
+# Start THIS node's ranks of a multi-node run without ssh: run it once on every node (Slurm srun, a Kubernetes
+# Indexed Job/JobSet pod, or by hand). It becomes `cogvx train --node-rank R`, which runs `deepspeed --no_ssh
+# --node_rank R`, passes SIGTERM/SIGUSR1 to every rank (they checkpoint and exit 75), waits for all of them and
+# names the rank that failed first. Ranks meet at MASTER_ADDR:MASTER_PORT.
 #
 #   NODE_RANK=1 NNODES=2 GPUS_PER_NODE=8 MASTER_ADDR=node0 launchers/train_node.sh run.yaml [section.key=value ...]
 #
@@ -66,6 +68,5 @@ say "node $NODE_RANK of $NNODES, $GPUS_PER_NODE ranks here, master $MASTER_ADDR:
 
 precheck --config "$CONFIG" --hostfile "$HOSTFILE" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
     --launcher no-ssh --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$@"
-run "$DEEPSPEED" --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --num_nodes "$NNODES" \
-    --num_gpus "$GPUS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    --module cogvx_dist.train --config "$CONFIG" "$@"
+run_last "$PYTHON" -m cogvx_dist train --config "$CONFIG" --nproc "$GPUS_PER_NODE" --hostfile "$HOSTFILE" \
+    --node-rank "$NODE_RANK" --nnodes "$NNODES" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" "$@"

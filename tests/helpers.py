@@ -212,3 +212,102 @@ def write_checkpoint(run: Path, model: Path, step: int, seed: int) -> Path:
     make_adapter(model, folder / "lora", seed)
     commit(folder, {"step": step})
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------- faults
+class Job:
+    """`cogvx train` (or the DeepSpeed runner alone) as a real job in its own session, for fault tests: wait for a
+    step, find its processes, signal them, and time how long the whole tree takes to end."""
+
+    def __init__(self, config: Path, *overrides: str, nproc: int = 2, env: dict | None = None,
+                 runner_only: bool = False, log: Path | None = None) -> None:
+        import psutil  # DeepSpeed's dependency
+
+        self.output = Path(yaml.safe_load(config.read_text())["output_dir"])
+        command = [sys.executable, "-m", "cogvx_dist", "train", "--config", str(config), "--nproc", str(nproc),
+                   *overrides]
+        if runner_only:  # what `deepspeed --num_gpus N --module cogvx_dist.train` runs, without `cogvx train`
+            command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+                       str(free_port()), "--module", "cogvx_dist.train", "--config", str(config), *overrides]
+        self.log = log or self.output.parent / f"{self.output.name}-job.log"
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(command, cwd=REPO, env=clean_env(MASTER_ADDR="127.0.0.1", **(env or {})),
+                                        stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self._psutil = psutil
+        self.tree: list[Any] = []
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+        """Wait until metrics.jsonl shows `step` (then remember the job's processes)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        metrics = self.output / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(json.loads(line)["step"] >= step for line in
+                                         metrics.read_text().splitlines() if line.endswith("}")):
+                self.tree = self._psutil.Process(self.process.pid).children(recursive=True)
+                return
+            assert self.process.poll() is None, f"job ended early ({self.process.returncode}): {self.output_text()}"
+            time.sleep(0.1)
+        raise AssertionError(f"step {step} not reached in {timeout} s: {self.output_text()}")
+
+    def rank(self, local_rank: int) -> Any:
+        return next(p for p in self.tree if f"--local_rank={local_rank}" in " ".join(p.cmdline()))
+
+    def launcher(self) -> Any:
+        return next(p for p in self.tree if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+
+    def end(self, timeout: float = 180) -> tuple[int, float]:
+        """(exit code of the job's first process, seconds until no process of the tree is left) from now."""
+        import time
+
+        started = time.monotonic()
+        code = self.process.wait(timeout=timeout)
+        tree = self.tree or []
+        while any(p.is_running() and p.status() != self._psutil.STATUS_ZOMBIE for p in tree):
+            assert time.monotonic() - started < timeout, f"processes outlived the job: {tree}"
+            time.sleep(0.05)
+        return code, time.monotonic() - started
+
+    def output_text(self) -> str:
+        return self.log.read_text() if self.log.is_file() else ""
+
+    def kill(self) -> None:
+        for process in [self._psutil.Process(self.process.pid), *self.tree]:
+            try:
+                process.kill()
+            except self._psutil.NoSuchProcess:
+                pass
+
+
+def damaged_copy(shards: Path, folder: Path, how: str) -> tuple[Path, str, str]:
+    """A copy of the dataset with one sample (the second of the first shard) damaged: (folder, shard, key)."""
+    import shutil
+    import tarfile
+
+    from cogvx_dist.core import shard_format
+
+    copy = folder / f"shards-{how}"
+    shutil.copytree(shards, copy)
+    entry = shard_format.Manifest.read(copy).shards[0]
+    key = entry.keys[1]
+    path = copy / entry.name
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"{key}.{shard_format.TENSORS_EXT}")
+    data = bytearray(path.read_bytes())
+    if how == "header":  # the safetensors JSON header right after its 8-byte length
+        data[member.offset_data + 8: member.offset_data + 24] = b"\x00not json at all"
+    elif how == "flipped":  # one byte of tensor data near the member's end: it still decodes
+        data[member.offset_data + member.size - 40] ^= 0xFF
+    elif how == "truncated":
+        del data[member.offset_data + 100:]
+    path.write_bytes(bytes(data))
+    return copy, entry.name, key
+
+
+def record_fault_time(fault: str, seconds: float) -> None:
+    """Append a measured time-to-exit to the file named by COGVX_FAULT_TIMES (for the fault table), if set."""
+    path = os.environ.get("COGVX_FAULT_TIMES")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"fault": fault, "seconds": round(seconds, 2)}) + "\n")

@@ -1,15 +1,27 @@
 """`cogvx train`: check the run on this node, then start the DeepSpeed launcher for one node's ranks.
 
-Multi-node jobs call the per-rank entry point directly (`deepspeed --hostfile H --module cogvx_dist.train ...`);
-see launchers/.
+The launcher runs in its own process group. A signal to `cogvx train` (SIGTERM, SIGINT, SIGUSR1) is passed to
+that whole group, so the ranks checkpoint and stop (see checkpoint.preempt_signals); `cogvx train` returns only
+once no process of the group is left, and kills what outlives the grace period. Afterwards it names the rank and
+cause that ended the job first (from output_dir/failures/), or says the run was preempted (exit 75).
+
+With --node-rank it starts one node's ranks of a multi-node job without ssh (`deepspeed --no_ssh`), which is what
+launchers/train_node.sh runs on each node (Slurm, Kubernetes); the same supervision then holds on every node.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
+KILL_MARGIN_S = 15.0
+"""Seconds past checkpoint.preempt_grace_s after a forwarded signal before the group is killed."""
 
 
 def _free_port() -> int:
@@ -25,25 +37,133 @@ def run(args: argparse.Namespace) -> int:
 
     from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
-    from cogvx_dist.train.preflight import preflight
+    from cogvx_dist.train.preflight import check_batch_fits, preflight
+    from cogvx_dist.train.run_lock import check_free
 
     config = load_config(RunConfig, args.config, args.overrides)
     nproc = args.nproc or max(1, torch.cuda.device_count())
-    config.check_world(nproc)
-    preflight(config)  # fails here, with one line, before any rank starts
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(args.master_port or _free_port()), "--module", "cogvx_dist.train"]
+    world = nproc * (args.nnodes if args.node_rank is not None else 1)
+    config.check_world(world)
+    checks = preflight(config)  # fails here, with one line, before any rank starts
+    check_batch_fits(config, checks.manifest, world)
+    if not args.node_rank:  # on other nodes, node 0's rank 0 may hold the lock already: it is this job's
+        check_free(config.output_dir)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", *_node_args(args), "--num_gpus", str(nproc),
+               "--master_port", str(args.master_port or (29500 if args.node_rank is not None else _free_port())),
+               "--module", "cogvx_dist.train"]
     if args.config:
         command += ["--config", args.config]
     command += list(args.overrides)
-    env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1")}
-    return subprocess.call(command, env=env)
+    return _launch(command, config.output_dir, config.checkpoint.preempt_grace_s)
+
+
+def _node_args(args: argparse.Namespace) -> list[str]:
+    """The DeepSpeed launcher flags of one node of a multi-node job started without ssh."""
+    from cogvx_dist.core.errors import CogvxError
+
+    if args.node_rank is None:
+        return []
+    if not (args.hostfile and args.nnodes and args.master_addr):
+        raise CogvxError("--node-rank needs --hostfile, --nnodes and --master-addr (see launchers/train_node.sh)")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise CogvxError(f"--node-rank {args.node_rank} is not within --nnodes {args.nnodes}")
+    return ["--hostfile", args.hostfile, "--no_ssh", "--node_rank", str(args.node_rank), "--num_nodes",
+            str(args.nnodes), "--master_addr", args.master_addr]
+
+
+def _launch(command: list[str], output_dir: str, grace_s: float) -> int:
+    """Run the launcher in its own process group, forward signals to it, wait for all of it, report the outcome."""
+    from cogvx_dist.train import failures
+
+    launch_id = os.environ.get(failures.LAUNCH_ID_ENV) or uuid.uuid4().hex
+    started = time.time()
+    env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+           failures.LAUNCH_ID_ENV: launch_id}
+    launcher = subprocess.Popen(command, env=env, start_new_session=True)
+    group = launcher.pid
+    deadline: list[float] = []
+
+    def forward(signum: int, frame: object) -> None:
+        _signal_group(group, signum)
+        if not deadline:
+            deadline.append(time.monotonic() + grace_s + KILL_MARGIN_S)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        code = launcher.wait()
+        while _group_alive(group):  # the launcher can go first (a signal to the group ends it at once)
+            if deadline and time.monotonic() > deadline[0]:
+                _signal_group(group, signal.SIGKILL)
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return _outcome(output_dir, launch_id, started, code)
+
+
+def _outcome(output_dir: str, launch_id: str, started: float, code: int) -> int:
+    """The exit code of the job, with one line on how it ended when it did not finish. Records of this launch
+    count, and (multi-node: each node's `cogvx train` has its own launch id) any record written since it began."""
+    from cogvx_dist.train import failures
+
+    preempted = failures.read_preemption(output_dir, launch_id, since=started)
+    if preempted is not None:
+        print(f"cogvx train: preempted by {preempted['signal']}: checkpoint of step {preempted['step']} committed; "
+              "rerun the same command to resume", file=sys.stderr)
+        return failures.EXIT_PREEMPTED
+    if code == 0:
+        return 0
+    records = failures.read_failures(output_dir, launch_id, since=started)
+    if records:
+        first = records[0]
+        print(f"cogvx train: rank {first['rank']} ({first['host']}) ended the job: {first['message']}",
+              file=sys.stderr)
+        return int(first["exit_code"]) or failures.EXIT_FAILED
+    print(f"cogvx train: the launcher exited with code {code} and no rank recorded why (see the output above)",
+          file=sys.stderr)
+    return code if code > 0 else failures.EXIT_FAILED
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    """True while a live (not zombie) process of the group exists. Zombies count as gone: an orphan's zombie
+    lingers where PID 1 does not reap (many containers), yet holds no resources."""
+    proc = "/proc"
+    if not os.path.isdir(proc):
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:  # state, ppid, pgrp follow the command name
+            return True
+    return False
 
 
 def configure(train: argparse.ArgumentParser, name: str = "train") -> None:
     """Arguments and handler of `cogvx train`."""
     train.add_argument("--config", help="run config (YAML or TOML)")
     train.add_argument("--nproc", type=int, default=0, help="ranks on this node (default: one per GPU, else 1)")
-    train.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free one)")
+    train.add_argument("--master-port", type=int, default=0,
+                       help="rendezvous port (default: a free one; 29500 with --node-rank)")
+    node = train.add_argument_group("one node of a multi-node job without ssh (launchers/train_node.sh)")
+    node.add_argument("--node-rank", type=int, help="this node's rank (0 .. NNODES-1)")
+    node.add_argument("--nnodes", type=int, help="nodes in the job")
+    node.add_argument("--hostfile", help="DeepSpeed hostfile with a line per node (names do not matter here)")
+    node.add_argument("--master-addr", help="address of node 0, reachable from every node")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=10")
     train.set_defaults(handler=run)

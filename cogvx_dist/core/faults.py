@@ -1,35 +1,53 @@
-"""Fault injection for the fault tests: real processes that die at a chosen point.
+"""Fault injection for the fault tests: real processes that die, or slow down, at a chosen point.
 
-A process started with `COGVX_FAULT="POINT=N"` exits hard (os._exit, no clean-up, like a SIGKILL) the moment it
-has passed POINT for the N-th time. The code under test asks for a hook once at start-up; without the variable
-the hook is None and nothing is in its path.
+A process started with `COGVX_FAULT="POINT=N[,POINT=N...]"` acts on each named point; the code under test asks
+for its hooks once at start-up, and without the variable every hook is None, so nothing is in its path.
 
 Points:
-- `train.committed`: a checkpoint was committed; N is its optimizer step (every rank exits, code 75);
-- `prep.written`: prep wrote a sample into its open shard; N counts this process's samples (code 3; the shard
-  stays a temporary file, as after a crash mid-shard).
+- `train.committed=STEP`: every rank exits hard (os._exit 86, like a SIGKILL: no clean-up) right after the
+  checkpoint of optimizer step STEP committed;
+- `train.step_delay_ms=MS`: every optimizer step takes MS milliseconds longer (a slow job, so that tests can
+  signal or stop a rank mid-run);
+- `prep.written=N`: prep exits hard (code 3) after writing its N-th sample into the open shard, which stays a
+  temporary file, as after a crash mid-shard.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 
 FAULT_ENV = "COGVX_FAULT"
-EXIT_CODES = {"train.committed": 75, "prep.written": 3}
+EXIT_CODES = {"train.committed": 86, "prep.written": 3}
 """The exit code of a process that a fault ended, per point."""
 
 
-def fault_hook(point: str, env: dict[str, str] | None = None) -> Callable[[int], None] | None:
+def _setting(point: str, env: Mapping[str, str] | None) -> int | None:
+    for spec in (os.environ if env is None else env).get(FAULT_ENV, "").split(","):
+        name, _, value = spec.strip().partition("=")
+        if name == point and value.isdigit():
+            return int(value)
+    return None
+
+
+def fault_hook(point: str, env: Mapping[str, str] | None = None) -> Callable[[int], None] | None:
     """A callable(count) that exits the process once `count` reaches the configured N, or None without a fault."""
-    spec = (os.environ if env is None else env).get(FAULT_ENV, "")
-    name, _, value = spec.partition("=")
-    if name != point or not value.isdigit():
+    threshold = _setting(point, env)
+    if threshold is None:
         return None
-    threshold, code = int(value), EXIT_CODES[point]
+    code = EXIT_CODES[point]
 
     def hook(count: int) -> None:
         if count >= threshold:
             os._exit(code)
 
     return hook
+
+
+def delay_hook(point: str, env: Mapping[str, str] | None = None) -> Callable[[], None] | None:
+    """A callable that sleeps the configured milliseconds, or None without a fault."""
+    milliseconds = _setting(point, env)
+    if milliseconds is None:
+        return None
+    return lambda: time.sleep(milliseconds / 1000)

@@ -7,11 +7,18 @@ a run (sample --watch, report, demo, launch check).
     RUN/tensorboard/             TensorBoard events (validation/ below it for `cogvx sample --watch`)
     RUN/trace/rank-RRRRR.jsonl   sample keys per step and rank (log.sample_trace)
     RUN/checkpoints/step-SSSSSSSS/   one checkpoint; counts only once COMMITTED.json exists
-        COMMITTED.json               the commit marker, written last
+        COMMITTED.json               the commit marker, written last: step, position, every file's size
         master_weights.safetensors   whole fp32 adapter weights (resume on another world size)
+        adam_moments.safetensors     whole fp32 Adam moments and step count (the same)
         lora/                        the adapter in the diffusers format
     RUN/lora/                    the final adapter
     RUN/train_summary.json       written once training finished
+    RUN/train.lock               held by the live run (host, pid): a second run refuses the folder
+    RUN/failures/rank-RRRRR.json why a rank stopped (cogvx train names the first one)
+    RUN/preempted.json           the run stopped on a signal after committing a checkpoint
+    RUN/heartbeats/rank-RRRRR.json   each rank's last completed step (the stall watchdog reads them)
+    RUN/stacks/rank-RRRRR.txt    Python stacks a stalled job dumped
+    RUN/bad_samples.jsonl        samples skipped with data.on_bad_sample: skip
     RUN/validation/              clips of `cogvx sample --watch`, validated.json records what is done
     RUN/report/                  `cogvx report` output
 """
@@ -35,6 +42,13 @@ VALIDATION_RECORD = "validated.json"
 REPORT = "report"
 COMMIT_MARKER = "COMMITTED.json"
 MASTER_WEIGHTS = "master_weights.safetensors"
+ADAM_MOMENTS = "adam_moments.safetensors"
+LOCK = "train.lock"
+FAILURES = "failures"
+PREEMPTED = "preempted.json"
+HEARTBEATS = "heartbeats"
+STACKS = "stacks"
+BAD_SAMPLES = "bad_samples.jsonl"
 _STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 
 
@@ -102,6 +116,27 @@ class RunFolder:
     @property
     def report(self) -> Path:
         return self.root / REPORT
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    def failure(self, rank: int) -> Path:
+        return self.root / FAILURES / f"rank-{rank:05d}.json"
+
+    @property
+    def preempted(self) -> Path:
+        return self.root / PREEMPTED
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.root / HEARTBEATS / f"rank-{rank:05d}.json"
+
+    def stacks(self, rank: int) -> Path:
+        return self.root / STACKS / f"rank-{rank:05d}.txt"
+
+    @property
+    def bad_samples(self) -> Path:
+        return self.root / BAD_SAMPLES
 
     def step_folders(self) -> list[tuple[int, Path]]:
         """(step, folder) of every checkpoint folder, committed or not, oldest first."""

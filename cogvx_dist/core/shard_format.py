@@ -104,6 +104,13 @@ def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, An
     }
 
 
+def sample_digest(sample: dict[str, Any]) -> str:
+    """SHA-256 of a sample's members (tensors, then metadata) as stored: what `data.verify: sha256` checks."""
+    digest = hashlib.sha256(sample[TENSORS_EXT])
+    digest.update(sample[META_EXT])
+    return digest.hexdigest()
+
+
 def decode_sample(sample: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a sample read from a shard (raw bytes members, never unpickled)."""
     try:
@@ -128,6 +135,8 @@ class ShardEntry:
     """Checksum of the whole file."""
     keys: list[str] = field(default_factory=list)
     """Sample keys in file order (lets readers address a sample by global index)."""
+    digests: list[str] = field(default_factory=list)
+    """sample_digest of each sample, in key order (empty in manifests written before digests were recorded)."""
 
 
 @dataclass

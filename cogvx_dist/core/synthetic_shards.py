@@ -33,7 +33,7 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
     shards, counter = [], 0
     for shard_number, size in enumerate(shard_sizes):
         path = folder / shard_format.shard_name(0, shard_number)
-        keys = []
+        keys, digests = [], []
         with wds.TarWriter(str(path)) as sink:
             for _ in range(size):
                 key = f"sample{counter:06d}"
@@ -49,9 +49,12 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
                 if family.image_to_video:
                     tensors[shard_format.IMAGE_MEAN] = mean[:, :1].clone()
                     tensors[shard_format.IMAGE_LOGVAR] = torch.full_like(mean[:, :1], -6.0)
-                sink.write(shard_format.encode_sample(key, tensors, {"prompt": key, "source": f"{key}.mp4"}))
+                sample = shard_format.encode_sample(key, tensors, {"prompt": key, "source": f"{key}.mp4"})
+                sink.write(sample)
                 keys.append(key)
-        shards.append(ShardEntry(path.name, size, path.stat().st_size, shard_format.file_sha256(path), keys))
+                digests.append(shard_format.sample_digest(sample))
+        shards.append(ShardEntry(path.name, size, path.stat().st_size, shard_format.file_sha256(path), keys,
+                                 digests))
     manifest = Manifest(**header, shards=shards)
     manifest.write(folder)
     return manifest

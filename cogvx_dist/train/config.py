@@ -8,6 +8,9 @@ from typing import Literal
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.lora import LoraSettings
 
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP")
+"""Signals a run may take as a request to checkpoint and stop."""
+
 
 @dataclass
 class ModelConfig:
@@ -32,6 +35,16 @@ class DataConfig:
     """Stream remote shards with WebDataset (shards drawn per rank with replacement); resume is approximate."""
     num_workers: int = 0
     """Background processes reading and decoding samples (0 reads in the training process)."""
+    verify: Literal["size", "sha256", "none"] = "size"
+    """How much of the shards to check against the manifest: "size" compares every shard's size at start-up,
+    "sha256" also checks each sample's digest as it is read (about 10 ms per full-size sample), "none" neither."""
+    on_bad_sample: Literal["fail", "skip"] = "fail"
+    """A sample that cannot be read or decoded, fails its digest or holds non-finite values: "fail" stops the run
+    naming shard, key and rank; "skip" takes the next readable sample of the dataset in its place (the same on every
+    run, so resume stays exact), counts it and records it in bad_samples.jsonl."""
+    max_bad_fraction: float = 0.01
+    """With on_bad_sample: skip, stop once more than this fraction of the samples read (at least one dataset's
+    worth) were bad."""
 
 
 @dataclass
@@ -71,6 +84,11 @@ class TrainConfig:
     global_batch_size: int = 0
     """Samples per optimizer step over all ranks; 0 derives it. If set, it must equal
     micro_batch_size * grad_accum_steps * data-parallel ranks."""
+    on_nonfinite: Literal["fail", "skip_step"] = "fail"
+    """A step whose loss is not finite on any rank: "fail" stops naming the samples and rank; "skip_step" applies no
+    update on any rank (DeepSpeed skips it), counts it and goes on."""
+    max_nonfinite_steps: int = 3
+    """With on_nonfinite: skip_step, stop after this many non-finite steps in a row."""
 
 
 @dataclass
@@ -90,7 +108,25 @@ class CheckpointConfig:
     keep_last: int = 3
     """Complete checkpoints to keep (older ones are deleted once a newer one is committed)."""
     resume: str = "auto"
-    """"auto" (newest complete checkpoint in output_dir, if any), "none", or a checkpoint folder."""
+    """"auto" (newest complete checkpoint in output_dir whose files match its commit marker, if any), "none", or a
+    checkpoint folder (checked before any rank starts)."""
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that ask the run to checkpoint and stop: agreed by all ranks at the next step boundary, then the
+    job exits with code 75 (EX_TEMPFAIL: resume with the same command)."""
+    preempt_grace_s: float = 20.0
+    """Seconds from the signal within which the checkpoint must commit; past it the rank exits anyway (code 77).
+    Keep it below the scheduler's notice (Kubernetes terminationGracePeriodSeconds, Slurm --signal lead time)."""
+
+
+@dataclass
+class DistributedConfig:
+    """Process group and progress watching."""
+
+    timeout_s: float = 1800.0
+    """Timeout of the process group's collectives (torch.distributed / DeepSpeed)."""
+    stall_timeout_s: float = 1800.0
+    """End the job when no rank completes a step (or a checkpoint) for this long: every rank that can dumps its
+    Python stacks to output_dir/stacks, and the ranks that did not reach the step are named. 0 disables."""
 
 
 @dataclass
@@ -125,6 +161,8 @@ class RunConfig:
     """Batching and length."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed configuration."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Collective timeout and the stall watchdog."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
     log: LogConfig = field(default_factory=LogConfig)
@@ -156,6 +194,17 @@ class RunConfig:
             raise CogvxError(f"optim.betas must have two values, got {self.optim.betas}")
         if self.data.num_workers < 0:
             raise CogvxError("data.num_workers must be non-negative")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            raise CogvxError(f"data.max_bad_fraction must be within [0, 1], got {self.data.max_bad_fraction}")
+        if self.train.max_nonfinite_steps < 1:
+            raise CogvxError(f"train.max_nonfinite_steps must be at least 1, got {self.train.max_nonfinite_steps}")
+        if self.checkpoint.preempt_grace_s <= 0:
+            raise CogvxError(f"checkpoint.preempt_grace_s must be positive, got {self.checkpoint.preempt_grace_s}")
+        for name in self.checkpoint.preempt_signals:
+            if name not in PREEMPT_SIGNALS:
+                raise CogvxError(f"checkpoint.preempt_signals: {name!r} is not one of {', '.join(PREEMPT_SIGNALS)}")
+        if self.distributed.timeout_s <= 0 or self.distributed.stall_timeout_s < 0:
+            raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
 
     def check_world(self, data_parallel_size: int) -> int:
         """The global batch size for `data_parallel_size` ranks; rejects an indivisible global_batch_size."""

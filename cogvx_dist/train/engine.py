@@ -18,11 +18,15 @@ from cogvx_dist.core.errors import RankError
 from cogvx_dist.core.launch_env import RankInfo, under_mpi
 
 SHM_DIR = Path("/dev/shm")
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
-def init_distributed() -> RankInfo:
-    """Start the process group (NCCL on GPUs, gloo on CPU) from the launcher's environment or MPI; on a GPU, make
-    this rank's device (local rank modulo the visible GPUs) the current one."""
+def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
+    """Start the process group (NCCL on GPUs, gloo on CPU) from the launcher's environment or MPI, with a
+    `timeout_s` bound on its collectives; on a GPU, make this rank's device (local rank modulo the visible GPUs)
+    the current one."""
+    from datetime import timedelta
+
     import deepspeed
 
     if under_mpi() and "RANK" not in os.environ:
@@ -36,7 +40,7 @@ def init_distributed() -> RankInfo:
         mpi_discovery(distributed_port=port, verbose=False)
         if address:
             os.environ["MASTER_ADDR"] = address
-    deepspeed.init_distributed(auto_mpi_discovery=False)
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     _unlink_cpu_allreduce_buffer(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -134,6 +138,10 @@ class Engine:
         """End a micro-batch; at the last one of an optimizer step, clip, update and advance the LR schedule."""
         self._engine.step()
 
+    def step_applied(self) -> bool:
+        """False when the last optimizer step was skipped (DeepSpeed skips an update with non-finite gradients)."""
+        return bool(self._engine.was_step_applied())
+
     def lr(self) -> float:
         """The learning rate the next update uses."""
         return float(self._engine.get_lr()[0])
@@ -165,10 +173,71 @@ class Engine:
         return {name: safe_get_full_fp32_param(params[name]).detach().to("cpu", torch.float32).clone()
                 for name in names}
 
+    def gather_moments(self, names: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """Collective: whole fp32 Adam moments of the named parameters (`exp_avg/NAME`, `exp_avg_sq/NAME`) and the
+        optimizer's step count; empty before the first update."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        params = dict(self.module.named_parameters())
+        if self._optimizer_step() == 0:
+            return {}, 0
+        moments = {f"{key}/{name}": safe_get_full_optimizer_state(params[name], key).detach().to("cpu").clone()
+                   for name in names for key in ADAM_STATES}
+        return moments, self._optimizer_step()
+
+    def restore_moments(self, moments: dict[str, torch.Tensor], optimizer_step: int) -> None:
+        """Collective: load whole Adam moments into an engine with any number of ranks. The optimizer's state exists
+        only after an update, so an update with zero gradients at zero learning rate creates it first."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._create_optimizer_state()
+        params = dict(self.module.named_parameters())
+        for key_name, value in moments.items():
+            key, name = key_name.split("/", 1)
+            safe_set_full_optimizer_state(params[name], value.to(self._engine.device), key)
+        self._set_optimizer_step(optimizer_step)
+
+    def _create_optimizer_state(self) -> None:
+        import deepspeed
+
+        groups = self._base_optimizer().param_groups
+        rates = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = 0.0
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        # ZeRO-3 reduces whole-parameter gradients: the zero loss is taken over gathered parameters.
+        gathered = deepspeed.zero.GatheredParameters(trainable, enabled=self.zero_stage == 3)
+        for _ in range(self._engine.gradient_accumulation_steps()):  # updates come at the end of a window
+            with gathered:
+                self._engine.backward(sum(p.sum() * 0.0 for p in trainable))
+            self._engine.step()
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+
+    def _base_optimizer(self) -> Any:
+        optimizer = self._engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def _optimizer_step(self) -> int:
+        """The update count Adam's bias correction uses (per-parameter state or per group, by implementation)."""
+        base = self._base_optimizer()
+        for state in base.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return int(base.param_groups[0].get("step", 0) or 0)
+
+    def _set_optimizer_step(self, step: int) -> None:
+        base = self._base_optimizer()
+        for state in base.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+        for group in base.param_groups:
+            if "step" in group:
+                group["step"] = step
+
     def restore_weights(self, weights: dict[str, torch.Tensor], optimizer_steps: int) -> None:
         """Collective: load whole fp32 weights into an engine with any number of ranks and move the LR schedule to
-        `optimizer_steps`. Adam's moments start again from zero (DeepSpeed's partitioned optimizer state is bound
-        to the world size it was saved with)."""
+        `optimizer_steps` (DeepSpeed's own partitioned checkpoint is bound to the world size it was saved with)."""
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 

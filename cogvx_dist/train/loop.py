@@ -1,5 +1,6 @@
 """The training run on one rank: build the run, restore, make batches, then for each optimizer step: micro-batches
-(loss, backward), one agreed loss, the update, log, maybe save; at the end export the adapter.
+(loss, backward), one agreement of all ranks (loss, finiteness, preemption, bad samples), the update, log, maybe
+save; at the end export the adapter.
 
 Everything a rank does is a function of (seed, step, micro-step, rank), so a resume is bit-exact and ranks agree
 without talking; they still compare adapter checksums at start and end.
@@ -8,46 +9,68 @@ without talking; they still compare adapter checksums at start and end.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cogvx_dist.core.config_files import to_dict
 from cogvx_dist.core.devices import pick_device, torch_dtype
-from cogvx_dist.core.errors import CogvxError, RankError
-from cogvx_dist.core.faults import fault_hook
+from cogvx_dist.core.errors import CogvxError, RankError, first_line
+from cogvx_dist.core.faults import delay_hook, fault_hook
 from cogvx_dist.core.files import write_atomic
 from cogvx_dist.core.launch_env import RankInfo
 from cogvx_dist.core.loading import load_scheduler
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.lora import adapter_checksum, export_lora, lora_parameters, lora_state_dict, state_dict_names
 from cogvx_dist.core.run_folder import RunFolder
-from cogvx_dist.train import checkpoints, engine
+from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import zero_stage
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.model import build_model, forbid_encoders
-from cogvx_dist.train.preflight import Preflight, preflight
+from cogvx_dist.train.preemption import PreemptionFlag, exit_now
+from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
 from cogvx_dist.train.reader import BatchPlan, MicroBatches, make_loader
+from cogvx_dist.train.run_lock import RunLock
 from cogvx_dist.train.schedule import lr_lambda
 from cogvx_dist.train.streaming import StreamingMicroBatches
+from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    """Run training on this rank (called on every rank by the launcher); returns the run summary."""
+    """Run training on this rank (called on every rank by the launcher); returns the run summary.
+
+    Leaves the process group cleanly only on success: an exception propagates without any collective, so a rank
+    that fails never waits for the others (the entry point then exits at once, and the launcher ends the rest)."""
     checks = preflight(config)
     forbid_encoders()
-    ranks = engine.init_distributed()
-    try:
-        return Trainer(config, checks, ranks).fit()
-    finally:
-        engine.shutdown()
+    ranks = engine.init_distributed(config.distributed.timeout_s)
+    summary = Trainer(config, checks, ranks).fit()
+    engine.shutdown()
+    return summary
 
 
 def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     """The seed of the generator that draws a micro-batch's posterior sample, noise and timesteps."""
     return (seed * 1_000_003 + step * 10_007 + micro_step * 101 + rank) % (2**63 - 1)
+
+
+@dataclass
+class Agreement:
+    """What all ranks learned at the end of a step's micro-batches, from one all-reduce."""
+
+    loss: torch.Tensor
+    """The mean loss over micro-batches and ranks (a device tensor; reading it waits for the device)."""
+    nonfinite_ranks: int
+    """Ranks whose loss was not finite."""
+    preempt: bool
+    """Some rank was asked to stop."""
+    bad_samples: int
+    """Bad samples all ranks skipped in this step."""
 
 
 class Trainer:
@@ -61,12 +84,27 @@ class Trainer:
         self.log = rank_logger("cogvx.train", ranks.rank)
         self.device = torch.device(pick_device("auto", ranks.local_rank))
         self.dtype = torch_dtype(config.model.dtype)
-        self.global_batch = config.check_world(ranks.world_size)
+        self.global_batch = check_batch_fits(config, checks.manifest, ranks.world_size)
         self.family = checks.checkpoint.family
         self.committed_fault = fault_hook("train.committed")
+        self.slow_step = delay_hook("train.step_delay_ms")
+        self.lock = RunLock(config.output_dir)
+        self.nonfinite_in_a_row = self.skipped_steps = self.bad_samples = 0
+        self.saved_step = -1
 
     def fit(self) -> dict[str, Any]:
-        """Train from the resume point to train.max_steps; returns the run summary."""
+        """Train from the resume point to train.max_steps; returns the run summary (Preempted on a signal)."""
+        try:
+            self._start_guards()
+            return self._fit()
+        finally:
+            if hasattr(self, "preemption"):
+                self.preemption.cancel()
+            if hasattr(self, "watchdog"):
+                self.watchdog.stop()
+            self.lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         config = self.config
         self._write_run_files()
         self._build()
@@ -75,35 +113,47 @@ class Trainer:
         geometry = self.checks.manifest
         meter = StepMeter(self.global_batch, self.family.tokens_per_sample(geometry.frames, geometry.height,
                                                                            geometry.width), self.device)
-        metrics = MetricsWriter(self.run.root, enabled=self.ranks.is_main, tensorboard=config.log.tensorboard)
+        metrics = MetricsWriter(self.run.root, enabled=self.ranks.is_main, tensorboard=config.log.tensorboard,
+                                resume_step=start_step)
         trace = SampleTrace(self.run.root, self.ranks.rank) if config.log.sample_trace else None
         progress = self._progress_bar(start_step)
         self.engine.train()
         for step in range(start_step + 1, config.train.max_steps + 1):
             lr = self.engine.lr()  # the rate this step's update uses
-            meter.step_done(self.train_step(step, loader, meter, trace))
+            agreed = self.train_step(step, loader, meter, trace)
             position += self.global_batch
+            if self.slow_step:
+                self.slow_step()
+            meter.step_done(None if agreed.nonfinite_ranks else agreed.loss)
+            self.watchdog.progress(step)
             progress.update(1)
             if step % config.log.every_steps == 0 or step == config.train.max_steps:
                 values = meter.values(lr, self.engine.grad_norm(), position)
+                values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps)
                 metrics.log(step, values)
-                progress.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{values['samples_per_s']:.2f}")
-            if step % config.checkpoint.every_steps == 0 or step == config.train.max_steps:
+                progress.set_postfix(loss=f"{values['loss'] or float('nan'):.4f}",
+                                     samples_s=f"{values['samples_per_s']:.2f}")
+            if step % config.checkpoint.every_steps == 0 or step == config.train.max_steps or agreed.preempt:
                 self.save(step, position)
+            if agreed.preempt and step < config.train.max_steps:
+                self._stop_preempted(step)
         progress.close()
         metrics.close()
         if trace is not None:
             trace.close()
         return self._finish(start_step, position)
 
-    def train_step(self, step: int, loader: Any, meter: StepMeter, trace: SampleTrace | None) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the loss averaged over micro-batches and
-        ranks, as a tensor (reading it would wait for the device). All ranks agree the loss is finite before the
-        update: that agreement is the step's one host sync."""
+    def train_step(self, step: int, loader: Any, meter: StepMeter, trace: SampleTrace | None) -> Agreement:
+        """One optimizer step over grad_accum_steps micro-batches; the ranks agree on its loss, finiteness,
+        preemption and bad samples before the update (that all-reduce is the step's one host sync)."""
         accumulation = self.config.train.grad_accum_steps
-        losses = []
+        losses, keys, bad = [], [], 0
         for micro_step in range(accumulation):
             batch = meter.next_batch(loader)
+            if "failure" in batch:
+                raise RankError(batch["failure"])
+            bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch["bad"])
+            keys += batch["keys"]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])
             seed = step_seed(self.config.train.seed, step, micro_step, self.ranks.rank)
@@ -113,23 +163,91 @@ class Trainer:
             losses.append(loss.detach())
             if micro_step < accumulation - 1:
                 self.engine.step()
-        mean_loss = self._agreed_loss(torch.stack(losses).mean(), step)
+        agreed = self._agree(torch.stack(losses).mean(), bad)
         self.engine.step()
-        return mean_loss
+        self._account(step, agreed, keys)
+        return agreed
 
-    def _agreed_loss(self, local_loss: torch.Tensor, step: int) -> torch.Tensor:
-        """The all-ranks mean of the step's loss; every rank stops if any rank's loss is not finite."""
-        not_finite = (~torch.isfinite(local_loss)).float()
-        reduced = engine.all_reduce_sum(torch.stack([local_loss.float(), not_finite]))
-        if reduced[1].item() > 0:
-            raise CogvxError(f"non-finite loss at step {step}; the last complete checkpoint is intact")
-        return reduced[0] / self.ranks.world_size
+    def _agree(self, local_loss: torch.Tensor, bad: int) -> Agreement:
+        self.local_nonfinite = ~torch.isfinite(local_loss)
+        flags = torch.tensor([float(self.preemption.requested), float(bad)], device=local_loss.device)
+        reduced = engine.all_reduce_sum(torch.cat([local_loss.float().view(1), self.local_nonfinite.float().view(1),
+                                                   flags]))
+        counts = reduced[1:].tolist()
+        return Agreement(reduced[0] / self.ranks.world_size, int(counts[0]), counts[1] > 0, int(counts[2]))
+
+    def _account(self, step: int, agreed: Agreement, keys: list[str]) -> None:
+        """Non-finite steps, bad samples and preemption requests, as the ranks agreed them."""
+        if agreed.preempt and not self.preemption.requested:
+            self.preemption.request("a signal to another rank")  # start this rank's grace period too
+        self.bad_samples += agreed.bad_samples
+        read = max(step * self.global_batch, len(self.checks.index or []))
+        if self.bad_samples / read > self.config.data.max_bad_fraction:
+            raise CogvxError(f"{self.bad_samples} bad samples skipped by step {step}: more than data.max_bad_fraction "
+                             f"{self.config.data.max_bad_fraction:g} of those read (see {self.run.bad_samples})")
+        if not agreed.nonfinite_ranks:
+            self.nonfinite_in_a_row = 0
+            return
+        gathered = engine.all_gather_object((self.ranks.rank, bool(self.local_nonfinite), keys))
+        offenders = [(rank, ks) for rank, nonfinite, ks in gathered if nonfinite]
+        where = "; ".join(f"rank {rank} (samples {', '.join(ks)})" for rank, ks in offenders)
+        if self.config.train.on_nonfinite == "fail":
+            raise CogvxError(f"non-finite loss at step {step} on {where}; the last complete checkpoint is intact "
+                             "(train.on_nonfinite: skip_step goes on without the update)")
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.log.warning("step %d skipped on every rank: non-finite loss on %s%s", step, where,
+                         "" if not self.engine.step_applied() else " (DeepSpeed applied it regardless)")
+        if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
+            raise CogvxError(f"{self.nonfinite_in_a_row} non-finite steps in a row (up to step {step}; "
+                             f"train.max_nonfinite_steps {self.config.train.max_nonfinite_steps}): last on {where}")
+
+    def _start_guards(self) -> None:
+        """The run lock (rank 0), stack dumps on SIGUSR2, the preemption signals and the stall watchdog."""
+        config = self.config
+        self.preemption = PreemptionFlag(config.checkpoint.preempt_signals, config.checkpoint.preempt_grace_s,
+                                         self._preempt_deadline)
+        if self.ranks.is_main:
+            self.lock.acquire()
+        failures.clear_failures(self.run.root, self.ranks.rank)
+        self.stack_file = register_stack_dump(self.run.root, self.ranks.rank)
+        self.watchdog = Watchdog(self.run.root, self.ranks.rank, self.ranks.world_size,
+                                 config.distributed.stall_timeout_s, self._stalled, self._peer_failed,
+                                 tick=self.lock.refresh).start()
+
+    def _preempt_deadline(self, signal_name: str) -> None:
+        message = (f"preempted by {signal_name}, but no checkpoint committed within checkpoint.preempt_grace_s "
+                   f"{self.config.checkpoint.preempt_grace_s:g}; resume takes the last committed one")
+        self._die(message, failures.EXIT_PREEMPT_UNSAVED)
+
+    def _stalled(self, message: str) -> None:
+        self._die(message, failures.EXIT_STALLED)
+
+    def _peer_failed(self, record: dict[str, Any]) -> None:
+        self._die(f"stopped: rank {record.get('rank')} failed ({record.get('message', '')[:200]})",
+                  failures.EXIT_FAILED, failures.SECONDARY)
+
+    def _die(self, message: str, code: int, kind: str = failures.PRIMARY) -> None:
+        """From a watchdog or timer thread: record why, say it, and leave at once."""
+        failures.record_failure(self.run.root, self.ranks.rank, message, code, kind)
+        self.log.error("[rank %d] %s", self.ranks.rank, message)
+        self.lock.release()
+        exit_now(code)
+
+    def _stop_preempted(self, step: int) -> None:
+        if self.ranks.is_main:
+            failures.record_preemption(self.run.root, step, self.preemption.signal_name)
+        self.log.info("preempted by %s: checkpoint of step %d committed; rerun the same command to resume",
+                      self.preemption.signal_name, step)
+        raise failures.Preempted(step, self.preemption.signal_name)
 
     def _write_run_files(self) -> None:
         if self.ranks.is_main:
             self.run.root.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run.run_config, json.dumps(to_dict(self.config), indent=2) + "\n")
             write_atomic(self.run.ds_config, json.dumps(self.checks.ds_config, indent=2) + "\n")
+        for warning in self.checks.warnings:
+            self.log.warning("%s", warning)
         self.log.info("%d ranks on %s, %s, ZeRO-%d, global batch %d, %d samples (%s)", self.ranks.world_size,
                       self.device.type, self.config.model.dtype, zero_stage(self.checks.ds_config), self.global_batch,
                       self.checks.manifest.num_samples, self.family.name)
@@ -148,27 +266,45 @@ class Trainer:
                                    load_scheduler(config.model.path))
         self.engine = engine.Engine(transformer, self.checks.ds_config,
                                     lr_lambda(config.optim, config.train.max_steps))
+        self.watchdog.progress(0)
 
     def _restore(self) -> tuple[int, int]:
         """(optimizer step, stream position) to start from: the resume checkpoint's, or (0, 0)."""
-        resume_from = checkpoints.find_resume_point(self.config.output_dir, self.config.checkpoint.resume)
+        resume_from, passed_over = checkpoints.find_resume_point(self.config.output_dir, self.config.checkpoint.resume)
+        for warning in passed_over:
+            self.log.warning("%s", warning)
+        chosen = engine.all_gather_object(str(resume_from))
+        if len(set(chosen)) != 1:
+            raise RankError(f"ranks chose different checkpoints to resume from: {chosen}")
         if resume_from is None:
+            records.truncate(self.run, self.ranks, 0)
             return 0, 0
         committed = checkpoints.read_commit(resume_from)
         step, position, saved_world = int(committed["step"]), int(committed["position"]), committed["world_size"]
+        self.bad_samples = int(committed.get("bad_samples", 0))
+        self.skipped_steps = int(committed.get("skipped_steps", 0))
         if saved_world == self.ranks.world_size:
             self.engine.load(resume_from)
         else:
-            # DeepSpeed's ZeRO partitions are bound to the world size; our whole-tensor copy of the weights is not.
-            self.log.warning("world size changed (%d -> %d): restoring weights, LR schedule and sample position; "
-                             "Adam moments restart from zero", saved_world, self.ranks.world_size)
-            weights, _ = checkpoints.read_master_weights(resume_from)
-            self.engine.restore_weights(weights, step)
+            self._restore_elsewhere(resume_from, step, saved_world)
+        records.truncate(self.run, self.ranks, step)
+        self.saved_step = step
         self.log.info("resumed from %s: step %d, sample position %d (saved with %d ranks, now %d)", resume_from,
                       step, position, saved_world, self.ranks.world_size)
         if step >= self.config.train.max_steps:
             self.log.info("nothing to do: step %d >= train.max_steps %d", step, self.config.train.max_steps)
         return step, position
+
+    def _restore_elsewhere(self, folder: Path, step: int, saved_world: int) -> None:
+        """A different world size: DeepSpeed's partitions do not fit, the whole-tensor copies do."""
+        moments = checkpoints.read_adam_moments(folder)
+        if moments is not None and moments[0]:
+            self.engine.restore_moments(*moments)
+        weights, _ = checkpoints.read_master_weights(folder)
+        self.engine.restore_weights(weights, step)
+        self.log.warning("world size changed (%d -> %d): weights, LR schedule, sample position%s restored from "
+                         "whole-tensor copies", saved_world, self.ranks.world_size,
+                         " and Adam moments" if moments else " (no Adam moments saved: they restart)")
 
     def _micro_batches(self, start_step: int, position: int) -> Any:
         """This rank's micro-batches from the stream position on (local shards), or a streamed draw."""
@@ -177,7 +313,8 @@ class Trainer:
             plan = BatchPlan(config.train.micro_batch_size, config.train.grad_accum_steps, self.ranks.rank,
                              self.ranks.world_size)
             steps_left = max(0, config.train.max_steps - start_step)
-            batches = MicroBatches(self.checks.index, plan, config.train.seed, position, steps_left)
+            batches = MicroBatches(self.checks.index, plan, config.train.seed, position, steps_left,
+                                   config.data.on_bad_sample)
         else:
             batches = StreamingMicroBatches(config.data.shards, self.checks.manifest, config.train.micro_batch_size,
                                             config.train.seed, self.ranks.rank, start_step)
@@ -190,24 +327,41 @@ class Trainer:
                     disable=not (self.ranks.is_main and self.config.log.progress_bar), dynamic_ncols=True)
 
     def save(self, step: int, position: int) -> None:
-        """Collective: checkpoint the engine, export the adapter and a whole-weight copy, then commit and prune."""
+        """Collective: checkpoint the engine, export the adapter and whole-tensor copies, then commit and prune."""
+        if step == self.saved_step:
+            return
         folder = self.run.checkpoint(step)
         state = {"step": step, "position": position, "seed": self.config.train.seed,
-                 "world_size": self.ranks.world_size,
+                 "world_size": self.ranks.world_size, "bad_samples": self.bad_samples,
+                 "skipped_steps": self.skipped_steps,
                  "rng": "noise, timesteps and order derive from (seed, step, micro-step, rank); nothing to restore"}
+        try:
+            self._write_checkpoint(folder, state)
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            if not isinstance(err, OSError) and not disk_is_full(folder):
+                raise
+            raise RankError(f"saving checkpoint step {step} failed: {describe_io_error(err, folder)}; the previous "
+                            "committed checkpoint is intact") from None
+        self.saved_step = step
+        self.watchdog.progress(step)
+        if self.committed_fault:
+            self.committed_fault(step)
+
+    def _write_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         self.engine.save(folder, state)
         masters = self.engine.gather_weights(self.lora_names)
+        moments, optimizer_step = self.engine.gather_moments(self.lora_names)
         adapter = state_dict_names(masters)
         if self.ranks.is_main:
             export_lora(adapter, self.config.lora, folder / self.run.lora.name, self.family.name)
-            checkpoints.write_master_weights(folder, masters, {"step": step, "position": position})
+            checkpoints.write_master_weights(folder, masters, {"step": state["step"], "position": state["position"]})
+            if moments:
+                checkpoints.write_adam_moments(folder, moments, optimizer_step)
         engine.barrier()
         if self.ranks.is_main:
             checkpoints.commit(folder, {**state, "adapter_checksum": adapter_checksum(adapter)})
             checkpoints.prune(self.config.output_dir, self.config.checkpoint.keep_last)
         engine.barrier()
-        if self.committed_fault:
-            self.committed_fault(step)
 
     def _finish(self, start_step: int, position: int) -> dict[str, Any]:
         """Check the ranks ended with the same adapter, export it and write the summary."""
@@ -223,11 +377,43 @@ class Trainer:
             "zero_stage": zero_stage(self.checks.ds_config),
             "adapter_checksums": final_checksums,
             "family": self.family.name,
+            "bad_samples": self.bad_samples,
+            "skipped_steps": self.skipped_steps,
         }
         if self.ranks.is_main:
-            export_lora(final, self.config.lora, self.run.lora, self.family.name)
-            write_atomic(self.run.summary, json.dumps(summary, indent=2) + "\n")
+            try:
+                export_lora(final, self.config.lora, self.run.lora, self.family.name)
+                write_atomic(self.run.summary, json.dumps(summary, indent=2) + "\n")
+            except OSError as err:
+                raise RankError(f"exporting the adapter failed: {describe_io_error(err, self.run.lora)}") from None
             self.log.info("done: %d steps, adapter %s, exported to %s", self.config.train.max_steps,
                           final_checksums[0][:12], self.run.lora)
         return summary
+
+
+FULL_BELOW = 16 << 20
+"""Free bytes under which a failed write is put down to a full disk."""
+
+
+def _existing(path: Path) -> Path:
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def disk_is_full(path: Path) -> bool:
+    """True when the filesystem holding `path` has almost no space left."""
+    return shutil.disk_usage(_existing(path)).free < FULL_BELOW
+
+
+def describe_io_error(err: Exception, path: Path) -> str:
+    """A failed write with the path and, when the disk is the problem, the space left there."""
+    import errno
+
+    where = _existing(path)
+    free = shutil.disk_usage(where).free
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < FULL_BELOW
+    cause = "the disk is full" if full else (getattr(err, "strerror", None) or first_line(err))
+    return f"{cause} writing {getattr(err, 'filename', None) or path} ({free / 2**20:.1f} MiB free on {where})"
 

@@ -38,7 +38,7 @@ class StepMeter:
     def _reset(self) -> None:
         self.started = time.perf_counter()
         self.data_wait = 0.0
-        self.steps = 0
+        self.steps = self.loss_steps = 0
         self.loss_sum: torch.Tensor | float = 0.0
 
     def next_batch(self, loader: Any) -> Any:
@@ -48,17 +48,19 @@ class StepMeter:
         self.data_wait += time.perf_counter() - started
         return batch
 
-    def step_done(self, loss: torch.Tensor) -> None:
-        """An optimizer step ended with this (all-ranks mean) loss."""
+    def step_done(self, loss: torch.Tensor | None) -> None:
+        """An optimizer step ended with this (all-ranks mean) loss; None for a step skipped as non-finite."""
         self.steps += 1
-        self.loss_sum = self.loss_sum + loss
+        if loss is not None:
+            self.loss_steps += 1
+            self.loss_sum = self.loss_sum + loss
 
     def values(self, lr: float, grad_norm: float | None, samples_seen: int) -> dict[str, Any]:
         """The metrics of the window, which then starts again."""
         elapsed = time.perf_counter() - self.started
         samples_per_s = self.steps * self.global_batch / elapsed
         values = {
-            "loss": float(self.loss_sum) / self.steps,
+            "loss": float(self.loss_sum) / self.loss_steps if self.loss_steps else None,
             "grad_norm": grad_norm,
             "lr": lr,
             "samples_per_s": samples_per_s,
@@ -75,7 +77,7 @@ class StepMeter:
 class MetricsWriter:
     """Appends one JSON object per logged step to output_dir/metrics.jsonl, mirrored to TensorBoard."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int = 0) -> None:
         run = RunFolder(output_dir)
         self.enabled = enabled
         self.path = run.metrics
@@ -83,7 +85,8 @@ class MetricsWriter:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run.tensorboard))
+            # purge_step hides the events an earlier run logged after the step this run resumes from.
+            self._tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record `values` for optimizer step `step`."""

@@ -3,7 +3,7 @@ one node with one line (`cogvx train` and `cogvx launch check` run it before sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
@@ -26,6 +26,8 @@ class Preflight:
     """Random access to local shards; None in streaming mode."""
     ds_config: dict[str, Any]
     """The DeepSpeed config with the run's values filled in."""
+    warnings: list[str] = field(default_factory=list)
+    """What the run goes on despite (damaged shards with data.on_bad_sample: skip), for the ranks to log."""
 
 
 def preflight(config: RunConfig) -> Preflight:
@@ -42,7 +44,12 @@ def preflight(config: RunConfig) -> Preflight:
     except CogvxError as err:
         raise CogvxError(f"data.shards: {err}") from None
     check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
-    index = None if config.data.streaming else ShardIndex(config.data.shards, manifest)
+    index = None if config.data.streaming else ShardIndex(config.data.shards, manifest, config.data.verify)
+    warnings = _damaged_shards(config, index)
+    if config.checkpoint.resume not in ("auto", "none"):
+        from cogvx_dist.train.checkpoints import find_resume_point
+
+        find_resume_point(config.output_dir, config.checkpoint.resume)  # a damaged or uncommitted one fails here
     if config.train.micro_batch_size > 1 and len(manifest.sizes()) > 1:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} needs samples of one size, but the "
                          f"shards hold {len(manifest.sizes())} resolution buckets; use micro_batch_size 1 with "
@@ -56,7 +63,31 @@ def preflight(config: RunConfig) -> Preflight:
         weight_decay=config.optim.weight_decay, bf16=config.model.dtype == "bfloat16")
     resolved = ds_config.resolve_ds_config(ds_config.load_ds_config(config.deepspeed.config), values,
                                            on_gpu=torch.cuda.is_available())
-    return Preflight(checkpoint, manifest, index, resolved)
+    return Preflight(checkpoint, manifest, index, resolved, warnings)
+
+
+def _damaged_shards(config: RunConfig, index: ShardIndex | None) -> list[str]:
+    """Shards whose size differs from the manifest: an error, or with on_bad_sample skip a warning each."""
+    if index is None or not index.damaged:
+        return []
+    problems = [f"shard {index.folder / name}: {why}" for name, why in sorted(index.damaged.items())]
+    if config.data.on_bad_sample == "fail":
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CogvxError(f"data.shards: {problems[0]}{more}; run `cogvx shards verify`, or train on without its "
+                         "unreadable samples with data.on_bad_sample: skip")
+    return [f"{problem}; its unreadable samples will be skipped" for problem in problems]
+
+
+def check_batch_fits(config: RunConfig, manifest: Manifest, world_size: int) -> int:
+    """The global batch of `world_size` ranks, checked against the batch arithmetic and the dataset's size."""
+    global_batch = config.check_world(world_size)
+    if manifest.num_samples < global_batch:
+        raise CogvxError(
+            f"data.shards has {manifest.num_samples} samples, fewer than one global batch of {global_batch} "
+            f"(micro_batch_size {config.train.micro_batch_size} x grad_accum_steps {config.train.grad_accum_steps} "
+            f"x {world_size} ranks): every step would repeat samples; use fewer ranks or smaller batches, or prep "
+            "more data")
+    return global_batch
 
 
 def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.shard_format import (
     IMAGE_TENSORS,
     MANIFEST_NAME,
@@ -26,16 +26,34 @@ from cogvx_dist.core.shard_format import (
     VIDEO_TENSORS,
     Manifest,
     decode_sample,
+    sample_digest,
 )
 
 
-class ShardIndex:
-    """Random access to every sample of a local dataset folder by global index (manifest order)."""
+class BadSample(Exception):
+    """A sample that cannot be trusted, named by shard and key."""
 
-    def __init__(self, folder: str | Path, manifest: Manifest | None = None) -> None:
+    def __init__(self, shard: str, key: str, reason: str) -> None:
+        super().__init__(f"shard {shard}, sample {key}: {reason}")
+        self.shard, self.key, self.reason = shard, key, reason
+
+
+class ShardIndex:
+    """Random access to every sample of a local dataset folder by global index (manifest order).
+
+    With `verify` "size" or "sha256", every shard's size is compared with the manifest at start-up (the problems
+    are in `damaged`); with "sha256" each sample's digest is checked as it is read. `read` raises BadSample for a
+    sample that is missing, does not decode, fails its digest or holds non-finite values.
+    """
+
+    def __init__(self, folder: str | Path, manifest: Manifest | None = None, verify: str = "size") -> None:
         self.folder = Path(folder)
         self.manifest = manifest or Manifest.read(self.folder)
-        self.entries: list[tuple[int, str]] = []
+        self.verify = verify
+        self.entries: list[tuple[int, int]] = []
+        """(shard number, position in the shard) of each global sample index."""
+        self.damaged: dict[str, str] = {}
+        """Shard name -> why its file does not match the manifest."""
         for shard_number, shard in enumerate(self.manifest.shards):
             path = self.folder / shard.name
             if not path.is_file():
@@ -43,7 +61,10 @@ class ShardIndex:
             if len(shard.keys) != shard.samples:
                 raise CogvxError(f"{self.folder / MANIFEST_NAME}: shard {shard.name} lists {len(shard.keys)} keys "
                                  f"for {shard.samples} samples")
-            self.entries.extend((shard_number, key) for key in shard.keys)
+            size = path.stat().st_size
+            if verify != "none" and size != shard.bytes:
+                self.damaged[shard.name] = f"{size} bytes, the manifest says {shard.bytes} (truncated or replaced?)"
+            self.entries.extend((shard_number, i) for i in range(len(shard.keys)))
         if not self.entries:
             raise CogvxError(f"data.shards: {self.folder} holds no samples")
         self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
@@ -52,31 +73,60 @@ class ShardIndex:
         return len(self.entries)
 
     def _members(self, shard_number: int) -> dict[str, tuple[int, int]]:
+        """(offset, size) of each member of a shard; a truncated shard gives the members before the damage."""
         if shard_number not in self._offsets:
-            path = self.folder / self.manifest.shards[shard_number].name
-            with tarfile.open(path) as tar:
-                self._offsets[shard_number] = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+            members: dict[str, tuple[int, int]] = {}
+            try:
+                with tarfile.open(self.folder / self.manifest.shards[shard_number].name) as tar:
+                    for member in tar:
+                        if member.isfile():
+                            members[member.name] = (member.offset_data, member.size)
+            except (tarfile.TarError, OSError):
+                pass  # the samples after the damage are missing; read() names them
+            self._offsets[shard_number] = members
         return self._offsets[shard_number]
 
     def read(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and metadata of global sample `index`."""
-        shard_number, key = self.entries[index]
+        """Tensors and metadata of global sample `index`; BadSample if it cannot be trusted."""
+        shard_number, position = self.entries[index]
+        shard = self.manifest.shards[shard_number]
+        key = shard.keys[position]
+        sample = self._raw(shard_number, key)
+        if self.verify == "sha256" and shard.digests and sample_digest(sample) != shard.digests[position]:
+            raise BadSample(shard.name, key, "sha256 differs from the manifest (damaged bytes)")
+        try:
+            tensors, meta = decode_sample(sample)
+        except Exception as err:  # any decode failure of stored bytes is a bad sample, never a crash
+            raise BadSample(shard.name, key, f"does not decode ({first_line(err)})") from None
+        for name, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise BadSample(shard.name, key, f"{name} holds non-finite values")
+        return tensors, meta
+
+    def _raw(self, shard_number: int, key: str) -> dict[str, Any]:
+        shard = self.manifest.shards[shard_number]
         members = self._members(shard_number)
         sample: dict[str, Any] = {"__key__": key}
-        path = self.folder / self.manifest.shards[shard_number].name
-        with open(path, "rb") as handle:
+        with open(self.folder / shard.name, "rb") as handle:
             for ext in (TENSORS_EXT, META_EXT):
                 name = f"{key}.{ext}"
                 if name not in members:
-                    raise CogvxError(f"{path}: sample {key} has no {ext} member")
+                    raise BadSample(shard.name, key, f"no {ext} member (the shard ends early or was rewritten)")
                 offset, size = members[name]
                 handle.seek(offset)
                 sample[ext] = handle.read(size)
-        return decode_sample(sample)
+                if len(sample[ext]) != size:
+                    raise BadSample(shard.name, key, f"{ext} member cut short (the shard ends early)")
+        return sample
 
     def key(self, index: int) -> str:
         """Sample key of global index `index`."""
-        return self.entries[index][1]
+        shard_number, position = self.entries[index]
+        return self.manifest.shards[shard_number].keys[position]
+
+    def shard_of(self, index: int) -> str:
+        """File name of the shard holding global index `index`."""
+        return self.manifest.shards[self.entries[index][0]].name
 
 
 class SampleStream:
@@ -125,21 +175,57 @@ class BatchPlan:
 
 
 class MicroBatches(Dataset):
-    """Map-style dataset: item j is this rank's j-th micro-batch after `start_position`, already collated."""
+    """Map-style dataset: item j is this rank's j-th micro-batch after `start_position`, already collated.
 
-    def __init__(self, index: ShardIndex, plan: BatchPlan, seed: int, start_position: int, steps: int) -> None:
+    A bad sample (BadSample) with on_bad "skip" is replaced by the next readable sample of the dataset (by global
+    index, so every run and every resume makes the same choice) and listed under "bad"; with "fail" the item holds
+    only "failure", the one-line reason, for the training process to raise (an exception inside a loader worker
+    would reach it wrapped in a traceback).
+    """
+
+    def __init__(self, index: ShardIndex, plan: BatchPlan, seed: int, start_position: int, steps: int,
+                 on_bad: str = "fail") -> None:
         self.index = index
         self.plan = plan
         self.stream = SampleStream(len(index), seed)
         self.start_position = start_position
         self.steps = steps
+        self.on_bad = on_bad
+        self._bad: dict[int, BadSample] = {}
+        """Samples found bad once (they stay bad: no second read)."""
 
     def __len__(self) -> int:
         return self.steps * self.plan.grad_accum_steps
 
     def __getitem__(self, micro_index: int) -> dict[str, Any]:
-        samples = [self.stream.sample_at(p) for p in self.plan.positions(self.start_position, micro_index)]
-        return collate([self.index.read(s)[0] for s in samples], [self.index.key(s) for s in samples])
+        tensors, keys, bad = [], [], []
+        for position in self.plan.positions(self.start_position, micro_index):
+            try:
+                index, sample = self._read_or_replace(self.stream.sample_at(position), bad)
+            except BadSample as err:
+                return {"failure": f"bad sample on rank {self.plan.dp_rank}: {err} (data.on_bad_sample: skip "
+                                   "trains on without it)"}
+            tensors.append(sample)
+            keys.append(self.index.key(index))
+        batch = collate(tensors, keys)
+        batch["bad"] = bad
+        return batch
+
+    def _read_or_replace(self, index: int, bad: list[dict[str, str]]) -> tuple[int, dict[str, torch.Tensor]]:
+        """(index, tensors) of `index`, or with on_bad "skip" of the first readable index after it; the skipped
+        samples are appended to `bad`."""
+        for attempt in range(len(self.index)):
+            candidate = (index + attempt) % len(self.index)
+            if candidate not in self._bad:
+                try:
+                    return candidate, self.index.read(candidate)[0]
+                except BadSample as err:
+                    self._bad[candidate] = err
+            problem = self._bad[candidate]
+            if self.on_bad != "skip":
+                raise problem
+            bad.append({"shard": problem.shard, "key": problem.key, "reason": problem.reason})
+        raise BadSample(self.index.shard_of(index), self.index.key(index), "no readable sample in the dataset")
 
 
 def collate(tensors: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, Any]:

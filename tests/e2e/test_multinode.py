@@ -1,6 +1,6 @@
-"""Multi-node training simulated on one machine: two `deepspeed --no_ssh` node launchers (launchers/train_node.sh)
-on loopback, and mpiexec with DeepSpeed's MPI discovery (launchers/train_mpi.sh). Prep under `mpiexec -n 2` is in
-test_prep_ranks.py."""
+"""Multi-node training simulated on one machine: two node launchers (launchers/train_node.sh, which runs
+`cogvx train --node-rank`, i.e. `deepspeed --no_ssh`) on loopback, and mpiexec with DeepSpeed's MPI discovery
+(launchers/train_mpi.sh). Prep under `mpiexec -n 2` is in test_prep_ranks.py."""
 
 from __future__ import annotations
 
@@ -97,3 +97,35 @@ def test_training_under_mpiexec_with_deepspeed_mpi_discovery(two_node_run, shard
     assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
     # Same config, same world size: the adapter depends only on (seed, step, rank), not on how ranks were started.
     assert summary["adapter_checksums"] == summary_of(two_node_run["output"])["adapter_checksums"]
+
+
+def test_sigusr1_to_every_process_of_both_nodes_checkpoints_and_exits_75(shards, tmp_path):
+    """What Slurm's --signal=USR1 does to a job step: every process of every node gets SIGUSR1. Each node's
+    `cogvx train` (train_node.sh execs it) passes it on; the ranks agree, commit one checkpoint and exit 75."""
+    import time
+
+    from cogvx_dist.core.faults import FAULT_ENV
+    from cogvx_dist.core.run_folder import RunFolder
+    from cogvx_dist.train.failures import EXIT_PREEMPTED
+
+    config, output = short_run_config(tmp_path, *shards, train={"max_steps": 40})
+    port = free_port()
+    nodes = [subprocess.Popen(["bash", str(LAUNCHERS / "train_node.sh"), str(config)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                              env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1", CHECK="0",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(tmp_path),
+                                            **{FAULT_ENV: "train.step_delay_ms=250"}))
+             for node in (0, 1)]
+    metrics = RunFolder(output).metrics
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+        time.sleep(0.1)
+    for node in nodes:
+        subprocess.run(["kill", "-USR1", "--", f"-{node.pid}"], check=True)
+    outputs = communicate_all(nodes, timeout=120)
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == EXIT_PREEMPTED, err[-3000:]
+        assert "preempted by" in err
+    preempted = json.loads(RunFolder(output).preempted.read_text())
+    assert [s for s, _ in RunFolder(output).complete_checkpoints()][-1] == preempted["step"]

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,8 @@ def test_manifests_agree_with_each_other_and_resume():
         assert claims == [claim["metadata"]["name"]], name
         if name != "mpi-Launcher":
             assert "nvidia.com/gpu" in spec["containers"][0]["resources"]["limits"], name
+        if name != "prep":  # training pods give the ranks time to checkpoint on SIGTERM
+            assert spec["terminationGracePeriodSeconds"] >= config.checkpoint.preempt_grace_s + 10, name
 
     prep = _doc("prep-indexed-job.yaml", "Job")
     assert prep["spec"]["completionMode"] == "Indexed"
@@ -264,9 +267,9 @@ def test_train_node_dry_run_under_slurm(fake_slurm, tmp_path):
     check, launch = command_lines(result.stdout)
     assert check[:5] == [sys.executable, "-m", "cogvx_dist", "launch", "check"]
     hostfile = str(tmp_path / "cogvx-hostfile-2x4")
-    assert launch == ["deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", "1", "--num_nodes", "2",
-                      "--num_gpus", "4", "--master_addr", "gpu-a", "--master_port", "29500", "--module",
-                      "cogvx_dist.train", "--config", "run.yaml", "train.max_steps=5"]
+    assert launch == [sys.executable, "-m", "cogvx_dist", "train", "--config", "run.yaml", "--nproc", "4",
+                      "--hostfile", hostfile, "--node-rank", "1", "--nnodes", "2", "--master-addr", "gpu-a",
+                      "--master-port", "29500", "train.max_steps=5"]
     assert not Path(hostfile).exists(), "a dry run writes nothing"
 
 
@@ -275,8 +278,8 @@ def test_train_node_dry_run_under_kubernetes_and_errors(tmp_path):
                      MASTER_ADDR="cogvx-train-node-0-0.cogvx-train", CHECK="0", TMPDIR=str(tmp_path))
     assert result.returncode == 0, result.stderr
     (launch,) = command_lines(result.stdout)
-    assert launch[launch.index("--node_rank") + 1] == "1"
-    assert launch[launch.index("--master_addr") + 1] == "cogvx-train-node-0-0.cogvx-train"
+    assert launch[launch.index("--node-rank") + 1] == "1"
+    assert launch[launch.index("--master-addr") + 1] == "cogvx-train-node-0-0.cogvx-train"
 
     missing = dry_run("train_node.sh", "run.yaml", NNODES="2", MASTER_ADDR="a")
     assert missing.returncode == 2 and "NODE_RANK is not set" in missing.stderr
@@ -299,7 +302,9 @@ def test_launch_check_prints_the_commands_the_node_script_runs(shards, tmp_path)
         script = dry_run("train_node.sh", str(config), "train.seed=7", NODE_RANK=str(node), HOSTFILE=str(hostfile),
                          MASTER_ADDR="10.0.0.1", GPUS_PER_NODE="1", CHECK="0")
         assert script.returncode == 0, script.stderr
-        assert command_lines(script.stdout) == [printed[node]]
+        (command,) = command_lines(script.stdout)
+        assert command[:3] == [sys.executable, "-m", "cogvx_dist"]  # the `cogvx` of the job's environment
+        assert ["cogvx", *command[3:]] == printed[node]
 
 
 def test_train_pdsh_dry_run(tmp_path):
@@ -441,6 +446,33 @@ def test_slurm_batch_scripts_dry_run(fake_slurm):
     assert echoed.stdout.split() == ["python3", "-m", "cogvx_dist", "prep", "--out", "o"]
 
 
+def test_slurm_preemption_notice_reaches_the_step_and_requeues(fake_slurm, tmp_path):
+    """Slurm's --signal=B:USR1 notice goes to the batch script: it must pass it to the job step and, when the step
+    exits 75 (checkpoint committed), requeue the job. A fake srun plays a step that checkpoints on SIGUSR1."""
+    import time
+
+    srun, scontrol = fake_slurm / "srun", fake_slurm / "scontrol"
+    srun.write_text("#!/usr/bin/env bash\ntrap 'echo step got USR1 >&2; exit 75' USR1\necho started > \"$STARTED\"\n"
+                    "while true; do sleep 0.1; done\n")
+    srun.chmod(0o755)
+    calls = tmp_path / "scontrol.calls"
+    scontrol.write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n[[ \"$1 $2\" == 'show hostnames' ]] && "
+                        "printf 'gpu-a\\ngpu-b\\n'\nexit 0\n")
+    started = tmp_path / "started"
+    env = clean_env(PATH=f"{fake_slurm}:{os.environ['PATH']}", COGVX_REPO=str(REPO), SLURM_JOB_NODELIST="gpu-[a-b]",
+                    SLURM_JOB_ID="77", SLURM_NNODES="2", STARTED=str(started))
+    job = subprocess.Popen(["bash", str(LAUNCHERS / "slurm" / "train.sbatch"), "run.yaml"], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    _, err = job.communicate(timeout=30)
+    assert job.returncode == 75, err
+    assert "step got USR1" in err and "requeueing job 77" in err
+    assert "requeue 77" in calls.read_text()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # cogvx launch check
 
@@ -457,6 +489,14 @@ def test_parse_hostfile_formats_and_line_numbered_errors():
             parse_hostfile(text)
     with pytest.raises(CogvxError, match="--nodes 3 but the hostfile lists only 2 hosts"):
         select_hosts(hosts, 3, None)
+
+
+def test_a_hostfile_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_bytes(b"node-a slots=2\nn\xf6de-b slots=2\n")
+    code = cogvx_main(["launch", "hostfile", str(hostfile)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and f"hostfile {hostfile} line 2: not UTF-8 text (byte 0xf6)" in lines[0]
 
 
 def launch_check(capsys, *args: str) -> tuple[int, str, str]:

@@ -144,14 +144,38 @@ def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
         folder.mkdir(parents=True)
         if step not in (3, 8):  # steps 3 and 8 crashed mid-save: no marker
             ckpt.commit(folder, {"step": step})
-    assert ckpt.find_resume_point(tmp_path, "auto") == run.checkpoint(6)
-    assert ckpt.find_resume_point(tmp_path, "none") is None
+    assert ckpt.find_resume_point(tmp_path, "auto") == (run.checkpoint(6), [])
+    assert ckpt.find_resume_point(tmp_path, "none") == (None, [])
     with pytest.raises(CogvxError, match="not a complete checkpoint"):
         ckpt.find_resume_point(tmp_path, str(run.checkpoint(8)))
     ckpt.prune(tmp_path, keep_last=2)
     assert [s for s, _ in run.complete_checkpoints()] == [4, 6]
     assert run.checkpoint(8).exists()  # newer than the newest commit: maybe still being written
     assert not run.checkpoint(3).exists()  # an abandoned save older than a commit goes
+
+
+def test_commit_marker_records_files_and_resume_passes_over_a_damaged_checkpoint(tmp_path):
+    run = RunFolder(tmp_path)
+    for step in (4, 8):
+        folder = run.checkpoint(step)
+        (folder / "lora").mkdir(parents=True)
+        (folder / "lora" / "adapter.safetensors").write_bytes(bytes(range(256)) * 4)
+        (folder / "optim_states.pt").write_bytes(b"x" * 1000)
+        ckpt.commit(folder, {"step": step})
+    files = ckpt.read_commit(run.checkpoint(8))["files"]
+    assert files["optim_states.pt"]["bytes"] == 1000 and "sha256" in files["lora/adapter.safetensors"]
+    (run.checkpoint(8) / "optim_states.pt").write_bytes(b"x" * 10)  # truncated after the commit
+    chosen, warnings = ckpt.find_resume_point(tmp_path, "auto")
+    assert chosen == run.checkpoint(4)
+    assert len(warnings) == 1 and "step 8" in warnings[0] and "optim_states.pt is 10 bytes, the marker says 1000" \
+        in warnings[0]
+    with pytest.raises(CogvxError, match="step-00000008 is damaged: optim_states.pt is 10 bytes"):
+        ckpt.find_resume_point(tmp_path, str(run.checkpoint(8)))
+    adapter = run.checkpoint(4) / "lora" / "adapter.safetensors"
+    adapter.write_bytes(bytes(reversed(adapter.read_bytes())))  # same size, other bytes
+    assert ckpt.find_resume_point(tmp_path, "auto") == (None, [
+        *warnings, f"checkpoint step 4 ({run.checkpoint(4)}) is damaged and passed over: lora/adapter.safetensors "
+        "differs from its sha256 in the marker"])
 
 
 def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
@@ -266,3 +290,76 @@ def test_several_resolution_buckets_need_micro_batch_one(good_run, tmp_path):
     manifest.write(shards)
     with pytest.raises(CogvxError, match="resolution 40x48 \\(must be a multiple of 16\\)"):
         preflight(load_config(RunConfig, None, overrides))
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from cogvx_dist.train.run_lock import STALE_AFTER_S, RunLock, check_free
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = RunFolder(tmp_path).lock
+        record = {"host": socket.gethostname(), "pid": holder.pid, "started": time.time(), "heartbeat": time.time()}
+        lock.write_text(json.dumps(record))
+        with pytest.raises(CogvxError, match=f"in use by another training run \\(pid {holder.pid} on"):
+            check_free(tmp_path)
+        with pytest.raises(CogvxError, match="in use by another training run"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    mine = RunLock(tmp_path)
+    mine.acquire()  # the holder's pid is gone: its lock is stale
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    mine.release()
+    assert not lock.exists()
+    # On another host only the heartbeat tells: fresh is live, old is stale.
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0, "heartbeat": time.time()}))
+    with pytest.raises(CogvxError, match="on elsewhere"):
+        check_free(tmp_path)
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": 0,
+                                "heartbeat": time.time() - STALE_AFTER_S - 1}))
+    check_free(tmp_path)
+
+
+def test_a_shard_whose_size_changed_is_found_before_training(good_run, tmp_path):
+    import shutil
+
+    from cogvx_dist.train.preflight import preflight
+
+    model, root = good_run
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    victim = sorted(shards.glob("shard-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:-512])
+    overrides = [f"model.path={model}", f"data.shards={shards}"]
+    with pytest.raises(CogvxError, match=f"shard {victim}: .* the manifest says .*on_bad_sample: skip"):
+        preflight(load_config(RunConfig, None, overrides))
+    checks = preflight(load_config(RunConfig, None, [*overrides, "data.on_bad_sample=skip"]))
+    assert len(checks.warnings) == 1 and "will be skipped" in checks.warnings[0]
+    preflight(load_config(RunConfig, None, [*overrides, "data.verify=none"]))  # not looked at
+
+
+def test_the_reader_replaces_bad_samples_deterministically(good_run, tmp_path):
+
+    from tests.helpers import damaged_copy
+
+    model, root = good_run
+    shards, _, bad_key = damaged_copy(root / "shards", tmp_path, "header")  # the first shard's second sample
+    index = ShardIndex(shards)
+    bad = next(i for i in range(len(index)) if index.key(i) == bad_key)
+    fail = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3)
+    skip = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3,
+                        on_bad="skip")
+    first = next(i for i in range(3) if skip.stream.sample_at(i) == bad)
+    assert "failure" in fail[first] and bad_key in fail[first]["failure"] and "rank 0" in fail[first]["failure"]
+    replaced = skip[first]
+    assert replaced["keys"] == [index.key(bad + 1)] and replaced["bad"][0]["key"] == bad_key
+    again = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3,
+                         on_bad="skip")[first]
+    assert again["keys"] == replaced["keys"] and torch.equal(again["latent_mean"], replaced["latent_mean"])

@@ -1,0 +1,172 @@
+"""The progress watchdog: a thread in every rank that ends the job when it cannot go on.
+
+- A peer failed: any rank's failure record (output_dir/failures/) newer than this rank's start ends this rank
+  within about a second. A peer blocked in a collective cannot notice a lost peer by itself (DeepSpeed's CPU
+  shared-memory all-reduce has no timeout; NCCL waits for its timeout), and a signal handler never runs while the
+  main thread is inside such a call, so the record is the job's error flag.
+- No progress: the watchdog notices a job making no progress and ends it, naming the ranks that did not reach the
+  step and leaving every reachable rank's Python stacks in output_dir/stacks/.
+
+Each rank writes a heartbeat (host, pid, last completed step) every few seconds. When no step (or checkpoint)
+has completed for distributed.stall_timeout_s, the watchdog of a waiting rank: dumps its own stacks; asks the ranks
+on its host to dump theirs (SIGUSR2, registered with faulthandler; SIGCONT wakes a stopped one so it can); names
+the ranks whose heartbeat is behind; kills those on its host; and exits with code 76. A collective blocked in
+C++ cannot be interrupted from Python, which is why this runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.run_folder import FAILURES, HEARTBEATS, RunFolder
+
+POLL_S = 1.0
+"""How often a rank looks for a peer's failure record."""
+
+STACK_SIGNAL = signal.SIGUSR2
+
+
+def register_stack_dump(output_dir: str | Path, rank: int) -> Any:
+    """Make SIGUSR2 dump this process's Python stacks to output_dir/stacks/rank-N.txt (returns the open file)."""
+    path = RunFolder(output_dir).stacks(rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")
+    faulthandler.register(STACK_SIGNAL, file=handle, all_threads=True, chain=False)
+    return handle
+
+
+def read_heartbeats(output_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """Every rank's last heartbeat, by rank."""
+    beats = {}
+    for path in (Path(output_dir) / HEARTBEATS).glob("rank-*.json"):
+        try:
+            beat = json.loads(path.read_text())
+            beats[int(beat["rank"])] = beat
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return beats
+
+
+def lagging_ranks(beats: dict[int, dict[str, Any]], world_size: int, stale_after_s: float,
+                  now: float | None = None) -> list[int]:
+    """Ranks that did not reach the furthest step, or whose heartbeat stopped (or never came)."""
+    now = now or time.time()
+    furthest = max((b.get("step", -1) for b in beats.values()), default=-1)
+    lagging = [rank for rank in range(world_size)
+               if rank not in beats or beats[rank].get("step", -1) < furthest
+               or now - float(beats[rank].get("time", 0.0)) > stale_after_s]
+    return lagging
+
+
+class Watchdog:
+    """Heartbeats and stall detection for one rank; `progress(step)` after every completed step or checkpoint."""
+
+    def __init__(self, output_dir: str | Path, rank: int, world_size: int, stall_timeout_s: float,
+                 on_stall: Callable[[str], None], on_peer_failure: Callable[[dict[str, Any]], None],
+                 tick: Callable[[], None] | None = None) -> None:
+        self.run = RunFolder(output_dir)
+        self.rank, self.world_size = rank, world_size
+        self.stall_timeout_s = stall_timeout_s
+        self.interval_s = max(0.5, min(5.0, stall_timeout_s / 5)) if stall_timeout_s else 5.0
+        self.on_stall = on_stall
+        self.on_peer_failure = on_peer_failure
+        self.tick = tick
+        self.step = 0
+        import psutil  # DeepSpeed's dependency
+
+        self.started_at = psutil.Process().create_time()
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cogvx-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self.run.heartbeat(self.rank).parent.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._thread.start()
+        return self
+
+    def progress(self, step: int) -> None:
+        self.step = step
+        self.last_progress = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        beat = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step,
+                "time": time.time()}
+        try:
+            write_atomic(self.run.heartbeat(self.rank), json.dumps(beat) + "\n")
+        except OSError:
+            pass  # a full disk must not kill the watchdog; the save path reports it
+
+    def _run(self) -> None:
+        last_beat = time.monotonic()
+        while not self._stop.wait(min(POLL_S, self.interval_s)):
+            failure = self._peer_failure()
+            if failure is not None:
+                self.on_peer_failure(failure)
+                return
+            if time.monotonic() - last_beat >= self.interval_s:
+                last_beat = time.monotonic()
+                self._beat()
+                if self.tick is not None:
+                    try:
+                        self.tick()
+                    except OSError:
+                        pass  # e.g. a full disk: the lock's heartbeat waits for the next tick
+            idle = time.monotonic() - self.last_progress
+            if self.stall_timeout_s and idle > self.stall_timeout_s:
+                self.on_stall(self._stall_report(idle))
+                return
+
+    def _peer_failure(self) -> dict[str, Any] | None:
+        """Another rank's failure record written since this rank started (older ones are earlier runs')."""
+        for path in (self.run.root / FAILURES).glob("rank-*.json"):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being written: seen on the next poll
+            if record.get("rank") != self.rank and record.get("time", 0.0) >= self.started_at:
+                return record
+        return None
+
+    def _stall_report(self, idle: float) -> str:
+        """Dump stacks here and on this host's other ranks, kill the lagging local ranks; the one-line cause."""
+        stacks = self.run.stacks(self.rank)
+        with open(stacks, "a") as handle:
+            handle.write(f"--- rank {self.rank} stalled at step {self.step} after {idle:.0f} s ---\n")
+            handle.flush()
+            faulthandler.dump_traceback(file=handle, all_threads=True)
+        beats = read_heartbeats(self.run.root)
+        lagging = [r for r in lagging_ranks(beats, self.world_size, 3 * self.interval_s) if r != self.rank]
+        local = {r: int(b["pid"]) for r, b in beats.items()
+                 if r != self.rank and b.get("host") == socket.gethostname() and "pid" in b}
+        for pid in local.values():
+            _signal(pid, STACK_SIGNAL)
+            _signal(pid, signal.SIGCONT)  # a stopped rank dumps once it runs again
+        time.sleep(min(2.0, self.interval_s))
+        for rank in lagging:
+            if rank in local:
+                _signal(local[rank], signal.SIGKILL)
+        named = ", ".join(map(str, lagging)) if lagging else "none (every rank is waiting)"
+        return (f"stalled: no step completed for {idle:.0f} s (distributed.stall_timeout_s "
+                f"{self.stall_timeout_s:g}); rank(s) {named} fell behind or stopped responding at step {self.step}; "
+                f"stacks in {stacks.parent}")
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass

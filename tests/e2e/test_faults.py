@@ -1,0 +1,353 @@
+"""Faults injected into real 2-rank CPU runs (tiny model, ZeRO-2): real signals, real damaged files, a real full
+disk, a second real run. Each test asserts how the job ends (exit code, message, time to exit, no process left)
+and, where the run can go on, that a resume ends bit-identical to a run that was never interrupted.
+
+The bounds on time to exit are behaviour (a hang is the bug), with margins generous for a loaded 2-core machine.
+`COGVX_FAULT_TIMES=file.jsonl` collects the measured times.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvx_dist.core import shard_format
+from cogvx_dist.core.faults import FAULT_ENV
+from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.train import checkpoints
+from cogvx_dist.train.failures import EXIT_PREEMPTED, EXIT_STALLED, EXIT_USER_ERROR, read_failures
+from tests.helpers import (
+    Job,
+    clean_env,
+    damaged_copy,
+    free_port,
+    launch,
+    read_adapter,
+    read_trace,
+    record_fault_time,
+    summary_of,
+    write_config,
+)
+
+SLOW = {FAULT_ENV: "train.step_delay_ms=250"}
+"""Steps slow enough to signal a rank mid-run."""
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_shards) -> tuple[Path, Path]:
+    return synthetic_shards((3, 3, 2))  # 8 samples in 3 shards
+
+
+def config_for(folder: Path, dataset: tuple[Path, Path], name: str, shards: Path | None = None,
+               **sections) -> Path:
+    model, default_shards = dataset
+    sections.setdefault("train", {}).setdefault("max_steps", STEPS)
+    return write_config(folder / f"{name}.yaml", model, shards or default_shards, folder / name, **sections)
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    first, second = read_adapter(a / "lora"), read_adapter(b / "lora")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def failure_line(job_output: str) -> str:
+    lines = [line for line in job_output.splitlines() if line.startswith("cogvx train: ")]
+    assert lines, job_output[-3000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("straight")
+    config = config_for(folder, data, "run")
+    assert launch(config).returncode == 0
+    return folder / "run"
+
+
+# ------------------------------------------------------------------------------------------------------ preemption
+@pytest.mark.parametrize("target", ["group", "launcher", "cogvx-train"])
+def test_sigterm_commits_a_checkpoint_and_resume_is_bit_identical(data, uninterrupted, tmp_path, target):
+    config = config_for(tmp_path, data, "run")
+    job = Job(config, env=SLOW, runner_only=target == "group")
+    job.wait_for_step(3)
+    if target == "group":  # what Slurm (and a shell's kill -- -PGID) sends: every process of the job at once
+        subprocess.run(["kill", "-TERM", "--", f"-{job.process.pid}"], check=True)
+    elif target == "launcher":
+        job.launcher().send_signal(signal.SIGTERM)
+    else:  # Kubernetes signals the container's first process only
+        job.process.send_signal(signal.SIGTERM)
+    code, seconds = job.end()
+    record_fault_time(f"SIGTERM to {target}", seconds)
+    preempted = json.loads(RunFolder(job.output).preempted.read_text())
+    assert seconds < 20, seconds  # checkpoint.preempt_grace_s is 20
+    if target != "group":  # the runner itself dies at once on a group SIGTERM; `cogvx train` reports the outcome
+        assert code == EXIT_PREEMPTED, job.output_text()[-3000:]
+        assert f"checkpoint of step {preempted['step']} committed" in failure_line(job.output_text())
+    steps = [step for step, _ in RunFolder(job.output).complete_checkpoints()]
+    assert 3 <= preempted["step"] < STEPS and steps[-1] == preempted["step"]
+    assert not RunFolder(job.output).summary.exists()
+
+    resumed = launch(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary_of(job.output)["resumed_from_step"] == preempted["step"]
+    assert_same_adapter(job.output, uninterrupted)
+    assert read_trace(job.output) == read_trace(uninterrupted)  # no step lost, none twice
+    metrics = [json.loads(line)["step"] for line in RunFolder(job.output).metrics.read_text().splitlines()]
+    assert metrics == list(range(1, STEPS + 1))  # the resumed run's rows replace nothing twice
+
+
+def test_a_stopped_rank_ends_the_job_within_the_stall_timeout_naming_it(data, tmp_path):
+    config = config_for(tmp_path, data, "run", distributed={"stall_timeout_s": 6})
+    job = Job(config, env=SLOW)
+    job.wait_for_step(3)
+    job.rank(1).send_signal(signal.SIGSTOP)
+    code, seconds = job.end()
+    record_fault_time("SIGSTOP of rank 1", seconds)
+    assert code == EXIT_STALLED, job.output_text()[-3000:]
+    assert seconds < 6 + 10, seconds
+    line = failure_line(job.output_text())
+    assert "stalled" in line and "rank(s) 1 fell behind" in line, line
+    stacks = RunFolder(job.output).stacks(0).read_text()
+    assert "cogvx_dist/train/loop.py" in stacks and "Thread" in stacks  # where the main thread waited
+    assert "most recent call first" in RunFolder(job.output).stacks(1).read_text()  # woken to dump, then killed
+
+
+# ------------------------------------------------------------------------------------------------------ bad data
+@pytest.mark.parametrize("how, verify", [("header", "size"), ("flipped", "sha256")])
+def test_a_bad_sample_fails_naming_shard_key_and_rank(data, tmp_path, how, verify):
+    shards, shard, key = damaged_copy(data[1], tmp_path, how)
+    config = config_for(tmp_path, data, "run", shards, data={"verify": verify})
+    job = Job(config)
+    code, _ = job.end()
+    record = read_failures(job.output)[0]  # the primary one: the rank that read the sample
+    record_fault_time(f"bad sample ({how}), fail", job_end_after(record))
+    assert code == EXIT_USER_ERROR, job.output_text()[-3000:]
+    line = failure_line(job.output_text())
+    assert shard in line and key in line and f"bad sample on rank {record['rank']}" in line, line
+    assert job_end_after(record) < 10
+
+
+def job_end_after(record: dict) -> float:
+    """Seconds from a rank's failure record to now (the job has just ended)."""
+    return time.time() - record["time"]
+
+
+def test_a_truncated_shard_is_refused_before_any_rank_starts(data, tmp_path):
+    shards, shard, _ = damaged_copy(data[1], tmp_path, "truncated")
+    config = config_for(tmp_path, data, "run", shards)
+    started = time.monotonic()
+    result = launch(config)
+    record_fault_time("truncated shard, fail (pre-flight)", time.monotonic() - started)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, result.stderr[-3000:]
+    assert shard in lines[0] and "the manifest says" in lines[0] and "on_bad_sample: skip" in lines[0]
+
+
+@pytest.mark.parametrize("how", ["header", "truncated"])
+def test_skip_replaces_bad_samples_counts_them_and_resumes_exactly(data, tmp_path, how):
+    shards, shard, key = damaged_copy(data[1], tmp_path, how)
+    skip = {"on_bad_sample": "skip", "max_bad_fraction": 0.5}
+    straight = config_for(tmp_path, data, "straight", shards, data=skip)
+    assert launch(straight).returncode == 0
+    summary = summary_of(tmp_path / "straight")
+    assert summary["steps"] == STEPS and summary["bad_samples"] >= 1
+    skipped = [json.loads(line) for line in RunFolder(tmp_path / "straight").bad_samples.read_text().splitlines()]
+    assert {(s["shard"], s["key"]) for s in skipped} >= {(shard, key)}
+    assert key not in {k for *_, k in read_trace(tmp_path / "straight")}  # never trained on
+    last = json.loads(RunFolder(tmp_path / "straight").metrics.read_text().splitlines()[-1])
+    assert last["bad_samples"] == summary["bad_samples"]
+
+    crashed = config_for(tmp_path, data, "crashed", shards, data=skip)
+    assert launch(crashed, env={FAULT_ENV: "train.committed=4"}).returncode != 0
+    assert launch(crashed).returncode == 0
+    assert_same_adapter(tmp_path / "crashed", tmp_path / "straight")
+    assert summary_of(tmp_path / "crashed")["bad_samples"] == summary["bad_samples"]
+    rows = [json.loads(line) for line in RunFolder(tmp_path / "crashed").bad_samples.read_text().splitlines()]
+    assert sorted((r["step"], r["rank"]) for r in rows) == sorted((s["step"], s["rank"]) for s in skipped)
+
+
+# ------------------------------------------------------------------------------------------------------ bad loss
+@pytest.fixture(scope="module")
+def overflowing(data, tmp_path_factory) -> tuple[Path, str]:
+    """Shards where one sample's latents are finite but so large that the loss overflows."""
+    from safetensors.torch import load, save
+
+    folder = tmp_path_factory.mktemp("overflow") / "shards"
+    shutil.copytree(data[1], folder)
+    manifest = shard_format.Manifest.read(folder)
+    entry = manifest.shards[0]
+    key = entry.keys[0]
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(str(folder / entry.name), shardshuffle=False))
+    (folder / entry.name).unlink()
+    with wds.TarWriter(str(folder / entry.name)) as sink:
+        for sample in samples:
+            if sample["__key__"] == key:
+                tensors = load(sample[shard_format.TENSORS_EXT])
+                tensors[shard_format.LATENT_MEAN] = tensors[shard_format.LATENT_MEAN] * 1e30
+                sample = {**sample, shard_format.TENSORS_EXT: save(tensors)}
+            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+    entry.bytes = (folder / entry.name).stat().st_size
+    manifest.write(folder)
+    return folder, key
+
+
+def test_a_nonfinite_loss_fails_naming_the_sample_and_rank(data, overflowing, tmp_path):
+    shards, key = overflowing
+    job = Job(config_for(tmp_path, data, "run", shards))
+    code, _ = job.end()
+    assert code == EXIT_USER_ERROR, job.output_text()[-3000:]
+    line = failure_line(job.output_text())
+    assert "non-finite loss at step" in line and key in line and "rank " in line, line
+
+
+def test_skip_step_skips_the_update_on_every_rank_and_finishes(data, overflowing, tmp_path):
+    shards, key = overflowing
+    result = launch(config_for(tmp_path, data, "run", shards, train={"on_nonfinite": "skip_step"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(tmp_path / "run")
+    steps_with_it = {step for step, _, _, k in read_trace(tmp_path / "run") if k == key}
+    assert summary["steps"] == STEPS and summary["skipped_steps"] == len(steps_with_it) >= 1
+    assert len(set(summary["adapter_checksums"])) == 1
+    assert all(torch.isfinite(t).all() for t in read_adapter(tmp_path / "run" / "lora").values())
+    assert "applied it regardless" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def test_resume_falls_back_from_a_truncated_checkpoint_file(data, tmp_path):
+    first = config_for(tmp_path, data, "run", train={"max_steps": 8}, checkpoint={"every_steps": 4, "keep_last": 3})
+    assert launch(first).returncode == 0
+    run = RunFolder(tmp_path / "run")
+    pristine = tmp_path / "step-4-copy"
+    shutil.copytree(run.checkpoint(4), pristine / "checkpoints" / run.checkpoint(4).name)
+    victim = max((p for p in run.checkpoint(8).rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+
+    fallback = launch(first, 2, "train.max_steps=12")
+    assert fallback.returncode == 0, fallback.stderr[-3000:]
+    assert "step 8" in fallback.stderr and "passed over" in fallback.stderr and victim.name in fallback.stderr
+    assert summary_of(run.root)["resumed_from_step"] == 4
+    reference = config_for(tmp_path, data, "reference", train={"max_steps": 12},
+                           checkpoint={"every_steps": 4, "resume": str(pristine / "checkpoints" / "step-00000004")})
+    assert launch(reference).returncode == 0
+    assert_same_adapter(run.root, tmp_path / "reference")
+
+
+def test_a_damaged_explicit_resume_checkpoint_is_refused_before_ranks_start(data, tmp_path):
+    config = config_for(tmp_path, data, "run", train={"max_steps": 4}, checkpoint={"every_steps": 4})
+    assert launch(config).returncode == 0
+    folder = RunFolder(tmp_path / "run").checkpoint(4)
+    victim = next(folder.rglob("*.pt"))
+    victim.write_bytes(victim.read_bytes()[:10])
+    result = launch(config, 2, f"checkpoint.resume={folder}")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, result.stderr[-3000:]
+    assert "is damaged" in lines[0] and victim.name in lines[0]
+
+
+RESTORE_SCRIPT = """
+import sys, torch
+from cogvx_dist.core.config_files import load_config
+from cogvx_dist.train import checkpoints, engine
+from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.loop import Trainer
+from cogvx_dist.train.preflight import preflight
+
+config = load_config(RunConfig, sys.argv[1], sys.argv[2:])
+trainer = Trainer(config, preflight(config), engine.init_distributed())
+trainer._start_guards()
+trainer._build()
+step, _ = trainer._restore()
+restored, optimizer_step = trainer.engine.gather_moments(trainer.lora_names)
+saved, saved_step = checkpoints.read_adam_moments(trainer.run.checkpoint(step))
+assert optimizer_step == saved_step == step, (optimizer_step, saved_step, step)
+assert restored.keys() == saved.keys() and restored
+for name, value in saved.items():
+    assert torch.equal(restored[name].cpu(), value), name
+print("restored", len(saved), "moment tensors of step", step, "exactly")
+"""
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_resume_on_another_rank_count_keeps_the_adam_moments(data, tmp_path, stage):
+    config = config_for(tmp_path, data, "run", train={"max_steps": 8}, checkpoint={"every_steps": 4},
+                        deepspeed={"config": stage})
+    assert launch(config, env={FAULT_ENV: "train.committed=4"}).returncode != 0  # 2 ranks, killed after step 4
+    # One rank (twice the accumulation, the same global batch) restores the 2-rank checkpoint: tensor by tensor.
+    env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    check = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(config), "train.grad_accum_steps=4"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0 and "exactly" in check.stdout, check.stderr[-3000:]
+    # And the 1-rank run trains on from there.
+    resumed = launch(config, 1, "train.grad_accum_steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "world size changed (2 -> 1)" in resumed.stderr and "and Adam moments restored" in resumed.stderr
+    assert summary_of(tmp_path / "run")["resumed_from_step"] == 4
+
+
+# ------------------------------------------------------------------------------------------------------ the disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MiB tmpfs (root only: skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_save_names_it_and_keeps_the_previous_checkpoint(data, tmp_path, small_disk):
+    config = write_config(tmp_path / "run.yaml", data[0], data[1], small_disk / "run",
+                          train={"max_steps": 40}, checkpoint={"every_steps": 4, "keep_last": 5},
+                          log={"sample_trace": False, "tensorboard": False})
+    job = Job(config, env=SLOW, log=tmp_path / "job.log")  # the job's output must not need the full disk
+    run = RunFolder(small_disk / "run")
+    deadline = time.monotonic() + 300
+    while not run.complete_checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as handle:  # leave a few pages for log lines, not enough for a checkpoint
+        free = shutil.disk_usage(small_disk).free
+        handle.write(b"\0" * max(0, free - 48 * 1024))
+    code, seconds = job.end()
+    record_fault_time("disk full during a save", seconds)
+    assert code == EXIT_USER_ERROR, job.output_text()[-3000:]
+    line = failure_line(job.output_text())
+    assert "the disk is full" in line and "MiB free on" in line and str(small_disk) in line, line
+    good = run.complete_checkpoints()[-1][1]
+    filler.unlink()
+    assert checkpoints.verify(good) == []
+    resumed = launch(config, 2, "train.max_steps=" + str(int(good.name.split("-")[1]) + 1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------------ two runs
+def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(data, tmp_path):
+    config = config_for(tmp_path, data, "run", train={"max_steps": 200})
+    first = Job(config, env=SLOW)
+    try:
+        first.wait_for_step(1)
+        second = launch(config)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == EXIT_USER_ERROR and len(lines) == 1, second.stderr[-3000:]
+        assert "in use by another training run" in lines[0] and f"pid {first.rank(0).pid}" in lines[0]
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        first.end()
+    assert not RunFolder(tmp_path / "run").lock.exists()  # released on the way out
