@@ -173,10 +173,13 @@ def _prep_numbers(shards: Path, processes: int, wall: float, logs: Path) -> dict
     }
 
 
-def _train_config(path: Path, settings: DemoSettings, model: Path, shards: Path, run: Path, on_gpu: bool) -> Path:
+def _train_config(path: Path, settings: DemoSettings, model: Path, shards: Path, run: Path, on_gpu: bool,
+                  ranks: int) -> Path:
     import yaml
 
     checkpoint_every = max(1, settings.steps // 4)
+    # 4 micro-batches per rank and step, fewer when the clips could not fill one global batch (a reduced demo).
+    accumulation = max(1, min(4, settings.clips // ranks))
     config = {
         "output_dir": str(run),
         "model": {"path": str(model), "dtype": "bfloat16" if on_gpu else "float32"},
@@ -184,7 +187,8 @@ def _train_config(path: Path, settings: DemoSettings, model: Path, shards: Path,
         "lora": {"rank": settings.rank, "alpha": settings.alpha},
         "optim": {"lr": settings.lr, "warmup_steps": max(1, settings.steps // 10), "schedule": "cosine",
                   "min_lr_ratio": 0.1},
-        "train": {"max_steps": settings.steps, "micro_batch_size": 1, "grad_accum_steps": 4, "seed": settings.seed},
+        "train": {"max_steps": settings.steps, "micro_batch_size": 1, "grad_accum_steps": accumulation,
+                  "seed": settings.seed},
         "deepspeed": {"config": "zero2"},
         "checkpoint": {"every_steps": checkpoint_every, "keep_last": 4},
         "log": {"progress_bar": False, "tensorboard": True},
@@ -297,7 +301,7 @@ class Demo:
 
         self.run_dir = RunFolder(self.out / "run")
         config = _train_config(self.out / "run.yaml", self.settings, self.model, self.shards, self.run_dir.root,
-                               self.on_gpu)
+                               self.on_gpu, self.ranks)
         command = _cogvx("train", "--config", str(config), "--nproc", str(self.ranks))
         self.result.commands.append(_shown(command))
         _run_logged(command, self.logs / "train.log")

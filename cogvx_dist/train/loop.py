@@ -152,7 +152,7 @@ class Trainer:
             batch = meter.next_batch(loader)
             if "failure" in batch:
                 raise RankError(batch["failure"])
-            bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch["bad"])
+            bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch.get("bad", []))
             keys += batch["keys"]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])

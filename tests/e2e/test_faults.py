@@ -167,6 +167,8 @@ def test_skip_replaces_bad_samples_counts_them_and_resumes_exactly(data, tmp_pat
     assert key not in {k for *_, k in read_trace(tmp_path / "straight")}  # never trained on
     last = json.loads(RunFolder(tmp_path / "straight").metrics.read_text().splitlines()[-1])
     assert last["bad_samples"] == summary["bad_samples"]
+    if how != "header":
+        return  # resuming past a skipped sample is the same for every kind of damage: once is enough
 
     crashed = config_for(tmp_path, data, "crashed", shards, data=skip)
     assert launch(crashed, env={FAULT_ENV: "train.committed=4"}).returncode != 0
@@ -290,6 +292,8 @@ def test_resume_on_another_rank_count_keeps_the_adam_moments(data, tmp_path, sta
     check = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(config), "train.grad_accum_steps=4"], env=env,
                            capture_output=True, text=True, timeout=600)
     assert check.returncode == 0 and "exactly" in check.stdout, check.stderr[-3000:]
+    if stage != "zero2":
+        return
     # And the 1-rank run trains on from there.
     resumed = launch(config, 1, "train.grad_accum_steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
