@@ -68,7 +68,7 @@ def read_hostfile(path: str | Path) -> list[Host]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise CogvxError(f"hostfile {path} line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})") from None
+        raise CogvxError(f"hostfile {path} line {line}: not UTF-8 text (byte {err.object[err.start]:#04x})") from err
     return parse_hostfile(text, where=f"hostfile {path}")
 
 

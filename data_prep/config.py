@@ -31,7 +31,14 @@ class PrepConfig:
     out: str = ""
     """Output folder for shards, manifest.json, errors.jsonl and per-rank progress files (parts/)."""
     layout: str = "auto"
-    """Input layout: auto, cogvideo (prompts.txt + videos.txt [+ images.txt]), csv, jsonl, or folder."""
+    """Input layout: auto, cogvideo (prompts.txt or prompt.txt + videos.txt [+ images.txt]), csv, jsonl, or
+    folder."""
+    caption_file: str | None = None
+    """CogVideo layout: the caption list's name in the dataset folder (default: prompts.txt or prompt.txt)."""
+    video_file: str | None = None
+    """CogVideo layout: the video list's name (default: videos.txt)."""
+    image_file: str | None = None
+    """CogVideo layout: the conditioning-image list's name (default: images.txt, when present)."""
     model_id: str | None = None
     """Name recorded in the manifest as the model (e.g. the hub id); defaults to `model`."""
     frames: int | None = None
@@ -96,7 +103,7 @@ class PrepConfig:
                 values["shard_max_bytes"] = parse_bytes(values["shard_max_bytes"], "shard_max_bytes")
             return from_dict(cls, values)
         except CogvxError as err:
-            raise CogvxError(f"{where}: {err}") from None
+            raise CogvxError(f"{where}: {err}") from err
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PrepConfig:
@@ -166,8 +173,8 @@ def parse_size(text: Any, key: str = "resolution") -> tuple[int, int]:
     if isinstance(text, (list, tuple)) and len(text) == 2:
         try:
             return int(text[0]), int(text[1])
-        except (TypeError, ValueError):
-            raise CogvxError(f"{key}: {list(text)!r} is not [HEIGHT, WIDTH] in whole numbers") from None
+        except (TypeError, ValueError) as err:
+            raise CogvxError(f"{key}: {list(text)!r} is not [HEIGHT, WIDTH] in whole numbers") from err
     match = _SIZE.match(str(text))
     if not match:
         raise CogvxError(f"{key}: {text!r} is not HEIGHTxWIDTH (e.g. 480x720)")

@@ -93,7 +93,7 @@ def decode_video(
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
-        raise BadInput(f"unreadable video ({_reason(err, path)})") from None
+        raise BadInput(f"unreadable video ({_reason(err, path)})") from err
     try:
         if not container.streams.video:
             raise BadInput("no video stream")
@@ -131,7 +131,7 @@ def _selected_frames(container: Any, stream: Any, wanted: list[int], step: float
                 break
     except (av.FFmpegError, OSError, ValueError) as err:
         if len(picked) < len(wanted):
-            raise BadInput(f"corrupt video: decoding failed after {seen} frames ({_reason(err, path)})") from None
+            raise BadInput(f"corrupt video: decoding failed after {seen} frames ({_reason(err, path)})") from err
     if len(picked) < len(wanted):
         raise BadInput(f"too short: {seen} decodable frames, need {last + 1} ({len(wanted)} frames at stride "
                        f"{step:g})")
@@ -157,7 +157,7 @@ def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
             image = image.resize((rw, rh), Image.Resampling.BOX if rh <= image.height else Image.Resampling.BICUBIC)
             array = np.array(image)  # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, OSError) as err:
-        raise BadInput(f"unreadable conditioning image {path.name} ({first_line(err)[:200]})") from None
+        raise BadInput(f"unreadable conditioning image {path.name} ({first_line(err)[:200]})") from err
     return center_crop(array, bucket)[None]
 
 

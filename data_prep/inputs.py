@@ -1,6 +1,7 @@
 """The three dataset layouts, read into one list of records.
 
-- cogvideo: `prompts.txt` + `videos.txt` (+ `images.txt` for I2V), one entry per line, line i matching line i;
+- cogvideo: `prompts.txt` (or `prompt.txt`, as CogVideo's launch scripts and finetrainers name it) + `videos.txt`
+  (+ `images.txt` for I2V), one entry per line, line i matching line i; other names with `ListFiles`;
 - csv / jsonl: a file with `video` and `prompt` columns (optional `image`);
 - folder: `name.mp4` + `name.txt` pairs (any depth; `name.png`/`name.jpg` is the conditioning image if present).
 
@@ -23,6 +24,37 @@ from cogvx_dist.core.shard_format import sample_key
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_FILES = ("prompts.txt", "prompt.txt")
+"""The CogVideo layout's caption list: CogVideo's README says prompts.txt, its launch scripts prompt.txt."""
+
+
+@dataclass(frozen=True)
+class ListFiles:
+    """The CogVideo layout's list files, relative to the dataset folder (None: the usual names)."""
+
+    captions: str | None = None
+    videos: str | None = None
+    images: str | None = None
+
+    def resolve(self, root: Path) -> tuple[Path, Path, Path | None]:
+        """(videos, captions, images or None): the given names, or the usual ones that exist."""
+        videos = root / (self.videos or "videos.txt")
+        if self.captions:
+            captions = root / self.captions
+        else:
+            found = [root / name for name in CAPTION_FILES if (root / name).is_file()]
+            if len(found) > 1:
+                raise CogvxError(f"{root} holds both {found[0].name} and {found[1].name}; say which holds the "
+                                 "captions with --caption-file")
+            captions = found[0] if found else root / CAPTION_FILES[0]
+        images = root / (self.images or "images.txt")
+        for path in (videos, captions):
+            if not path.is_file():
+                raise CogvxError(f"{path} is missing (the CogVideo layout needs a caption list "
+                                 f"({' or '.join(CAPTION_FILES)}, or --caption-file) and videos.txt (or --video-file))")
+        if self.images and not images.is_file():
+            raise CogvxError(f"{images} is missing (--image-file)")
+        return videos, captions, images if images.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -59,7 +91,7 @@ def detect_layout(data: Path) -> str:
         raise CogvxError(f"{data}: a dataset file must be .csv or .jsonl")
     if not data.is_dir():
         raise CogvxError(f"dataset {data} does not exist")
-    if (data / "videos.txt").is_file() or (data / "prompts.txt").is_file():
+    if (data / "videos.txt").is_file() or any((data / name).is_file() for name in CAPTION_FILES):
         return "cogvideo"
     for name in METADATA_FILES:
         if (data / name).is_file():
@@ -67,11 +99,13 @@ def detect_layout(data: Path) -> str:
     return "folder"
 
 
-def read_records(data: str | Path, layout: str = "auto") -> tuple[Path, list[Record]]:
+def read_records(data: str | Path, layout: str = "auto",
+                 lists: ListFiles | None = None) -> tuple[Path, list[Record]]:
     """(dataset root, records in a deterministic order) for a dataset in any supported layout."""
     data = Path(data)
+    lists = lists or ListFiles()
     if layout == "auto":
-        layout = detect_layout(data)
+        layout = "cogvideo" if lists != ListFiles() and data.is_dir() else detect_layout(data)
     if layout in ("csv", "jsonl"):
         path = data
         if data.is_dir():
@@ -82,7 +116,7 @@ def read_records(data: str | Path, layout: str = "auto") -> tuple[Path, list[Rec
         rows = _read_csv(path) if layout == "csv" else _read_jsonl(path)
         root = path.parent
     elif layout == "cogvideo":
-        root, rows = data, _read_cogvideo(data)
+        root, rows = data, _read_cogvideo(*lists.resolve(data))
     elif layout == "folder":
         if not data.is_dir():
             raise CogvxError(f"dataset folder {data} does not exist")
@@ -90,6 +124,14 @@ def read_records(data: str | Path, layout: str = "auto") -> tuple[Path, list[Rec
     else:
         raise CogvxError(f"layout must be one of auto, cogvideo, csv, jsonl, folder, not {layout!r}")
     return root, _unique_sources(rows)
+
+
+def caption_list(data: str | Path, layout: str = "auto", lists: ListFiles | None = None) -> Path | None:
+    """The caption file a CogVideo-layout dataset is read from (None for the other layouts)."""
+    data, lists = Path(data), lists or ListFiles()
+    if layout == "auto":
+        layout = "cogvideo" if lists != ListFiles() and data.is_dir() else detect_layout(data)
+    return lists.resolve(data)[1] if layout == "cogvideo" else None
 
 
 _Row = tuple[str, str, "str | None", str, "str | None"]  # video, prompt, image, origin, problem
@@ -118,7 +160,7 @@ def _read_utf8(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise CogvxError(f"{path}:{line}: not valid UTF-8") from None
+        raise CogvxError(f"{path}:{line}: not valid UTF-8") from err
 
 
 def _read_lines(path: Path, strip_trailing: bool = True) -> list[str]:
@@ -128,14 +170,10 @@ def _read_lines(path: Path, strip_trailing: bool = True) -> list[str]:
     return lines
 
 
-def _read_cogvideo(root: Path) -> list[_Row]:
-    videos_path, prompts_path, images_path = root / "videos.txt", root / "prompts.txt", root / "images.txt"
-    for path in (videos_path, prompts_path):
-        if not path.is_file():
-            raise CogvxError(f"{path} is missing (the CogVideo layout needs prompts.txt and videos.txt)")
+def _read_cogvideo(videos_path: Path, prompts_path: Path, images_path: Path | None) -> list[_Row]:
     # An empty last prompt is a real (bad) entry, so prompts and images keep blank lines until matched to videos.
     videos, prompts = _read_lines(videos_path), _read_lines(prompts_path, strip_trailing=False)
-    images = _read_lines(images_path, strip_trailing=False) if images_path.is_file() else None
+    images = _read_lines(images_path, strip_trailing=False) if images_path is not None else None
     if len(prompts) > len(videos) and not any(p.strip() for p in prompts[len(videos):]):
         prompts = prompts[: len(videos)]
     if images is not None and len(images) > len(videos) and not any(i.strip() for i in images[len(videos):]):
@@ -174,7 +212,7 @@ def _read_csv(path: Path) -> list[_Row]:
                 image = (row.get("image") or "").strip() or None
                 rows.append((video, (row.get("prompt") or "").strip(), image, f"{path.name}:{line}", None))
         except csv.Error as err:
-            raise CogvxError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+            raise CogvxError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
     return rows
 
 
@@ -187,7 +225,7 @@ def _read_jsonl(path: Path) -> list[_Row]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise CogvxError(f"{where}: not valid JSON ({err.msg})") from None
+            raise CogvxError(f"{where}: not valid JSON ({err.msg})") from err
         if not isinstance(item, dict):
             raise CogvxError(f"{where}: expected a JSON object with 'video' and 'prompt'")
         video = item.get("video")

@@ -19,8 +19,8 @@ def _env_int(name: str, env: dict[str, str]) -> int | None:
         return None
     try:
         return int(value)
-    except ValueError:
-        raise CogvxError(f"environment variable {name}={value!r} is not an integer") from None
+    except ValueError as err:
+        raise CogvxError(f"environment variable {name}={value!r} is not an integer") from err
 
 
 def discover_ranks(rank: int | None = None, world_size: int | None = None,

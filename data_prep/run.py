@@ -27,7 +27,7 @@ from cogvx_dist.core.logs import rank_logger
 from data_prep import shards as shardio
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, Clip, decode_video, load_image
-from data_prep.inputs import Record, read_records
+from data_prep.inputs import ListFiles, Record, caption_list, read_records
 from data_prep.ranks import discover_ranks
 
 
@@ -149,7 +149,11 @@ class PrepJob:
         self.ranks = ranks or discover_ranks(config.rank, config.world_size)
         self.rank, self.world = self.ranks.rank, self.ranks.world_size
         self.log = rank_logger("cogvx.prep", self.rank, every_rank=True)
-        self.root, self.records = read_records(config.data, config.layout)
+        lists = ListFiles(config.caption_file, config.video_file, config.image_file)
+        self.root, self.records = read_records(config.data, config.layout, lists)
+        captions = caption_list(config.data, config.layout, lists)
+        if captions is not None:
+            self.log.info("CogVideo layout: captions from %s", captions)
         self.out = Path(config.out)
         # Before anything is written: building the header checks the component configs.
         self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps)

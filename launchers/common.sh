@@ -101,6 +101,8 @@ mpi_host_args() {
             sed 's/^/#   /' <<<"$text"
         else
             printf '%s\n' "$text" > "$converted"
+            # shellcheck disable=SC2064  # the name is fixed now, on purpose
+            trap "rm -f '$converted'" EXIT
         fi
         MPI_HOST_ARGS=(-f "$converted")
     fi

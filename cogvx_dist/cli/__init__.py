@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from dataclasses import dataclass
 
 from cogvx_dist.core.errors import CogvxError
+
+DEBUG_ENV = "COGVX_DEBUG"
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except CogvxError as err:
         print(f"cogvx {args.command}: error: {err}", file=sys.stderr)
+        if debugging():
+            traceback.print_exception(err, file=sys.stderr)  # with the cause it was raised from
         return 2
     except KeyboardInterrupt:
         print(f"cogvx {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def debugging() -> bool:
+    """COGVX_DEBUG=1: print the full traceback (and its cause) after a one-line error."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 if __name__ == "__main__":

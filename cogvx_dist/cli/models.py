@@ -12,7 +12,8 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
     if name == "make-tiny-model":
         parser.add_argument("out", help="output folder (diffusers layout)")
-        parser.add_argument("--family", default="CogVideoX-2b", choices=list(FAMILIES), help="model family")
+        parser.add_argument("--family", default="CogVideoX-2b", metavar="FAMILY",
+                            help=f"model family, any case, or its hub id ({', '.join(FAMILIES)})")
         parser.add_argument("--seed", type=int, default=0, help="seed for all random weights and the tokenizer")
         parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
         parser.set_defaults(handler=make_tiny_model)
@@ -24,10 +25,12 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:
+    from cogvx_dist.core.families import get_family
     from cogvx_dist.core.tiny import make_tiny_checkpoint
 
-    out = make_tiny_checkpoint(args.out, args.family, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
+    family = get_family(args.family).name
+    out = make_tiny_checkpoint(args.out, family, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote tiny {family} checkpoint (seed {args.seed}) to {out}")
     return 0
 
 

@@ -22,6 +22,10 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
     prep.add_argument("--data", help="dataset folder, or a CSV/JSONL file with video and prompt columns")
     prep.add_argument("--out", help="output folder for shards and manifest.json")
     prep.add_argument("--layout", choices=("auto", "cogvideo", "csv", "jsonl", "folder"), help="input layout")
+    prep.add_argument("--caption-file", dest="caption_file",
+                      help="CogVideo layout: caption list in --data (default: prompts.txt or prompt.txt)")
+    prep.add_argument("--video-file", dest="video_file", help="CogVideo layout: video list (default: videos.txt)")
+    prep.add_argument("--image-file", dest="image_file", help="CogVideo layout: image list (default: images.txt)")
     prep.add_argument("--frames", type=int, help="frames per clip (valid for the family: 8N+1 / 16N+1)")
     prep.add_argument("--resolution", action="append", dest="resolutions", metavar="HxW",
                       help="resolution bucket, repeatable (e.g. --resolution 480x720 --resolution 720x480)")
@@ -51,10 +55,11 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
                       help="no progress bar")
 
 
-_FIELDS = ("model", "model_id", "data", "out", "layout", "frames", "target_fps", "frame_stride", "storage_dtype",
-           "compute_dtype", "device", "text_batch_size", "vae_batch_size", "vae_slicing", "vae_tiling",
-           "vae_channels_last", "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes",
-           "shard_max_samples", "max_failed_fraction", "rank", "world_size", "progress")
+_FIELDS = ("model", "model_id", "data", "out", "layout", "caption_file", "video_file", "image_file", "frames",
+           "target_fps", "frame_stride", "storage_dtype", "compute_dtype", "device", "text_batch_size",
+           "vae_batch_size", "vae_slicing", "vae_tiling", "vae_channels_last", "vae_compile", "decode_workers",
+           "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank", "world_size",
+           "progress")
 
 
 def config_from_args(args: argparse.Namespace):

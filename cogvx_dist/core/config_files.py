@@ -97,12 +97,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise CogvxError(f"config file {path} does not exist")
     try:
         text = path.read_text()
-    except UnicodeDecodeError:
-        raise CogvxError(f"{path}: not UTF-8 text") from None
+    except UnicodeDecodeError as err:
+        raise CogvxError(f"{path}: not UTF-8 text") from err
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise CogvxError(f"{path}: cannot parse ({first_line(err)})") from None
+        raise CogvxError(f"{path}: cannot parse ({first_line(err)})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -289,11 +289,15 @@ FAMILIES: dict[str, ModelFamily] = {
 
 
 def get_family(name: str) -> ModelFamily:
-    """Look a family up by name (case-insensitive), with an error that lists the known ones."""
+    """Look a family up as users write it: its name in any case ("cogvideox1.5-5b-i2v") or its hub id with or
+    without the organisation ("THUDM/CogVideoX1.5-5B"); the error lists the known ones."""
+    wanted = name.strip().lower()
     for family in FAMILIES.values():
-        if family.name.lower() == name.lower():
+        spellings = {family.name.lower(), family.hub_id.lower(), family.hub_id.split("/", 1)[1].lower()}
+        if wanted in spellings or wanted.split("/", 1)[-1] in spellings:
             return family
-    raise CogvxError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)}")
+    raise CogvxError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)} (or their hub ids, "
+                     "e.g. THUDM/CogVideoX1.5-5B)")
 
 
 def detect_family(transformer_config: dict[str, Any], where: str = "transformer/config.json") -> ModelFamily:

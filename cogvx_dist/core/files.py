@@ -1,10 +1,25 @@
-"""Writing files so that a reader never sees half of one: write a temporary sibling, flush to disk, rename."""
+"""Files that other processes read: written whole (temporary sibling, flush, rename) and with the modes a plain
+`open()` or `mkdir` would give them (0666/0777 less the umask), so that a watcher or a pod running as another
+user on a shared volume can read them."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -14,6 +29,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     # A unique temporary name per writer: several processes may write the same file (e.g. a merged manifest).
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp makes 0600 whatever the umask
         with os.fdopen(handle, "wb") as out:
             out.write(payload)
             out.flush()
@@ -23,3 +39,10 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def make_temporary_folder(parent: Path, prefix: str) -> Path:
+    """A new uniquely named folder in `parent` with the mode `mkdir` would give it (mkdtemp makes 0700)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    folder.chmod(0o777 & ~current_umask())
+    return folder

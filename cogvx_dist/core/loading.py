@@ -68,7 +68,7 @@ def _check_local_folder(folder: Path, components: tuple[str, ...]) -> None:
     try:
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError as err:
-        raise CogvxError(f"{index_path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise CogvxError(f"{index_path}: not valid JSON ({err.msg} at line {err.lineno})") from err
     pipeline = index.get("_class_name")
     if pipeline not in COGVIDEOX_PIPELINES:
         raise CogvxError(f"{folder} is not a CogVideoX checkpoint: model_index.json names pipeline {pipeline!r}")
@@ -90,13 +90,13 @@ def read_component_config(source: str | os.PathLike, subfolder: str) -> dict[str
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise CogvxError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            raise CogvxError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
     from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(source, f"{subfolder}/{_CONFIG_FILE[subfolder][0]}")
     except Exception as err:  # network, auth, missing repo: all one user-facing line
-        raise CogvxError(f"cannot fetch {subfolder} config of {source!r} from the hub: {first_line(err)}") from None
+        raise CogvxError(f"cannot fetch {subfolder} config of {source!r} from the hub: {first_line(err)}") from err
     return json.loads(Path(path).read_text())
 
 
@@ -119,7 +119,7 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, **kwargs: Any) -> An
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except (OSError, ValueError) as err:
-        raise CogvxError(f"cannot load {subfolder} from {source}: {first_line(err)}") from None
+        raise CogvxError(f"cannot load {subfolder} from {source}: {first_line(err)}") from err
 
 
 def load_tokenizer(source: str | os.PathLike) -> Any:

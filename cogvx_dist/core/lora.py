@@ -99,7 +99,7 @@ def inject_lora(transformer: torch.nn.Module, settings: LoraSettings, seed: int)
     try:
         transformer.add_adapter(settings.peft_config(), adapter_name=ADAPTER_NAME)
     except ValueError as err:
-        raise CogvxError(f"lora.target_modules {settings.target_modules} do not fit the transformer: {err}") from None
+        raise CogvxError(f"lora.target_modules {settings.target_modules} do not fit the transformer: {err}") from err
     generator = torch.Generator().manual_seed(seed)
     for name, param in sorted(lora_parameters(transformer).items()):
         if param.is_meta:
@@ -154,26 +154,39 @@ def export_lora(state_dict: dict[str, torch.Tensor], settings: LoraSettings, out
     CogVideoXPipeline.save_lora_weights(
         save_directory=str(out),
         transformer_lora_layers=tensors,
-        transformer_lora_adapter_metadata=settings.peft_config().to_dict(),
+        transformer_lora_adapter_metadata=adapter_metadata(settings),
         weight_name=LORA_WEIGHTS_NAME,
         safe_serialization=True,
     )
     file = out / LORA_WEIGHTS_NAME
-    if family:
-        _add_metadata(file, {FAMILY_METADATA_KEY: family})
+    _rewrite_header(file, {FAMILY_METADATA_KEY: family} if family else {})
     return file
 
 
-def _add_metadata(file: Path, extra: dict[str, str]) -> None:
-    """Rewrite a safetensors file with more metadata entries (diffusers' writer takes only the adapter config)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def adapter_metadata(settings: LoraSettings) -> dict[str, Any]:
+    """The PEFT config as the file records it. PEFT keeps target_modules as a set, whose order follows the hash
+    seed: sorted, so that the same adapter gives the same bytes in every process."""
+    metadata = settings.peft_config().to_dict()
+    if isinstance(metadata.get("target_modules"), (set, list, tuple)):
+        metadata["target_modules"] = sorted(metadata["target_modules"])
+    return metadata
 
-    with safe_open(str(file), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+
+def _rewrite_header(file: Path, extra: dict[str, str]) -> None:
+    """Add metadata entries to a safetensors file and write its JSON header with sorted keys. The writer keeps
+    metadata in a hash map whose order changes from process to process; sorted, the same adapter always gives the
+    same bytes. The tensor data and its offsets stay as they are."""
+    import json
+    import struct
+
+    blob = file.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    header["__metadata__"] = {**header.get("__metadata__", {}), **extra}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data that follows to 8 bytes
     temporary = file.with_name(f".{file.name}.tmp")
-    save_file(tensors, str(temporary), metadata={**metadata, **extra})
+    temporary.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + length :])
     os.replace(temporary, file)
 
 

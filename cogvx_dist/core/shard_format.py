@@ -117,7 +117,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict
         tensors = load_safetensors_bytes(sample[TENSORS_EXT])
         meta = json.loads(sample[META_EXT])
     except KeyError as err:
-        raise CogvxError(f"sample {sample.get('__key__', '?')} lacks its {err.args[0]} member") from None
+        raise CogvxError(f"sample {sample.get('__key__', '?')} lacks its {err.args[0]} member") from err
     return tensors, meta
 
 
@@ -236,7 +236,7 @@ class Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CogvxError(f"{where}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            raise CogvxError(f"{where}: not valid JSON ({err.msg} at line {err.lineno})") from err
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise CogvxError(f"{where}: not a cogvx shard manifest (format {found!r})")
@@ -248,7 +248,7 @@ class Manifest:
         try:
             data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
         except TypeError as err:
-            raise CogvxError(f"{where}: malformed shard entry ({err})") from None
+            raise CogvxError(f"{where}: malformed shard entry ({err})") from err
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -256,7 +256,7 @@ class Manifest:
         try:
             return cls(**data)
         except TypeError as err:
-            raise CogvxError(f"{where}: incomplete manifest ({err})") from None
+            raise CogvxError(f"{where}: incomplete manifest ({err})") from err
 
 
 def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: float, latent_channels: int,
@@ -291,7 +291,7 @@ def read_part(out: str | Path, rank: int) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise CogvxError(f"{path}: not valid JSON ({err.msg}); delete it to redo rank {rank}") from None
+        raise CogvxError(f"{path}: not valid JSON ({err.msg}); delete it to redo rank {rank}") from err
     data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]
     return data
 

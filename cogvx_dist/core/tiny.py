@@ -18,6 +18,7 @@ import torch
 
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.families import PATCH_SIZE, TEXT_MAX_LENGTH, VAE_SPATIAL_COMPRESSION, ModelFamily, get_family
+from cogvx_dist.core.files import make_temporary_folder
 from cogvx_dist.core.loading import TINY_INFO_FILE
 
 TINY_HEIGHT = 32
@@ -148,7 +149,7 @@ def make_tiny_checkpoint(out_dir: str | Path, family_name: str, seed: int = 0, o
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the destination (same filesystem, so the final rename is atomic); an old checkpoint is only
     # moved away once the new one is complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging = make_temporary_folder(out.parent, f".{out.name}-")
     retired = out.parent / f".{out.name}-old-{staging.name}"
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)

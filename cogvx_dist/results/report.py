@@ -179,7 +179,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CogvxError(f"{path}: cannot read it as JSON ({first_line(err)})") from None
+        raise CogvxError(f"{path}: cannot read it as JSON ({first_line(err)})") from err
     if not isinstance(data, dict):
         raise CogvxError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -221,7 +221,7 @@ def _run_facts(folder: RunFolder) -> dict[str, Any]:
         try:
             extra["validated_steps"] = sorted(int(s) for s in _read_json_object(validated).get("steps", {}))
         except (TypeError, ValueError, AttributeError) as err:
-            raise CogvxError(f"{validated}: \"steps\" is not a map of step numbers ({first_line(err)})") from None
+            raise CogvxError(f"{validated}: \"steps\" is not a map of step numbers ({first_line(err)})") from err
     return extra
 
 

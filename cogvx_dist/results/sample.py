@@ -79,7 +79,7 @@ class Sampler:
         try:
             self.pipe = pipeline_class.from_pretrained(str(model), torch_dtype=self.dtype)
         except (OSError, ValueError) as err:
-            raise CogvxError(f"cannot load the {self.family.pipeline_class} from {model}: {first_line(err)}") from None
+            raise CogvxError(f"cannot load the {self.family.pipeline_class} from {model}: {first_line(err)}") from err
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.lora: Path | None = None
@@ -97,7 +97,7 @@ class Sampler:
         try:
             self.pipe.load_lora_weights(str(folder))
         except (ValueError, RuntimeError, KeyError, OSError) as err:
-            raise CogvxError(f"LoRA {folder} does not load into {self.info.source}: {first_line(err)}") from None
+            raise CogvxError(f"LoRA {folder} does not load into {self.info.source}: {first_line(err)}") from err
         self.lora = folder
 
     def _check_adapter_fits(self, folder: Path) -> None:
@@ -109,7 +109,7 @@ class Sampler:
         except CogvxError:
             raise
         except Exception as err:  # corrupt or foreign safetensors: one line, not a traceback
-            raise CogvxError(f"cannot read LoRA {folder}: {first_line(err)}") from None
+            raise CogvxError(f"cannot read LoRA {folder}: {first_line(err)}") from err
         state, settings = exported.state, exported.settings
         trained_on = f" (trained on {exported.family})" if exported.family else ""
         modules = dict(self.pipe.transformer.named_modules())
@@ -168,7 +168,7 @@ def _load_image(path: str | Path, height: int, width: int) -> Any:
     try:
         return Image.open(path).convert("RGB").resize((width, height))
     except OSError as err:
-        raise CogvxError(f"--image {path}: not a readable image ({first_line(err)})") from None
+        raise CogvxError(f"--image {path}: not a readable image ({first_line(err)})") from err
 
 
 def frame_grid(frames: np.ndarray, columns: int = 0, pad: int = 2) -> Any:

@@ -82,7 +82,7 @@ def run_model(run_dir: Path) -> str:
         path = json.loads(config.read_text())["model"]["path"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CogvxError(f"{config}: no model.path to sample with ({type(err).__name__}: {first_line(err)}); "
-                         "pass --model") from None
+                         "pass --model") from err
     if not isinstance(path, str) or not path:
         raise CogvxError(f"{config}: model.path is {path!r}, not a checkpoint path; pass --model")
     return path

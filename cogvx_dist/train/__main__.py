@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cogvx train [rank {rank}]: error: {err}", file=sys.stderr)
         elif rank == 0:
             print(f"cogvx train: error: {err}", file=sys.stderr)
+        if os.environ.get("COGVX_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
         if output_dir:
             failures.record_failure(output_dir, rank, str(err), failures.EXIT_USER_ERROR)
         _leave(failures.EXIT_USER_ERROR)

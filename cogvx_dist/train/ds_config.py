@@ -14,8 +14,9 @@ from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-"""The repository's ds_configs/ (shipped beside the package in a source checkout)."""
+DS_CONFIG_DIR = Path(__file__).parents[1] / "ds_configs"
+"""The shipped configs: cogvx_dist/ds_configs, a link to the repository's ds_configs/ in a checkout and a copy of
+it in a built wheel."""
 AUTO = "auto"
 
 
@@ -30,7 +31,7 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise CogvxError(f"deepspeed.config {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        raise CogvxError(f"deepspeed.config {path}: not valid JSON ({err.msg} at line {err.lineno})") from err
 
 
 def run_values(*, micro_batch_size: int, grad_accum_steps: int, max_grad_norm: float, lr: float,

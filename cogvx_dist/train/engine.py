@@ -6,7 +6,9 @@ No other module imports deepspeed (a test enforces it).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,19 @@ from cogvx_dist.core.launch_env import RankInfo, under_mpi
 
 SHM_DIR = Path("/dev/shm")
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
+EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
+
+
+def extensions_dir(prefix: str = sys.prefix) -> Path:
+    """Where DeepSpeed's JIT-built ops go for the Python environment at `prefix`: one folder per environment, so two
+    installs on one machine stop rebuilding each other's ops (torch's default is one folder for all)."""
+    digest = hashlib.sha256(str(Path(prefix).resolve()).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "torch_extensions" / f"cogvx-{digest}"
+
+
+def use_environment_extensions_dir() -> None:
+    """Point torch's extension builds at this environment's folder unless the user chose one."""
+    os.environ.setdefault(EXTENSIONS_ENV, str(extensions_dir()))
 
 
 def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
@@ -27,6 +42,7 @@ def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
     the current one."""
     from datetime import timedelta
 
+    use_environment_extensions_dir()
     import deepspeed
 
     if under_mpi() and "RANK" not in os.environ:
@@ -104,6 +120,7 @@ class Engine:
     `lr_lambda`) sees only the trainable (LoRA) parameters."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float]) -> None:
+        use_environment_extensions_dir()
         import deepspeed
 
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -341,7 +341,7 @@ class Trainer:
             if not isinstance(err, OSError) and not disk_is_full(folder):
                 raise
             raise RankError(f"saving checkpoint step {step} failed: {describe_io_error(err, folder)}; the previous "
-                            "committed checkpoint is intact") from None
+                            "committed checkpoint is intact") from err
         self.saved_step = step
         self.watchdog.progress(step)
         if self.committed_fault:
@@ -385,7 +385,7 @@ class Trainer:
                 export_lora(final, self.config.lora, self.run.lora, self.family.name)
                 write_atomic(self.run.summary, json.dumps(summary, indent=2) + "\n")
             except OSError as err:
-                raise RankError(f"exporting the adapter failed: {describe_io_error(err, self.run.lora)}") from None
+                raise RankError(f"exporting the adapter failed: {describe_io_error(err, self.run.lora)}") from err
             self.log.info("done: %d steps, adapter %s, exported to %s", self.config.train.max_steps,
                           final_checksums[0][:12], self.run.lora)
         return summary

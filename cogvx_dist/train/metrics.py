@@ -139,7 +139,7 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if index == last:
                 break  # torn final line: a step being written (or a crash mid-write)
-            raise CogvxError(f"{path} line {index + 1}: not JSON ({err})") from None
+            raise CogvxError(f"{path} line {index + 1}: not JSON ({err})") from err
         if not isinstance(record, dict):
             raise CogvxError(f"{path} line {index + 1}: expected a JSON object, got {type(record).__name__}")
         step = record.get("step")

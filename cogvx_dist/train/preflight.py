@@ -42,7 +42,7 @@ def preflight(config: RunConfig) -> Preflight:
         manifest = read_remote_manifest(config.data.shards) if config.data.streaming else Manifest.read(
             config.data.shards)
     except CogvxError as err:
-        raise CogvxError(f"data.shards: {err}") from None
+        raise CogvxError(f"data.shards: {err}") from err
     check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
     index = None if config.data.streaming else ShardIndex(config.data.shards, manifest, config.data.verify)
     warnings = _damaged_shards(config, index)

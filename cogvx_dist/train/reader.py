@@ -97,7 +97,7 @@ class ShardIndex:
         try:
             tensors, meta = decode_sample(sample)
         except Exception as err:  # any decode failure of stored bytes is a bad sample, never a crash
-            raise BadSample(shard.name, key, f"does not decode ({first_line(err)})") from None
+            raise BadSample(shard.name, key, f"does not decode ({first_line(err)})") from err
         for name, tensor in tensors.items():
             if not torch.isfinite(tensor).all():
                 raise BadSample(shard.name, key, f"{name} holds non-finite values")

@@ -43,7 +43,7 @@ def read_remote_manifest(location: str) -> Manifest:
         with wds.gopen(url) as stream:
             text = stream.read().decode()
     except Exception as err:  # curl/pipe failures surface as various OSErrors
-        raise CogvxError(f"data.shards: cannot read {url}: {first_line(err)}") from None
+        raise CogvxError(f"data.shards: cannot read {url}: {first_line(err)}") from err
     if not text:
         raise CogvxError(f"data.shards: {url} is empty or could not be fetched")
     return Manifest.parse(text, where=url)
@@ -63,11 +63,16 @@ class StreamingMicroBatches(IterableDataset):
         import random
 
         import webdataset as wds
+        from torch.utils.data import get_worker_info
 
+        # Each loader worker draws its own stream: the loader takes micro-batches from the workers in turn, so
+        # workers with one seed would hand it every micro-batch once per worker.
+        worker = get_worker_info()
+        seed = self.seed * 1_009 + (worker.id if worker is not None else 0)
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=self.seed, deterministic=True),
+            wds.ResampledShards(self.urls, seed=seed, deterministic=True),
             wds.tarfile_to_samples(),
-            wds.shuffle(self.shuffle_buffer, rng=random.Random(self.seed)),
+            wds.shuffle(self.shuffle_buffer, rng=random.Random(seed)),
         )
         pending: list[tuple[dict[str, Any], str]] = []
         for sample in pipeline:

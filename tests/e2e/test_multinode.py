@@ -129,3 +129,19 @@ def test_sigusr1_to_every_process_of_both_nodes_checkpoints_and_exits_75(shards,
         assert "preempted by" in err
     preempted = json.loads(RunFolder(output).preempted.read_text())
     assert [s for s, _ in RunFolder(output).complete_checkpoints()][-1] == preempted["step"]
+
+
+def test_training_under_torchrun(two_node_run, shards, tmp_path):
+    """launchers/train_torchrun.sh: torchrun's c10d rendezvous starts the ranks; same config, same adapter."""
+    torchrun = BIN / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("no torchrun next to the interpreter")
+    config, output = short_run_config(tmp_path, *shards)
+    result = subprocess.run(["bash", str(LAUNCHERS / "train_torchrun.sh"), str(config)], cwd=REPO, text=True,
+                            capture_output=True, timeout=600,
+                            env=clean_env(NNODES="1", GPUS_PER_NODE="2", MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=str(free_port()), TORCHRUN=str(torchrun)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = summary_of(output)
+    assert summary["world_size"] == 2
+    assert summary["adapter_checksums"] == summary_of(two_node_run["output"])["adapter_checksums"]

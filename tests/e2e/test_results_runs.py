@@ -1,5 +1,5 @@
-"""Results as users run them: `cogvx sample` with and without a trained adapter, `cogvx sample --watch` beside a run
-that commits checkpoints, and the whole `cogvx demo` at reduced size."""
+"""Results as users run them: `cogvx sample` with and without a trained adapter, and `cogvx sample --watch` beside a
+run that commits checkpoints. The whole `cogvx demo` runs from a wheel install in test_wheel_install.py."""
 
 from __future__ import annotations
 
@@ -98,52 +98,3 @@ def test_watch_samples_a_checkpoint_committed_while_it_runs(model_2b, tmp_path):
                     "--interval", "0.2", "--max-wait", "60", timeout=200)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "validated steps none" in again.stdout and "training finished" in again.stdout, again.stdout
-
-
-def test_demo_end_to_end_at_reduced_size(tmp_path):
-    out = tmp_path / "demo"
-    result = run_cli("demo", "--out", str(out), "--clips", "4", "--steps", "4", "--inference-steps", "2",
-                     timeout=900)
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
-    summary = json.loads((out / "summary.json").read_text())
-
-    assert (out / "model" / "model_index.json").is_file()  # tiny checkpoint
-    assert len(list((out / "data").glob("*.mp4"))) == 4  # synthetic clips with captions
-    manifest = json.loads((out / "shards" / "manifest.json").read_text())
-    assert sum(s["samples"] for s in manifest["shards"]) == 4
-    assert {json.loads(p.read_text())["rank"] for p in (out / "shards" / "parts").glob("rank-*.json")} == {0, 1}
-    # The prep numbers are read from what prep wrote (manifest, per-rank stats), not scraped from its logs.
-    prep = summary["numbers"]["prep"]
-    parts = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["stats"]
-             for p in (out / "shards" / "parts").glob("rank-*.json")}
-    assert prep["samples"] == 4 and prep["shards"] == len(manifest["shards"])
-    assert [(r["rank"], r["encoded"], r["seconds"]) for r in prep["per_rank"]] == \
-        [(rank, parts[rank]["encoded"], parts[rank]["seconds"]) for rank in (0, 1)]
-    assert prep["videos_per_s"] == pytest.approx(4 / max(s["seconds"] for s in parts.values()), abs=1e-3)
-    train_summary = json.loads((out / "run" / "train_summary.json").read_text())
-    assert train_summary["world_size"] == 2 and train_summary["steps"] == 4
-    assert (out / "run" / "lora" / LORA_WEIGHTS_NAME).is_file()
-
-    without, with_lora = decode_mp4(out / "samples" / "without_lora.mp4"), decode_mp4(out / "samples" / "with_lora.mp4")
-    assert without.shape == with_lora.shape and without.shape[0] == 9
-    assert np.abs(without.astype(float) - with_lora.astype(float)).mean() > 0.1
-    assert summary["numbers"]["sample"]["clips_differ"] is True
-
-    from PIL import Image
-
-    assert Image.open(out / "loss_curve.png").size[0] > 300
-    for name in ("loss", "throughput", "memory", "lr"):
-        assert (out / "run" / "report" / f"{name}.png").is_file()
-    assert summary["numbers"]["train"]["validated_steps"] == [1, 2, 3, 4]
-    assert summary["numbers"]["prep"]["videos_per_s"] > 0 and summary["numbers"]["train"]["samples_per_s"] > 0
-    text = (out / "summary.md").read_text()
-    for words in ("videos/s", "samples/s", "mean abs pixel difference", "cogvx train --config"):
-        assert words in text, words
-
-    # Running it again into the same folder replaces the earlier demo; an unrelated folder is refused.
-    other = tmp_path / "mine"
-    other.mkdir()
-    (other / "keep.txt").write_text("x")
-    refused = run_cli("demo", "--out", str(other), "--clips", "2", "--steps", "1")
-    assert refused.returncode == 2 and "not an earlier demo" in refused.stderr
-    assert (other / "keep.txt").is_file()

@@ -70,3 +70,23 @@ def test_other_transformer_class_is_rejected():
 def test_unknown_family_name_lists_known_ones():
     with pytest.raises(CogvxError, match="CogVideoX-2b"):
         get_family("CogVideoX-9b")
+
+
+@pytest.mark.parametrize("typed, canonical", [
+    ("CogVideoX1.5-5B", "CogVideoX1.5-5b"),
+    ("cogvideox-5b-i2v", "CogVideoX-5b-I2V"),
+    ("THUDM/CogVideoX1.5-5B-I2V", "CogVideoX1.5-5b-I2V"),
+    ("zai-org/CogVideoX-2b", "CogVideoX-2b"),
+    (" CogVideoX-5B ", "CogVideoX-5b"),
+])
+def test_family_names_as_users_type_them(typed, canonical):
+    assert get_family(typed).name == canonical
+
+
+def test_make_tiny_model_takes_the_hub_spelling_and_says_the_canonical_name(tmp_path, capsys):
+    from tests.helpers import cli
+
+    code, out, err = cli(capsys, "make-tiny-model", str(tmp_path / "m"), "--family", "THUDM/CogVideoX1.5-5B")
+    assert code == 0, err
+    assert "wrote tiny CogVideoX1.5-5b checkpoint" in out
+    assert describe_checkpoint(tmp_path / "m").family.name == "CogVideoX1.5-5b"

@@ -27,7 +27,7 @@ from tests.helpers import REPO, clean_env, short_run_config
 
 LAUNCHERS = REPO / "launchers"
 K8S = LAUNCHERS / "k8s"
-CRDS = REPO.parent / "shared" / "k8s-crds"
+CRDS = REPO / "tests" / "assets" / "k8s-crds"
 K8S_VERSION = "1.33.0"
 SHELL_SCRIPTS = sorted(LAUNCHERS.rglob("*.sh")) + sorted(LAUNCHERS.rglob("*.sbatch"))
 MANIFESTS = sorted(K8S.glob("*.yaml"))
@@ -60,22 +60,18 @@ def _strict(schema: Any) -> Any:
     return result
 
 
-def crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
-    """(apiVersion, kind) -> a validator for each served version of the CRDs in ../shared/k8s-crds."""
-    if not CRDS.is_dir():
-        pytest.skip(f"{CRDS} missing (CI keeps ../shared beside the clone)")
-    return _crd_validators()
-
-
 @functools.lru_cache(maxsize=1)
-def _crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
+def crd_validators() -> dict[tuple[str, str], jsonschema.Validator]:
+    """(apiVersion, kind) -> a validator for each served version of the CRD schemas in tests/assets/k8s-crds."""
+    import gzip
+
     validators = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-        for version in crd["spec"]["versions"]:
-            schema = _strict(version["schema"]["openAPIV3Schema"])
-            validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    for path in sorted(CRDS.glob("*.schema.json.gz")):
+        crd = json.loads(gzip.decompress(path.read_bytes()))
+        for version in crd["versions"]:
+            schema = _strict(version["openAPIV3Schema"])
+            validators[(f"{crd['group']}/{version['name']}", crd["kind"])] = jsonschema.Draft7Validator(schema)
+    assert validators, f"no CRD schemas in {CRDS}"
     return validators
 
 
@@ -95,7 +91,8 @@ def embedded_objects(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def validate_manifest(doc: dict[str, Any], validators: dict[tuple[str, str], jsonschema.Validator]) -> None:
-    """Raise if `doc` does not validate: CRD kinds against ../shared/k8s-crds, core kinds with kubernetes-validate."""
+    """Raise if `doc` does not validate: CRD kinds against tests/assets/k8s-crds, core kinds with
+    kubernetes-validate."""
     key = (doc.get("apiVersion"), doc.get("kind"))
     if key in validators:
         errors = sorted(validators[key].iter_errors(doc), key=lambda e: list(e.path))
@@ -105,7 +102,7 @@ def validate_manifest(doc: dict[str, Any], validators: dict[tuple[str, str], jso
             kubernetes_validate.validate(inner, K8S_VERSION, strict=True)
         return
     if key[0] and "/" in key[0] and not key[0].startswith(("batch/", "apps/")):
-        raise AssertionError(f"no schema for {key} (add its CRD to ../shared/k8s-crds)")
+        raise AssertionError(f"no schema for {key} (add its CRD schema to tests/assets/k8s-crds)")
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
@@ -307,6 +304,15 @@ def test_launch_check_prints_the_commands_the_node_script_runs(shards, tmp_path)
         assert ["cogvx", *command[3:]] == printed[node]
 
 
+def test_train_torchrun_dry_run():
+    result = dry_run("train_torchrun.sh", "run.yaml", "train.max_steps=5", NNODES="2", GPUS_PER_NODE="4",
+                     MASTER_ADDR="node0", RDZV_ID="job9", CHECK="0")
+    assert result.returncode == 0, result.stderr
+    assert command_lines(result.stdout) == [["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend",
+                                             "c10d", "--rdzv-endpoint", "node0:29500", "--rdzv-id", "job9", "-m",
+                                             "cogvx_dist.train", "--config", "run.yaml", "train.max_steps=5"]]
+
+
 def test_train_pdsh_dry_run(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8\nworker-2 slots=8\n")
@@ -347,6 +353,30 @@ def test_mpi_dry_runs_for_both_mpi_flavours(tmp_path):
     assert prep.returncode == 0, prep.stderr
     assert command_lines(prep.stdout) == [["mpiexec", "-n", "2", sys.executable, "-m", "cogvx_dist", "prep", "--model",
                                            "m", "--data", "d", "--out", "o"]]
+
+
+def test_the_hydra_hostfile_copy_is_removed_after_the_run(tmp_path):
+    """MPICH's host:N copy of the hostfile lives as long as mpiexec, not longer."""
+    hostfile, temp = tmp_path / "hostfile", tmp_path / "tmp"
+    hostfile.write_text("w-0 slots=1\nw-1 slots=1\n")
+    temp.mkdir()
+    fake = tmp_path / "mpiexec"
+    fake.write_text('#!/usr/bin/env bash\nwhile [[ $1 != -f ]]; do shift; done\ncat "$2"\n')
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", str(LAUNCHERS / "train_mpi.sh"), "run.yaml"], capture_output=True, text=True,
+                            env=clean_env(HOSTFILE=str(hostfile), MPI_FLAVOR="mpich", CHECK="0", MPIEXEC=str(fake),
+                                          TMPDIR=str(temp)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "w-0:1\nw-1:1\n"  # mpiexec read the copy...
+    assert list(temp.iterdir()) == []  # ...which is gone afterwards
+
+
+def test_docs_and_launchers_use_current_variable_names():
+    """torch reads TORCH_NCCL_ASYNC_ERROR_HANDLING; the old name is silently ignored."""
+    import re
+
+    texts = [p.read_text() for p in [*LAUNCHERS.rglob("*"), *(REPO / "docs").glob("*.md")] if p.is_file()]
+    assert not any(re.search(r"(?<!TORCH_)NCCL_ASYNC_ERROR_HANDLING", text) is not None for text in texts)
 
 
 def test_mpi_precheck_checks_the_world_mpiexec_starts(shards, tmp_path):
@@ -431,16 +461,16 @@ def test_slurm_batch_scripts_dry_run(fake_slurm):
                     SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="123", SLURM_NNODES="2")
     assert train.returncode == 0, train.stderr
     assert "master gpu-a:20123" in train.stderr
-    assert command_lines(train.stdout) == [["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash",
+    assert command_lines(train.stdout) == [["srun", "--label", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash",
                                             str(LAUNCHERS / "train_node.sh"), "run.yaml", "train.max_steps=3"]]
     prep = dry_run("slurm/prep.sbatch", "--model", "m", "--out", "o", COGVX_REPO=str(REPO), SLURM_NTASKS="8")
     assert prep.returncode == 0, prep.stderr
     (srun,) = command_lines(prep.stdout)
-    assert srun[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
-    assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS" in srun[4]
-    assert srun[5:] == [sys.executable, "--model", "m", "--out", "o"]
+    assert srun[:5] == ["srun", "--label", "--kill-on-bad-exit=1", "bash", "-c"]
+    assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS" in srun[5]
+    assert srun[6:] == [sys.executable, "--model", "m", "--out", "o"]
     # The per-task shell really hands the flags to `cogvx prep` with the task's rank.
-    echoed = subprocess.run(["bash", "-c", srun[4].replace('exec "$0"', 'echo "$0"'), "python3", "--out", "o"],
+    echoed = subprocess.run(["bash", "-c", srun[5].replace('exec "$0"', 'echo "$0"'), "python3", "--out", "o"],
                             env={"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                                  "PATH": os.environ["PATH"]}, capture_output=True, text=True)
     assert echoed.stdout.split() == ["python3", "-m", "cogvx_dist", "prep", "--out", "o"]
@@ -452,7 +482,8 @@ def test_slurm_preemption_notice_reaches_the_step_and_requeues(fake_slurm, tmp_p
     import time
 
     srun, scontrol = fake_slurm / "srun", fake_slurm / "scontrol"
-    srun.write_text("#!/usr/bin/env bash\ntrap 'echo step got USR1 >&2; exit 75' USR1\necho started > \"$STARTED\"\n"
+    srun.write_text("#!/usr/bin/env bash\ntrap 'echo step got USR1 >&2; exit 75' USR1\n"
+                    "echo \"$1 PYTHONFAULTHANDLER=$PYTHONFAULTHANDLER NCCL_DEBUG=$NCCL_DEBUG\" > \"$STARTED\"\n"
                     "while true; do sleep 0.1; done\n")
     srun.chmod(0o755)
     calls = tmp_path / "scontrol.calls"
@@ -471,6 +502,8 @@ def test_slurm_preemption_notice_reaches_the_step_and_requeues(fake_slurm, tmp_p
     assert job.returncode == 75, err
     assert "step got USR1" in err and "requeueing job 77" in err
     assert "requeue 77" in calls.read_text()
+    # Each node's lines are labelled; crashes print Python stacks; NCCL says what goes wrong without INFO noise.
+    assert started.read_text().split() == ["--label", "PYTHONFAULTHANDLER=1", "NCCL_DEBUG=WARN"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

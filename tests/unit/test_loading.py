@@ -90,3 +90,13 @@ def test_unknown_family_config_is_one_line(tiny_checkpoint, tmp_path, capsys):
     config["patch_size_t"] = 3
     config_path.write_text(json.dumps(config))
     assert_one_line_error(*cli(capsys, "info", str(broken))[::2], "no known CogVideoX family", "patch_size_t=3")
+
+
+def test_one_line_errors_keep_their_cause_for_cogvx_debug(tmp_path, capsys, monkeypatch):
+    (tmp_path / "model_index.json").write_text("{not json")
+    code, _, err = cli(capsys, "info", str(tmp_path))
+    assert_one_line_error(code, err, "model_index.json: not valid JSON")
+    monkeypatch.setenv("COGVX_DEBUG", "1")
+    code, _, err = cli(capsys, "info", str(tmp_path))
+    assert code == 2 and err.splitlines()[0].startswith("cogvx info: error:")
+    assert "JSONDecodeError" in err and "direct cause of the following exception" in err and "Traceback" in err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from diffusers import CogVideoXPipeline
@@ -82,3 +85,27 @@ def test_exported_adapter_reloads_in_diffusers_at_trained_scale(tiny_checkpoint,
     state, read_settings = exported.state, exported.settings
     assert (read_settings.rank, read_settings.alpha) == (rank, alpha)
     assert adapter_checksum(state) == adapter_checksum(lora_state_dict(trained))
+
+
+EXPORT_SCRIPT = """
+import sys, torch
+from cogvx_dist.core.lora import LoraSettings, export_lora
+generator = torch.Generator().manual_seed(0)
+state = {f"transformer_blocks.0.attn1.{m}.lora_{ab}.weight": torch.randn(4, 4, generator=generator)
+         for m in ("to_q", "to_k", "to_v", "to_out.0") for ab in "AB"}
+export_lora(state, LoraSettings(rank=4, alpha=4.0), sys.argv[1], "CogVideoX-2b")
+"""
+
+
+def test_the_exported_adapter_is_byte_identical_across_processes(tmp_path):
+    """The same tensors give the same file whatever the hash seed (PEFT keeps target_modules as a set)."""
+    import hashlib
+    import os
+
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(out)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        digests.add(hashlib.sha256((out / LORA_WEIGHTS_NAME).read_bytes()).hexdigest())
+    assert len(digests) == 1

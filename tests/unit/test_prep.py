@@ -519,3 +519,34 @@ def test_failure_limit_is_on_the_whole_job_not_one_ranks_slice(tiny_checkpoint, 
     first, last = run(tmp_path / "over", 0, 0.4), run(tmp_path / "over", 1, 0.4)
     assert first.exit_code == 1  # 6 of the job's 13 inputs are already more than 0.4, whatever rank 1 finds
     assert (last.failed, last.exit_code) == (0, 1)  # rank 1 is clean, but the job it merged is over the limit
+
+
+def test_cogvideo_layout_with_prompt_txt_or_named_lists(tmp_path):
+    from data_prep.inputs import ListFiles, caption_list
+
+    ds = make_synthetic_dataset(tmp_path / "set", count=2, frames=10, height=32, width=48, layout="cogvideo")
+    (ds.root / "prompts.txt").rename(ds.root / "prompt.txt")  # CogVideo's launch scripts and finetrainers
+    root, records = read_records(ds.root)
+    assert [r.prompt for r in records] == [ds.prompts[g] for g in ds.good]
+    assert caption_list(ds.root) == ds.root / "prompt.txt"
+    (ds.root / "prompt.txt").rename(ds.root / "captions.list")
+    (ds.root / "videos.txt").rename(ds.root / "clips.list")
+    with pytest.raises(CogvxError, match="caption list"):
+        read_records(ds.root, "cogvideo")
+    named = ListFiles(captions="captions.list", videos="clips.list")
+    _, again = read_records(ds.root, "auto", named)
+    assert [r.prompt for r in again] == [r.prompt for r in records]
+    (ds.root / "prompt.txt").write_text("x\n")
+    (ds.root / "prompts.txt").write_text("y\n")
+    with pytest.raises(CogvxError, match="both prompts.txt and prompt.txt"):
+        read_records(ds.root, "cogvideo", ListFiles(videos="clips.list"))
+
+
+def test_prep_cli_takes_caption_and_video_file_names(tiny_checkpoint, tmp_path, capsys):
+    from cogvx_dist.cli import build_parser
+    from cogvx_dist.cli.prep import config_from_args
+
+    args = build_parser().parse_args(["prep", "--model", "m", "--data", "d", "--out", "o", "--caption-file",
+                                      "prompt.txt", "--video-file", "list.txt", "--image-file", "firsts.txt"])
+    config = config_from_args(args)
+    assert (config.caption_file, config.video_file, config.image_file) == ("prompt.txt", "list.txt", "firsts.txt")

@@ -90,6 +90,14 @@ def long_functions(modules: dict[str, Path]) -> list[str]:
     return problems
 
 
+def test_errors_keep_their_cause():
+    """A one-line error chains the exception it came from (COGVX_DEBUG=1 prints both): no `raise ... from None`."""
+    dropped = [f"{path.relative_to(REPO)}:{node.lineno}" for path in source_modules().values()
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Raise) and isinstance(node.cause, ast.Constant) and node.cause.value is None]
+    assert dropped == []
+
+
 def test_layers_import_only_what_they_may():
     assert import_violations(source_modules()) == []
 

@@ -4,6 +4,7 @@ DeepSpeed config resolution, and one-line errors for bad runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -363,3 +364,35 @@ def test_the_reader_replaces_bad_samples_deterministically(good_run, tmp_path):
     again = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3,
                          on_bad="skip")[first]
     assert again["keys"] == replaced["keys"] and torch.equal(again["latent_mean"], replaced["latent_mean"])
+
+
+def test_streaming_with_loader_workers_trains_each_micro_batch_once(synthetic_shards):
+    """Two loader workers must not each yield the same stream (every micro-batch would be trained twice)."""
+    from collections import Counter
+
+    from cogvx_dist.train.reader import make_loader
+    from cogvx_dist.train.streaming import StreamingMicroBatches, read_remote_manifest
+
+    _, shards = synthetic_shards((3, 3, 2))
+    location = f"pipe:cat {shards}/{{name}}"
+    stream = StreamingMicroBatches(location, read_remote_manifest(location), micro_batch_size=1, seed=0, rank=0,
+                                   start_step=0)
+    loader = iter(make_loader(stream, num_workers=2))
+    keys = [next(loader)["keys"][0] for _ in range(16)]
+    pairs = list(zip(keys[::2], keys[1::2]))  # the loader takes micro-batches from workers 0 and 1 in turn
+    assert sum(a == b for a, b in pairs) < len(pairs) // 2, keys
+    counts = Counter(keys)
+    assert any(count % 2 for count in counts.values()), counts  # duplicated streams make every count even
+
+
+def test_each_environment_builds_deepspeed_ops_in_its_own_folder(monkeypatch):
+    from cogvx_dist.train.engine import extensions_dir, use_environment_extensions_dir
+
+    assert extensions_dir("/envs/a") != extensions_dir("/envs/b")
+    assert extensions_dir("/envs/a") == extensions_dir("/envs/a")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    use_environment_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(extensions_dir())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
+    use_environment_extensions_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/mine"  # the user's choice wins
