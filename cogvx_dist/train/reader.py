@@ -54,6 +54,7 @@ class ShardIndex:
         """(shard number, position in the shard) of each global sample index."""
         self.damaged: dict[str, str] = {}
         """Shard name -> why its file does not match the manifest."""
+        self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
         for shard_number, shard in enumerate(self.manifest.shards):
             path = self.folder / shard.name
             if not path.is_file():
@@ -61,16 +62,30 @@ class ShardIndex:
             if len(shard.keys) != shard.samples:
                 raise CogvxError(f"{self.folder / MANIFEST_NAME}: shard {shard.name} lists {len(shard.keys)} keys "
                                  f"for {shard.samples} samples")
+            self.entries.extend((shard_number, i) for i in range(len(shard.keys)))
             size = path.stat().st_size
             if verify != "none" and size != shard.bytes:
-                self.damaged[shard.name] = f"{size} bytes, the manifest says {shard.bytes} (truncated or replaced?)"
-            self.entries.extend((shard_number, i) for i in range(len(shard.keys)))
+                cut = self._cut_off(shard_number)
+                self.damaged[shard.name] = f"{size} bytes, the manifest says {shard.bytes}{cut}"
         if not self.entries:
             raise CogvxError(f"data.shards: {self.folder} holds no samples")
-        self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def _cut_off(self, shard_number: int) -> str:
+        """Which samples a damaged shard no longer holds whole, for the message."""
+        members = self._members(shard_number)
+        shard = self.manifest.shards[shard_number]
+        size = (self.folder / shard.name).stat().st_size
+
+        def whole(name: str) -> bool:
+            return name in members and sum(members[name]) <= size  # offset + length within the file
+
+        missing = [key for key in shard.keys if not (whole(f"{key}.{TENSORS_EXT}") and whole(f"{key}.{META_EXT}"))]
+        if not missing:
+            return " (replaced?)"
+        return f" (truncated: {len(missing)} of its {len(shard.keys)} samples cut off, from {missing[0]})"
 
     def _members(self, shard_number: int) -> dict[str, tuple[int, int]]:
         """(offset, size) of each member of a shard; a truncated shard gives the members before the damage."""

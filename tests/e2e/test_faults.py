@@ -144,7 +144,7 @@ def job_end_after(record: dict) -> float:
 
 
 def test_a_truncated_shard_is_refused_before_any_rank_starts(data, tmp_path):
-    shards, shard, _ = damaged_copy(data[1], tmp_path, "truncated")
+    shards, shard, key = damaged_copy(data[1], tmp_path, "truncated")
     config = config_for(tmp_path, data, "run", shards)
     started = time.monotonic()
     result = launch(config)
@@ -152,12 +152,13 @@ def test_a_truncated_shard_is_refused_before_any_rank_starts(data, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == EXIT_USER_ERROR and len(lines) == 1, result.stderr[-3000:]
     assert shard in lines[0] and "the manifest says" in lines[0] and "on_bad_sample: skip" in lines[0]
+    assert f"samples cut off, from {key}" in lines[0]  # the first sample the truncation took
 
 
-@pytest.mark.parametrize("how", ["header", "truncated"])
+@pytest.mark.parametrize("how", ["header", "truncated", "flipped"])
 def test_skip_replaces_bad_samples_counts_them_and_resumes_exactly(data, tmp_path, how):
     shards, shard, key = damaged_copy(data[1], tmp_path, how)
-    skip = {"on_bad_sample": "skip", "max_bad_fraction": 0.5}
+    skip = {"on_bad_sample": "skip", "max_bad_fraction": 0.5, "verify": "sha256" if how == "flipped" else "size"}
     straight = config_for(tmp_path, data, "straight", shards, data=skip)
     assert launch(straight).returncode == 0
     summary = summary_of(tmp_path / "straight")
