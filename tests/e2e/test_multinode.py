@@ -145,3 +145,49 @@ def test_training_under_torchrun(two_node_run, shards, tmp_path):
     summary = summary_of(output)
     assert summary["world_size"] == 2
     assert summary["adapter_checksums"] == summary_of(two_node_run["output"])["adapter_checksums"]
+
+
+def test_the_collective_timeout_bounds_a_stopped_peer_across_nodes(shards, tmp_path):
+    """Between nodes the ranks talk over gloo/NCCL, where distributed.timeout_s bounds a collective (ZeRO's gradient
+    reduce included): with the stall watchdog off, a stopped peer still ends the job within the timeout."""
+    import signal
+    import time
+
+    import psutil
+
+    from cogvx_dist.core.faults import FAULT_ENV
+    from cogvx_dist.core.run_folder import RunFolder
+
+    config, output = short_run_config(tmp_path, *shards, train={"max_steps": 200},
+                                      distributed={"stall_timeout_s": 0, "timeout_s": 10})
+    port = free_port()
+    logs = [tmp_path / f"node-{node}.log" for node in (0, 1)]
+    nodes = [subprocess.Popen(["bash", str(LAUNCHERS / "train_node.sh"), str(config)], cwd=REPO, text=True,
+                              stdout=open(logs[node], "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                              env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1", CHECK="0",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(tmp_path),
+                                            **{FAULT_ENV: "train.step_delay_ms=250"}))
+             for node in (0, 1)]
+    stopped = None
+    try:
+        metrics = RunFolder(output).metrics
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes)
+            time.sleep(0.1)
+        stopped = next(p for p in psutil.Process(nodes[1].pid).children(recursive=True)
+                       if "--local_rank=0" in " ".join(p.cmdline()))
+        stopped.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        nodes[0].wait(timeout=120)
+        err = logs[0].read_text()
+        assert nodes[0].returncode != 0 and time.monotonic() - started < 10 + 15, err[-3000:]
+        assert "Timed out" in err
+    finally:
+        if stopped is not None:
+            stopped.kill()
+        for node in nodes:  # each node's launcher tree is its own session (cogvx train makes the launcher's)
+            for process in [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)] \
+                    if node.poll() is None else []:
+                process.kill()
+            node.wait()
