@@ -37,6 +37,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("families", "models", "list the supported CogVideoX families"),
     Command("prep", "prep", "encode videos and prompts into WebDataset latent shards (resumable, multi-process)"),
     Command("shards", "shards", "inspect or verify a folder of prep shards"),
+    Command("plan", "plan", "predict one rank's peak GPU memory and step time before launching, and search for the "
+                            "configuration that fits"),
     Command("train", "train", "train a LoRA adapter on this node's GPUs (or CPU ranks) with DeepSpeed"),
     Command("launch", "launch", "check a multi-node launch and print its commands"),
     Command("demo", "demo", "run the whole pipeline (tiny model, synthetic clips, prep, 2-rank training, sampling, "

@@ -64,7 +64,8 @@ _FIELDS = ("model", "model_id", "data", "out", "layout", "caption_file", "video_
 
 def config_from_args(args: argparse.Namespace):
     """PrepConfig from --config YAML (if any) with the given flags on top."""
-    from data_prep.config import PrepConfig, parse_bytes, parse_size
+    from cogvx_dist.core.units import parse_bytes, parse_size
+    from data_prep.config import PrepConfig
 
     config = PrepConfig.from_yaml(args.config) if args.config else PrepConfig()
     overrides = {name: getattr(args, name) for name in _FIELDS}

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 KILL_MARGIN_S = 15.0
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from cogvx_dist.train.preflight import check_batch_fits, preflight
     from cogvx_dist.train.run_lock import check_free
 
+    if args.no_plan_check:
+        args.overrides = [*args.overrides, "plan.check=false"]  # the ranks read it too
     config = load_config(RunConfig, args.config, args.overrides)
     nproc = args.nproc or max(1, torch.cuda.device_count())
     world = nproc * (args.nnodes if args.node_rank is not None else 1)
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     check_batch_fits(config, checks.manifest, world)
     if not args.node_rank:  # on other nodes, node 0's rank 0 may hold the lock already: it is this job's
         check_free(config.output_dir)
+        _check_memory(config, checks, world)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", *_node_args(args), "--num_gpus", str(nproc),
                "--master_port", str(args.master_port or (29500 if args.node_rank is not None else _free_port())),
                "--module", "cogvx_dist.train"]
@@ -55,6 +59,17 @@ def run(args: argparse.Namespace) -> int:
         command += ["--config", args.config]
     command += list(args.overrides)
     return _launch(command, config.output_dir, config.checkpoint.preempt_grace_s)
+
+
+def _check_memory(config: Any, checks: Any, world: int) -> None:
+    """The memory plan against plan.gpu_memory, here; against the GPU's own memory, rank 0 checks it (asking CUDA
+    here would leave a CUDA context beside the ranks)."""
+    from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory
+
+    line = check_run_memory(config, checks.checkpoint, checks.manifest, checks.ds_config, world, local_rank=None)
+    if line:
+        print(f"cogvx train: {line}", flush=True)
+        os.environ[PLAN_CHECKED_ENV] = "1"
 
 
 def _node_args(args: argparse.Namespace) -> list[str]:
@@ -165,5 +180,8 @@ def configure(train: argparse.ArgumentParser, name: str = "train") -> None:
     node.add_argument("--nnodes", type=int, help="nodes in the job")
     node.add_argument("--hostfile", help="DeepSpeed hostfile with a line per node (names do not matter here)")
     node.add_argument("--master-addr", help="address of node 0, reachable from every node")
+    train.add_argument("--no-plan-check", action="store_true",
+                       help="start even if the memory planner predicts that a rank will not fit its GPU "
+                            "(same as plan.check=false)")
     train.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=10")
     train.set_defaults(handler=run)

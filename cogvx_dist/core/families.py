@@ -128,6 +128,19 @@ class ModelFamily:
         return (transformer_config["sample_height"] * VAE_SPATIAL_COMPRESSION,
                 transformer_config["sample_width"] * VAE_SPATIAL_COMPRESSION)
 
+    def check_geometry(self, frames: int, height: int, width: int, transformer_config: dict[str, Any]) -> None:
+        """Refuse a clip geometry the family cannot train on, naming what is wrong."""
+        if not self.is_valid_frame_count(frames):
+            valid = self.valid_frame_counts()
+            raise CogvxError(f"{frames} frames is not valid for {self.name} (valid: {valid[0]}, {valid[1]}, ..., "
+                             f"{valid[-1]}; {self.frame_multiple}N+1)")
+        if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise CogvxError(f"resolution {height}x{width} is not a positive multiple of {SIZE_MULTIPLE} in both sides "
+                             "(8x VAE compression times the 2x2 patch)")
+        if self.use_learned_positional_embeddings and (height, width) != self.native_pixel_size(transformer_config):
+            native = self.native_pixel_size(transformer_config)
+            raise CogvxError(f"{self.name} learns its positions for {native[0]}x{native[1]} only, not {height}x{width}")
+
     def structure(self) -> tuple[bool, bool, int | None, bool, bool]:
         """The transformer-config signature that identifies the family."""
         return (

@@ -13,6 +13,7 @@ from typing import Any
 # Set by mpiexec/mpirun of MPICH (Hydra: PMI_*), Open MPI (OMPI_*, PMIX_*), MVAPICH (MV2_*), Intel MPI (PMI_*).
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
 _RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def under_mpi(env: Mapping[str, str] | None = None) -> bool:
@@ -28,6 +29,15 @@ def env_rank(env: Mapping[str, str] | None = None) -> int:
         if env.get(name, "").isdigit():
             return int(env[name])
     return 0
+
+
+def env_world_size(env: Mapping[str, str] | None = None) -> int:
+    """The job's process count as the launcher set it (torchrun/DeepSpeed WORLD_SIZE, or MPI's), 1 if none."""
+    env = os.environ if env is None else env
+    for name in _SIZE_VARIABLES:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 1
 
 
 @dataclass

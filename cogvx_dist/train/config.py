@@ -7,6 +7,7 @@ from typing import Literal
 
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.lora import LoraSettings
+from cogvx_dist.core.units import parse_bytes
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP")
 """Signals a run may take as a request to checkpoint and stop."""
@@ -130,6 +131,16 @@ class DistributedConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory check before any rank loads weights (see `cogvx plan`)."""
+
+    check: bool = True
+    """Refuse to start when the planner predicts that one rank needs more than its GPU's memory."""
+    gpu_memory: str = ""
+    """Memory of each rank's GPU, e.g. "40GiB" or "80GB"; empty: the visible GPU's total (no check without a GPU)."""
+
+
+@dataclass
 class LogConfig:
     """Metrics and progress."""
 
@@ -167,6 +178,8 @@ class RunConfig:
     """Checkpoints."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """The pre-flight memory check."""
 
     def validate(self) -> None:
         """Checks that need no other process and no files beyond the config."""
@@ -174,6 +187,10 @@ class RunConfig:
             raise CogvxError("model.path is required (a CogVideoX checkpoint folder or hub id)")
         if not self.data.shards:
             raise CogvxError("data.shards is required (the folder `cogvx prep` wrote)")
+        self.validate_settings()
+
+    def validate_settings(self) -> None:
+        """The checks of everything but the model and data locations (`cogvx plan --family` has neither)."""
         self.lora.validate()
         positive = {
             "train.max_steps": self.train.max_steps,
@@ -203,6 +220,8 @@ class RunConfig:
         for name in self.checkpoint.preempt_signals:
             if name not in PREEMPT_SIGNALS:
                 raise CogvxError(f"checkpoint.preempt_signals: {name!r} is not one of {', '.join(PREEMPT_SIGNALS)}")
+        if self.plan.gpu_memory:
+            parse_bytes(self.plan.gpu_memory, "plan.gpu_memory")
         if self.distributed.timeout_s <= 0 or self.distributed.stall_timeout_s < 0:
             raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
 

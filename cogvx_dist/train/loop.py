@@ -9,6 +9,7 @@ without talking; they still compare adapter checksums at start and end.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from cogvx_dist.core.devices import pick_device, torch_dtype
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
 from cogvx_dist.core.faults import delay_hook, fault_hook
 from cogvx_dist.core.files import write_atomic
-from cogvx_dist.core.launch_env import RankInfo
+from cogvx_dist.core.launch_env import RankInfo, env_rank, env_world_size
 from cogvx_dist.core.loading import load_scheduler
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.lora import adapter_checksum, export_lora, lora_parameters, lora_state_dict, state_dict_names
@@ -36,6 +37,7 @@ from cogvx_dist.train.preemption import PreemptionFlag, exit_now
 from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
 from cogvx_dist.train.reader import BatchPlan, MicroBatches, make_loader
 from cogvx_dist.train.run_lock import RunLock
+from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory
 from cogvx_dist.train.schedule import lr_lambda
 from cogvx_dist.train.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
@@ -47,11 +49,23 @@ def train(config: RunConfig) -> dict[str, Any]:
     Leaves the process group cleanly only on success: an exception propagates without any collective, so a rank
     that fails never waits for the others (the entry point then exits at once, and the launcher ends the rest)."""
     checks = preflight(config)
+    check_memory_on_rank_zero(config, checks)
     forbid_encoders()
     ranks = engine.init_distributed(config.distributed.timeout_s)
     summary = Trainer(config, checks, ranks).fit()
     engine.shutdown()
     return summary
+
+
+def check_memory_on_rank_zero(config: RunConfig, checks: Preflight) -> None:
+    """The planner's memory check, on global rank 0 before the process group exists: the other ranks wait for it
+    in the rendezvous, so no rank loads weights for a run predicted not to fit. `cogvx train` may have done it."""
+    if env_rank() != 0 or os.environ.get(PLAN_CHECKED_ENV):
+        return
+    line = check_run_memory(config, checks.checkpoint, checks.manifest, checks.ds_config, env_world_size(),
+                            local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if line:
+        rank_logger("cogvx.train", 0).info("%s", line)
 
 
 def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:

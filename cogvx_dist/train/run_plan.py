@@ -1,0 +1,223 @@
+"""The memory planner applied to a training run (train/memory_plan.py does the arithmetic): the step a run config
+trains, the strategy its DeepSpeed config and settings describe and the GPU each rank gets; the pre-flight check,
+which names the cheapest change that fits; and a throughput calibrated from a finished run's metrics."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cogvx_dist.core.devices import torch_dtype
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.families import ModelFamily, get_family
+from cogvx_dist.core.loading import CheckpointInfo
+from cogvx_dist.core.shard_format import Manifest
+from cogvx_dist.core.units import gib, parse_bytes
+from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.memory_plan import (
+    DeepSpeedBuffers,
+    MemoryPlan,
+    Strategy,
+    buffers_from_ds_config,
+    candidates,
+    expected_cost,
+    plan_memory,
+    relative_cost,
+    strategy_from_ds_config,
+)
+from cogvx_dist.train.memory_trace import StepShape
+
+PLAN_CHECKED_ENV = "COGVX_PLAN_CHECKED"
+"""Set by `cogvx train` once it has checked the plan, so that rank 0 does not trace the step again."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """What the planner needs to know of a run."""
+
+    shape: StepShape
+    strategy: Strategy
+    buffers: DeepSpeedBuffers
+    ranks: int
+    """Data-parallel ranks (ZeRO partitions over them)."""
+    grad_accum_steps: int
+
+    def plan(self, strategy: Strategy | None = None) -> MemoryPlan:
+        """The plan of this run, or of it with another strategy."""
+        return plan_memory(self.shape, strategy or self.strategy, self.ranks, self.buffers)
+
+
+def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any],
+                geometry: tuple[int, int, int], ds_config: dict[str, Any], ranks: int) -> PlannedRun:
+    """The run as the planner sees it, training clips of `geometry` (frames, height, width)."""
+    family.check_geometry(*geometry, transformer_config)
+    micro, checkpointing = config.train.micro_batch_size, config.model.gradient_checkpointing
+    shape = StepShape(family, transformer_config, *geometry, micro, config.lora, checkpointing,
+                      torch_dtype(config.model.dtype))
+    return PlannedRun(shape, strategy_from_ds_config(ds_config, checkpointing, micro),
+                      buffers_from_ds_config(ds_config), ranks, config.train.grad_accum_steps)
+
+
+def largest_geometry(manifest: Manifest) -> tuple[int, int, int]:
+    """(frames, height, width) of the shards' largest resolution bucket: the one that sets the peak."""
+    height, width = max(manifest.sizes(), key=lambda size: size[0] * size[1])
+    return manifest.frames, height, width
+
+
+def run_from_config(config: RunConfig, ranks: int, geometry: tuple[int, int, int] | None = None) -> PlannedRun:
+    """A run config as the planner sees it: its model's transformer config, its DeepSpeed config, and the geometry
+    of its shards unless given (planning before prep)."""
+    from cogvx_dist.core.loading import describe_checkpoint
+    from cogvx_dist.train.ds_config import load_ds_config
+
+    checkpoint = describe_checkpoint(config.model.path)
+    if geometry is None:
+        try:
+            geometry = largest_geometry(read_manifest(config))
+        except CogvxError as err:
+            raise CogvxError(f"data.shards: {err}; to plan before prep, give --frames and --resolution") from err
+    return planned_run(config, checkpoint.family, checkpoint.transformer_config, geometry,
+                       load_ds_config(config.deepspeed.config), ranks)
+
+
+def run_from_family(family_name: str, config: RunConfig, ranks: int,
+                    geometry: tuple[int | None, int | None, int | None]) -> PlannedRun:
+    """A full-size released family (its transformer config from the family table) trained with `config`'s
+    settings; missing parts of `geometry` are the family's native ones."""
+    from cogvx_dist.train.ds_config import load_ds_config
+
+    family = get_family(family_name)
+    frames, height, width = geometry
+    native = (frames or family.default_frames, height or family.default_height, width or family.default_width)
+    return planned_run(config, family, family.full_size_transformer, native,
+                       load_ds_config(config.deepspeed.config), ranks)
+
+
+def read_manifest(config: RunConfig) -> Manifest:
+    """The manifest of the run's shards, local or streamed."""
+    from cogvx_dist.train.streaming import read_remote_manifest
+
+    shards = config.data.shards
+    return read_remote_manifest(shards) if config.data.streaming else Manifest.read(shards)
+
+
+def gpu_memory(setting: str, key: str, local_rank: int | None) -> int | None:
+    """Bytes of one rank's GPU: the setting if given, else (with a local rank) the visible GPU's total, else None.
+    Without a local rank CUDA stays untouched: `cogvx train` must not hold a CUDA context beside its ranks."""
+    if setting:
+        return parse_bytes(setting, key)
+    if local_rank is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory
+
+
+def check_run_memory(config: RunConfig, checkpoint: CheckpointInfo, manifest: Manifest, ds_config: dict[str, Any],
+                     ranks: int, local_rank: int | None) -> str | None:
+    """The pre-flight memory check: a line for the log when the run fits, CogvxError when it does not, None when
+    there is nothing to check against (plan.check off, or no GPU and no plan.gpu_memory)."""
+    if not config.plan.check:
+        return None
+    memory = gpu_memory(config.plan.gpu_memory, "plan.gpu_memory", local_rank)
+    if memory is None:
+        return None
+    run = planned_run(config, checkpoint.family, checkpoint.transformer_config, largest_geometry(manifest), ds_config,
+                      ranks)
+    plan = run.plan()
+    if not plan.fits(memory):
+        raise CogvxError(refusal(run, plan, memory))
+    return (f"memory plan: each rank needs ~{gib(plan.needed)} of its GPU's {gib(memory)} "
+            f"({plan.strategy.describe()}, {ranks} ranks)")
+
+
+def refusal(run: PlannedRun, plan: MemoryPlan, memory: int) -> str:
+    """The one-line refusal: predicted need, the GPU's memory, and the cheapest change that fits."""
+    change = cheapest_change(run, memory)
+    advice = (f"the cheapest change that fits is {change}" if change else
+              "nothing the planner varies fits (every shipped DeepSpeed config, checkpointing, smaller micro "
+              "batches): train fewer frames or a smaller resolution, or use GPUs with more memory")
+    return (f"memory plan: each rank needs ~{gib(plan.needed)} (peak allocated {gib(plan.peak)}, of which "
+            f"activations {gib(plan.activations)}) but its GPU has {gib(memory)}; {advice} (`cogvx plan --search` "
+            "lists the options; plan.check: false or --no-plan-check skips this check)")
+
+
+def cheapest_change(run: PlannedRun, memory: int) -> str | None:
+    """The smallest change of the run config that fits, as config keys: the fewest keys changed, the fastest
+    expected first, and the best of another kind of change beside it ("A or B")."""
+    micro = run.strategy.micro_batch_size
+    smaller = tuple(size for size in range(1, micro + 1) if micro % size == 0)
+    fitting = [plan for plan in (run.plan(strategy) for strategy in candidates(smaller)) if plan.fits(memory)]
+    if not fitting:
+        return None
+    options = sorted(((config_changes(run, plan.strategy), plan) for plan in fitting),
+                     key=lambda option: (len(option[0]), expected_cost(option[1]), option[1].needed))
+    fewest = len(options[0][0])
+    if fewest == 0:
+        return "none: it fits as configured"
+    best_per_kind: dict[tuple[str, ...], list[str]] = {}
+    for changes, _ in options:
+        kind = tuple(change.split(":")[0] for change in changes)
+        if len(changes) == fewest and kind not in best_per_kind:
+            best_per_kind[kind] = changes
+    return " or ".join(", ".join(changes) for changes in list(best_per_kind.values())[:2])
+
+
+def config_changes(run: PlannedRun, strategy: Strategy) -> list[str]:
+    """`strategy` as the run-config keys that differ from the run's own."""
+    current = run.strategy
+    changes = []
+    if (strategy.zero, strategy.offload_optimizer, strategy.offload_params) != (
+            current.zero, current.offload_optimizer, current.offload_params):
+        changes.append(f"deepspeed.config: {strategy.ds_config_name}")
+    if strategy.gradient_checkpointing != current.gradient_checkpointing:
+        changes.append(f"model.gradient_checkpointing: {strategy.gradient_checkpointing}")
+    if strategy.micro_batch_size != current.micro_batch_size:
+        accumulation = run.grad_accum_steps * current.micro_batch_size // strategy.micro_batch_size
+        changes.append(f"train.micro_batch_size: {strategy.micro_batch_size} with train.grad_accum_steps: "
+                       f"{accumulation}")
+    return changes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A GPU's effective throughput, measured on one of the user's runs."""
+
+    tflops_per_gpu: float
+    """Traced step FLOPs (with recomputation, weighted by relative_cost) per second of measured step time."""
+    step_time_s: float
+    """The run's median step time (log windows after the first, which holds the warm-up)."""
+    windows: int
+    """Log windows the median was taken over."""
+    run_dir: str
+
+
+def calibrate(run_dir: str | Path) -> Calibration:
+    """Throughput from a run folder: its resolved config and DeepSpeed config, its metrics, and a trace of its step
+    (its model and shards must still be where the config says)."""
+    from cogvx_dist.core.config_files import from_dict
+    from cogvx_dist.core.loading import describe_checkpoint
+    from cogvx_dist.core.run_folder import RunFolder
+    from cogvx_dist.train.metrics import read_metrics
+
+    folder = RunFolder(run_dir)
+    if not (folder.run_config.is_file() and folder.ds_config.is_file()):
+        raise CogvxError(f"--calibrate {run_dir}: not a training run folder (no {folder.run_config.name} and "
+                         f"{folder.ds_config.name})")
+    config = from_dict(RunConfig, json.loads(folder.run_config.read_text()))
+    times = [record["step_time_s"] for record in read_metrics(run_dir) if record.get("step_time_s")]
+    if not times:
+        raise CogvxError(f"--calibrate {run_dir}: the run has logged no step yet ({folder.metrics})")
+    times = times[1:] or times
+    checkpoint = describe_checkpoint(config.model.path)
+    run = planned_run(config, checkpoint.family, checkpoint.transformer_config, largest_geometry(read_manifest(config)),
+                      json.loads(folder.ds_config.read_text()), ranks=1)
+    step_time = statistics.median(times)
+    work = run.plan().trace.flops * run.strategy.micro_batch_size * run.grad_accum_steps * relative_cost(
+        run.strategy)
+    return Calibration(work / step_time / 1e12, step_time, len(times), str(run_dir))
