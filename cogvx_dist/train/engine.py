@@ -58,11 +58,33 @@ def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
             os.environ["MASTER_ADDR"] = address
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
+    _bound_deepspeed_world_group(timedelta(seconds=timeout_s))
     _unlink_cpu_allreduce_buffer(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     return RankInfo(rank, world, local_rank, source="process group")
+
+
+def _bound_deepspeed_world_group(timeout: Any) -> None:
+    """Give DeepSpeed's data-parallel group the run's collective timeout.
+
+    Without a model-parallel unit, ZeRO reduces gradients and gathers parameters on a clone of the world group
+    that DeepSpeed makes with `new_group(ranks)`, which takes torch's default timeout (30 min on gloo, 10 on NCCL),
+    not the one given to init_distributed: a stopped peer then hung ZeRO's reduce far past distributed.timeout_s
+    (seen as huggingface/transformers#32036 too). Making the clone here, with the timeout, is the same group
+    DeepSpeed would make; every rank runs this, as new_group requires.
+    """
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", "absent") is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
+    else:
+        from cogvx_dist.core.logs import rank_logger
+
+        log = rank_logger("cogvx.train", dist.get_rank())
+        log.warning("distributed.timeout_s bounds this project's collectives only: this DeepSpeed has no world-group "
+                    "clone to give it to, so ZeRO's use torch's default timeout")
 
 
 def cpu_allreduce_buffer_path(rank: int) -> Path:

@@ -149,7 +149,10 @@ def test_training_under_torchrun(two_node_run, shards, tmp_path):
 
 def test_the_collective_timeout_bounds_a_stopped_peer_across_nodes(shards, tmp_path):
     """Between nodes the ranks talk over gloo/NCCL, where distributed.timeout_s bounds a collective (ZeRO's gradient
-    reduce included): with the stall watchdog off, a stopped peer still ends the job within the timeout."""
+    reduce included): with the stall watchdog off, a stopped peer still ends the job within the timeout.
+
+    The injected delay comes before each step, so the healthy rank next waits in ZeRO's gradient reduce, which runs
+    on DeepSpeed's own copy of the world group: before that copy was given the timeout, this hung for 30 minutes."""
     import signal
     import time
 
@@ -158,7 +161,10 @@ def test_the_collective_timeout_bounds_a_stopped_peer_across_nodes(shards, tmp_p
     from cogvx_dist.core.faults import FAULT_ENV
     from cogvx_dist.core.run_folder import RunFolder
 
-    config, output = short_run_config(tmp_path, *shards, train={"max_steps": 200},
+    # No checkpoint in the window: the peer is stopped during training steps, whose gradient reduce and step
+    # all-reduce are the collectives under test (a checkpoint save has waits of its own; the stall watchdog, on by
+    # default, covers those).
+    config, output = short_run_config(tmp_path, *shards, train={"max_steps": 200}, checkpoint={"every_steps": 1000},
                                       distributed={"stall_timeout_s": 0, "timeout_s": 10})
     port = free_port()
     logs = [tmp_path / f"node-{node}.log" for node in (0, 1)]
