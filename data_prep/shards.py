@@ -29,6 +29,7 @@ from cogvx_dist.core.shard_format import (
     shard_name,
     temporary_shard_name,
 )
+from cogvx_dist.core.storage import Store
 
 
 class ShardWriter:
@@ -86,7 +87,7 @@ class ShardWriter:
         final = self.out / shard_name(self.rank, self.index)
         self._tmp.replace(final)
         entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, schema.file_sha256(final), self._keys,
-                           self._digests)
+                           self._digests, schema.member_rows(final, self._keys))
         self._tar = self._handle = None
         self.index += 1
         self.bytes_written += entry.bytes
@@ -99,7 +100,8 @@ def shard_entry(path: Path) -> ShardEntry:
     samples = list(_tar_samples(path))
     keys = [s["__key__"] for s in samples]
     digests = [schema.sample_digest(s) for s in samples]
-    return ShardEntry(path.name, len(keys), path.stat().st_size, schema.file_sha256(path), keys, digests)
+    return ShardEntry(path.name, len(keys), path.stat().st_size, schema.file_sha256(path), keys, digests,
+                      schema.member_rows(path, keys))
 
 
 def write_part(out: Path, part: dict[str, Any]) -> None:
@@ -257,10 +259,10 @@ def verify(out: str | Path) -> tuple[list[str], int]:
     """(problems, samples checked): checksums, sizes, and every sample decoded and checked against the manifest."""
     out = Path(out)
     manifest = Manifest.read(out)
-    buckets = set(manifest.sizes())
+    index = manifest.sample_index(Store(out))
     problems: list[str] = []
     checked = 0
-    for entry in manifest.shards:
+    for shard_number, entry in enumerate(manifest.shards):
         path = out / entry.name
         if not path.is_file():
             problems.append(f"{entry.name}: missing")
@@ -275,44 +277,55 @@ def verify(out: str | Path) -> tuple[list[str], int]:
             problems.append(f"{entry.name}: unreadable tar ({err})")
             continue
         keys = [s["__key__"] for s in samples]
-        if keys != entry.keys:
+        if keys != index.keys_of(shard_number):
             problems.append(f"{entry.name}: sample keys differ from the manifest's list")
-        for sample, digest in zip(samples, entry.digests):
-            if schema.TENSORS_EXT in sample and schema.META_EXT in sample and schema.sample_digest(sample) != digest:
+        elif index.has_offsets(shard_number):
+            recorded = index.members[index.shard_indices(shard_number).start:][:len(keys)].tolist()
+            if schema.member_rows(path, keys) != recorded:
+                problems.append(f"{entry.name}: member offsets differ from {schema.INDEX_NAME}")
+        for sample, sample_number in zip(samples, index.shard_indices(shard_number)):
+            digest = index.digest(sample_number)
+            whole = schema.TENSORS_EXT in sample and schema.META_EXT in sample
+            if digest and whole and schema.sample_digest(sample) != digest:
                 problems.append(f"{entry.name}:{sample['__key__']}: sha256 differs from the manifest")
         if len(samples) != entry.samples:
             problems.append(f"{entry.name}: {len(samples)} samples, manifest says {entry.samples}")
         for sample in samples:
             checked += 1
-            where = f"{entry.name}:{sample['__key__']}"
-            extra = sorted(set(sample) - {"__key__", schema.TENSORS_EXT, schema.META_EXT})
-            if extra:
-                problems.append(f"{where}: unexpected members {extra}")
-            try:
-                tensors, meta = schema.decode_sample(sample)
-            except Exception as err:  # any decode failure is a problem to report, not a crash
-                problems.append(f"{where}: does not decode ({first_line(err)})")
-                continue
-            size = (meta.get("height", manifest.height), meta.get("width", manifest.width))
-            if size not in buckets:
-                problems.append(f"{where}: size {size[0]}x{size[1]} is not one of the manifest's buckets")
-            for name, shape in manifest.expected_shapes(*size).items():
-                if name not in tensors:
-                    problems.append(f"{where}: no {name} tensor")
-                    continue
-                tensor = tensors[name]
-                if tuple(tensor.shape) != shape:
-                    problems.append(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
-                want = manifest.dtypes.get(name)
-                if want and str(tensor.dtype).removeprefix("torch.") != want:
-                    problems.append(f"{where}: {name} is {tensor.dtype}, manifest says {want}")
-                if not torch.isfinite(tensor.float()).all():
-                    problems.append(f"{where}: {name} has non-finite values")
+            problems.extend(_sample_problems(f"{entry.name}:{sample['__key__']}", sample, manifest))
     listed = {e.name for e in manifest.shards}
     for path in sorted(out.glob("shard-*.tar")):
         if path.name not in listed:
             problems.append(f"{path.name}: on disk but not in the manifest")
     return problems, checked
+
+
+def _sample_problems(where: str, sample: dict[str, Any], manifest: Manifest) -> list[str]:
+    """What is wrong with one sample read from a shard: members, decoding, bucket, shapes, dtypes, values."""
+    problems = []
+    extra = sorted(set(sample) - {"__key__", schema.TENSORS_EXT, schema.META_EXT})
+    if extra:
+        problems.append(f"{where}: unexpected members {extra}")
+    try:
+        tensors, meta = schema.decode_sample(sample)
+    except Exception as err:  # any decode failure is a problem to report, not a crash
+        return [*problems, f"{where}: does not decode ({first_line(err)})"]
+    size = (meta.get("height", manifest.height), meta.get("width", manifest.width))
+    if size not in set(manifest.sizes()):
+        problems.append(f"{where}: size {size[0]}x{size[1]} is not one of the manifest's buckets")
+    for name, shape in manifest.expected_shapes(*size).items():
+        if name not in tensors:
+            problems.append(f"{where}: no {name} tensor")
+            continue
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            problems.append(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        want = manifest.dtypes.get(name)
+        if want and str(tensor.dtype).removeprefix("torch.") != want:
+            problems.append(f"{where}: {name} is {tensor.dtype}, manifest says {want}")
+        if not torch.isfinite(tensor.float()).all():
+            problems.append(f"{where}: {name} has non-finite values")
+    return problems
 
 
 def _tar_samples(path: Path):

@@ -3,12 +3,14 @@ adapters and clean environments for multi-process runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,16 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def shard_keys(folder: Path | str) -> dict[str, list[str]]:
+    """Sample keys of each shard of a dataset, in file order, as its sample index lists them."""
+    from cogvx_dist.core.shard_format import Manifest
+    from cogvx_dist.core.storage import Store
+
+    manifest = Manifest.read(folder)
+    index = manifest.sample_index(Store(folder))
+    return {shard.name: index.keys_of(n) for n, shard in enumerate(manifest.shards)}
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -180,6 +192,102 @@ def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple
         raise
 
 
+# ---------------------------------------------------------------------------------------------------------- stores
+def range_handler(folder: Path) -> type:
+    """An http.server handler class serving a folder with single-range GET support (206 Partial Content), which
+    Python's own SimpleHTTPRequestHandler lacks."""
+    import http.server
+    import io
+    import re
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def send_head(self) -> Any:
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            path = Path(self.translate_path(self.path))
+            if not match or not path.is_file():
+                return super().send_head()
+            size = path.stat().st_size
+            start = int(match.group(1))
+            end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
+            if start >= size:
+                self.send_error(416)
+                return None
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                body = handle.read(end - start + 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            return io.BytesIO(body)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def http_server(folder: Path) -> Iterator[str]:
+    """A threaded HTTP server with Range support on loopback serving `folder`; yields its base URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), range_handler(folder))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+"""What a real S3 client finds in the environment; moto's server accepts any."""
+
+
+@contextlib.contextmanager
+def s3_server(monkeypatch: pytest.MonkeyPatch | None = None) -> Iterator[dict[str, str]]:
+    """An S3-compatible server (moto) on loopback; yields the environment a client needs (endpoint and test
+    credentials), also set in this process when a monkeypatch is given."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    if monkeypatch is not None:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+def upload(folder: Path, url: str, env: dict[str, str]) -> None:
+    """Copy a local folder's files to an s3:// URL (creating the bucket) with a plain S3 client."""
+    import boto3
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=bucket)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}".lstrip("/"))
+
+
 # ---------------------------------------------------------------------------------------------------------- results
 def decode_mp4(path: Path) -> np.ndarray:
     """All frames of an mp4 as uint8 [F, H, W, 3], decoded with PyAV (what a user's player would show)."""
@@ -290,7 +398,7 @@ def damaged_copy(shards: Path, folder: Path, how: str) -> tuple[Path, str, str]:
     copy = folder / f"shards-{how}"
     shutil.copytree(shards, copy)
     entry = shard_format.Manifest.read(copy).shards[0]
-    key = entry.keys[1]
+    key = shard_keys(copy)[entry.name][1]
     path = copy / entry.name
     with tarfile.open(path) as tar:
         member = tar.getmember(f"{key}.{shard_format.TENSORS_EXT}")

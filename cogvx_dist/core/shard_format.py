@@ -5,7 +5,12 @@ A dataset folder holds:
   `shard-r{00000..00003}-{000000..000009}.tar`);
 - `.shard-rRRRRR-NNNNNN.tar.tmp`: a shard being written; renamed only when complete;
 - `parts/rank-RRRRR.json` and `parts/errors-rRRRRR.jsonl`: what prep rank R has finished and could not use;
-- `manifest.json` + `errors.jsonl`: the merge of all parts, written once every rank is complete.
+- `index.safetensors`: every sample's key, digest and member offsets as arrays (core/sample_index.py);
+- `manifest.json` + `errors.jsonl`: the merge of all parts, written once every rank is complete (the index first,
+  the manifest last: a folder with a manifest is complete).
+
+The folder may be a URL prefix (`s3://bucket/data`, `https://host/data`; see core/storage.py): readers fetch the
+manifest and the index whole and each sample with two ranged reads.
 
 One sample in a shard is two tar members sharing a key:
 
@@ -33,9 +38,13 @@ from safetensors.torch import save as save_safetensors_bytes
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.families import ModelFamily
 from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.sample_index import INDEX_NAME, SampleIndex, member_row, tar_members
+from cogvx_dist.core.storage import Store
 
 FORMAT_NAME = "cogvx-latent-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 moved per-sample keys and digests out of manifest.json into index.safetensors, with member offsets."""
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 PARTS_DIR = "parts"
@@ -111,6 +120,12 @@ def sample_digest(sample: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def member_rows(shard: str | Path, keys: list[str]) -> list[list[int]]:
+    """ShardEntry.members of a written shard file: where each sample's two members sit, from its tar headers."""
+    members = tar_members(str(shard))
+    return [member_row(members, key, TENSORS_EXT, META_EXT) for key in keys]
+
+
 def decode_sample(sample: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and metadata of a sample read from a shard (raw bytes members, never unpickled)."""
     try:
@@ -137,6 +152,11 @@ class ShardEntry:
     """Sample keys in file order (lets readers address a sample by global index)."""
     digests: list[str] = field(default_factory=list)
     """sample_digest of each sample, in key order (empty in manifests written before digests were recorded)."""
+    members: list[list[int]] = field(default_factory=list)
+    """[tensors offset, tensors bytes, meta offset, meta bytes] of each sample, in key order (sample_index)."""
+
+    PER_SAMPLE = ("keys", "digests", "members")
+    """Lists kept in progress files and the index, not in a version 2 manifest."""
 
 
 @dataclass
@@ -186,6 +206,8 @@ class Manifest:
     buckets: list[list[int]] = field(default_factory=list)
     """Every [height, width] a sample may have (resolution buckets; each sample's JSON says its own). Empty means
     [[height, width]] only. height/width above are the first bucket."""
+    index: dict[str, Any] = field(default_factory=dict)
+    """name, bytes and sha256 of the sample index file (version 2; version 1 manifests list keys per shard)."""
 
     @property
     def num_samples(self) -> int:
@@ -211,24 +233,55 @@ class Manifest:
         return shapes
 
     def to_json(self) -> str:
-        """Serialised manifest."""
+        """Serialised manifest (shards without their per-sample lists, which the index holds)."""
         data = asdict(self)
+        for shard in data["shards"]:
+            for name in ShardEntry.PER_SAMPLE:
+                shard.pop(name)
         data["num_samples"] = self.num_samples
         return json.dumps(data, indent=2) + "\n"
 
     def write(self, folder: str | Path) -> Path:
-        """Write manifest.json atomically into `folder`."""
+        """Write index.safetensors from the shards' per-sample lists, then manifest.json, atomically into `folder`.
+        """
+        if all(len(shard.keys) == shard.samples for shard in self.shards):
+            index = SampleIndex.from_entries(self.shards).to_bytes()
+            write_atomic(Path(folder) / INDEX_NAME, index)
+            self.index = {"name": INDEX_NAME, "bytes": len(index), "sha256": hashlib.sha256(index).hexdigest()}
+        elif not self.index:
+            raise CogvxError(f"{folder}: a manifest without per-sample keys and without an index cannot be written")
+        # else: a manifest read back from a folder, whose index file stays as it is
+        self.format_version = FORMAT_VERSION
         return write_atomic(Path(folder) / MANIFEST_NAME, self.to_json())
 
     @classmethod
-    def read(cls, folder: str | Path) -> Manifest:
-        """Read and validate `folder/manifest.json` (or a manifest path)."""
-        path = Path(folder)
-        if path.is_dir():
-            path = path / MANIFEST_NAME
-        if not path.is_file():
-            raise CogvxError(f"no shard manifest at {path} (run `cogvx prep` first)")
-        return cls.parse(path.read_text(), where=str(path))
+    def read(cls, folder: str | Path, store: Store | None = None) -> Manifest:
+        """Read and validate `folder/manifest.json` (a local folder, a manifest path or a URL prefix)."""
+        if store is None and not str(folder).endswith(".json"):
+            store = Store(folder)
+        if store is None or not store.remote:
+            path = Path(folder)
+            if path.is_dir():
+                path = path / MANIFEST_NAME
+            if not path.is_file():
+                raise CogvxError(f"no shard manifest at {path} (run `cogvx prep` first)")
+            return cls.parse(path.read_text(), where=str(path))
+        try:
+            text = store.read(MANIFEST_NAME).decode()
+        except CogvxError as err:
+            raise CogvxError(f"no shard manifest: {err}") from err
+        return cls.parse(text, where=store.url(MANIFEST_NAME))
+
+    def sample_index(self, store: Store) -> SampleIndex:
+        """Every sample's key, digest and member offsets: the index file (version 2) or the shards' lists."""
+        if not self.index:
+            return SampleIndex.from_entries(self.shards)
+        where = store.url(self.index["name"])
+        data = store.read(self.index["name"])
+        if len(data) != self.index["bytes"] or hashlib.sha256(data).hexdigest() != self.index["sha256"]:
+            raise CogvxError(f"{where}: {len(data)} bytes that do not match the manifest's size and sha256 "
+                             "(damaged or from another prep run)")
+        return SampleIndex.from_bytes(data, where, self.num_samples, len(self.shards))
 
     @classmethod
     def parse(cls, text: str, where: str) -> Manifest:
@@ -240,10 +293,11 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise CogvxError(f"{where}: not a cogvx shard manifest (format {found!r})")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise CogvxError(
-                f"{where}: shard format version {data.get('format_version')} but this cogvx reads {FORMAT_VERSION}"
-            )
+        if data.get("format_version") not in READABLE_VERSIONS:
+            raise CogvxError(f"{where}: shard format version {data.get('format_version')} but this cogvx reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+        if data["format_version"] >= 2 and not data.get("index"):
+            raise CogvxError(f"{where}: a version 2 manifest without its sample index entry")
         data.pop("num_samples", None)
         try:
             data["shards"] = [ShardEntry(**s) for s in data.get("shards", [])]

@@ -54,7 +54,7 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
                 keys.append(key)
                 digests.append(shard_format.sample_digest(sample))
         shards.append(ShardEntry(path.name, size, path.stat().st_size, shard_format.file_sha256(path), keys,
-                                 digests))
+                                 digests, shard_format.member_rows(path, keys)))
     manifest = Manifest(**header, shards=shards)
     manifest.write(folder)
     return manifest

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.lora import LoraSettings
+from cogvx_dist.core.storage import check_storage_options
 from cogvx_dist.core.units import parse_bytes
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP")
@@ -30,8 +31,12 @@ class DataConfig:
     """Where the prep shards are and how they are read."""
 
     shards: str = ""
-    """Dataset folder holding manifest.json (exact order and resume), or with `streaming` an http(s) URL of such a
-    folder or a `pipe:` command template with {name} (e.g. "pipe:aws s3 cp s3://bucket/set/{name} -")."""
+    """Dataset folder holding manifest.json, or the URL of one (s3://, gs://, http(s)://: read with ranged reads,
+    in the same exact order, with exact resume); with `streaming` an http(s) URL or a `pipe:` command template with
+    {name} (e.g. "pipe:aws s3 cp s3://bucket/set/{name} -")."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Options for the object store's fsspec filesystem (e.g. {"client_kwargs": {"endpoint_url": ...}} for an
+    S3-compatible server); credentials are refused here, they come from the environment or the store's profile."""
     streaming: bool = False
     """Stream remote shards with WebDataset (shards drawn per rank with replacement); resume is approximate."""
     num_workers: int = 0
@@ -209,6 +214,7 @@ class RunConfig:
             raise CogvxError("optim.lr must be positive; optim.warmup_steps and optim.max_grad_norm non-negative")
         if len(self.optim.betas) != 2:
             raise CogvxError(f"optim.betas must have two values, got {self.optim.betas}")
+        check_storage_options(self.data.storage_options, "data.storage_options")
         if self.data.num_workers < 0:
             raise CogvxError("data.num_workers must be non-negative")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:

@@ -10,6 +10,7 @@ from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.families import SIZE_MULTIPLE
 from cogvx_dist.core.loading import CheckpointInfo, describe_checkpoint
 from cogvx_dist.core.shard_format import Manifest
+from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.reader import ShardIndex
@@ -35,16 +36,21 @@ def preflight(config: RunConfig) -> Preflight:
     import torch
 
     checkpoint = describe_checkpoint(config.model.path)
-    if config.data.streaming != is_remote(config.data.shards):
-        raise CogvxError(f"data.streaming={config.data.streaming} does not fit data.shards {config.data.shards!r}: "
-                         "streaming reads http(s):// or pipe: locations, a local folder is read with exact order")
+    if config.data.streaming and not is_remote(config.data.shards):
+        raise CogvxError(f"data.streaming is on but data.shards {config.data.shards!r} is a local folder: streaming "
+                         "reads http(s):// or pipe: locations; a folder is read in exact order")
+    if not config.data.streaming and config.data.shards.startswith("pipe:"):
+        raise CogvxError(f"data.shards {config.data.shards!r}: a pipe: location can only be streamed "
+                         "(data.streaming: true); exact order reads folders and s3://, gs://, http(s):// URLs")
+    store = Store(config.data.shards, config.data.storage_options)
     try:
         manifest = read_remote_manifest(config.data.shards) if config.data.streaming else Manifest.read(
-            config.data.shards)
+            config.data.shards, store)
     except CogvxError as err:
         raise CogvxError(f"data.shards: {err}") from err
     check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
-    index = None if config.data.streaming else ShardIndex(config.data.shards, manifest, config.data.verify)
+    index = None if config.data.streaming else ShardIndex(config.data.shards, manifest, config.data.verify,
+                                                          config.data.storage_options)
     warnings = _damaged_shards(config, index)
     if config.checkpoint.resume not in ("auto", "none"):
         from cogvx_dist.train.checkpoints import find_resume_point
@@ -70,7 +76,7 @@ def _damaged_shards(config: RunConfig, index: ShardIndex | None) -> list[str]:
     """Shards whose size differs from the manifest: an error, or with on_bad_sample skip a warning each."""
     if index is None or not index.damaged:
         return []
-    problems = [f"shard {index.folder / name}: {why}" for name, why in sorted(index.damaged.items())]
+    problems = [f"shard {index.store.url(name)}: {why}" for name, why in sorted(index.damaged.items())]
     if config.data.on_bad_sample == "fail":
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CogvxError(f"data.shards: {problems[0]}{more}; run `cogvx shards verify`, or train on without its "

@@ -9,7 +9,6 @@ from the stream position alone.
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.sample_index import UNKNOWN, member_row, tar_members
 from cogvx_dist.core.shard_format import (
     IMAGE_TENSORS,
     MANIFEST_NAME,
@@ -28,6 +28,7 @@ from cogvx_dist.core.shard_format import (
     decode_sample,
     sample_digest,
 )
+from cogvx_dist.core.storage import Store
 
 
 class BadSample(Exception):
@@ -39,109 +40,112 @@ class BadSample(Exception):
 
 
 class ShardIndex:
-    """Random access to every sample of a local dataset folder by global index (manifest order).
+    """Random access to every sample of a dataset by global index (manifest order), from a local folder or a URL
+    prefix (core/storage.py): each sample is one ranged read at the offsets the sample index records (a version 1
+    manifest's shards have their tar headers scanned once instead).
 
-    With `verify` "size" or "sha256", every shard's size is compared with the manifest at start-up (the problems
-    are in `damaged`); with "sha256" each sample's digest is checked as it is read. `read` raises BadSample for a
-    sample that is missing, does not decode, fails its digest or holds non-finite values.
+    With `verify` "size" or "sha256", every shard's size is compared with the manifest at start-up (one listing for
+    an object store; the problems are in `damaged`); with "sha256" each sample's digest is checked as it is read.
+    `read` raises BadSample for a sample that is missing, cannot be fetched, does not decode, fails its digest or
+    holds non-finite values.
     """
 
-    def __init__(self, folder: str | Path, manifest: Manifest | None = None, verify: str = "size") -> None:
-        self.folder = Path(folder)
-        self.manifest = manifest or Manifest.read(self.folder)
+    def __init__(self, folder: str | Path, manifest: Manifest | None = None, verify: str = "size",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.store = Store(folder, storage_options)
+        self.manifest = manifest or Manifest.read(folder, self.store)
+        self.samples = self.manifest.sample_index(self.store)
         self.verify = verify
-        self.entries: list[tuple[int, int]] = []
-        """(shard number, position in the shard) of each global sample index."""
         self.damaged: dict[str, str] = {}
         """Shard name -> why its file does not match the manifest."""
-        self._offsets: dict[int, dict[str, tuple[int, int]]] = {}
-        for shard_number, shard in enumerate(self.manifest.shards):
-            path = self.folder / shard.name
-            if not path.is_file():
-                raise CogvxError(f"data.shards: shard {path} listed in the manifest is missing")
-            if len(shard.keys) != shard.samples:
-                raise CogvxError(f"{self.folder / MANIFEST_NAME}: shard {shard.name} lists {len(shard.keys)} keys "
-                                 f"for {shard.samples} samples")
-            self.entries.extend((shard_number, i) for i in range(len(shard.keys)))
-            size = path.stat().st_size
+        shards = self.manifest.shards
+        sizes = self.store.sizes([shard.name for shard in shards])
+        for shard_number, shard in enumerate(shards):
+            size = sizes[shard.name]
+            if size is None:
+                raise CogvxError(f"data.shards: shard {self.store.url(shard.name)} listed in the manifest is missing")
+            listed = len(self.samples.shard_indices(shard_number))
+            if listed != shard.samples:
+                raise CogvxError(f"{self.store.url(MANIFEST_NAME)}: shard {shard.name} lists {listed} keys for "
+                                 f"{shard.samples} samples")
             if verify != "none" and size != shard.bytes:
-                cut = self._cut_off(shard_number)
+                cut = self._cut_off(shard_number, size)
                 self.damaged[shard.name] = f"{size} bytes, the manifest says {shard.bytes}{cut}"
-        if not self.entries:
-            raise CogvxError(f"data.shards: {self.folder} holds no samples")
+        if not len(self.samples):
+            raise CogvxError(f"data.shards: {self.store.location} holds no samples")
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.samples)
 
-    def _cut_off(self, shard_number: int) -> str:
+    def _cut_off(self, shard_number: int, size: int) -> str:
         """Which samples a damaged shard no longer holds whole, for the message."""
-        members = self._members(shard_number)
-        shard = self.manifest.shards[shard_number]
-        size = (self.folder / shard.name).stat().st_size
-
-        def whole(name: str) -> bool:
-            return name in members and sum(members[name]) <= size  # offset + length within the file
-
-        missing = [key for key in shard.keys if not (whole(f"{key}.{TENSORS_EXT}") and whole(f"{key}.{META_EXT}"))]
+        self._locate(shard_number)
+        indices = self.samples.shard_indices(shard_number)
+        rows = self.samples.members[indices.start:indices.stop]
+        whole = (rows[:, 0] != UNKNOWN) & (rows[:, 2] != UNKNOWN) & (rows[:, 2] + rows[:, 3] <= size)
+        missing = [indices[i] for i in (~whole).nonzero().flatten().tolist()]
         if not missing:
             return " (replaced?)"
-        return f" (truncated: {len(missing)} of its {len(shard.keys)} samples cut off, from {missing[0]})"
+        return (f" (truncated: {len(missing)} of its {len(indices)} samples cut off, from "
+                f"{self.samples.key(missing[0])})")
 
-    def _members(self, shard_number: int) -> dict[str, tuple[int, int]]:
-        """(offset, size) of each member of a shard; a truncated shard gives the members before the damage."""
-        if shard_number not in self._offsets:
-            members: dict[str, tuple[int, int]] = {}
-            try:
-                with tarfile.open(self.folder / self.manifest.shards[shard_number].name) as tar:
-                    for member in tar:
-                        if member.isfile():
-                            members[member.name] = (member.offset_data, member.size)
-            except (tarfile.TarError, OSError):
-                pass  # the samples after the damage are missing; read() names them
-            self._offsets[shard_number] = members
-        return self._offsets[shard_number]
+    def _locate(self, shard_number: int) -> None:
+        """Make sure a shard's member offsets are known: scan its tar headers where the manifest recorded none (a
+        damaged shard gives the members before the damage)."""
+        if self.samples.has_offsets(shard_number):
+            return
+        name = self.manifest.shards[shard_number].name
+        try:
+            with self.store.open(name) as handle:
+                members = tar_members(handle)
+        except (CogvxError, OSError):
+            members = {}
+        keys = self.samples.keys_of(shard_number)
+        self.samples.set_members(shard_number, [member_row(members, k, TENSORS_EXT, META_EXT) for k in keys])
 
     def read(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata of global sample `index`; BadSample if it cannot be trusted."""
-        shard_number, position = self.entries[index]
-        shard = self.manifest.shards[shard_number]
-        key = shard.keys[position]
-        sample = self._raw(shard_number, key)
-        if self.verify == "sha256" and shard.digests and sample_digest(sample) != shard.digests[position]:
-            raise BadSample(shard.name, key, "sha256 differs from the manifest (damaged bytes)")
+        shard, key = self.shard_of(index), self.key(index)
+        sample = self._raw(index)
+        digest = self.samples.digest(index)
+        if self.verify == "sha256" and digest and sample_digest(sample) != digest:
+            raise BadSample(shard, key, "sha256 differs from the manifest (damaged bytes)")
         try:
             tensors, meta = decode_sample(sample)
         except Exception as err:  # any decode failure of stored bytes is a bad sample, never a crash
-            raise BadSample(shard.name, key, f"does not decode ({first_line(err)})") from err
+            raise BadSample(shard, key, f"does not decode ({first_line(err)})") from err
         for name, tensor in tensors.items():
             if not torch.isfinite(tensor).all():
-                raise BadSample(shard.name, key, f"{name} holds non-finite values")
+                raise BadSample(shard, key, f"{name} holds non-finite values")
         return tensors, meta
 
-    def _raw(self, shard_number: int, key: str) -> dict[str, Any]:
-        shard = self.manifest.shards[shard_number]
-        members = self._members(shard_number)
+    def _raw(self, index: int) -> dict[str, Any]:
+        """The sample's two members, fetched with one read spanning both (they are adjacent in the tar)."""
+        shard, key = self.shard_of(index), self.key(index)
+        self._locate(self.samples.shard_of(index))
+        tensors_at, tensors_bytes, meta_at, meta_bytes = self.samples.member(index)
+        for ext, at in ((TENSORS_EXT, tensors_at), (META_EXT, meta_at)):
+            if at == UNKNOWN:
+                raise BadSample(shard, key, f"no {ext} member (the shard ends early or was rewritten)")
+        first, end = min(tensors_at, meta_at), max(tensors_at + tensors_bytes, meta_at + meta_bytes)
+        try:
+            span = self.store.read(shard, first, end - first)
+        except CogvxError as err:
+            raise BadSample(shard, key, f"cannot be fetched ({err})") from err
         sample: dict[str, Any] = {"__key__": key}
-        with open(self.folder / shard.name, "rb") as handle:
-            for ext in (TENSORS_EXT, META_EXT):
-                name = f"{key}.{ext}"
-                if name not in members:
-                    raise BadSample(shard.name, key, f"no {ext} member (the shard ends early or was rewritten)")
-                offset, size = members[name]
-                handle.seek(offset)
-                sample[ext] = handle.read(size)
-                if len(sample[ext]) != size:
-                    raise BadSample(shard.name, key, f"{ext} member cut short (the shard ends early)")
+        for ext, at, size in ((TENSORS_EXT, tensors_at, tensors_bytes), (META_EXT, meta_at, meta_bytes)):
+            sample[ext] = span[at - first:at - first + size]
+            if len(sample[ext]) != size:
+                raise BadSample(shard, key, f"{ext} member cut short (the shard ends early)")
         return sample
 
     def key(self, index: int) -> str:
         """Sample key of global index `index`."""
-        shard_number, position = self.entries[index]
-        return self.manifest.shards[shard_number].keys[position]
+        return self.samples.key(index)
 
     def shard_of(self, index: int) -> str:
         """File name of the shard holding global index `index`."""
-        return self.manifest.shards[self.entries[index][0]].name
+        return self.manifest.shards[self.samples.shard_of(index)].name
 
 
 class SampleStream:

@@ -33,6 +33,7 @@ from tests.helpers import (
     read_adapter,
     read_trace,
     record_fault_time,
+    shard_keys,
     summary_of,
     write_config,
 )
@@ -190,7 +191,7 @@ def overflowing(data, tmp_path_factory) -> tuple[Path, str]:
     shutil.copytree(data[1], folder)
     manifest = shard_format.Manifest.read(folder)
     entry = manifest.shards[0]
-    key = entry.keys[0]
+    key = shard_keys(folder)[entry.name][0]
     import webdataset as wds
 
     samples = list(wds.WebDataset(str(folder / entry.name), shardshuffle=False))

@@ -18,6 +18,7 @@ import torch
 
 from cogvx_dist.core import shard_format as schema
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.storage import Store
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, render_clip, write_mp4
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, choose_bucket, decode_video, frame_indices, to_model_input
@@ -25,7 +26,7 @@ from data_prep.inputs import read_records
 from data_prep.ranks import discover_ranks, under_mpi
 from data_prep.run import run_prep
 from data_prep.shards import verify
-from tests.helpers import assert_one_line_error, cli, run_cli
+from tests.helpers import assert_one_line_error, cli, run_cli, shard_keys
 
 EXPECTED_REASON = {
     "truncated": "unreadable video",
@@ -271,12 +272,17 @@ def test_manifest_records_geometry_scaling_and_shards(prepped, dataset):
                         schema.PROMPT_EMBEDS: "float32"}
     assert m.num_samples == 7 and m.skipped == 6 and m.extra["inputs"] == 13
     assert [s.samples for s in m.shards] == [3, 3, 1]  # shard_max_samples=3
-    for entry in m.shards:
+    index = m.sample_index(Store(out))
+    for shard_number, entry in enumerate(m.shards):
         path = out / entry.name
         assert entry.bytes == path.stat().st_size and entry.sha256 == schema.file_sha256(path)
         with tarfile.open(path) as tar:
-            names = [n.split(".", 1)[0] for n in tar.getnames()]
-        assert entry.keys == list(dict.fromkeys(names))
+            members = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        keys = index.keys_of(shard_number)
+        assert keys == list(dict.fromkeys(name.split(".", 1)[0] for name in members))
+        for key, sample in zip(keys, index.shard_indices(shard_number)):  # where a ranged read finds each member
+            recorded = index.member(sample)
+            assert recorded == (*members[f"{key}.{schema.TENSORS_EXT}"], *members[f"{key}.{schema.META_EXT}"])
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
@@ -329,7 +335,7 @@ def test_shards_are_plain_tar_without_pickles(prepped, monkeypatch):
     assert len(batches) == 4
     for batch in batches:
         assert batch[schema.LATENT_MEAN].shape == (1, 16, 3, 4, 6) and len(batch["keys"]) == 1
-        assert batch["keys"][0] in {key for shard in manifest.shards for key in shard.keys}
+        assert batch["keys"][0] in {key for keys in shard_keys(out).values() for key in keys}
     assert unpickled == []
 
 
