@@ -27,6 +27,18 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixture."""
+
+    shards: str = ""
+    """Its folder or URL (as data.shards)."""
+    weight: float = 1.0
+    """Its share of the samples, relative to the other sources' weights."""
+    name: str = ""
+    """Name in metrics (samples_seen/NAME); default: the folder's last path part."""
+
+
+@dataclass
 class DataConfig:
     """Where the prep shards are and how they are read."""
 
@@ -34,6 +46,9 @@ class DataConfig:
     """Dataset folder holding manifest.json, or the URL of one (s3://, gs://, http(s)://: read with ranged reads,
     in the same exact order, with exact resume); with `streaming` an http(s) URL or a `pipe:` command template with
     {name} (e.g. "pipe:aws s3 cp s3://bucket/set/{name} -")."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture instead of data.shards: datasets of the same family and geometry, each drawn with its weight in
+    exact quotas per round of 1000 samples, deterministic from the seed and resumed exactly."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Options for the object store's fsspec filesystem (e.g. {"client_kwargs": {"endpoint_url": ...}} for an
     S3-compatible server); credentials are refused here, they come from the environment or the store's profile."""
@@ -190,8 +205,8 @@ class RunConfig:
         """Checks that need no other process and no files beyond the config."""
         if not self.model.path:
             raise CogvxError("model.path is required (a CogVideoX checkpoint folder or hub id)")
-        if not self.data.shards:
-            raise CogvxError("data.shards is required (the folder `cogvx prep` wrote)")
+        if not self.data.shards and not self.data.sources:
+            raise CogvxError("data.shards is required (the folder `cogvx prep` wrote), or data.sources for a mixture")
         self.validate_settings()
 
     def validate_settings(self) -> None:
@@ -215,6 +230,7 @@ class RunConfig:
         if len(self.optim.betas) != 2:
             raise CogvxError(f"optim.betas must have two values, got {self.optim.betas}")
         check_storage_options(self.data.storage_options, "data.storage_options")
+        self._check_sources()
         if self.data.num_workers < 0:
             raise CogvxError("data.num_workers must be non-negative")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
@@ -230,6 +246,27 @@ class RunConfig:
             parse_bytes(self.plan.gpu_memory, "plan.gpu_memory")
         if self.distributed.timeout_s <= 0 or self.distributed.stall_timeout_s < 0:
             raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
+
+    def _check_sources(self) -> None:
+        if not self.data.sources:
+            return
+        if self.data.shards:
+            raise CogvxError("data.shards and data.sources exclude each other: one dataset, or a mixture")
+        if self.data.streaming:
+            raise CogvxError("data.sources cannot be streamed (data.streaming): mixtures read in exact order")
+        for number, source in enumerate(self.data.sources):
+            if not source.shards:
+                raise CogvxError(f"data.sources[{number}].shards is required")
+            if not source.weight > 0:
+                raise CogvxError(f"data.sources[{number}].weight must be positive, got {source.weight}")
+        names = self.source_names()
+        twice = sorted(name for name in names if names.count(name) > 1)
+        if twice:
+            raise CogvxError(f"data.sources: two sources are named {twice[0]!r}; give each a distinct name")
+
+    def source_names(self) -> list[str]:
+        """Each mixture source's name in metrics."""
+        return [s.name or s.shards.rstrip("/").rsplit("/", 1)[-1] for s in self.data.sources]
 
     def check_world(self, data_parallel_size: int) -> int:
         """The global batch size for `data_parallel_size` ranks; rejects an indivisible global_batch_size."""

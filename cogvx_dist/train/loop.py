@@ -32,6 +32,7 @@ from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import zero_stage
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
+from cogvx_dist.train.mixture import MixedIndex
 from cogvx_dist.train.model import build_model, forbid_encoders
 from cogvx_dist.train.preemption import PreemptionFlag, exit_now
 from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
@@ -144,6 +145,8 @@ class Trainer:
             if step % config.log.every_steps == 0 or step == config.train.max_steps:
                 values = meter.values(lr, self.engine.grad_norm(), position)
                 values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps)
+                if isinstance(self.checks.index, MixedIndex):
+                    values.update(self.checks.index.seen(position, config.train.seed))
                 metrics.log(step, values)
                 progress.set_postfix(loss=f"{values['loss'] or float('nan'):.4f}",
                                      samples_s=f"{values['samples_per_s']:.2f}")

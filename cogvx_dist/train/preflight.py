@@ -13,6 +13,7 @@ from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
 from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.mixture import MixedIndex, combined_manifest
 from cogvx_dist.train.reader import ShardIndex
 from cogvx_dist.train.streaming import is_remote, read_remote_manifest
 
@@ -23,8 +24,8 @@ class Preflight:
 
     checkpoint: CheckpointInfo
     manifest: Manifest
-    index: ShardIndex | None
-    """Random access to local shards; None in streaming mode."""
+    index: ShardIndex | MixedIndex | None
+    """Random access to the dataset (or the mixture); None in streaming mode."""
     ds_config: dict[str, Any]
     """The DeepSpeed config with the run's values filled in."""
     warnings: list[str] = field(default_factory=list)
@@ -42,15 +43,13 @@ def preflight(config: RunConfig) -> Preflight:
     if not config.data.streaming and config.data.shards.startswith("pipe:"):
         raise CogvxError(f"data.shards {config.data.shards!r}: a pipe: location can only be streamed "
                          "(data.streaming: true); exact order reads folders and s3://, gs://, http(s):// URLs")
-    store = Store(config.data.shards, config.data.storage_options)
-    try:
-        manifest = read_remote_manifest(config.data.shards) if config.data.streaming else Manifest.read(
-            config.data.shards, store)
-    except CogvxError as err:
-        raise CogvxError(f"data.shards: {err}") from err
-    check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
-    index = None if config.data.streaming else ShardIndex(config.data.shards, manifest, config.data.verify,
-                                                          config.data.storage_options)
+    if config.data.sources:
+        manifest, index = _open_mixture(config, checkpoint)
+    elif config.data.streaming:
+        manifest, index = read_remote_manifest(config.data.shards), None
+        check_manifest(manifest, checkpoint, where=f"data.shards {config.data.shards}")
+    else:
+        manifest, index = _open_dataset(config, checkpoint, config.data.shards, "data.shards")
     warnings = _damaged_shards(config, index)
     if config.checkpoint.resume not in ("auto", "none"):
         from cogvx_dist.train.checkpoints import find_resume_point
@@ -72,11 +71,33 @@ def preflight(config: RunConfig) -> Preflight:
     return Preflight(checkpoint, manifest, index, resolved, warnings)
 
 
-def _damaged_shards(config: RunConfig, index: ShardIndex | None) -> list[str]:
+def _open_dataset(config: RunConfig, checkpoint: CheckpointInfo, location: str,
+                  key: str) -> tuple[Manifest, ShardIndex]:
+    """One dataset's manifest, checked against the model, and its index; errors name the config key."""
+    store = Store(location, config.data.storage_options)
+    try:
+        manifest = Manifest.read(location, store)
+    except CogvxError as err:
+        raise CogvxError(f"{key}: {err}") from err
+    check_manifest(manifest, checkpoint, where=f"{key} {location}")
+    return manifest, ShardIndex(location, manifest, config.data.verify, config.data.storage_options)
+
+
+def _open_mixture(config: RunConfig, checkpoint: CheckpointInfo) -> tuple[Manifest, MixedIndex]:
+    """Every source of a mixture, each checked against the model, and the manifest standing for them all."""
+    opened = [_open_dataset(config, checkpoint, source.shards, f"data.sources[{number}].shards")
+              for number, source in enumerate(config.data.sources)]
+    combined = combined_manifest([manifest for manifest, _ in opened])
+    index = MixedIndex([index for _, index in opened], config.source_names(),
+                       [source.weight for source in config.data.sources])
+    return combined, index
+
+
+def _damaged_shards(config: RunConfig, index: ShardIndex | MixedIndex | None) -> list[str]:
     """Shards whose size differs from the manifest: an error, or with on_bad_sample skip a warning each."""
     if index is None or not index.damaged:
         return []
-    problems = [f"shard {index.store.url(name)}: {why}" for name, why in sorted(index.damaged.items())]
+    problems = [f"shard {location}: {why}" for location, why in sorted(index.damaged.items())]
     if config.data.on_bad_sample == "fail":
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CogvxError(f"data.shards: {problems[0]}{more}; run `cogvx shards verify`, or train on without its "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -57,7 +57,7 @@ class ShardIndex:
         self.samples = self.manifest.sample_index(self.store)
         self.verify = verify
         self.damaged: dict[str, str] = {}
-        """Shard name -> why its file does not match the manifest."""
+        """Shard location -> why its file does not match the manifest."""
         shards = self.manifest.shards
         sizes = self.store.sizes([shard.name for shard in shards])
         for shard_number, shard in enumerate(shards):
@@ -70,7 +70,7 @@ class ShardIndex:
                                  f"{shard.samples} samples")
             if verify != "none" and size != shard.bytes:
                 cut = self._cut_off(shard_number, size)
-                self.damaged[shard.name] = f"{size} bytes, the manifest says {shard.bytes}{cut}"
+                self.damaged[self.store.url(shard.name)] = f"{size} bytes, the manifest says {shard.bytes}{cut}"
         if not len(self.samples):
             raise CogvxError(f"data.shards: {self.store.location} holds no samples")
 
@@ -147,6 +147,24 @@ class ShardIndex:
         """File name of the shard holding global index `index`."""
         return self.manifest.shards[self.samples.shard_of(index)].name
 
+    def stream(self, seed: int) -> SampleStream:
+        """The run's sample order over this dataset."""
+        return SampleStream(len(self), seed)
+
+
+class Samples(Protocol):
+    """What micro-batches read from: one dataset (ShardIndex) or a mixture of several (train/mixture.py)."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]: ...
+
+    def key(self, index: int) -> str: ...
+
+    def shard_of(self, index: int) -> str: ...
+
+    def stream(self, seed: int) -> Any: ...
+
 
 class SampleStream:
     """Stream position -> sample index: per-epoch permutations seeded by (seed, epoch)."""
@@ -155,16 +173,17 @@ class SampleStream:
         self.num_samples = num_samples
         self.seed = seed
         self._epoch = -1
-        self._perm: list[int] = []
+        self._perm = torch.empty(0, dtype=torch.long)
+        """This epoch's permutation, as a tensor (8 bytes a sample; a list would take 36)."""
 
     def sample_at(self, position: int) -> int:
         """The sample index at a stream position."""
         epoch, offset = divmod(position, self.num_samples)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.num_samples, generator=generator).tolist()
+            self._perm = torch.randperm(self.num_samples, generator=generator)
             self._epoch = epoch
-        return self._perm[offset]
+        return int(self._perm[offset])
 
 
 @dataclass(frozen=True)
@@ -202,11 +221,11 @@ class MicroBatches(Dataset):
     would reach it wrapped in a traceback).
     """
 
-    def __init__(self, index: ShardIndex, plan: BatchPlan, seed: int, start_position: int, steps: int,
+    def __init__(self, index: Samples, plan: BatchPlan, seed: int, start_position: int, steps: int,
                  on_bad: str = "fail") -> None:
         self.index = index
         self.plan = plan
-        self.stream = SampleStream(len(index), seed)
+        self.stream = index.stream(seed)
         self.start_position = start_position
         self.steps = steps
         self.on_bad = on_bad

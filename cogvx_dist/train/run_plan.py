@@ -97,11 +97,16 @@ def run_from_family(family_name: str, config: RunConfig, ranks: int,
 
 
 def read_manifest(config: RunConfig) -> Manifest:
-    """The manifest of the run's shards, local or streamed."""
+    """The manifest of the run's shards (local, remote or streamed), or the one standing for its mixture."""
+    from cogvx_dist.core.storage import Store
+    from cogvx_dist.train.mixture import combined_manifest
     from cogvx_dist.train.streaming import read_remote_manifest
 
-    shards = config.data.shards
-    return read_remote_manifest(shards) if config.data.streaming else Manifest.read(shards)
+    if config.data.streaming:
+        return read_remote_manifest(config.data.shards)
+    locations = [source.shards for source in config.data.sources] or [config.data.shards]
+    return combined_manifest([Manifest.read(location, Store(location, config.data.storage_options))
+                              for location in locations])
 
 
 def gpu_memory(setting: str, key: str, local_rank: int | None) -> int | None:

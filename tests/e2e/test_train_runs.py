@@ -192,6 +192,32 @@ def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, stra
                                     if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt"))
 
 
+def test_a_mixture_crashed_and_resumed_equals_the_uninterrupted_mixture(prepped_2b, synthetic_shards, tmp_path):
+    """Two folders mixed 3:1 on two ranks: the uninterrupted run and a run crashed after its step-4 checkpoint and
+    resumed end bit-identical, and the metrics count the samples each source gave."""
+    from cogvx_dist.train.mixture import MixtureStream
+
+    model, prepped = prepped_2b
+    _, synthetic = synthetic_shards([4, 4])
+    sources = {"sources": [{"shards": str(prepped), "weight": 3, "name": "clips"},
+                           {"shards": str(synthetic), "weight": 1, "name": "synthetic"}]}
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    for output in (straight, crashed):
+        write_config(tmp_path / f"{output.name}.yaml", model, "", output, data=sources)
+    assert launch(tmp_path / "straight.yaml").returncode == 0
+    assert launch(tmp_path / "crashed.yaml", env={FAULT_ENV: "train.committed=4"}).returncode != 0
+    second = launch(tmp_path / "crashed.yaml", 2, "checkpoint.resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_run(straight, crashed)
+    last = json.loads(RunFolder(straight).metrics.read_text().splitlines()[-1])
+    expected = MixtureStream([8, 8], [3, 1], seed=5).seen(8 * 4)  # 8 steps of 4 samples, train.seed 5
+    assert [last["samples_seen/clips"], last["samples_seen/synthetic"]] == expected
+    assert sum(expected) == 32
+    keys = {key for *_, key in read_trace(straight)}
+    assert keys & set(ShardIndex(prepped).key(i) for i in range(8)) and keys & set(
+        ShardIndex(synthetic).key(i) for i in range(8))
+
+
 def test_streaming_over_http_trains_on_two_ranks(prepped_2b, tmp_path):
     """Shards served over HTTP on loopback; every rank streams, runs all steps, and ends identical."""
     import functools
