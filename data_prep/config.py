@@ -25,7 +25,11 @@ class PrepConfig:
     data: str = ""
     """Dataset: a folder (CogVideo txt lists, metadata.csv/.jsonl, or name.mp4 + name.txt pairs) or a CSV/JSONL file."""
     out: str = ""
-    """Output folder for shards, manifest.json, errors.jsonl and per-rank progress files (parts/)."""
+    """Output folder for shards, manifest.json, errors.jsonl and per-rank progress files (parts/), or an object
+    store URL (s3://, gs://) that a local staging folder is mirrored to."""
+    stage: str = ""
+    """With an output URL: the local folder shards are written in before upload (default: one under the system
+    temporary folder, named after the URL)."""
     layout: str = "auto"
     """Input layout: auto, cogvideo (prompts.txt or prompt.txt + videos.txt [+ images.txt]), csv, jsonl, or
     folder."""
@@ -117,6 +121,8 @@ class PrepConfig:
         for key in ("model", "data", "out"):
             if not getattr(self, key):
                 raise CogvxError(f"{key} is required (--{key})")
+        if self.out.startswith(("http://", "https://")):
+            raise CogvxError(f"out {self.out}: http(s) URLs cannot be written; give a folder or an s3:// or gs:// URL")
         if self.layout not in LAYOUTS:
             raise CogvxError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
         if self.storage_dtype not in DTYPE_NAMES:

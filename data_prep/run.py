@@ -24,10 +24,12 @@ from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.faults import fault_hook
 from cogvx_dist.core.launch_env import RankInfo
 from cogvx_dist.core.logs import rank_logger
+from cogvx_dist.core.storage import is_url
 from data_prep import shards as shardio
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, Clip, decode_video, load_image
 from data_prep.inputs import ListFiles, Record, caption_list, read_records
+from data_prep.publish import Publisher, default_stage, local_input
 from data_prep.ranks import discover_ranks
 
 
@@ -103,13 +105,18 @@ def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[in
                  family_fps: float, image_to_video: bool) -> tuple[Clip, np.ndarray | None, float]:
     """Decode one record (runs in a worker thread); returns the clip, the I2V conditioning image and its seconds."""
     start = time.perf_counter()
-    clip = decode_video(root / record.video, frames, buckets, target_fps=config.target_fps,
-                        stride=config.frame_stride, default_fps=family_fps)
+    with local_input(root, record.video) as video:  # a listed URL is downloaded here, in the decode pool
+        clip = decode_video(video, frames, buckets, target_fps=config.target_fps, stride=config.frame_stride,
+                            default_fps=family_fps)
     image = None
     if image_to_video:
         bucket = (clip.frames.shape[1], clip.frames.shape[2])
         # The conditioning frame is the listed image where there is one, else the clip's own first frame.
-        image = load_image(root / record.image, bucket) if record.image else clip.frames[:1]
+        if record.image:
+            with local_input(root, record.image) as path:
+                image = load_image(path, bucket)
+        else:
+            image = clip.frames[:1]
     return clip, image, time.perf_counter() - start
 
 
@@ -154,7 +161,10 @@ class PrepJob:
         captions = caption_list(config.data, config.layout, lists)
         if captions is not None:
             self.log.info("CogVideo layout: captions from %s", captions)
-        self.out = Path(config.out)
+        self.publisher = Publisher(config.out, Path(config.stage or default_stage(config.out))) \
+            if is_url(config.out) else None
+        self.out = self.publisher.stage if self.publisher else Path(config.out)
+        """Where this process writes: the output folder, or the staging folder mirrored to the output URL."""
         # Before anything is written: building the header checks the component configs.
         self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps)
         self.failed = self.encoded = 0
@@ -175,6 +185,7 @@ class PrepJob:
 
     def _plan(self) -> list[Record]:
         """This rank's slice minus what complete shards already hold (of any rank); writes the progress file."""
+        published = self.publisher.pull_progress() if self.publisher else None
         parts = shardio.all_parts(self.out)
         for other_rank, other in parts.items():
             if other["header"] != self.header:
@@ -184,7 +195,10 @@ class PrepJob:
                     f"{self.out} holds shards made with other settings ({', '.join(diff)} differ from rank "
                     f"{other_rank}'s); use a new --out folder or the same settings")
         mine_before = parts.get(self.rank)
-        own_shards = shardio.recover_rank_shards(self.out, self.rank, mine_before["shards"] if mine_before else [])
+        own_shards = shardio.recover_rank_shards(self.out, self.rank, mine_before["shards"] if mine_before else [],
+                                                 published)
+        if self.publisher:
+            self._republish(own_shards, published)
         done = {k for r, p in parts.items() if r != self.rank for e in p["shards"] for k in e.keys}
         done.update(k for e in own_shards for k in e.keys)
         self.mine = self.records[self.rank::self.world]  # disjoint, deterministic, balanced
@@ -194,7 +208,7 @@ class PrepJob:
             "rank": self.rank, "world_size": self.world, "complete": False, "header": self.header,
             "settings": _settings(self.config), "inputs": len(self.mine), "shards": own_shards, "stats": {},
         }
-        shardio.write_part(self.out, self.part)
+        self._save_part()
         if self.already:
             self.log.info("resuming: %d of %d inputs of rank %d are already in complete shards", self.already,
                           len(self.mine), self.rank)
@@ -236,9 +250,27 @@ class PrepJob:
                           self.ranks.source, len(usable), self.device, compute, self.frames,
                           ", ".join(f"{h}x{w}" for h, w in self.buckets))
 
-    def _on_shard(self, entry: shard_format.ShardEntry) -> None:
-        self.part["shards"].append(entry)
+    def _republish(self, own_shards: list[shard_format.ShardEntry], published: dict[str, int]) -> None:
+        """Output URL: upload this rank's shards finished locally but not yet uploaded (a crash in between), and
+        delete those the store holds but no progress file lists (uploaded just before a crash)."""
+        kept = {entry.name for entry in own_shards}
+        for name in sorted(kept - set(published)):
+            self.publisher.shard(name)
+        for name in sorted(set(published) - kept):
+            if name.startswith(f"shard-r{self.rank:05d}-"):
+                self.publisher.delete(name)
+
+    def _save_part(self) -> None:
+        """Write this rank's progress file (and upload it, after the shards it lists, with an output URL)."""
         shardio.write_part(self.out, self.part)
+        if self.publisher:
+            self.publisher.file(shard_format.part_path(self.out, self.rank))
+
+    def _on_shard(self, entry: shard_format.ShardEntry) -> None:
+        if self.publisher:
+            self.publisher.shard(entry.name)
+        self.part["shards"].append(entry)
+        self._save_part()
 
     def _encode(self, usable: list[Record]) -> None:
         """Per chunk of records: T5 for every prompt, T5 freed, then the VAE over clips decoded ahead by a pool."""
@@ -318,7 +350,9 @@ class PrepJob:
         self.part["complete"] = True
         self.part["stats"] = {"encoded": self.encoded, "failed": self.failed, "already_done": self.already,
                               "seconds": round(seconds, 3), **timings}
-        shardio.write_part(self.out, self.part)
+        if self.publisher:
+            self.publisher.file(shard_format.rank_errors_path(self.out, self.rank))
+        self._save_part()
         result = PrepResult(self.rank, self.world, len(self.mine), self.already, self.encoded, self.failed,
                             self.writer.shards_written, self.writer.bytes_written, seconds, timings)
         self.log.info(summary_line(result))
@@ -339,15 +373,18 @@ class PrepJob:
         self.ranks.barrier()
         if self.ranks.comm is not None and self.rank != 0:
             return
+        published = self.publisher.pull_progress() if self.publisher else None
         _, missing, _ = shardio.parts_status(self.out)
         if missing:
             self.log.info("rank(s) %s still running; the last to finish (or `cogvx prep finalize %s`) writes the "
-                          "manifest", ", ".join(map(str, missing)), self.out)
+                          "manifest", ", ".join(map(str, missing)), self.config.out)
             return
-        manifest, inputs = shardio.finalize(self.out)
-        result.manifest = str(self.out / shard_format.MANIFEST_NAME)
+        manifest, inputs = shardio.finalize(self.out, published)
+        if self.publisher:
+            self.publisher.dataset()
+        result.manifest = f"{str(self.config.out).rstrip('/')}/{shard_format.MANIFEST_NAME}"
         result.job_inputs, result.job_skipped = inputs, manifest.skipped
-        self.log.info(finalize_line(self.out, manifest, inputs))
+        self.log.info(finalize_line(self.config.out, manifest, inputs))
         if inputs and manifest.skipped / inputs > self.config.max_failed_fraction:
             result.exit_code = 1
             self.log.info("%d of %d inputs failed, more than max_failed_fraction %g (reasons in %s)",
@@ -389,8 +426,8 @@ def summary_line(result: PrepResult) -> str:
     )
 
 
-def finalize_line(out: Path, manifest: shard_format.Manifest, inputs: int) -> str:
+def finalize_line(out: str | Path, manifest: shard_format.Manifest, inputs: int) -> str:
     """One line after the merge."""
     total = sum(s.bytes for s in manifest.shards)
-    return (f"wrote {out / shard_format.MANIFEST_NAME}: {manifest.num_samples} samples in {len(manifest.shards)} "
-            f"shards ({total} bytes), {manifest.skipped} of {inputs} inputs skipped")
+    return (f"wrote {str(out).rstrip('/')}/{shard_format.MANIFEST_NAME}: {manifest.num_samples} samples in "
+            f"{len(manifest.shards)} shards ({total} bytes), {manifest.skipped} of {inputs} inputs skipped")

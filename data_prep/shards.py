@@ -123,18 +123,17 @@ def all_parts(out: Path) -> dict[int, dict[str, Any]]:
     return parts
 
 
-def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry]) -> list[ShardEntry]:
+def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry],
+                        published: dict[str, int] | None = None) -> list[ShardEntry]:
     """The complete shards of a rank at start-up: those its progress file lists and still exist unchanged, plus
     finished shards it renamed but did not yet record (a crash between rename and progress write). Leftover
-    temporary shards are deleted: their samples are encoded again."""
+    temporary shards are deleted: their samples are encoded again. With an output URL, `published` (the store's
+    shards and sizes) says what exists; a shard uploaded but not yet recorded is encoded again."""
     out = Path(out)
     for tmp in out.glob(f".shard-r{rank:05d}-*.tar.tmp"):
         tmp.unlink()
-    kept = []
-    for entry in listed:
-        path = out / entry.name
-        if path.is_file() and path.stat().st_size == entry.bytes:
-            kept.append(entry)
+    present = _local_shards(out) if published is None else published
+    kept = [entry for entry in listed if present.get(entry.name) == entry.bytes]
     known = {e.name for e in kept}
     for path in sorted(out.glob(f"shard-r{rank:05d}-*.tar")):
         if path.name in known:
@@ -144,6 +143,10 @@ def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry]) -> list[
         except (tarfile.TarError, OSError, KeyError):
             path.unlink()  # cannot happen through rename, but never keep an unreadable shard
     return sorted(kept, key=lambda e: e.name)
+
+
+def _local_shards(out: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in out.glob("shard-*.tar")}
 
 
 def next_shard_index(out: Path, rank: int, shards: list[ShardEntry]) -> int:
@@ -175,8 +178,9 @@ def parts_status(out: Path) -> tuple[int | None, list[int], dict[int, dict[str, 
     return world, missing, parts
 
 
-def finalize(out: str | Path) -> tuple[Manifest, int]:
-    """Merge every rank's progress into manifest.json and errors.jsonl; returns (manifest, inputs in the job).
+def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[Manifest, int]:
+    """Merge every rank's progress into index.safetensors, manifest.json and errors.jsonl; returns (manifest,
+    inputs in the job). With an output URL, `published` lists the shards the store holds.
 
     Raises CogvxError when a rank has not finished (so the manifest is never written from part of a job).
     """
@@ -197,8 +201,9 @@ def finalize(out: str | Path) -> tuple[Manifest, int]:
         shards.extend(part["shards"])
     shards.sort(key=lambda e: e.name)
     seen: set[str] = set()
+    present = _local_shards(out) if published is None else published
     for entry in shards:
-        if not (out / entry.name).is_file():
+        if entry.name not in present:
             raise CogvxError(f"{out}: shard {entry.name} is listed by rank progress but missing on disk")
         dup = seen.intersection(entry.keys)
         if dup:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,8 @@ def s3_server(monkeypatch: pytest.MonkeyPatch | None = None) -> Iterator[dict[st
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    # moto keeps its buckets per process, not per server: start each server empty
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
     if monkeypatch is not None:
         for name, value in env.items():
             monkeypatch.setenv(name, value)

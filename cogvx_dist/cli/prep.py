@@ -20,7 +20,8 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
     prep.add_argument("--model", help="CogVideoX checkpoint (diffusers folder or hub id)")
     prep.add_argument("--model-id", dest="model_id", help="model name to record in the manifest (default: --model)")
     prep.add_argument("--data", help="dataset folder, or a CSV/JSONL file with video and prompt columns")
-    prep.add_argument("--out", help="output folder for shards and manifest.json")
+    prep.add_argument("--out", help="output folder for shards and manifest.json, or an s3:// or gs:// URL")
+    prep.add_argument("--stage", help="with an output URL: local folder for shards before upload")
     prep.add_argument("--layout", choices=("auto", "cogvideo", "csv", "jsonl", "folder"), help="input layout")
     prep.add_argument("--caption-file", dest="caption_file",
                       help="CogVideo layout: caption list in --data (default: prompts.txt or prompt.txt)")
@@ -55,7 +56,7 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
                       help="no progress bar")
 
 
-_FIELDS = ("model", "model_id", "data", "out", "layout", "caption_file", "video_file", "image_file", "frames",
+_FIELDS = ("model", "model_id", "data", "out", "stage", "layout", "caption_file", "video_file", "image_file", "frames",
            "target_fps", "frame_stride", "storage_dtype", "compute_dtype", "device", "text_batch_size",
            "vae_batch_size", "vae_slicing", "vae_tiling", "vae_channels_last", "vae_compile", "decode_workers",
            "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank", "world_size",

@@ -9,7 +9,9 @@ Points:
 - `train.step_delay_ms=MS`: every optimizer step takes MS milliseconds longer (a slow job, so that tests can
   signal or stop a rank mid-run);
 - `prep.written=N`: prep exits hard (code 3) after writing its N-th sample into the open shard, which stays a
-  temporary file, as after a crash mid-shard.
+  temporary file, as after a crash mid-shard;
+- `prep.uploaded_bytes=N`: prep exits hard (code 4) once N bytes of a file being uploaded to an output URL were
+  handed over, part-way through the upload.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 
 FAULT_ENV = "COGVX_FAULT"
-EXIT_CODES = {"train.committed": 86, "prep.written": 3}
+EXIT_CODES = {"train.committed": 86, "prep.written": 3, "prep.uploaded_bytes": 4}
 """The exit code of a process that a fault ended, per point."""
 
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError, first_line
+
+UPLOAD_PART_BYTES = 64 << 20
+"""Multipart part size for uploads (S3 allows 5 MiB to 5 GiB a part and 10,000 parts)."""
 
 SECRET_OPTIONS = ("key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
                   "aws_session_token", "session_token", "access_key", "secret_key", "credentials")
@@ -88,6 +92,51 @@ class Store:
             return open(Path(self.location) / name, "rb")
         fs, root = self._filesystem()
         return self._retry(name, lambda: fs.open(f"{root}/{name}", "rb", block_size=1 << 16))
+
+    def download(self, name: str, path: str | Path) -> None:
+        """Copy one file of the store to a local path."""
+        if not self.remote:
+            raise CogvxError(f"{self.location} is local; read it in place")
+        fs, root = self._filesystem()
+        self._retry(name, lambda: fs.get_file(f"{root}/{name}", str(path)))
+
+    def upload(self, path: str | Path, name: str, part_bytes: int = UPLOAD_PART_BYTES,
+               on_part: Callable[[int], None] | None = None) -> None:
+        """Copy a local file to `name`, where it appears whole or not at all: in parts of `part_bytes` (an S3
+        multipart upload above one part), completed only after the last; a failure aborts the upload, and a
+        process killed mid-way never completes it (`on_part(bytes sent)` runs after each part, for fault tests).
+        """
+        fs, root = self._filesystem()
+        target = f"{root}/{name}"
+        with open(path, "rb") as source:
+            sink = self._retry(name, lambda: fs.open(target, "wb", block_size=part_bytes))
+            try:
+                sent = 0
+                for chunk in iter(lambda: source.read(part_bytes), b""):
+                    sink.write(chunk)
+                    sent += len(chunk)
+                    if on_part is not None:
+                        on_part(sent)
+                sink.close()
+            except BaseException:
+                sink.discard()  # aborts a multipart upload: nothing appears under the name
+                raise
+
+    def delete(self, name: str) -> None:
+        fs, root = self._filesystem()
+        self._retry(name, lambda: fs.rm_file(f"{root}/{name}"))
+
+    def listing(self, prefix: str = "") -> dict[str, int]:
+        """Size of every file directly under the location (or under its `prefix` folder), by name."""
+        fs, root = self._filesystem()
+        folder = f"{root}/{prefix}".rstrip("/")
+        try:
+            entries = self._retry(prefix, lambda: fs.ls(folder, detail=True, refresh=True))
+        except CogvxError as err:
+            if isinstance(err.__cause__, FileNotFoundError):
+                return {}
+            raise
+        return {Path(e["name"]).name: int(e["size"]) for e in entries if e.get("type") == "file"}
 
     def sizes(self, names: list[str]) -> dict[str, int | None]:
         """Size of each named file (None: missing), with one listing where the store has listings."""

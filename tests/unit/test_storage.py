@@ -123,3 +123,9 @@ def test_credentials_in_storage_options_are_refused(synthetic_shards, tmp_path, 
     config = write_config(tmp_path / "run.yaml", model, folder, tmp_path / "out")
     code, _, err = cli(capsys, "train", "--config", str(config), "data.storage_options.secret=abc")
     assert_one_line_error(code, err, "data.storage_options.secret: credentials do not go in the config")
+
+
+def test_prep_refuses_an_http_output(synthetic_shards, tmp_path, capsys):
+    model, folder = synthetic_shards([3, 2])
+    code, _, err = cli(capsys, "prep", "--model", str(model), "--data", str(folder), "--out", "https://host/set")
+    assert_one_line_error(code, err, "out https://host/set: http(s) URLs cannot be written")
