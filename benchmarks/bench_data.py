@@ -11,7 +11,8 @@ Reported:
 - sustained samples/s of the ranged reader in training order (a random permutation over all shards: each sample
   one positioned read, decoded and checked for finite values) from local disk, and from an S3-compatible server on
   loopback (moto, over a subset of the shards);
-- sustained samples/s of `webdataset.WebDataset` reading the shards sequentially, with the same decoding.
+- sustained samples/s of `webdataset.WebDataset` reading the shards sequentially, with the same decoding, from
+  disk and from the same server (whole objects, through fsspec).
 The shards are written with the real shard writer's pieces (encode_sample, sample digests, member offsets).
 """
 
@@ -171,9 +172,20 @@ def s3_figures(folder: Path, shards: int, count: int) -> dict:
             client.upload_file(str((subset if name.endswith((".json", ".safetensors")) else folder) / name),
                                "bench", f"set/{name}")
         upload_s = time.perf_counter() - started
+        reads = min(count, manifest.num_samples)
+        # WebDataset reads s3:// through a gopen scheme handler: here fsspec's sequential whole-object reads
+        import importlib
+
+        import fsspec
+
+        schemes = importlib.import_module("webdataset.gopen").gopen_schemes
+        s3 = fsspec.filesystem("s3")
+        schemes["s3"] = lambda url, mode="rb", bufsize=8192, **_: s3.open(url, mode, block_size=16 << 20)
+        urls = [f"s3://bench/set/{entry.name}" for entry in manifest.shards]
         return {"shards": shards, "samples": manifest.num_samples, "upload_s": round(upload_s, 2),
                 "startup": measure_startup("s3://bench/set", env),
-                "ranged_samples_per_s": round(ranged_rate("s3://bench/set", min(count, manifest.num_samples)), 1)}
+                "ranged_samples_per_s": round(ranged_rate("s3://bench/set", reads), 1),
+                "webdataset_samples_per_s": round(webdataset_rate(urls, reads), 1)}
     finally:
         server.stop()
 
