@@ -136,7 +136,8 @@ class Store:
             if isinstance(err.__cause__, FileNotFoundError):
                 return {}
             raise
-        return {Path(e["name"]).name: int(e["size"]) for e in entries if e.get("type") == "file"}
+        return {Path(e["name"]).name: int(e["size"]) for e in entries
+                if e.get("type") == "file" and e.get("size") is not None}  # HTTP listings carry no sizes
 
     def sizes(self, names: list[str]) -> dict[str, int | None]:
         """Size of each named file (None: missing), with one listing where the store has listings."""
@@ -144,10 +145,9 @@ class Store:
             return {n: (p.stat().st_size if (p := Path(self.location) / n).is_file() else None) for n in names}
         fs, root = self._filesystem()
         try:
-            listed = {Path(e["name"]).name: e["size"] for e in self._retry("", lambda: fs.ls(root, detail=True))
-                      if e.get("size") is not None}
+            listed = self.listing()
         except CogvxError:
-            listed = {}
+            listed = {}  # no listing here (a plain web server): asked file by file below
         sizes: dict[str, int | None] = {}
         for name in names:
             if name in listed:
