@@ -16,6 +16,10 @@ from cogvx_dist.core.units import parse_bytes, parse_size
 LAYOUTS = ("auto", "cogvideo", "csv", "jsonl", "folder")
 
 
+PROMPT_SLOT = "{prompt}"
+"""Where a caption goes in prep's prompt template."""
+
+
 @dataclass
 class PrepConfig:
     """Everything one prep job needs; every process of a job gets the same config."""
@@ -27,6 +31,12 @@ class PrepConfig:
     out: str = ""
     """Output folder for shards, manifest.json, errors.jsonl and per-rank progress files (parts/), or an object
     store URL (s3://, gs://) that a local staging folder is mirrored to."""
+    prompt_prefix: str = ""
+    """Text put before every caption before T5 encodes it, e.g. a trigger word "<sks> " (the diffusers example's
+    --id_token); the same as prompt_template "PREFIX{prompt}"."""
+    prompt_template: str = ""
+    """What T5 encodes for each caption, with {prompt} where the caption goes, e.g. "{prompt}, in the style of
+    <sks>"; empty: the caption itself. Recorded in the manifest."""
     stage: str = ""
     """With an output URL: the local folder shards are written in before upload (default: one under the system
     temporary folder, named after the URL)."""
@@ -116,6 +126,10 @@ class PrepConfig:
         """A copy with the non-None overrides applied (CLI flags over YAML)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def template(self) -> str:
+        """The prompt template in effect ({prompt} alone when none is given)."""
+        return self.prompt_template or f"{self.prompt_prefix}{PROMPT_SLOT}"
+
     def check_basic(self) -> None:
         """Checks that need no checkpoint; each error names the key."""
         for key in ("model", "data", "out"):
@@ -123,6 +137,10 @@ class PrepConfig:
                 raise CogvxError(f"{key} is required (--{key})")
         if self.out.startswith(("http://", "https://")):
             raise CogvxError(f"out {self.out}: http(s) URLs cannot be written; give a folder or an s3:// or gs:// URL")
+        if self.prompt_prefix and self.prompt_template:
+            raise CogvxError("prompt_prefix and prompt_template exclude each other: give one")
+        if self.prompt_template and PROMPT_SLOT not in self.prompt_template:
+            raise CogvxError(f"prompt_template {self.prompt_template!r} has no {PROMPT_SLOT} where the caption goes")
         if self.layout not in LAYOUTS:
             raise CogvxError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
         if self.storage_dtype not in DTYPE_NAMES:

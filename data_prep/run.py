@@ -26,7 +26,7 @@ from cogvx_dist.core.launch_env import RankInfo
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.storage import is_url
 from data_prep import shards as shardio
-from data_prep.config import PrepConfig
+from data_prep.config import PROMPT_SLOT, PrepConfig
 from data_prep.decode import BadInput, Clip, decode_video, load_image
 from data_prep.inputs import ListFiles, Record, caption_list, read_records
 from data_prep.publish import Publisher, default_stage, local_input
@@ -83,7 +83,8 @@ def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[in
                                           whole=False),
         latent_channels=_config_number(config, "vae", vae, "latent_channels", default=16),
         text_embed_dim=_config_number(config, "text_encoder", text_encoder, "d_model"),
-        frames=frames, buckets=buckets, fps=fps, storage_dtype=config.storage_dtype)
+        frames=frames, buckets=buckets, fps=fps, storage_dtype=config.storage_dtype,
+        prompt_template=config.template())
 
 
 def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], key: str,
@@ -286,7 +287,7 @@ class PrepJob:
 
     def _encode_chunk(self, pool: ThreadPoolExecutor, chunk: list[Record]) -> None:
         t0 = time.perf_counter()
-        embeds = self.encoders.encode_prompts([r.prompt for r in chunk], self.family.text_max_length,
+        embeds = self.encoders.encode_prompts([self._prompt(r) for r in chunk], self.family.text_max_length,
                                               self.config.text_batch_size, self.storage)
         self.encoders.release_text_encoder()
         self.timings["t5_s"] += time.perf_counter() - t0
@@ -310,6 +311,10 @@ class PrepJob:
                 self._encode_batch(pending.pop(bucket))
         for bucket in list(pending):
             self._encode_batch(pending.pop(bucket))
+
+    def _prompt(self, record: Record) -> str:
+        """What T5 encodes for a record: its caption in the prompt template."""
+        return self.config.template().replace(PROMPT_SLOT, record.prompt)
 
     def _decode(self, record: Record) -> tuple[Clip, np.ndarray | None, float]:
         return _decode_task(self.root, record, self.frames, self.buckets, self.config, self.family.fps,
@@ -335,7 +340,7 @@ class PrepJob:
             if self.family.image_to_video:
                 tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
                 tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
-            self.writer.write(record.key, tensors, _sample_meta(record, clip, self.frames))
+            self.writer.write(record.key, tensors, _sample_meta(record, self._prompt(record), clip, self.frames))
             self.encoded += 1
             self.bar.update(1)
             if self.written_fault:
@@ -404,10 +409,12 @@ def _settings(config: PrepConfig) -> dict[str, Any]:
     return {**{k: v for k, v in asdict(config).items() if k in keys}, "data": str(config.data)}
 
 
-def _sample_meta(record: Record, clip: Clip, frames: int) -> dict[str, Any]:
-    """The JSON member of a sample: what it is and where it came from."""
+def _sample_meta(record: Record, prompt: str, clip: Clip, frames: int) -> dict[str, Any]:
+    """The JSON member of a sample: what it is (the prompt T5 encoded, and the caption it was made from) and where
+    it came from."""
     return {
-        "prompt": record.prompt, "source": record.source, "video": record.video, "image": record.image,
+        "prompt": prompt, "caption": record.prompt, "source": record.source, "video": record.video,
+        "image": record.image,
         "frames": frames, "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
         "fps": round(clip.fps, 4), "source_fps": round(clip.source_fps, 4), "stride": round(clip.stride, 4),
         "source_size": list(clip.source_size),

@@ -21,6 +21,9 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
     prep.add_argument("--model-id", dest="model_id", help="model name to record in the manifest (default: --model)")
     prep.add_argument("--data", help="dataset folder, or a CSV/JSONL file with video and prompt columns")
     prep.add_argument("--out", help="output folder for shards and manifest.json, or an s3:// or gs:// URL")
+    prep.add_argument("--prompt-prefix", dest="prompt_prefix", help='text before every caption, e.g. "<sks> "')
+    prep.add_argument("--prompt-template", dest="prompt_template",
+                      help='what T5 encodes, with {prompt} for the caption, e.g. "{prompt}, in the style of <sks>"')
     prep.add_argument("--stage", help="with an output URL: local folder for shards before upload")
     prep.add_argument("--layout", choices=("auto", "cogvideo", "csv", "jsonl", "folder"), help="input layout")
     prep.add_argument("--caption-file", dest="caption_file",
@@ -56,11 +59,11 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
                       help="no progress bar")
 
 
-_FIELDS = ("model", "model_id", "data", "out", "stage", "layout", "caption_file", "video_file", "image_file", "frames",
-           "target_fps", "frame_stride", "storage_dtype", "compute_dtype", "device", "text_batch_size",
-           "vae_batch_size", "vae_slicing", "vae_tiling", "vae_channels_last", "vae_compile", "decode_workers",
-           "text_chunk", "shard_max_bytes", "shard_max_samples", "max_failed_fraction", "rank", "world_size",
-           "progress")
+_FIELDS = ("model", "model_id", "data", "out", "stage", "prompt_prefix", "prompt_template", "layout", "caption_file",
+           "video_file", "image_file", "frames", "target_fps", "frame_stride", "storage_dtype", "compute_dtype",
+           "device", "text_batch_size", "vae_batch_size", "vae_slicing", "vae_tiling", "vae_channels_last",
+           "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes", "shard_max_samples",
+           "max_failed_fraction", "rank", "world_size", "progress")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -206,6 +206,8 @@ class Manifest:
     buckets: list[list[int]] = field(default_factory=list)
     """Every [height, width] a sample may have (resolution buckets; each sample's JSON says its own). Empty means
     [[height, width]] only. height/width above are the first bucket."""
+    prompt_template: str = "{prompt}"
+    """What T5 encoded for each caption ({prompt} is the caption; a trigger word or style text around it)."""
     index: dict[str, Any] = field(default_factory=dict)
     """name, bytes and sha256 of the sample index file (version 2; version 1 manifests list keys per shard)."""
 
@@ -315,7 +317,7 @@ class Manifest:
 
 def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: float, latent_channels: int,
                     text_embed_dim: int, frames: int, buckets: list[tuple[int, int]], fps: float,
-                    storage_dtype: str) -> dict[str, Any]:
+                    storage_dtype: str, prompt_template: str = "{prompt}") -> dict[str, Any]:
     """The manifest fields every writer of a dataset must agree on (all but shards, skipped and extra)."""
     return {
         "family": family.name,
@@ -334,6 +336,7 @@ def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: floa
         "image_to_video": family.image_to_video,
         "latent_scaling": LATENT_SCALING,
         "buckets": [list(b) for b in buckets],
+        "prompt_template": prompt_template,
     }
 
 

@@ -556,3 +556,28 @@ def test_prep_cli_takes_caption_and_video_file_names(tiny_checkpoint, tmp_path, 
                                       "prompt.txt", "--video-file", "list.txt", "--image-file", "firsts.txt"])
     config = config_from_args(args)
     assert (config.caption_file, config.video_file, config.image_file) == ("prompt.txt", "list.txt", "firsts.txt")
+
+
+def test_a_prompt_prefix_is_what_t5_encodes_and_the_manifest_records(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("CogVideoX-2b")
+    data = make_synthetic_dataset(tmp_path / "clips", count=2, frames=10, height=32, width=48, seed=3).data
+    run_prep(_config(model, data, tmp_path / "plain"))
+    run_prep(_config(model, data, tmp_path / "prefixed", prompt_prefix="<sks> "))
+    plain, prefixed = _read_shards(tmp_path / "plain"), _read_shards(tmp_path / "prefixed")
+    assert plain.keys() == prefixed.keys() and len(plain) == 2
+    for key, (tensors, meta) in prefixed.items():
+        assert meta["prompt"] == "<sks> " + meta["caption"] and meta["caption"] == plain[key][1]["prompt"]
+        assert torch.equal(tensors[schema.LATENT_MEAN], plain[key][0][schema.LATENT_MEAN])
+        assert not torch.equal(tensors[schema.PROMPT_EMBEDS], plain[key][0][schema.PROMPT_EMBEDS])
+    assert schema.Manifest.read(tmp_path / "prefixed").prompt_template == "<sks> {prompt}"
+    assert schema.Manifest.read(tmp_path / "plain").prompt_template == "{prompt}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-prefix", "a ", "--prompt-template", "{prompt} b"], "prompt_prefix and prompt_template exclude"),
+    (["--prompt-template", "in the style of <sks>"], "prompt_template 'in the style of <sks>' has no {prompt}"),
+])
+def test_prompt_template_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
+    code, _, err = cli(capsys, "prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(tmp_path),
+                       "--out", str(tmp_path / "out"), *flags)
+    assert_one_line_error(code, err, message)
