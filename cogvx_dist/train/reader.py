@@ -82,7 +82,8 @@ class ShardIndex:
         self._locate(shard_number)
         indices = self.samples.shard_indices(shard_number)
         rows = self.samples.members[indices.start:indices.stop]
-        whole = (rows[:, 0] != UNKNOWN) & (rows[:, 2] != UNKNOWN) & (rows[:, 2] + rows[:, 3] <= size)
+        ends = torch.maximum(rows[:, 0] + rows[:, 1], rows[:, 2] + rows[:, 3])  # members in either order
+        whole = (rows[:, 0] != UNKNOWN) & (rows[:, 2] != UNKNOWN) & (ends <= size)
         missing = [indices[i] for i in (~whole).nonzero().flatten().tolist()]
         if not missing:
             return " (replaced?)"
