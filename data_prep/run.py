@@ -277,6 +277,7 @@ class PrepJob:
         """Per chunk of records: T5 for every prompt, T5 freed, then the VAE over clips decoded ahead by a pool."""
         config = self.config
         chunks = [usable[i : i + config.text_chunk] for i in range(0, len(usable), config.text_chunk)]
+        self._write_empty_prompt()
         with ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode") as pool:
             for chunk_index, chunk in enumerate(chunks):
                 if chunk_index:
@@ -284,6 +285,20 @@ class PrepJob:
                 self._encode_chunk(pool, chunk)
         self.writer.close()
         self.encoders.release_vae()
+
+    def _write_empty_prompt(self) -> None:
+        """The dataset's empty-prompt embedding (for caption dropout), made once: by the first rank to find it
+        missing (the text encoder loaded for it stays for the first chunk)."""
+        name = shard_format.EMPTY_PROMPT_NAME
+        there = name in self.publisher.store.listing() if self.publisher else (self.out / name).is_file()
+        if there:
+            return
+        t0 = time.perf_counter()
+        embedding = self.encoders.encode_prompts([""], self.family.text_max_length, 1, self.storage)[0]
+        self.timings["t5_s"] += time.perf_counter() - t0
+        shard_format.write_empty_prompt(self.out, embedding)
+        if self.publisher:
+            self.publisher.file(name)
 
     def _encode_chunk(self, pool: ThreadPoolExecutor, chunk: list[Record]) -> None:
         t0 = time.perf_counter()

@@ -6,6 +6,7 @@ A dataset folder holds:
 - `.shard-rRRRRR-NNNNNN.tar.tmp`: a shard being written; renamed only when complete;
 - `parts/rank-RRRRR.json` and `parts/errors-rRRRRR.jsonl`: what prep rank R has finished and could not use;
 - `index.safetensors`: every sample's key, digest and member offsets as arrays (core/sample_index.py);
+- `empty_prompt.safetensors`: the T5 embedding of the empty prompt, once per dataset (caption dropout);
 - `manifest.json` + `errors.jsonl`: the merge of all parts, written once every rank is complete (the index first,
   the manifest last: a folder with a manifest is complete).
 
@@ -49,6 +50,9 @@ MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 PARTS_DIR = "parts"
 SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
+
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+"""The dataset's empty-prompt embedding (one tensor, PROMPT_EMBEDS), what caption dropout trains with."""
 
 TENSORS_EXT = "latents.safetensors"
 META_EXT = "json"
@@ -118,6 +122,22 @@ def sample_digest(sample: dict[str, Any]) -> str:
     digest = hashlib.sha256(sample[TENSORS_EXT])
     digest.update(sample[META_EXT])
     return digest.hexdigest()
+
+
+def write_empty_prompt(folder: str | Path, embedding: torch.Tensor) -> Path:
+    """Save the dataset's empty-prompt embedding ([text_max_length, text_embed_dim])."""
+    return write_atomic(Path(folder) / EMPTY_PROMPT_NAME,
+                        save_safetensors_bytes({PROMPT_EMBEDS: embedding.detach().to("cpu").contiguous()}))
+
+
+def read_empty_prompt(store: Store) -> torch.Tensor:
+    """The dataset's empty-prompt embedding; a one-line error when the dataset has none."""
+    try:
+        data = store.read(EMPTY_PROMPT_NAME)
+    except CogvxError as err:
+        raise CogvxError(f"{err}: the dataset has no empty-prompt embedding (prep writes it since caption dropout "
+                         f"exists; run `cogvx prep` on the same --out again to add it)") from err
+    return load_safetensors_bytes(data)[PROMPT_EMBEDS]
 
 
 def member_rows(shard: str | Path, keys: list[str]) -> list[list[int]]:

@@ -55,6 +55,7 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
                 digests.append(shard_format.sample_digest(sample))
         shards.append(ShardEntry(path.name, size, path.stat().st_size, shard_format.file_sha256(path), keys,
                                  digests, shard_format.member_rows(path, keys)))
+    shard_format.write_empty_prompt(folder, torch.zeros(header["text_max_length"], header["text_embed_dim"]))
     manifest = Manifest(**header, shards=shards)
     manifest.write(folder)
     return manifest

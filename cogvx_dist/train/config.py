@@ -110,6 +110,9 @@ class TrainConfig:
     update on any rank (DeepSpeed skips it), counts it and goes on."""
     max_nonfinite_steps: int = 3
     """With on_nonfinite: skip_step, stop after this many non-finite steps in a row."""
+    caption_dropout: float = 0.0
+    """Probability that a sample trains with the empty prompt's embedding instead of its own (what classifier-free
+    guidance needs at sampling); drawn from the step's generator, so runs repeat and resume exactly."""
 
 
 @dataclass
@@ -235,6 +238,10 @@ class RunConfig:
             raise CogvxError("data.num_workers must be non-negative")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
             raise CogvxError(f"data.max_bad_fraction must be within [0, 1], got {self.data.max_bad_fraction}")
+        if not 0.0 <= self.train.caption_dropout <= 1.0:
+            raise CogvxError(f"train.caption_dropout must be within [0, 1], got {self.train.caption_dropout}")
+        if self.train.caption_dropout and self.data.streaming:
+            raise CogvxError("train.caption_dropout needs a dataset read in exact order, not data.streaming")
         if self.train.max_nonfinite_steps < 1:
             raise CogvxError(f"train.max_nonfinite_steps must be at least 1, got {self.train.max_nonfinite_steps}")
         if self.checkpoint.preempt_grace_s <= 0:

@@ -30,7 +30,7 @@ from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import zero_stage
-from cogvx_dist.train.loss import LossContext, diffusion_loss
+from cogvx_dist.train.loss import LossContext, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.mixture import MixedIndex
 from cogvx_dist.train.model import build_model, forbid_encoders
@@ -173,9 +173,11 @@ class Trainer:
             keys += batch["keys"]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])
-            seed = step_seed(self.config.train.seed, step, micro_step, self.ranks.rank)
-            loss = diffusion_loss(self.engine, batch, self.context, torch.Generator().manual_seed(seed), self.device,
-                                  self.dtype)
+            generator = torch.Generator().manual_seed(step_seed(self.config.train.seed, step, micro_step,
+                                                                self.ranks.rank))
+            if self.checks.empty_prompt is not None:
+                batch = drop_captions(batch, self.checks.empty_prompt, self.config.train.caption_dropout, generator)
+            loss = diffusion_loss(self.engine, batch, self.context, generator, self.device, self.dtype)
             self.engine.backward(loss)
             losses.append(loss.detach())
             if micro_step < accumulation - 1:

@@ -67,6 +67,16 @@ def rotary_embeddings(
     )
 
 
+def drop_captions(batch: dict[str, Any], empty_prompt: torch.Tensor, probability: float,
+                  generator: torch.Generator) -> dict[str, Any]:
+    """The batch with each sample's prompt embedding replaced by the empty prompt's with `probability`, drawn first
+    from the step's generator (the posterior sample, noise and timesteps follow)."""
+    embeds = batch[PROMPT_EMBEDS]
+    dropped = torch.rand(embeds.shape[0], generator=generator) < probability
+    empty = empty_prompt.to(embeds.dtype).expand_as(embeds)
+    return {**batch, PROMPT_EMBEDS: torch.where(dropped.view(-1, 1, 1), empty, embeds)}
+
+
 def diffusion_loss(
     transformer: torch.nn.Module,
     batch: dict[str, Any],

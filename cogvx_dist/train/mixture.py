@@ -126,6 +126,10 @@ class MixedIndex:
         source, local = self._locate(index)
         return source.store.url(source.shard_of(local))
 
+    def empty_prompt(self) -> torch.Tensor:
+        """The first source's empty-prompt embedding (every source was encoded by the same text encoder)."""
+        return self.sources[0].empty_prompt()
+
     def stream(self, seed: int) -> MixtureStream:
         return MixtureStream([len(s) for s in self.sources], self.weights, seed)
 

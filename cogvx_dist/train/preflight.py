@@ -30,6 +30,9 @@ class Preflight:
     """The DeepSpeed config with the run's values filled in."""
     warnings: list[str] = field(default_factory=list)
     """What the run goes on despite (damaged shards with data.on_bad_sample: skip), for the ranks to log."""
+    empty_prompt: Any = None
+    """The dataset's empty-prompt embedding, with train.caption_dropout (else None)."""
+    """What the run goes on despite (damaged shards with data.on_bad_sample: skip), for the ranks to log."""
 
 
 def preflight(config: RunConfig) -> Preflight:
@@ -68,7 +71,13 @@ def preflight(config: RunConfig) -> Preflight:
         weight_decay=config.optim.weight_decay, bf16=config.model.dtype == "bfloat16")
     resolved = ds_config.resolve_ds_config(ds_config.load_ds_config(config.deepspeed.config), values,
                                            on_gpu=torch.cuda.is_available())
-    return Preflight(checkpoint, manifest, index, resolved, warnings)
+    empty_prompt = None
+    if config.train.caption_dropout and index is not None:
+        try:
+            empty_prompt = index.empty_prompt()
+        except CogvxError as err:
+            raise CogvxError(f"train.caption_dropout: {err}") from err
+    return Preflight(checkpoint, manifest, index, resolved, warnings, empty_prompt)
 
 
 def _open_dataset(config: RunConfig, checkpoint: CheckpointInfo, location: str,

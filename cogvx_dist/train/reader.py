@@ -26,6 +26,7 @@ from cogvx_dist.core.shard_format import (
     VIDEO_TENSORS,
     Manifest,
     decode_sample,
+    read_empty_prompt,
     sample_digest,
 )
 from cogvx_dist.core.storage import Store
@@ -151,6 +152,10 @@ class ShardIndex:
     def stream(self, seed: int) -> SampleStream:
         """The run's sample order over this dataset."""
         return SampleStream(len(self), seed)
+
+    def empty_prompt(self) -> torch.Tensor:
+        """The dataset's empty-prompt embedding (caption dropout)."""
+        return read_empty_prompt(self.store)
 
 
 class Samples(Protocol):

@@ -126,12 +126,16 @@ def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, tm
     assert not torch.allclose(_transformer_output(load_transformer(model)), _transformer_output(trained), atol=1e-4)
 
 
+DROPOUT = {"caption_dropout": 0.3}
+"""The crash-and-resume runs train with caption dropout, whose draws must resume exactly too."""
+
+
 @pytest.fixture(scope="module")
 def straight_run(prepped_2b, tmp_path_factory):
     """The uninterrupted 2-rank run on local shards that crashed and resumed runs must match."""
     model, shards = prepped_2b
     straight = tmp_path_factory.mktemp("straight") / "run"
-    config = write_config(straight.parent / "straight.yaml", model, shards, straight)
+    config = write_config(straight.parent / "straight.yaml", model, shards, straight, train=DROPOUT)
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
     return straight
@@ -151,7 +155,7 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, straight_ru
     straight = straight_run
 
     crashed = tmp_path / "crashed"
-    config = write_config(tmp_path / "crashed.yaml", model, shards, crashed)
+    config = write_config(tmp_path / "crashed.yaml", model, shards, crashed, train=DROPOUT)
     buffers_before = shm_buffers()
     first = launch(config, env={FAULT_ENV: "train.committed=4"})
     assert first.returncode != 0
@@ -166,7 +170,7 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, straight_ru
 
     # Resume the crashed run's step-4 checkpoint with one rank (same global batch): same global sample order.
     one_rank = tmp_path / "one-rank"
-    config = write_config(tmp_path / "one.yaml", model, shards, one_rank, train={"grad_accum_steps": 4},
+    config = write_config(tmp_path / "one.yaml", model, shards, one_rank, train={"grad_accum_steps": 4, **DROPOUT},
                           checkpoint={"resume": str(crashed / "checkpoints" / "step-00000004")})
     result = launch(config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -181,7 +185,7 @@ def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, stra
         upload(shards, "s3://datasets/clips", env)
         crashed = tmp_path / "crashed"
         config = write_config(tmp_path / "s3.yaml", model, "s3://datasets/clips", crashed,
-                              data={"verify": "sha256", "num_workers": 1})
+                              data={"verify": "sha256", "num_workers": 1}, train=DROPOUT)
         first = launch(config, env={**env, FAULT_ENV: "train.committed=4"})
         assert first.returncode != 0
         second = launch(config, 2, "checkpoint.resume=auto", env=env)

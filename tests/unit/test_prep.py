@@ -570,6 +570,12 @@ def test_a_prompt_prefix_is_what_t5_encodes_and_the_manifest_records(tiny_checkp
         assert torch.equal(tensors[schema.LATENT_MEAN], plain[key][0][schema.LATENT_MEAN])
         assert not torch.equal(tensors[schema.PROMPT_EMBEDS], plain[key][0][schema.PROMPT_EMBEDS])
     assert schema.Manifest.read(tmp_path / "prefixed").prompt_template == "<sks> {prompt}"
+    empty = schema.read_empty_prompt(Store(tmp_path / "prefixed"))  # the caption-dropout embedding, once a dataset
+    assert empty.shape == (226, 32) and torch.equal(empty, schema.read_empty_prompt(Store(tmp_path / "plain")))
+    assert not torch.equal(empty, next(iter(plain.values()))[0][schema.PROMPT_EMBEDS])
+    (tmp_path / "plain" / schema.EMPTY_PROMPT_NAME).unlink()  # as prepped before caption dropout existed
+    again = run_prep(_config(model, data, tmp_path / "plain"))
+    assert again.encoded == 0 and torch.equal(schema.read_empty_prompt(Store(tmp_path / "plain")), empty)
     assert schema.Manifest.read(tmp_path / "plain").prompt_template == "{prompt}"
 
 

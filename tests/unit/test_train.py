@@ -396,3 +396,53 @@ def test_each_environment_builds_deepspeed_ops_in_its_own_folder(monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
     use_environment_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/mine"  # the user's choice wins
+
+
+def test_caption_dropout_draws_its_rate_and_repeats():
+    import math
+
+    from cogvx_dist.core.shard_format import PROMPT_EMBEDS
+    from cogvx_dist.train.loop import step_seed
+    from cogvx_dist.train.loss import drop_captions
+
+    own, empty = torch.ones(1, 4, 3), torch.zeros(4, 3)
+
+    def dropped() -> list[bool]:
+        return [bool(drop_captions({PROMPT_EMBEDS: own}, empty, 0.2,
+                                   torch.Generator().manual_seed(step_seed(5, step, 0, 0)))[PROMPT_EMBEDS].eq(0).all())
+                for step in range(1, 2001)]
+
+    first = dropped()
+    assert abs(sum(first) - 400) <= 3 * math.sqrt(2000 * 0.2 * 0.8), sum(first)  # binomial noise, 3 sigma
+    assert dropped() == first
+    kept = drop_captions({PROMPT_EMBEDS: own}, empty, 0.0, torch.Generator().manual_seed(0))[PROMPT_EMBEDS]
+    assert torch.equal(kept, own)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.caption_dropout=1.5", "train.caption_dropout must be within [0, 1]"),
+    ("train.caption_dropout=0.1", "train.caption_dropout: "),
+])
+def test_caption_dropout_errors_are_one_line(synthetic_shards, tmp_path, capsys, override, message):
+    import shutil
+
+    model, folder = synthetic_shards([3, 2])
+    copy = tmp_path / "set"
+    shutil.copytree(folder, copy)
+    (copy / "empty_prompt.safetensors").unlink()  # a dataset prepped before caption dropout existed
+    config = write_config(tmp_path / "run.yaml", model, copy, tmp_path / "out")
+    code, _, err = cli(capsys, "train", "--config", str(config), override)
+    line = assert_one_line_error(code, err, message)
+    assert "1.5" in line or "empty_prompt.safetensors does not exist" in line
+
+
+def test_caption_dropout_trains_with_the_datasets_empty_prompt(synthetic_shards):
+    from cogvx_dist.core.config_files import load_config
+    from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.preflight import preflight
+
+    model, folder = synthetic_shards([3, 2])
+    overrides = [f"model.path={model}", f"data.shards={folder}"]
+    assert preflight(load_config(RunConfig, None, overrides)).empty_prompt is None
+    checks = preflight(load_config(RunConfig, None, [*overrides, "train.caption_dropout=0.1"]))
+    assert checks.empty_prompt is not None and checks.empty_prompt.shape == (226, 32)
