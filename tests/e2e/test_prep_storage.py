@@ -54,11 +54,13 @@ def test_prep_reads_urls_writes_a_bucket_and_resumes_from_it(bucket_inputs, prep
             "--max-failed-fraction", "0.2"]
     crashed = run_cli(*args, env={**clean_env(), **env, FAULT_ENV: "prep.written=5"})
     assert crashed.returncode == EXIT_CODES["prep.written"], crashed.stderr[-2000:]
-    assert _objects("out") == ["set/parts/rank-00000.json", "set/shard-r00000-000000.tar"]  # one whole shard
+    assert _objects("out") == ["set/empty_prompt.safetensors", "set/parts/rank-00000.json",
+                               "set/shard-r00000-000000.tar"]  # one whole shard
     resumed = run_cli(*args, env={**clean_env(), **env})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "3 of 9 inputs of rank 0 are already in complete shards" in resumed.stderr
-    assert _objects("out") == ["set/errors.jsonl", "set/index.safetensors", "set/manifest.json",
+    assert _objects("out") == ["set/empty_prompt.safetensors", "set/errors.jsonl", "set/index.safetensors",
+                               "set/manifest.json",
                                "set/parts/errors-r00000.jsonl", "set/parts/rank-00000.json",
                                "set/shard-r00000-000000.tar", "set/shard-r00000-000001.tar",
                                "set/shard-r00000-000002.tar"]
