@@ -91,9 +91,6 @@ class SampleIndex:
     def shard_of(self, index: int) -> int:
         return int(self.shard[index])
 
-    def position_in_shard(self, index: int) -> int:
-        return index - int(self.shard_starts[self.shard_of(index)])
-
     def shard_indices(self, shard_number: int) -> range:
         """Global indices of a shard's samples."""
         return range(int(self.shard_starts[shard_number]), int(self.shard_starts[shard_number + 1]))
