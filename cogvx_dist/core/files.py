@@ -46,3 +46,19 @@ def make_temporary_folder(parent: Path, prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     folder.chmod(0o777 & ~current_umask())
     return folder
+
+
+def sorted_safetensors_header(blob: bytes, extra_metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes with its JSON header written with sorted keys (plus `extra_metadata`). The
+    writer keeps metadata in a hash map whose order changes from process to process; sorted, the same tensors and
+    metadata always give the same bytes. The tensor data and its offsets stay as they are."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    if extra_metadata:
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra_metadata}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data that follows to 8 bytes
+    return struct.pack("<Q", len(text)) + text + blob[8 + length :]

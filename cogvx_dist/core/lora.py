@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.files import sorted_safetensors_header
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"
@@ -173,20 +174,10 @@ def adapter_metadata(settings: LoraSettings) -> dict[str, Any]:
 
 
 def _rewrite_header(file: Path, extra: dict[str, str]) -> None:
-    """Add metadata entries to a safetensors file and write its JSON header with sorted keys. The writer keeps
-    metadata in a hash map whose order changes from process to process; sorted, the same adapter always gives the
-    same bytes. The tensor data and its offsets stay as they are."""
-    import json
-    import struct
-
-    blob = file.read_bytes()
-    (length,) = struct.unpack("<Q", blob[:8])
-    header = json.loads(blob[8 : 8 + length])
-    header["__metadata__"] = {**header.get("__metadata__", {}), **extra}
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format aligns the data that follows to 8 bytes
+    """Add metadata entries to a safetensors file, its header sorted so that the same adapter gives the same
+    bytes."""
     temporary = file.with_name(f".{file.name}.tmp")
-    temporary.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + length :])
+    temporary.write_bytes(sorted_safetensors_header(file.read_bytes(), extra))
     os.replace(temporary, file)
 
 

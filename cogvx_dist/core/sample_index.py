@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.files import sorted_safetensors_header
 
 INDEX_NAME = "index.safetensors"
 INDEX_FORMAT = "cogvx-sample-index"
@@ -135,7 +136,9 @@ class SampleIndex:
     def to_bytes(self) -> bytes:
         """The index.safetensors file."""
         tensors = {"shard": self.shard, "members": self.members, "keys": self.keys, "digests": self.digests}
-        return save_safetensors_bytes(tensors, metadata={"format": INDEX_FORMAT, "samples": str(len(self))})
+        # sorted: the same index gives the same bytes (and sha256 in the manifest) in every process
+        return sorted_safetensors_header(save_safetensors_bytes(
+            tensors, metadata={"format": INDEX_FORMAT, "samples": str(len(self))}))
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str, samples: int, shards: int) -> SampleIndex:

@@ -129,3 +129,18 @@ def test_prep_refuses_an_http_output(synthetic_shards, tmp_path, capsys):
     model, folder = synthetic_shards([3, 2])
     code, _, err = cli(capsys, "prep", "--model", str(model), "--data", str(folder), "--out", "https://host/set")
     assert_one_line_error(code, err, "out https://host/set: http(s) URLs cannot be written")
+
+
+def test_the_index_file_is_the_same_bytes_in_every_process(synthetic_shards):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    _, folder = synthetic_shards([3, 2])
+    script = ("import hashlib, sys; from cogvx_dist.core.shard_format import Manifest; "
+              "from cogvx_dist.core.storage import Store; m = Manifest.read(sys.argv[1]); "
+              "print(hashlib.sha256(m.sample_index(Store(sys.argv[1])).to_bytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip() for _ in range(6)}
+    assert len(digests) == 1  # safetensors keeps metadata in a per-process hash map: the header is written sorted
