@@ -22,17 +22,9 @@ sys.path.insert(0, str(REPO))
 from cogvx_dist.core.families import FAMILIES, get_family  # noqa: E402
 from cogvx_dist.core.lora import LoraSettings  # noqa: E402
 from cogvx_dist.core.units import GIB  # noqa: E402
-from cogvx_dist.train.memory_plan import GPU_CLASSES, MemoryPlan, Strategy, plan_memory, search  # noqa: E402
+from cogvx_dist.train.memory_plan import GPU_CLASSES, H200_MEASURED_PEAKS_GIB, MemoryPlan, Strategy, plan_memory, search  # noqa: E402
 from cogvx_dist.train.memory_trace import StepShape, cached_trace  # noqa: E402
 
-H200_REFERENCES = [
-    # (family, checkpointing, strategy, measured GiB): ../shared/ENVIRONMENT.md, max_memory_allocated at 49x480x720
-    ("CogVideoX-2b", 1, "none", 7.0),
-    ("CogVideoX-2b", 0, "none", 31.8),
-    ("CogVideoX-2b", 1, "zero2", 8.3),
-    ("CogVideoX-5b", 1, "none", 17.7),
-    ("CogVideoX-5b", 0, "none", 73.2),
-]
 REPORTED = [
     # (where, what they ran, family, frames, height, width, ranks, their GPU, strategy as they ran it, likely cause)
     ("zai-org/CogVideo#787", "official trainer, DDP, 8 x A800 40 GB", "CogVideoX1.5-5b-I2V", 81, 768, 1360, 8,
@@ -63,7 +55,7 @@ def native(family_name: str) -> tuple[int, int, int]:
 def accuracy_rows() -> list[str]:
     rows = ["| family | checkpointing | optimizer | predicted GiB | measured GiB | error |",
             "|---|---|---|---|---|---|"]
-    for family, checkpointing, zero, measured in H200_REFERENCES:
+    for family, checkpointing, zero, measured in H200_MEASURED_PEAKS_GIB:
         strategy = Strategy(zero, gradient_checkpointing=checkpointing)
         plan = plan_memory(shape(family, 49, 480, 720, checkpointing), strategy, 1)
         optimizer = "torch AdamW, no DeepSpeed" if zero == "none" else f"DeepSpeed {zero}, 1 rank"

@@ -22,22 +22,19 @@ def under_mpi(env: Mapping[str, str] | None = None) -> bool:
     return any(name in env for name in MPI_ENV_MARKERS)
 
 
+def _first_number(names: tuple[str, ...], default: int, env: Mapping[str, str] | None) -> int:
+    env = os.environ if env is None else env
+    return next((int(env[name]) for name in names if env.get(name, "").isdigit()), default)
+
+
 def env_rank(env: Mapping[str, str] | None = None) -> int:
     """This process's global rank as the launcher set it (torchrun/DeepSpeed RANK, or MPI's), 0 if none."""
-    env = os.environ if env is None else env
-    for name in _RANK_VARIABLES:
-        if env.get(name, "").isdigit():
-            return int(env[name])
-    return 0
+    return _first_number(_RANK_VARIABLES, 0, env)
 
 
 def env_world_size(env: Mapping[str, str] | None = None) -> int:
     """The job's process count as the launcher set it (torchrun/DeepSpeed WORLD_SIZE, or MPI's), 1 if none."""
-    env = os.environ if env is None else env
-    for name in _SIZE_VARIABLES:
-        if env.get(name, "").isdigit():
-            return int(env[name])
-    return 1
+    return _first_number(_SIZE_VARIABLES, 1, env)
 
 
 @dataclass

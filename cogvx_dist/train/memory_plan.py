@@ -42,6 +42,16 @@ GPU_CLASSES = {
 }
 """Usable memory of common cards as the driver reports it (RTX 4090, A100 40GB, H100 80GB, H200), for comparing
 against when no GPU memory is given."""
+H200_MEASURED_PEAKS_GIB = [
+    ("CogVideoX-2b", 1, "none", 7.0),
+    ("CogVideoX-2b", 0, "none", 31.8),
+    ("CogVideoX-2b", 1, "zero2", 8.3),
+    ("CogVideoX-5b", 1, "none", 17.7),
+    ("CogVideoX-5b", 0, "none", 73.2),
+]
+"""(family, gradient checkpointing, strategy, GiB): ../shared/ENVIRONMENT.md's torch.cuda.max_memory_allocated of
+a diffusers-example-style bf16 LoRA step (PEFT r=128 on to_q/to_k/to_v/to_out.0, AdamW, batch 1, 49x480x720) on
+one H200: what the planner is checked against (tests/unit/test_memory_plan.py, docs/MEMORY.md)."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from cogvx_dist.core.units import GIB
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.memory_plan import (
     GPU_CLASSES,
+    H200_MEASURED_PEAKS_GIB,
     DeepSpeedBuffers,
     Strategy,
     buffers_from_ds_config,
@@ -24,16 +25,6 @@ from cogvx_dist.train.memory_plan import (
 from cogvx_dist.train.memory_trace import StepShape, StepTrace, trace_step, trace_step_on_real_tensors
 from cogvx_dist.train.run_plan import PlannedRun, cheapest_change, run_from_family
 from tests.helpers import assert_one_line_error, cli
-
-H200_PEAKS_GIB = [
-    # ../shared/ENVIRONMENT.md: torch.cuda.max_memory_allocated of a diffusers-example-style bf16 LoRA step
-    # (PEFT r=128 on to_q/to_k/to_v/to_out.0, AdamW, batch 1, 49x480x720) on one H200.
-    ("CogVideoX-2b", 1, "none", 7.0),
-    ("CogVideoX-2b", 0, "none", 31.8),
-    ("CogVideoX-2b", 1, "zero2", 8.3),
-    ("CogVideoX-5b", 1, "none", 17.7),
-    ("CogVideoX-5b", 0, "none", 73.2),
-]
 
 
 def full_size(family_name: str, checkpointing: int, frames: int = 49, height: int = 480,
@@ -51,7 +42,7 @@ def two_layers(family_name: str, checkpointing: int) -> StepShape:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("family", "checkpointing", "zero", "measured_gib"), H200_PEAKS_GIB)
+@pytest.mark.parametrize(("family", "checkpointing", "zero", "measured_gib"), H200_MEASURED_PEAKS_GIB)
 def test_predicted_peak_is_within_15_percent_of_the_h200_measurement(family, checkpointing, zero, measured_gib):
     plan = plan_memory(full_size(family, checkpointing), Strategy(zero, gradient_checkpointing=checkpointing), 1)
     predicted = plan.peak / GIB
