@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.files import sorted_safetensors_header
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -59,6 +59,12 @@ class LoraSettings:
     """Names (suffixes) of the transformer's linear layers that get an adapter; everything else stays frozen."""
     dropout: float = 0.0
     """Dropout on the LoRA branch input during training."""
+    init_from: str = ""
+    """Start from this adapter instead of a fresh one (its folder or safetensors file: a cogvx export, diffusers'
+    `save_lora_weights`, PEFT's `save_pretrained`); the optimizer and the step count start fresh (not a resume)."""
+    init_alpha: float = 0.0
+    """The lora_alpha `init_from` was trained with, for files that do not record it (the official CogVideo and
+    diffusers-example exports); 0: read it from the file."""
 
     @property
     def scale(self) -> float:
@@ -75,6 +81,23 @@ class LoraSettings:
             raise CogvxError("lora.target_modules must name at least one module")
         if not 0.0 <= self.dropout < 1.0:
             raise CogvxError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_alpha < 0 or (self.init_alpha and not self.init_from):
+            raise CogvxError(f"lora.init_alpha ({self.init_alpha:g}) must be positive, and only goes with "
+                             "lora.init_from")
+
+    def initial_adapter(self) -> ExportedLora | None:
+        """The adapter named by init_from, read and checked on its own (None for a fresh start)."""
+        if not self.init_from:
+            return None
+        try:
+            adapter = read_adapter(self.init_from, self.init_alpha or None,
+                                   no_alpha_hint="give it as lora.init_alpha (the alpha it was trained with)")
+        except CogvxError as err:
+            raise CogvxError(f"lora.init_from: {err}") from err
+        if adapter.settings.rank != self.rank:
+            raise CogvxError(f"lora.init_from {adapter.file} has rank {adapter.settings.rank}, but lora.rank is "
+                             f"{self.rank}; set lora.rank: {adapter.settings.rank}")
+        return adapter
 
     def peft_config(self) -> Any:
         """The equivalent `peft.LoraConfig`."""
@@ -191,29 +214,142 @@ class ExportedLora:
     """Rank, alpha, targets and dropout it was trained with."""
     family: str | None
     """Model family it was trained on; None for files written by other tools (or before this was recorded)."""
+    file: Path = field(default_factory=Path)
+    """The safetensors file it was read from."""
+
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+_FOREIGN_PREFIXES = ("base_model.model.", EXPORT_PREFIX)
+"""Key prefixes of PEFT's `save_pretrained` and of diffusers' pipeline-level files, stripped on reading."""
 
 
 def load_exported_lora(path: str | Path) -> ExportedLora:
-    """Read an exported adapter (its folder or the file) with its settings and the family it was trained on."""
-    from diffusers import CogVideoXPipeline
+    """Read an adapter this project exported (its folder or the file), with its settings and family."""
+    return read_adapter(path, alpha=None, no_alpha_hint="export it with cogvx")
+
+
+def read_adapter(path: str | Path, alpha: float | None, no_alpha_hint: str) -> ExportedLora:
+    """Read a LoRA adapter written by cogvx, diffusers' `save_lora_weights` (with or without its PEFT metadata) or
+    PEFT's `save_pretrained`: the folder or the safetensors file. `alpha` stands in for a file that records no
+    lora_alpha (the official CogVideo and diffusers-example exports); without either the error ends with
+    `no_alpha_hint`."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    path = Path(path)
-    file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise CogvxError(f"no LoRA weights at {file}")
-    state, metadata = CogVideoXPipeline.lora_state_dict(str(file), return_lora_metadata=True)
-    if not metadata:
-        raise CogvxError(f"{file} has no adapter metadata (lora_alpha unknown); export it with cogvx")
-    config = {k[len(EXPORT_PREFIX) :]: v for k, v in metadata.items() if k.startswith(EXPORT_PREFIX)} or metadata
-    settings = LoraSettings(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        target_modules=sorted(config["target_modules"]),
-        dropout=float(config.get("lora_dropout", 0.0)),
-    )
-    stripped = {k[len(EXPORT_PREFIX) :] if k.startswith(EXPORT_PREFIX) else k: v for k, v in state.items()}
-    with safe_open(str(file), framework="pt") as handle:  # the header only
-        family = (handle.metadata() or {}).get(FAMILY_METADATA_KEY) or None
-    return ExportedLora(stripped, settings, family)
+    file = _adapter_file(Path(path))
+    try:
+        with safe_open(str(file), framework="pt") as handle:  # the header only
+            header = handle.metadata() or {}
+        raw = load_file(str(file))
+    except Exception as err:  # a damaged or foreign file: one line, not a traceback
+        raise CogvxError(f"cannot read LoRA {file}: {first_line(err)}") from err
+    state = {_strip_prefix(name).replace(f".{ADAPTER_NAME}.", "."): tensor for name, tensor in raw.items()}
+    others = sorted(name for name in state if not is_lora_key(name))
+    if others or not state:
+        raise CogvxError(f"{file} is not a LoRA adapter: " + (f"{others[0]} is no lora_A/lora_B matrix" if others
+                                                               else "it holds no tensors"))
+    ranks = sorted({tensor.shape[0] for name, tensor in state.items() if _DOWN in name})
+    if len(ranks) != 1:
+        raise CogvxError(f"{file} mixes LoRA ranks {ranks}; only one rank for every layer is supported")
+    config = _peft_config(file, header)
+    recorded = _recorded_alpha(file, config)
+    if recorded is None and alpha is None:
+        raise CogvxError(f"{file} records no lora_alpha, so the scale its weights were trained at is unknown; "
+                         f"{no_alpha_hint}")
+    if recorded is not None and alpha is not None and recorded != alpha:
+        raise CogvxError(f"{file} records lora_alpha {recorded:g}, not the {alpha:g} given for it")
+    targets = config.get("target_modules") or sorted({_module_suffix(adapted_layer(name)) for name in state})
+    settings = LoraSettings(rank=ranks[0], alpha=float(recorded if recorded is not None else alpha),
+                            target_modules=sorted(targets), dropout=float(config.get("lora_dropout") or 0.0))
+    return ExportedLora(state, settings, header.get(FAMILY_METADATA_KEY) or None, file)
 
+
+def _adapter_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in (LORA_WEIGHTS_NAME, PEFT_WEIGHTS_NAME):
+        if (path / name).is_file():
+            return path / name
+    raise CogvxError(f"no LoRA weights at {path} (looked for the file, {LORA_WEIGHTS_NAME} and {PEFT_WEIGHTS_NAME})")
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in _FOREIGN_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def _module_suffix(layer: str) -> str:
+    """`transformer_blocks.3.attn1.to_out.0` -> `to_out.0`: the target_modules entry naming this layer."""
+    parts = layer.split(".")
+    return ".".join(parts[3:]) if len(parts) > 3 and parts[0] == "transformer_blocks" else layer
+
+
+def _peft_config(file: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The PEFT config a file records: diffusers keeps it in the safetensors header (keys prefixed with the
+    component), PEFT in adapter_config.json beside it; {} when neither exists."""
+    import json
+
+    if "lora_adapter_metadata" in header:
+        stored = json.loads(header["lora_adapter_metadata"])
+        return {_strip_prefix(key): value for key, value in stored.items()}
+    beside = file.with_name(PEFT_CONFIG_NAME)
+    if beside.is_file():
+        try:
+            return json.loads(beside.read_text())
+        except ValueError as err:
+            raise CogvxError(f"{beside} is not JSON: {err}") from err
+    return {}
+
+
+def _recorded_alpha(file: Path, config: dict[str, Any]) -> float | None:
+    """The file's lora_alpha; refuses the PEFT variants whose scale is not alpha / r of one rank."""
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise CogvxError(f"{file} sets per-layer ranks or alphas (rank_pattern/alpha_pattern); not supported")
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise CogvxError(f"{file} is a {'DoRA' if config.get('use_dora') else 'rsLoRA'} adapter; only plain LoRA "
+                         "(scale alpha / r) is supported")
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def adapter_misfit(state: dict[str, torch.Tensor], rank: int, transformer: torch.nn.Module) -> str | None:
+    """Why the adapter does not fit the transformer's linear layers (a layer it lacks, a shape that differs), or
+    None when every matrix fits."""
+    modules = dict(transformer.named_modules())
+    for name, tensor in sorted(state.items()):
+        layer = modules.get(adapted_layer(name))
+        layer = getattr(layer, "base_layer", layer)  # already adapted: the wrapped linear
+        if layer is None or not hasattr(layer, "weight"):
+            return f"targets {adapted_layer(name)}, which this transformer does not have"
+        out_features, in_features = layer.weight.shape[:2]
+        expected = lora_matrix_shape(name, rank, in_features, out_features)
+        if tuple(tensor.shape) != expected:
+            return f"{name} has shape {tuple(tensor.shape)}, this transformer needs {expected}"
+    return None
+
+
+def start_from_adapter(transformer: torch.nn.Module, adapter: ExportedLora, settings: LoraSettings) -> None:
+    """Set an injected adapter to `adapter`'s weights (`lora.init_from`). The same layers must be adapted at the
+    same rank (`LoraSettings.initial_adapter` checked the rank); a different alpha rescales B so that the adapted
+    model computes what the file's adapter did."""
+    where = f"lora.init_from {adapter.file}"
+    misfit = adapter_misfit(adapter.state, settings.rank, transformer)
+    if misfit:
+        raise CogvxError(f"{where} does not fit this model: it {misfit}")
+    params = {name.replace(f".{ADAPTER_NAME}.", "."): param for name, param in lora_parameters(transformer).items()}
+    extra = sorted(set(adapter.state) - set(params))
+    missing = sorted(set(params) - set(adapter.state))
+    if extra or missing:
+        file_targets = ", ".join(adapter.settings.target_modules)
+        what = (f"adapts {adapted_layer(extra[0])}, which lora.target_modules leaves out" if extra
+                else f"has no {missing[0]}, which lora.target_modules adapts")
+        raise CogvxError(f"{where} {what}; set lora.target_modules to the adapter's: [{file_targets}]")
+    rescale = adapter.settings.alpha / settings.alpha
+    with torch.no_grad():
+        for name, param in params.items():
+            values = adapter.state[name].to(torch.float32)
+            if _UP in name and rescale != 1.0:
+                values = values * rescale
+            param.copy_(values.to(param.dtype))

@@ -102,7 +102,7 @@ class Sampler:
 
     def _check_adapter_fits(self, folder: Path) -> None:
         """Every adapter matrix must match a layer of this transformer (a LoRA from another family does not)."""
-        from cogvx_dist.core.lora import adapted_layer, load_exported_lora, lora_matrix_shape
+        from cogvx_dist.core.lora import adapter_misfit, load_exported_lora
 
         try:
             exported = load_exported_lora(folder)
@@ -110,20 +110,11 @@ class Sampler:
             raise
         except Exception as err:  # corrupt or foreign safetensors: one line, not a traceback
             raise CogvxError(f"cannot read LoRA {folder}: {first_line(err)}") from err
-        state, settings = exported.state, exported.settings
         trained_on = f" (trained on {exported.family})" if exported.family else ""
-        modules = dict(self.pipe.transformer.named_modules())
-        for name, tensor in state.items():
-            base_name = adapted_layer(name)
-            layer = modules.get(base_name)
-            if layer is None or not hasattr(layer, "weight"):
-                raise CogvxError(f"LoRA {folder}{trained_on} targets {base_name}, which {self.family.name} "
-                                 f"({self.info.source}) does not have: it was trained for another model")
-            out_features, in_features = layer.weight.shape[:2]
-            expected = lora_matrix_shape(name, settings.rank, in_features, out_features)
-            if tuple(tensor.shape) != expected:
-                raise CogvxError(f"LoRA {folder}{trained_on}: {name} has shape {tuple(tensor.shape)}, this "
-                                 f"{self.family.name} checkpoint needs {expected}: it was trained for another model")
+        misfit = adapter_misfit(exported.state, exported.settings.rank, self.pipe.transformer)
+        if misfit:
+            raise CogvxError(f"LoRA {folder}{trained_on} {misfit} ({self.family.name}, {self.info.source}): it was "
+                             "trained for another model")
         # Shapes fit. 5b, 5b-I2V and 1.5-5b adapters have the same shapes, so only the record tells them apart.
         if exported.family and exported.family != self.family.name and not self.allow_other_family:
             raise CogvxError(f"LoRA {folder} was trained on {exported.family}, but {self.info.source} is "

@@ -275,12 +275,18 @@ class Trainer:
         """Model with identical adapters on every rank (checked), the loss context, the engine."""
         config = self.config
         transformer = build_model(config.model.path, config.model.dtype, config.lora, config.train.seed,
-                                  config.model.gradient_checkpointing)
+                                  config.model.gradient_checkpointing, self.checks.initial_adapter)
         self.lora_names = sorted(lora_parameters(transformer))
         checksums = engine.all_gather_object(adapter_checksum(lora_state_dict(transformer)))
         if len(set(checksums)) != 1:
             raise RankError(f"LoRA adapters differ across ranks at start-up (checksums {checksums}); "
                             "check that every node runs the same cogvx, torch and peft versions")
+        self.initial_checksum = checksums[0]
+        initial = self.checks.initial_adapter
+        if initial is not None:
+            rescaled = (f", B scaled by {initial.settings.alpha / config.lora.alpha:g} from its lora_alpha "
+                        f"{initial.settings.alpha:g}" if initial.settings.alpha != config.lora.alpha else "")
+            self.log.info("adapter starts from %s (rank %d%s)", initial.file, initial.settings.rank, rescaled)
         self.context = LossContext(self.family, self.checks.checkpoint.transformer_config,
                                    load_scheduler(config.model.path))
         self.engine = engine.Engine(transformer, self.checks.ds_config,
@@ -395,6 +401,7 @@ class Trainer:
             "world_size": self.ranks.world_size,
             "zero_stage": zero_stage(self.checks.ds_config),
             "adapter_checksums": final_checksums,
+            "initial_adapter_checksum": self.initial_checksum,
             "family": self.family.name,
             "bad_samples": self.bad_samples,
             "skipped_steps": self.skipped_steps,

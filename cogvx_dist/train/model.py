@@ -10,14 +10,18 @@ import torch
 
 from cogvx_dist.core.devices import torch_dtype
 from cogvx_dist.core.loading import load_transformer
-from cogvx_dist.core.lora import LoraSettings, inject_lora
+from cogvx_dist.core.lora import ExportedLora, LoraSettings, inject_lora, start_from_adapter
 
 
-def build_model(path: str, dtype: str, lora: LoraSettings, seed: int, checkpoint_every: int) -> torch.nn.Module:
-    """The checkpoint's transformer in `dtype`, frozen, with LoRA adapters initialised from `seed` (bit-identical on
-    every rank) and gradient checkpointing of every `checkpoint_every`-th block (0: none)."""
+def build_model(path: str, dtype: str, lora: LoraSettings, seed: int, checkpoint_every: int,
+                initial: ExportedLora | None = None) -> torch.nn.Module:
+    """The checkpoint's transformer in `dtype`, frozen, with LoRA adapters initialised from `seed` or set to the
+    `initial` adapter's weights (bit-identical on every rank either way) and gradient checkpointing of every
+    `checkpoint_every`-th block (0: none)."""
     transformer = load_transformer(path, dtype=torch_dtype(dtype))
     inject_lora(transformer, lora, seed=seed)
+    if initial is not None:
+        start_from_adapter(transformer, initial, lora)
     enable_gradient_checkpointing(transformer, checkpoint_every)
     return transformer
 

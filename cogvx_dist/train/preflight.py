@@ -9,6 +9,7 @@ from typing import Any
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.families import SIZE_MULTIPLE
 from cogvx_dist.core.loading import CheckpointInfo, describe_checkpoint
+from cogvx_dist.core.lora import ExportedLora
 from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
@@ -32,7 +33,8 @@ class Preflight:
     """What the run goes on despite (damaged shards with data.on_bad_sample: skip), for the ranks to log."""
     empty_prompt: Any = None
     """The dataset's empty-prompt embedding, with train.caption_dropout (else None)."""
-    """What the run goes on despite (damaged shards with data.on_bad_sample: skip), for the ranks to log."""
+    initial_adapter: ExportedLora | None = None
+    """The adapter lora.init_from names, read and checked against the model's family (else None)."""
 
 
 def preflight(config: RunConfig) -> Preflight:
@@ -77,7 +79,18 @@ def preflight(config: RunConfig) -> Preflight:
             empty_prompt = index.empty_prompt()
         except CogvxError as err:
             raise CogvxError(f"train.caption_dropout: {err}") from err
-    return Preflight(checkpoint, manifest, index, resolved, warnings, empty_prompt)
+    return Preflight(checkpoint, manifest, index, resolved, warnings, empty_prompt,
+                     _initial_adapter(config, checkpoint))
+
+
+def _initial_adapter(config: RunConfig, checkpoint: CheckpointInfo) -> ExportedLora | None:
+    """lora.init_from read, and refused when it records another family (5b, 5b-I2V and 1.5-5b adapters have the
+    same shapes, so the shapes checked when the model is built cannot tell them apart)."""
+    adapter = config.lora.initial_adapter()
+    if adapter is not None and adapter.family and adapter.family != checkpoint.family.name:
+        raise CogvxError(f"lora.init_from {adapter.file} was trained on {adapter.family}, but model.path is "
+                         f"{checkpoint.family.name}")
+    return adapter
 
 
 def _open_dataset(config: RunConfig, checkpoint: CheckpointInfo, location: str,

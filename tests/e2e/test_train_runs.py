@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ from diffusers import CogVideoXPipeline
 
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.loading import load_transformer
-from cogvx_dist.core.lora import LoraSettings, inject_lora, load_exported_lora, lora_parameters
+from cogvx_dist.core.lora import (
+    LoraSettings,
+    adapter_checksum,
+    inject_lora,
+    load_exported_lora,
+    lora_parameters,
+    lora_state_dict,
+)
 from cogvx_dist.core.run_folder import COMMIT_MARKER, RunFolder
 from cogvx_dist.train.reader import ShardIndex
 from tests.helpers import (
@@ -127,17 +135,47 @@ def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, tm
 
 
 DROPOUT = {"caption_dropout": 0.3}
-"""The crash-and-resume runs train with caption dropout, whose draws must resume exactly too."""
 
 
 @pytest.fixture(scope="module")
-def straight_run(prepped_2b, tmp_path_factory):
+def init_adapter(prepped_2b, tmp_path_factory) -> tuple[Path, str]:
+    """(folder, checksum) of an adapter that diffusers' save_lora_weights wrote without its alpha, as the official
+    CogVideo trainer exports it."""
+    model, _ = prepped_2b
+    transformer = inject_lora(load_transformer(model), LoraSettings(**LORA), seed=11)
+    generator = torch.Generator().manual_seed(12)
+    state = {name: (torch.randn(t.shape, generator=generator) * 0.02 if ".lora_B." in name else t.clone())
+             for name, t in lora_state_dict(transformer).items()}
+    folder = tmp_path_factory.mktemp("init-adapter")
+    CogVideoXPipeline.save_lora_weights(str(folder), transformer_lora_layers=state)
+    return folder, adapter_checksum(state)
+
+
+@pytest.fixture(scope="module")
+def features(init_adapter) -> dict[str, dict]:
+    """What the crash-and-resume runs train with besides the defaults, each of which must resume exactly too:
+    caption dropout, and a start from an existing adapter."""
+    return {"train": DROPOUT, "lora": {"init_from": str(init_adapter[0]), "init_alpha": LORA["alpha"]}}
+
+
+def sections(features: dict[str, dict], **extra: dict) -> dict[str, dict]:
+    """The config sections of `features`, with `extra` merged in."""
+    merged = {name: dict(values) for name, values in features.items()}
+    for name, values in extra.items():
+        merged.setdefault(name, {}).update(values)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def straight_run(prepped_2b, init_adapter, features, tmp_path_factory):
     """The uninterrupted 2-rank run on local shards that crashed and resumed runs must match."""
     model, shards = prepped_2b
     straight = tmp_path_factory.mktemp("straight") / "run"
-    config = write_config(straight.parent / "straight.yaml", model, shards, straight, train=DROPOUT)
+    config = write_config(straight.parent / "straight.yaml", model, shards, straight, **sections(features))
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Step 0's adapter, as every rank built it, is the file's exactly.
+    assert summary_of(straight)["initial_adapter_checksum"] == init_adapter[1]
     return straight
 
 
@@ -150,12 +188,12 @@ def assert_same_run(straight, other) -> None:
     assert read_trace(straight) == read_trace(other)
 
 
-def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, straight_run, tmp_path):
+def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, features, straight_run, tmp_path):
     model, shards = prepped_2b
     straight = straight_run
 
     crashed = tmp_path / "crashed"
-    config = write_config(tmp_path / "crashed.yaml", model, shards, crashed, train=DROPOUT)
+    config = write_config(tmp_path / "crashed.yaml", model, shards, crashed, **sections(features))
     buffers_before = shm_buffers()
     first = launch(config, env={FAULT_ENV: "train.committed=4"})
     assert first.returncode != 0
@@ -170,14 +208,15 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, straight_ru
 
     # Resume the crashed run's step-4 checkpoint with one rank (same global batch): same global sample order.
     one_rank = tmp_path / "one-rank"
-    config = write_config(tmp_path / "one.yaml", model, shards, one_rank, train={"grad_accum_steps": 4, **DROPOUT},
-                          checkpoint={"resume": str(crashed / "checkpoints" / "step-00000004")})
+    config = write_config(tmp_path / "one.yaml", model, shards, one_rank,
+                          **sections(features, train={"grad_accum_steps": 4},
+                                     checkpoint={"resume": str(crashed / "checkpoints" / "step-00000004")}))
     result = launch(config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert stream_order(one_rank, 1) == [row for row in stream_order(straight, 2) if row[0] > 4]
 
 
-def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, straight_run, tmp_path):
+def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, features, straight_run, tmp_path):
     """Exact order from an S3-compatible server on loopback: ranged reads by both ranks, a crash after the step-4
     checkpoint, resume: bit-identical to the uninterrupted run on the local shards."""
     model, shards = prepped_2b
@@ -185,7 +224,7 @@ def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, stra
         upload(shards, "s3://datasets/clips", env)
         crashed = tmp_path / "crashed"
         config = write_config(tmp_path / "s3.yaml", model, "s3://datasets/clips", crashed,
-                              data={"verify": "sha256", "num_workers": 1}, train=DROPOUT)
+                              **sections(features, data={"verify": "sha256", "num_workers": 1}))
         first = launch(config, env={**env, FAULT_ENV: "train.committed=4"})
         assert first.returncode != 0
         second = launch(config, 2, "checkpoint.resume=auto", env=env)

@@ -109,3 +109,68 @@ def test_the_exported_adapter_is_byte_identical_across_processes(tmp_path):
                        env={**os.environ, "PYTHONHASHSEED": seed})
         digests.add(hashlib.sha256((out / LORA_WEIGHTS_NAME).read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def _trained_state(model, settings: LoraSettings, seed: int) -> dict[str, torch.Tensor]:
+    transformer = inject_lora(load_transformer(model), settings, seed=seed)
+    _randomise_b(transformer, seed=seed + 1)
+    return {name: tensor.clone() for name, tensor in lora_state_dict(transformer).items()}
+
+
+def _started_from(model, lora: LoraSettings) -> torch.nn.Module:
+    from cogvx_dist.train.model import build_model
+
+    return build_model(str(model), "float32", lora, seed=0, checkpoint_every=0, initial=lora.initial_adapter())
+
+
+def test_init_from_starts_from_adapters_that_diffusers_and_peft_wrote(tiny_checkpoint, tmp_path):
+    """lora.init_from: the adapter of step 0 equals the file's exactly, whichever tool wrote it; a file without
+    lora_alpha needs lora.init_alpha; a different lora.alpha rescales B so that the model computes the same."""
+    from peft import get_peft_model
+
+    from cogvx_dist.core.errors import CogvxError
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    settings = LoraSettings(rank=4, alpha=2.0)
+    state = _trained_state(model, settings, seed=7)
+    CogVideoXPipeline.save_lora_weights(str(tmp_path / "diffusers"), transformer_lora_layers=state,
+                                        transformer_lora_adapter_metadata=settings.peft_config().to_dict())
+    CogVideoXPipeline.save_lora_weights(str(tmp_path / "official"), transformer_lora_layers=state)  # no alpha
+    peft_model = get_peft_model(load_transformer(model), settings.peft_config())
+    loaded = peft_model.load_state_dict({f"base_model.model.{k.replace('.weight', '.default.weight')}": v
+                                         for k, v in state.items()}, strict=False)
+    assert not loaded.unexpected_keys
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    export_lora(state, settings, tmp_path / "cogvx", "CogVideoX-2b")
+
+    for folder, init_alpha in [("diffusers", 0.0), ("official", 2.0), ("peft", 0.0), ("cogvx", 0.0)]:
+        lora = LoraSettings(rank=4, alpha=2.0, init_from=str(tmp_path / folder), init_alpha=init_alpha)
+        started = lora_state_dict(_started_from(model, lora))
+        assert started.keys() == state.keys(), folder
+        assert all(torch.equal(started[name], state[name]) for name in state), folder
+
+    with pytest.raises(CogvxError, match="records no lora_alpha.*give it as lora.init_alpha"):
+        LoraSettings(rank=4, alpha=2.0, init_from=str(tmp_path / "official")).initial_adapter()
+    with pytest.raises(CogvxError, match="records lora_alpha 2, not the 3 given"):
+        LoraSettings(rank=4, alpha=2.0, init_from=str(tmp_path / "diffusers"), init_alpha=3.0).initial_adapter()
+    with pytest.raises(CogvxError, match="has rank 4, but lora.rank is 8; set lora.rank: 4"):
+        LoraSettings(rank=8, alpha=2.0, init_from=str(tmp_path / "diffusers")).initial_adapter()
+    with pytest.raises(CogvxError, match="has no .*to_k.lora_A.weight, which lora.target_modules adapts; set "
+                                         r"lora.target_modules to the adapter's: \[to_out.0, to_q\]"):
+        narrow = {k: v for k, v in state.items() if ".to_q." in k or ".to_out.0." in k}
+        CogVideoXPipeline.save_lora_weights(str(tmp_path / "narrow"), transformer_lora_layers=narrow)
+        _started_from(model, LoraSettings(rank=4, alpha=2.0, init_from=str(tmp_path / "narrow"), init_alpha=2.0))
+
+    # Continued at another alpha: B is rescaled, the adapted transformer computes what the file's adapter did.
+    same = _started_from(model, LoraSettings(rank=4, alpha=2.0, init_from=str(tmp_path / "diffusers")))
+    louder = _started_from(model, LoraSettings(rank=4, alpha=8.0, init_from=str(tmp_path / "diffusers")))
+    torch.testing.assert_close(_output(louder), _output(same), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_output(same), _output(load_transformer(model)), atol=1e-4)
+
+
+def _output(transformer: torch.nn.Module) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 3, 16, 4, 6, generator=generator)
+    text = torch.randn(1, 226, 32, generator=generator)
+    with torch.no_grad():
+        return transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([400])).sample

@@ -24,7 +24,7 @@ from cogvx_dist.train.ds_config import load_ds_config, resolve_ds_config, run_va
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.train.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
 from cogvx_dist.train.schedule import lr_lambda
-from tests.helpers import assert_one_line_error, cli, shard_keys, write_config
+from tests.helpers import assert_one_line_error, cli, make_adapter, shard_keys, write_config
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -206,6 +206,7 @@ def good_run(tiny_checkpoint, tmp_path_factory):
     model = tiny_checkpoint("CogVideoX-2b")
     root = tmp_path_factory.mktemp("bad-runs")
     write_synthetic_shards(root / "shards", model, [2, 1])
+    make_adapter(model, root / "lora-5b", seed=1, family="CogVideoX-5b")  # rank 4, and recorded as another family
     return model, root
 
 
@@ -217,13 +218,18 @@ def good_run(tiny_checkpoint, tmp_path_factory):
         (["data.shards=/nonexistent/shards"], "data.shards: no shard manifest"),
         (["deepspeed.config=zero4"], "deepspeed.config 'zero4': no such file"),
         (["model.path={five_b}"], "shards do not match the model: family CogVideoX-2b (model is CogVideoX-5b)"),
+        (["lora.init_from=/nonexistent/lora"], "lora.init_from: no LoRA weights at /nonexistent/lora"),
+        (["lora.init_alpha=4"], "lora.init_alpha (4) must be positive, and only goes with lora.init_from"),
+        (["lora.init_from={root}/lora-5b"], "has rank 4, but lora.rank is 8; set lora.rank: 4"),
+        (["lora.init_from={root}/lora-5b", "lora.rank=4"], "was trained on CogVideoX-5b, but model.path is "
+                                                            "CogVideoX-2b"),
     ],
 )
 def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, tmp_path, capsys, overrides,
                                                      message):
     model, root = good_run
     config = write_config(tmp_path / "run.yaml", model, root / "shards", tmp_path / "out")
-    overrides = [o.format(five_b=tiny_checkpoint("CogVideoX-5b")) for o in overrides]
+    overrides = [o.format(five_b=tiny_checkpoint("CogVideoX-5b"), root=root) for o in overrides]
     code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "2", *overrides)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "out").exists()
