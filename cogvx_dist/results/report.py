@@ -106,8 +106,10 @@ def run_stats(records: list[dict[str, Any]]) -> RunStats:
     )
 
 
-def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training loss") -> Path:
-    """Raw per-step loss as points and its smoothed curve, against the optimizer step."""
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training loss",
+              held_out: list[tuple[int, float]] = ()) -> Path:
+    """Raw per-step loss as points and its smoothed curve, against the optimizer step; the held-out loss
+    ((step, loss) pairs) as a line on the same axes where the run evaluated one."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -118,6 +120,9 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, losses, "o", ms=3, alpha=0.35, color="tab:blue", label="loss per step")
     ax.plot(steps, smooth(losses), "-", lw=2.2, color="tab:blue", label="smoothed (EMA)")
+    if held_out:
+        ax.plot(*zip(*held_out), "-s", ms=4, lw=1.8, color="tab:orange",
+                label="held-out loss (fixed timesteps and noise)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("diffusion loss")
     ax.set_title(title)
@@ -166,6 +171,11 @@ def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
         f"{stats.step_time_s:.3f} s/step (first step excluded), data wait {stats.data_wait_fraction:.1%} of step time",
         f"peak memory (rank 0): {stats.peak_memory_gib:.2f} GiB (CUDA allocator peak on GPU, process peak RSS on CPU)",
     ]
+    if extra.get("eval_steps"):
+        steps = extra["eval_steps"]
+        lines.append(f"held-out loss: {extra['eval_loss_first']:.4f} (step {steps[0]}) -> "
+                     f"{extra['eval_loss_last']:.4f} (step {steps[-1]}), {len(steps)} evaluations at fixed "
+                     "timesteps and noise")
     if extra.get("world_size"):
         lines.append(f"ranks: {extra['world_size']}, ZeRO stage {extra.get('zero_stage')}, "
                      f"family {extra.get('family')}")
@@ -193,14 +203,19 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     run = folder.root
     if not run.is_dir():
         raise CogvxError(f"{run}: no such run folder")
-    records = [r for r in read_metrics(run) if r.get("loss") is not None]  # bad lines raise CogvxError
+    logged = read_metrics(run)  # bad lines raise CogvxError
+    records = [r for r in logged if r.get("loss") is not None]
     if not records:
         raise CogvxError(f"{folder.metrics} is missing or holds no steps yet (has training logged a step?)")
     out = Path(out_dir) if out_dir else folder.report
     out.mkdir(parents=True, exist_ok=True)
     stats = run_stats(records)
     extra = _run_facts(folder)
-    plots = write_plots(records, out)
+    held_out = held_out_losses(logged)
+    if held_out:
+        extra.update(eval_loss_first=held_out[0][1], eval_loss_last=held_out[-1][1],
+                     eval_steps=[step for step, _ in held_out])
+    plots = write_plots(records, out, held_out)
     text = summary_text(stats, run, extra)
     (out / "summary.txt").write_text(text)
     summary = {"run_dir": str(run), **asdict(stats), "loss_falls": stats.loss_falls, **extra,
@@ -225,10 +240,18 @@ def _run_facts(folder: RunFolder) -> dict[str, Any]:
     return extra
 
 
-def write_plots(records: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+def held_out_losses(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, held-out loss) of every step the run evaluated (log.eval_every_steps)."""
+    from cogvx_dist.train.evaluation import EVAL_KEY
+
+    return [(r["step"], r[EVAL_KEY]) for r in records if r.get(EVAL_KEY) is not None]
+
+
+def write_plots(records: list[dict[str, Any]], out: Path,
+                held_out: list[tuple[int, float]] = ()) -> dict[str, Path]:
     """The loss, throughput, memory and learning-rate plots as PNGs in `out`."""
     return {
-        "loss": plot_loss(records, out / "loss.png"),
+        "loss": plot_loss(records, out / "loss.png", held_out=held_out),
         "throughput": _plot_panels(records, out / "throughput.png",
                                    [("samples_per_s", "samples/s", "tab:green"),
                                     ("tokens_per_s", "tokens/s", "tab:purple")], "training throughput (all ranks)"),

@@ -66,6 +66,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     """With on_bad_sample: skip, stop once more than this fraction of the samples read (at least one dataset's
     worth) were bad."""
+    eval_shards: str = ""
+    """A held-out dataset (a `cogvx prep` folder or its URL, as data.shards) whose loss is logged every
+    log.eval_every_steps; the same family and model as the training data."""
 
 
 @dataclass
@@ -175,6 +178,11 @@ class LogConfig:
     """tqdm progress bar on rank 0."""
     sample_trace: bool = False
     """Write each rank's sample keys per step to output_dir/trace/ (used to verify ordering and resume)."""
+    eval_every_steps: int = 0
+    """Every this many optimizer steps (and before the first and after the last), all ranks compute the loss on
+    the whole of data.eval_shards at fixed timesteps and fixed noise and log eval/loss; 0: never."""
+    eval_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    """The timesteps every held-out sample is evaluated at (eval/loss_tNNN logs each one's mean)."""
 
 
 @dataclass
@@ -242,6 +250,7 @@ class RunConfig:
             raise CogvxError(f"train.caption_dropout must be within [0, 1], got {self.train.caption_dropout}")
         if self.train.caption_dropout and self.data.streaming:
             raise CogvxError("train.caption_dropout needs a dataset read in exact order, not data.streaming")
+        self._check_evaluation()
         if self.train.max_nonfinite_steps < 1:
             raise CogvxError(f"train.max_nonfinite_steps must be at least 1, got {self.train.max_nonfinite_steps}")
         if self.checkpoint.preempt_grace_s <= 0:
@@ -253,6 +262,16 @@ class RunConfig:
             parse_bytes(self.plan.gpu_memory, "plan.gpu_memory")
         if self.distributed.timeout_s <= 0 or self.distributed.stall_timeout_s < 0:
             raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
+
+    def _check_evaluation(self) -> None:
+        if self.log.eval_every_steps < 0:
+            raise CogvxError(f"log.eval_every_steps must be 0 (off) or positive, got {self.log.eval_every_steps}")
+        if self.log.eval_every_steps and not self.data.eval_shards:
+            raise CogvxError("log.eval_every_steps needs data.eval_shards (the held-out dataset)")
+        if self.data.eval_shards and not self.log.eval_every_steps:
+            raise CogvxError("data.eval_shards is set but log.eval_every_steps is 0: say how often to evaluate")
+        if not self.log.eval_timesteps or any(t < 0 for t in self.log.eval_timesteps):
+            raise CogvxError(f"log.eval_timesteps must list timesteps >= 0, got {self.log.eval_timesteps}")
 
     def _check_sources(self) -> None:
         if not self.data.sources:

@@ -169,6 +169,9 @@ class Engine:
     def train(self) -> None:
         self._engine.train()
 
+    def eval(self) -> None:
+        self._engine.eval()
+
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradients of one micro-batch's loss (DeepSpeed scales them by the accumulation steps)."""
         self._engine.backward(loss)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import zero_stage
+from cogvx_dist.train.evaluation import HeldOutLoss
 from cogvx_dist.train.loss import LossContext, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.mixture import MixedIndex
@@ -132,6 +134,8 @@ class Trainer:
                                 resume_step=start_step)
         trace = SampleTrace(self.run.root, self.ranks.rank) if config.log.sample_trace else None
         progress = self._progress_bar(start_step)
+        if start_step == 0 and self.held_out is not None:
+            metrics.log(0, self.evaluate(meter))  # where the curve starts: the weights before any update
         self.engine.train()
         for step in range(start_step + 1, config.train.max_steps + 1):
             lr = self.engine.lr()  # the rate this step's update uses
@@ -142,8 +146,10 @@ class Trainer:
             meter.step_done(None if agreed.nonfinite_ranks else agreed.loss)
             self.watchdog.progress(step)
             progress.update(1)
-            if step % config.log.every_steps == 0 or step == config.train.max_steps:
-                values = meter.values(lr, self.engine.grad_norm(), position)
+            last = step == config.train.max_steps
+            evaluated = self.evaluate(meter) if self._evaluates(step) else {}
+            if step % config.log.every_steps == 0 or last or evaluated:
+                values = {**meter.values(lr, self.engine.grad_norm(), position), **evaluated}
                 values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps)
                 if isinstance(self.checks.index, MixedIndex):
                     values.update(self.checks.index.seen(position, config.train.seed))
@@ -186,6 +192,20 @@ class Trainer:
         self.engine.step()
         self._account(step, agreed, keys)
         return agreed
+
+    def _evaluates(self, step: int) -> bool:
+        every = self.config.log.eval_every_steps
+        return self.held_out is not None and (step % every == 0 or step == self.config.train.max_steps)
+
+    def evaluate(self, meter: StepMeter) -> dict[str, float]:
+        """Collective: the held-out loss of the current weights (its time is kept out of the throughput)."""
+        started = time.perf_counter()
+        self.engine.eval()
+        sums = self.held_out.local_sums(self.engine, self.context, self.device, self.dtype)
+        values = self.held_out.values(engine.all_reduce_sum(sums))
+        self.engine.train()
+        meter.exclude(time.perf_counter() - started)
+        return values
 
     def _agree(self, local_loss: torch.Tensor, bad: int) -> Agreement:
         self.local_nonfinite = ~torch.isfinite(local_loss)
@@ -291,6 +311,10 @@ class Trainer:
                                    load_scheduler(config.model.path))
         self.engine = engine.Engine(transformer, self.checks.ds_config,
                                     lr_lambda(config.optim, config.train.max_steps))
+        self.held_out = None
+        if self.checks.eval_index is not None:
+            self.held_out = HeldOutLoss(self.checks.eval_index, config.log.eval_timesteps, config.train.seed,
+                                        self.ranks.rank, self.ranks.world_size)
         self.watchdog.progress(0)
 
     def _restore(self) -> tuple[int, int]:

@@ -84,8 +84,10 @@ def diffusion_loss(
     generator: torch.Generator,
     device: torch.device,
     dtype: torch.dtype,
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch-mean CogVideoX v-prediction loss; all randomness comes from `generator` (CPU)."""
+    """The batch-mean CogVideoX v-prediction loss; all randomness comes from `generator` (CPU). `timesteps` (one
+    per sample) replaces the uniform draw (the held-out loss evaluates at fixed ones)."""
     family = context.family
     scaling = family.vae_scaling_factor
     # [B, C, F, H, W] moments -> [B, F, C, H, W] latents, scaled once here (the shards store them unscaled).
@@ -94,7 +96,9 @@ def diffusion_loss(
     batch_size, frames, _, height, width = latents.shape
 
     scheduler = context.scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator).to(device)
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(device)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
 

@@ -48,6 +48,10 @@ class StepMeter:
         self.data_wait += time.perf_counter() - started
         return batch
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of other work (the held-out evaluation) out of the window's step time."""
+        self.started += seconds
+
     def step_done(self, loss: torch.Tensor | None) -> None:
         """An optimizer step ended with this (all-ranks mean) loss; None for a step skipped as non-finite."""
         self.steps += 1
@@ -97,7 +101,7 @@ class MetricsWriter:
         if self._tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{name}", value, step)
+                    self._tb.add_scalar(name if name.startswith("eval/") else f"train/{name}", value, step)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

@@ -35,6 +35,8 @@ class Preflight:
     """The dataset's empty-prompt embedding, with train.caption_dropout (else None)."""
     initial_adapter: ExportedLora | None = None
     """The adapter lora.init_from names, read and checked against the model's family (else None)."""
+    eval_index: ShardIndex | None = None
+    """The held-out dataset of data.eval_shards (else None)."""
 
 
 def preflight(config: RunConfig) -> Preflight:
@@ -80,7 +82,25 @@ def preflight(config: RunConfig) -> Preflight:
         except CogvxError as err:
             raise CogvxError(f"train.caption_dropout: {err}") from err
     return Preflight(checkpoint, manifest, index, resolved, warnings, empty_prompt,
-                     _initial_adapter(config, checkpoint))
+                     _initial_adapter(config, checkpoint), _held_out(config, checkpoint))
+
+
+def _held_out(config: RunConfig, checkpoint: CheckpointInfo) -> ShardIndex | None:
+    """data.eval_shards opened and checked against the model; it must be whole, and the timesteps in range."""
+    if not config.data.eval_shards:
+        return None
+    from cogvx_dist.core.loading import load_scheduler
+
+    _, index = _open_dataset(config, checkpoint, config.data.eval_shards, "data.eval_shards")
+    if index.damaged:
+        location, why = sorted(index.damaged.items())[0]
+        raise CogvxError(f"data.eval_shards: shard {location}: {why}; a held-out set must be whole")
+    steps = load_scheduler(config.model.path).config.num_train_timesteps
+    beyond = [t for t in config.log.eval_timesteps if t >= steps]
+    if beyond:
+        raise CogvxError(f"log.eval_timesteps {beyond} beyond the scheduler's {steps} training timesteps "
+                         f"(0..{steps - 1})")
+    return index
 
 
 def _initial_adapter(config: RunConfig, checkpoint: CheckpointInfo) -> ExportedLora | None:

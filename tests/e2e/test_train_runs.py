@@ -152,10 +152,18 @@ def init_adapter(prepped_2b, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def features(init_adapter) -> dict[str, dict]:
+def features(prepped_2b, init_adapter) -> dict[str, dict]:
     """What the crash-and-resume runs train with besides the defaults, each of which must resume exactly too:
-    caption dropout, and a start from an existing adapter."""
-    return {"train": DROPOUT, "lora": {"init_from": str(init_adapter[0]), "init_alpha": LORA["alpha"]}}
+    caption dropout, a start from an existing adapter, and the held-out loss (here on the training set itself)."""
+    _, shards = prepped_2b
+    return {"train": DROPOUT, "lora": {"init_from": str(init_adapter[0]), "init_alpha": LORA["alpha"]},
+            "data": {"eval_shards": str(shards)}, "log": {"eval_every_steps": 4, "eval_timesteps": [200, 500, 800]}}
+
+
+def held_out(output: Path) -> dict[int, dict[str, float]]:
+    """Step -> the eval/ metrics logged at it."""
+    records = [json.loads(line) for line in RunFolder(output).metrics.read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in records if "eval/loss" in r}
 
 
 def sections(features: dict[str, dict], **extra: dict) -> dict[str, dict]:
@@ -176,6 +184,11 @@ def straight_run(prepped_2b, init_adapter, features, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     # Step 0's adapter, as every rank built it, is the file's exactly.
     assert summary_of(straight)["initial_adapter_checksum"] == init_adapter[1]
+    # The held-out loss before the first update, and after every 4 steps: falling on the set the adapter trains on.
+    evaluations = held_out(straight)
+    assert sorted(evaluations) == [0, 4, 8]
+    assert set(evaluations[8]) == {"eval/loss", "eval/loss_t200", "eval/loss_t500", "eval/loss_t800"}
+    assert evaluations[8]["eval/loss"] < evaluations[0]["eval/loss"], evaluations
     return straight
 
 
@@ -186,6 +199,7 @@ def assert_same_run(straight, other) -> None:
     for name in straight_adapter:
         assert torch.equal(straight_adapter[name], other_adapter[name]), name
     assert read_trace(straight) == read_trace(other)
+    assert held_out(straight) == held_out(other)  # the same weights give the same held-out loss, to the bit
 
 
 def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, features, straight_run, tmp_path):

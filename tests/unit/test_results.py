@@ -196,6 +196,33 @@ def test_report_writes_plots_and_summary(tmp_path, capsys):
     assert_one_line_error(*cli(capsys, "report", str(empty))[::2], "metrics.jsonl")
 
 
+def test_report_shows_the_held_out_loss(tmp_path, capsys):
+    """Held-out evaluations (an evaluation-only record at step 0, then beside training records) go into loss.png's
+    data and the summary; the step-0 record does not count as a training step."""
+    from cogvx_dist.train.metrics import MetricsWriter
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_metrics(run, 12)
+    writer = MetricsWriter(run, enabled=True, tensorboard=True)
+    writer.log(0, {"eval/loss": 2.0, "eval/loss_t100": 1.5})
+    writer.log(12, {"loss": 1.1, "eval/loss": 1.25, "eval/loss_t100": 1.0})
+    writer.close()
+    code, stdout, stderr = cli(capsys, "report", str(run))
+    assert code == 0, stderr[-2000:]
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["eval_steps"] == [0, 12]
+    assert (summary["eval_loss_first"], summary["eval_loss_last"]) == (2.0, 1.25)
+    assert "held-out loss: 2.0000 (step 0) -> 1.2500 (step 12)" in stdout
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert "eval/loss" in events.Tags()["scalars"] and "train/eval/loss" not in events.Tags()["scalars"]
+    assert [e.value for e in events.Scalars("eval/loss")] == [2.0, 1.25]
+
+
 def test_report_skips_a_torn_last_metrics_line(tmp_path):
     """A run still writing (or killed mid-write) leaves half a line at the end: the report uses the whole lines."""
     from cogvx_dist.results.report import write_report

@@ -218,6 +218,11 @@ def good_run(tiny_checkpoint, tmp_path_factory):
         (["data.shards=/nonexistent/shards"], "data.shards: no shard manifest"),
         (["deepspeed.config=zero4"], "deepspeed.config 'zero4': no such file"),
         (["model.path={five_b}"], "shards do not match the model: family CogVideoX-2b (model is CogVideoX-5b)"),
+        (["log.eval_every_steps=2"], "log.eval_every_steps needs data.eval_shards"),
+        (["data.eval_shards={root}/shards"], "data.eval_shards is set but log.eval_every_steps is 0"),
+        (["data.eval_shards=/nonexistent", "log.eval_every_steps=2"], "data.eval_shards: no shard manifest"),
+        (["data.eval_shards={root}/shards", "log.eval_every_steps=2", "log.eval_timesteps=[10, 1000]"],
+         "log.eval_timesteps [1000] beyond the scheduler's 1000 training timesteps"),
         (["lora.init_from=/nonexistent/lora"], "lora.init_from: no LoRA weights at /nonexistent/lora"),
         (["lora.init_alpha=4"], "lora.init_alpha (4) must be positive, and only goes with lora.init_from"),
         (["lora.init_from={root}/lora-5b"], "has rank 4, but lora.rank is 8; set lora.rank: 4"),
@@ -452,3 +457,32 @@ def test_caption_dropout_trains_with_the_datasets_empty_prompt(synthetic_shards)
     assert preflight(load_config(RunConfig, None, overrides)).empty_prompt is None
     checks = preflight(load_config(RunConfig, None, [*overrides, "train.caption_dropout=0.1"]))
     assert checks.empty_prompt is not None and checks.empty_prompt.shape == (226, 32)
+
+
+def test_the_held_out_loss_repeats_for_the_same_weights_and_splits_over_ranks(synthetic_shards):
+    """Fixed timesteps and noise: two evaluations of the same weights agree to the bit, other weights give another
+    number, and three ranks' shares (padded to equal length, the padding counting zero) sum to one rank's."""
+    from cogvx_dist.train.evaluation import HeldOutLoss
+
+    model, folder = synthetic_shards([3, 2])
+    index = ShardIndex(folder)
+    family = describe_checkpoint(model).family
+    context = LossContext(family, describe_checkpoint(model).transformer_config, load_scheduler(model))
+    transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
+    whole = HeldOutLoss(index, [100, 600], seed=3, rank=0, world_size=1)
+
+    def sums(held_out: HeldOutLoss) -> torch.Tensor:
+        return held_out.local_sums(transformer, context, torch.device("cpu"), torch.float32)
+
+    first = sums(whole)
+    assert torch.equal(first, sums(whole)) and first[-1] == 5
+    shares = [HeldOutLoss(index, [100, 600], seed=3, rank=rank, world_size=3) for rank in range(3)]
+    assert [len(share.mine) for share in shares] == [2, 2, 2]
+    torch.testing.assert_close(sum(sums(share) for share in shares), first, rtol=1e-6, atol=0)
+    values = whole.values(first)
+    assert values["eval/loss"] == pytest.approx((values["eval/loss_t100"] + values["eval/loss_t600"]) / 2)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:
+                param.add_(0.05)
+    assert not torch.equal(sums(whole), first)
