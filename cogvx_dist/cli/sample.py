@@ -46,6 +46,8 @@ def configure(sample: argparse.ArgumentParser, name: str = "sample") -> None:
                        help="exit once train_summary.json exists and all checkpoints are validated (default on)")
     watch.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                        help="also sample the prompts once without a LoRA, into validation/base (default on)")
+    watch.add_argument("--ema", action="store_true",
+                       help="also sample each checkpoint's adapter average (lora_ema/, train.ema_decay) into its ema/")
 
 
 def _sample_settings(args: argparse.Namespace):
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from cogvx_dist.results.sample import read_prompts
 
     quiet_libraries()
+    if args.ema and not args.watch:
+        raise CogvxError("--ema goes with --watch; for one clip pass the average as --lora RUN_DIR/lora_ema")
     prompts = read_prompts(args.prompt or [], args.prompts_file)
     settings = _sample_settings(args)
     return _watch(args, prompts, settings) if args.watch else _one_clip(args, prompts, settings)
@@ -74,7 +78,8 @@ def _watch(args: argparse.Namespace, prompts: list[str], settings) -> int:
     if args.lora or args.out:
         raise CogvxError("--watch samples each checkpoint's own LoRA into RUN_DIR/validation; drop --lora and --out")
     options = WatchOptions(interval_s=args.interval, once=args.once, stop_after=args.stop_after,
-                           max_wait_s=args.max_wait, until_done=args.until_done, baseline=args.baseline)
+                           max_wait_s=args.max_wait, until_done=args.until_done, baseline=args.baseline,
+                           average=args.ema)
     spec = SamplerSpec(model=args.model, device=args.device, dtype=args.dtype, image=args.image,
                        allow_other_family=args.allow_other_family)
     result = watch_run(args.watch, prompts, settings, options, spec)

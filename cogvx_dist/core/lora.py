@@ -151,6 +151,12 @@ def state_dict_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name.replace(suffix, "."): t.detach() for name, t in named.items()}
 
 
+def memory_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State-dict names (`...lora_A.weight`) back to in-memory adapter names (`...lora_A.default.weight`)."""
+    return {name.replace(_DOWN, f"{_DOWN}{ADAPTER_NAME}.").replace(_UP, f"{_UP}{ADAPTER_NAME}."): t
+            for name, t in state.items()}
+
+
 def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights under their state-dict names (no adapter name, no prefix), detached."""
     return state_dict_names(lora_parameters(transformer))

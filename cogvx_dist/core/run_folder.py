@@ -11,7 +11,9 @@ a run (sample --watch, report, demo, launch check).
         master_weights.safetensors   whole fp32 adapter weights (resume on another world size)
         adam_moments.safetensors     whole fp32 Adam moments and step count (the same)
         lora/                        the adapter in the diffusers format
+        lora_ema/                    its moving average (train.ema_decay), in the same format
     RUN/lora/                    the final adapter
+    RUN/lora_ema/                the final moving average of the adapter (train.ema_decay)
     RUN/train_summary.json       written once training finished
     RUN/train.lock               held by the live run (host, pid): a second run refuses the folder
     RUN/failures/rank-RRRRR.json why a rank stopped (cogvx train names the first one)
@@ -36,6 +38,8 @@ TRACE = "trace"
 CHECKPOINTS = "checkpoints"
 LORA = "lora"
 """The adapter folder, in a run and in each checkpoint."""
+LORA_EMA = "lora_ema"
+"""The adapter's moving average (train.ema_decay), beside LORA."""
 SUMMARY = "train_summary.json"
 VALIDATION = "validation"
 VALIDATION_RECORD = "validated.json"
@@ -100,6 +104,10 @@ class RunFolder:
     @property
     def lora(self) -> Path:
         return self.root / LORA
+
+    @property
+    def lora_ema(self) -> Path:
+        return self.root / LORA_EMA
 
     @property
     def summary(self) -> Path:

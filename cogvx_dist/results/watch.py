@@ -43,6 +43,9 @@ class WatchOptions:
     """Exit once train_summary.json exists and every committed checkpoint is validated."""
     baseline: bool = True
     """Also sample the prompts once without any adapter (validation/base/), for comparison."""
+    average: bool = False
+    """Also sample each checkpoint's moving average of the adapter (lora_ema/, train.ema_decay), into the step's
+    ema/ folder."""
 
 
 @dataclass
@@ -179,10 +182,23 @@ class Watcher:
             return
         sampler.set_lora(target / run_folder.LORA)
         self.record["steps"][str(step)] = self._sample_prompts(target, step, "lora")
+        if self.options.average:
+            self.record["steps"][str(step)]["ema"] = self._sample_average(folder, target, step)
         sampler.set_lora(None)
         write_record(self.run.validation_record, self.record)
         self.result.validated.append(step)
         log.info("validated step %d: %s", step, target)
+
+    def _sample_average(self, folder: Path, target: Path, step: int) -> dict[str, Any] | None:
+        """The prompts with the checkpoint's adapter average, copied beside the clips like the adapter."""
+        assert self.sampler is not None
+        try:
+            shutil.copytree(folder / run_folder.LORA_EMA, target / run_folder.LORA_EMA, dirs_exist_ok=True)
+        except (FileNotFoundError, shutil.Error):
+            log.warning("checkpoint step %d has no %s/ (was train.ema_decay set?)", step, run_folder.LORA_EMA)
+            return None
+        self.sampler.set_lora(target / run_folder.LORA_EMA)
+        return self._sample_prompts(target / "ema", step, "ema")
 
     def _loaded_sampler(self) -> Sampler:
         if self.sampler is None:

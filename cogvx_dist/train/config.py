@@ -113,6 +113,9 @@ class TrainConfig:
     update on any rank (DeepSpeed skips it), counts it and goes on."""
     max_nonfinite_steps: int = 3
     """With on_nonfinite: skip_step, stop after this many non-finite steps in a row."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the adapter with this decay per optimizer step (e.g. 0.999), exported
+    beside it as lora_ema/ in every checkpoint and at the end; 0: none."""
     caption_dropout: float = 0.0
     """Probability that a sample trains with the empty prompt's embedding instead of its own (what classifier-free
     guidance needs at sampling); drawn from the step's generator, so runs repeat and resume exactly."""
@@ -246,6 +249,8 @@ class RunConfig:
             raise CogvxError("data.num_workers must be non-negative")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
             raise CogvxError(f"data.max_bad_fraction must be within [0, 1], got {self.data.max_bad_fraction}")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise CogvxError(f"train.ema_decay must be within [0, 1) (0: no average), got {self.train.ema_decay}")
         if not 0.0 <= self.train.caption_dropout <= 1.0:
             raise CogvxError(f"train.caption_dropout must be within [0, 1], got {self.train.caption_dropout}")
         if self.train.caption_dropout and self.data.streaming:

@@ -137,6 +137,19 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return result
 
 
+def all_gather_tensor(value: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor of the same shape from every rank, in rank order."""
+    gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, value.contiguous())
+    return gathered
+
+
+def partition_size(numel: int, world_size: int) -> int:
+    """Elements of each rank's chunk of a parameter, the way ZeRO-3 partitions it (padded to a multiple of the world
+    size, then cut into equal chunks in rank order)."""
+    return -(-numel // world_size)
+
+
 class Engine:
     """A model wrapped by DeepSpeed, whose optimizer (AdamW from the DeepSpeed config, with the LR schedule
     `lr_lambda`) sees only the trainable (LoRA) parameters."""
@@ -214,6 +227,25 @@ class Engine:
         params = dict(self.module.named_parameters())
         return {name: safe_get_full_fp32_param(params[name]).detach().to("cpu", torch.float32).clone()
                 for name in names}
+
+    def local_chunks(self, names: list[str]) -> list[torch.Tensor]:
+        """This rank's chunk of each named parameter's compute copy (flattened; see `partition_size`): the ZeRO-3
+        partition it holds, or under ZeRO-1/2, where every rank holds whole parameters, the same slice of them."""
+        params = dict(self.module.named_parameters())
+        rank, world = dist.get_rank(), dist.get_world_size()
+        chunks = []
+        for name in names:
+            param = params[name]
+            if hasattr(param, "ds_tensor"):
+                if param.ds_tensor.numel() != partition_size(param.ds_numel, world):
+                    raise RankError(f"{name}: ZeRO-3 holds a partition of {param.ds_tensor.numel()} elements on rank "
+                                    f"{rank}, not the {partition_size(param.ds_numel, world)} expected")
+                chunks.append(param.ds_tensor.detach().view(-1))
+                continue
+            size = partition_size(param.numel(), world)
+            flat = param.detach().reshape(-1)[rank * size:(rank + 1) * size]
+            chunks.append(torch.nn.functional.pad(flat, (0, size - flat.numel())))
+        return chunks
 
     def gather_moments(self, names: list[str]) -> tuple[dict[str, torch.Tensor], int]:
         """Collective: whole fp32 Adam moments of the named parameters (`exp_avg/NAME`, `exp_avg_sq/NAME`) and the

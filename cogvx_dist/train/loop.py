@@ -26,11 +26,20 @@ from cogvx_dist.core.files import write_atomic
 from cogvx_dist.core.launch_env import RankInfo, env_rank, env_world_size
 from cogvx_dist.core.loading import load_scheduler
 from cogvx_dist.core.logs import rank_logger
-from cogvx_dist.core.lora import adapter_checksum, export_lora, lora_parameters, lora_state_dict, state_dict_names
+from cogvx_dist.core.lora import (
+    adapter_checksum,
+    export_lora,
+    load_exported_lora,
+    lora_parameters,
+    lora_state_dict,
+    memory_names,
+    state_dict_names,
+)
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import zero_stage
+from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
 from cogvx_dist.train.loss import LossContext, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
@@ -190,6 +199,8 @@ class Trainer:
                 self.engine.step()
         agreed = self._agree(torch.stack(losses).mean(), bad)
         self.engine.step()
+        if self.ema is not None:
+            self.ema.update(self.engine.local_chunks(self.lora_names))
         self._account(step, agreed, keys)
         return agreed
 
@@ -296,7 +307,12 @@ class Trainer:
         config = self.config
         transformer = build_model(config.model.path, config.model.dtype, config.lora, config.train.seed,
                                   config.model.gradient_checkpointing, self.checks.initial_adapter)
-        self.lora_names = sorted(lora_parameters(transformer))
+        adapter = lora_parameters(transformer)
+        self.lora_names = sorted(adapter)
+        self.ema = None
+        if config.train.ema_decay:  # the shapes now: ZeRO-3 leaves empty placeholders once it partitions
+            self.ema = AdapterEMA(config.train.ema_decay, {name: p.shape for name, p in adapter.items()},
+                                  self.ranks.rank, self.ranks.world_size)
         checksums = engine.all_gather_object(adapter_checksum(lora_state_dict(transformer)))
         if len(set(checksums)) != 1:
             raise RankError(f"LoRA adapters differ across ranks at start-up (checksums {checksums}); "
@@ -327,6 +343,7 @@ class Trainer:
             raise RankError(f"ranks chose different checkpoints to resume from: {chosen}")
         if resume_from is None:
             records.truncate(self.run, self.ranks, 0)
+            self._start_ema(None)
             return 0, 0
         committed = checkpoints.read_commit(resume_from)
         step, position, saved_world = int(committed["step"]), int(committed["position"]), committed["world_size"]
@@ -336,6 +353,7 @@ class Trainer:
             self.engine.load(resume_from)
         else:
             self._restore_elsewhere(resume_from, step, saved_world)
+        self._start_ema(resume_from)
         records.truncate(self.run, self.ranks, step)
         self.saved_step = step
         self.log.info("resumed from %s: step %d, sample position %d (saved with %d ranks, now %d)", resume_from,
@@ -343,6 +361,23 @@ class Trainer:
         if step >= self.config.train.max_steps:
             self.log.info("nothing to do: step %d >= train.max_steps %d", step, self.config.train.max_steps)
         return step, position
+
+    def _start_ema(self, checkpoint: Path | None) -> None:
+        """The moving average from the checkpoint's lora_ema/, or from the current weights."""
+        if self.ema is None:
+            return
+        chunks = self.engine.local_chunks(self.lora_names)
+        saved = checkpoint / self.run.lora_ema.name if checkpoint is not None else None
+        if saved is None or not saved.is_dir():
+            if saved is not None:
+                self.log.warning("%s has no adapter average: train.ema_decay starts it at the resumed weights",
+                                 checkpoint)
+            self.ema.start(chunks)
+            return
+        whole = memory_names(load_exported_lora(saved).state)
+        if sorted(whole) != self.lora_names:
+            raise RankError(f"{saved}: the saved average does not hold this run's adapter layers")
+        self.ema.restore(whole, chunks)
 
     def _restore_elsewhere(self, folder: Path, step: int, saved_world: int) -> None:
         """A different world size: DeepSpeed's partitions do not fit, the whole-tensor copies do."""
@@ -401,8 +436,11 @@ class Trainer:
         masters = self.engine.gather_weights(self.lora_names)
         moments, optimizer_step = self.engine.gather_moments(self.lora_names)
         adapter = state_dict_names(masters)
+        average = state_dict_names(self.ema.gather()) if self.ema is not None else None
         if self.ranks.is_main:
             export_lora(adapter, self.config.lora, folder / self.run.lora.name, self.family.name)
+            if average is not None:
+                export_lora(average, self.config.lora, folder / self.run.lora_ema.name, self.family.name)
             checkpoints.write_master_weights(folder, masters, {"step": state["step"], "position": state["position"]})
             if moments:
                 checkpoints.write_adam_moments(folder, moments, optimizer_step)
@@ -415,6 +453,7 @@ class Trainer:
     def _finish(self, start_step: int, position: int) -> dict[str, Any]:
         """Check the ranks ended with the same adapter, export it and write the summary."""
         final = state_dict_names(self.engine.gather_weights(self.lora_names))
+        average = state_dict_names(self.ema.gather()) if self.ema is not None else None
         final_checksums = engine.all_gather_object(adapter_checksum(final))
         if len(set(final_checksums)) != 1:
             raise RankError(f"adapters differ across ranks after training: {final_checksums}")
@@ -433,6 +472,8 @@ class Trainer:
         if self.ranks.is_main:
             try:
                 export_lora(final, self.config.lora, self.run.lora, self.family.name)
+                if average is not None:
+                    export_lora(average, self.config.lora, self.run.lora_ema, self.family.name)
                 write_atomic(self.run.summary, json.dumps(summary, indent=2) + "\n")
             except OSError as err:
                 raise RankError(f"exporting the adapter failed: {describe_io_error(err, self.run.lora)}") from err

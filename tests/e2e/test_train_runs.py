@@ -154,9 +154,11 @@ def init_adapter(prepped_2b, tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def features(prepped_2b, init_adapter) -> dict[str, dict]:
     """What the crash-and-resume runs train with besides the defaults, each of which must resume exactly too:
-    caption dropout, a start from an existing adapter, and the held-out loss (here on the training set itself)."""
+    caption dropout, a start from an existing adapter, the held-out loss (here on the training set itself) and the
+    adapter's moving average."""
     _, shards = prepped_2b
-    return {"train": DROPOUT, "lora": {"init_from": str(init_adapter[0]), "init_alpha": LORA["alpha"]},
+    return {"train": {**DROPOUT, "ema_decay": 0.9},
+            "lora": {"init_from": str(init_adapter[0]), "init_alpha": LORA["alpha"]},
             "data": {"eval_shards": str(shards)}, "log": {"eval_every_steps": 4, "eval_timesteps": [200, 500, 800]}}
 
 
@@ -193,11 +195,14 @@ def straight_run(prepped_2b, init_adapter, features, tmp_path_factory):
 
 
 def assert_same_run(straight, other) -> None:
-    """Bit-identical adapters and the same samples in the same order on every rank."""
-    straight_adapter, other_adapter = read_adapter(straight / "lora"), read_adapter(other / "lora")
-    assert straight_adapter.keys() == other_adapter.keys()
-    for name in straight_adapter:
-        assert torch.equal(straight_adapter[name], other_adapter[name]), name
+    """Bit-identical adapters (and averages, where kept) and the same samples in the same order on every rank."""
+    for folder in ("lora", "lora_ema"):
+        if folder == "lora_ema" and not (straight / folder).exists():
+            continue
+        straight_adapter, other_adapter = read_adapter(straight / folder), read_adapter(other / folder)
+        assert straight_adapter.keys() == other_adapter.keys()
+        for name in straight_adapter:
+            assert torch.equal(straight_adapter[name], other_adapter[name]), (folder, name)
     assert read_trace(straight) == read_trace(other)
     assert held_out(straight) == held_out(other)  # the same weights give the same held-out loss, to the bit
 
@@ -228,6 +233,40 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, features, s
     result = launch(config, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert stream_order(one_rank, 1) == [row for row in stream_order(straight, 2) if row[0] > 4]
+
+
+def test_zero3_with_every_feature_resumes_exactly_and_the_average_is_the_hand_computed_one(prepped_2b, init_adapter,
+                                                                                          features, tmp_path):
+    """ZeRO-3 on 2 ranks (the average sharded like the parameters), with everything the crash/resume runs use: a run
+    killed after its step-2 checkpoint and resumed ends bit-identical to the uninterrupted one, and the exported
+    average equals the EMA computed here from the initial adapter and the adapter each step's checkpoint saved."""
+    from cogvx_dist.core.lora import read_adapter as read_adapter_file
+
+    model, shards = prepped_2b
+    decay = 0.6
+    extra = sections(features, deepspeed={"config": "zero3"}, train={"max_steps": 4, "ema_decay": decay},
+                     checkpoint={"every_steps": 1, "keep_last": 5}, log={"eval_every_steps": 2})
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    for output in (straight, crashed):
+        write_config(tmp_path / f"{output.name}.yaml", model, shards, output, **extra)
+    assert launch(tmp_path / "straight.yaml").returncode == 0
+    assert launch(tmp_path / "crashed.yaml", env={FAULT_ENV: "train.committed=2"}).returncode != 0
+    resumed = launch(tmp_path / "crashed.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary_of(crashed)["resumed_from_step"] == 2 and summary_of(crashed)["zero_stage"] == 3
+    assert_same_run(straight, crashed)
+    assert sorted(held_out(straight)) == [0, 2, 4]
+
+    average = {name: t.float() for name, t in read_adapter_file(init_adapter[0], LORA["alpha"], "").state.items()}
+    for step in range(1, 5):
+        weights = read_adapter(RunFolder(straight).checkpoint(step) / "lora")
+        for name in average:
+            average[name].mul_(decay).add_(weights[name].float(), alpha=1 - decay)
+    exported = read_adapter(straight / "lora_ema")
+    assert exported.keys() == average.keys()
+    for name in average:
+        assert torch.equal(exported[name], average[name]), name
+    assert not torch.equal(exported[name], read_adapter(straight / "lora")[name])  # an average, not the weights
 
 
 def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, features, straight_run, tmp_path):

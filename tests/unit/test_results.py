@@ -137,6 +137,32 @@ def test_watch_once_validates_each_committed_checkpoint_once(model_2b, tmp_path)
     assert again.validated == []  # the record says both are done
 
 
+def test_watch_samples_the_adapter_average_where_a_checkpoint_has_one(model_2b, tmp_path, capsys):
+    from cogvx_dist.core.run_folder import RunFolder
+    from cogvx_dist.results.sample import SampleSettings
+    from cogvx_dist.results.watch import SamplerSpec, WatchOptions, watch_run
+    from tests.helpers import make_adapter, write_checkpoint
+
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    run.run_config.write_text(json.dumps({"model": {"path": str(model_2b)}}))
+    write_checkpoint(run.root, model_2b, step=2, seed=2)  # trained without train.ema_decay
+    folder = write_checkpoint(run.root, model_2b, step=4, seed=4)
+    make_adapter(model_2b, folder / "lora_ema", seed=5, strength=2.0)
+    options = WatchOptions(once=True, baseline=False, average=True)
+    result = watch_run(run.root, ["a red square moves left"], SampleSettings(num_inference_steps=1,
+                       guidance_scale=1.0), options, SamplerSpec(device="cpu"))
+    assert result.validated == [2, 4]
+    steps = json.loads(run.validation_record.read_text())["steps"]
+    assert steps["2"]["ema"] is None and steps["4"]["ema"]["folder"] == "ema"
+    clips = steps["4"]["clips"][0], steps["4"]["ema"]["clips"][0]
+    assert (run.validation / "step-00000004" / "ema" / clips[1]["mp4"]).is_file()
+    assert (run.validation / "step-00000004" / "lora_ema" / "pytorch_lora_weights.safetensors").is_file()
+    assert clips[0]["mean_pixel"] != clips[1]["mean_pixel"]  # the average is another adapter than the weights
+    assert_one_line_error(*cli(capsys, "sample", "--model", str(model_2b), "--prompt", "x", "--ema")[::2],
+                          "--ema goes with --watch")
+
+
 def test_validation_record_is_replaced_whole(tmp_path):
     from cogvx_dist.results.watch import load_record, write_record
 
