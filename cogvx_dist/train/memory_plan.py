@@ -9,7 +9,8 @@ Per rank, the peak the CUDA caching allocator reports (`torch.cuda.max_memory_al
   only this rank's fp32 partition;
 - optimizer state: AdamW's two moments, and with DeepSpeed an fp32 master copy: 4 + 4 + 4 bytes a parameter
   over the ranks for ZeRO-1/2/3 (on the CPU with optimizer offload); without DeepSpeed torch's AdamW keeps two
-  moments in the parameters' dtype;
+  moments in the parameters' dtype; with train.ema_decay the adapter's fp32 average, 4 bytes a parameter over the
+  ranks at every stage (train/ema.py), on the GPU;
 - DeepSpeed buffers, from the DeepSpeed config: the gradient reduce bucket (two with overlap_comm) in the compute
   dtype for ZeRO-1/2, one for ZeRO-3, and ZeRO-3's prefetch bucket;
 - activations: measured by tracing one real step under fake tensors (train/memory_trace.py), times the micro
@@ -161,8 +162,9 @@ def relative_cost(strategy: Strategy) -> float:
 
 
 def plan_memory(shape: StepShape, strategy: Strategy, ranks: int, buffers: DeepSpeedBuffers | None = None,
-                trace: StepTrace | None = None) -> MemoryPlan:
-    """The predicted per-rank peak of `shape` trained with `strategy` on `ranks` data-parallel ranks."""
+                trace: StepTrace | None = None, adapter_average: bool = False) -> MemoryPlan:
+    """The predicted per-rank peak of `shape` trained with `strategy` on `ranks` data-parallel ranks (and, with
+    `adapter_average`, the sharded EMA of the adapter)."""
     buffers = buffers or DeepSpeedBuffers()
     shape = dataclasses.replace(shape, gradient_checkpointing=strategy.gradient_checkpointing, micro_batch_size=1)
     trace = trace or cached_trace(shape)
@@ -188,6 +190,8 @@ def plan_memory(shape: StepShape, strategy: Strategy, ranks: int, buffers: DeepS
         buckets = 1 if zero == "zero3" or not buffers.overlap_comm else 2
         # DeepSpeed allocates each reduce bucket at the configured size, however few LoRA elements there are.
         bucket_bytes = buckets * buffers.reduce_bucket * width
+    if adapter_average:
+        optimizer += 4 * lora // ranks
     return MemoryPlan(strategy, ranks, frozen_bytes, lora_bytes, gradients, optimizer, bucket_bytes,
                       trace.activation_peak * strategy.micro_batch_size, trace)
 

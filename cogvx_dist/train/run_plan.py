@@ -44,10 +44,13 @@ class PlannedRun:
     ranks: int
     """Data-parallel ranks (ZeRO partitions over them)."""
     grad_accum_steps: int
+    adapter_average: bool = False
+    """train.ema_decay keeps a sharded fp32 average of the adapter."""
 
     def plan(self, strategy: Strategy | None = None) -> MemoryPlan:
         """The plan of this run, or of it with another strategy."""
-        return plan_memory(self.shape, strategy or self.strategy, self.ranks, self.buffers)
+        return plan_memory(self.shape, strategy or self.strategy, self.ranks, self.buffers,
+                           adapter_average=self.adapter_average)
 
 
 def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any],
@@ -58,7 +61,8 @@ def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict
     shape = StepShape(family, transformer_config, *geometry, micro, config.lora, checkpointing,
                       torch_dtype(config.model.dtype))
     return PlannedRun(shape, strategy_from_ds_config(ds_config, checkpointing, micro),
-                      buffers_from_ds_config(ds_config), ranks, config.train.grad_accum_steps)
+                      buffers_from_ds_config(ds_config), ranks, config.train.grad_accum_steps,
+                      adapter_average=config.train.ema_decay > 0)
 
 
 def largest_geometry(manifest: Manifest) -> tuple[int, int, int]:

@@ -92,6 +92,8 @@ def test_zero_stages_partition_what_they_should():
     assert offloaded.optimizer_state == 0 and offloaded.frozen_weights == gathered
     doubled = plan_memory(shape, Strategy("zero2", micro_batch_size=2), ranks, buffers, trace)
     assert doubled.activations == 2 * plans["zero2"].activations
+    averaged = plan_memory(shape, Strategy("zero2"), ranks, buffers, trace, adapter_average=True)
+    assert averaged.optimizer_state - plans["zero2"].optimizer_state == 4 * lora // ranks  # train.ema_decay's chunks
 
 
 def test_zero3_on_one_rank_needs_more_than_zero2():
