@@ -37,6 +37,10 @@ class PrepConfig:
     prompt_template: str = ""
     """What T5 encodes for each caption, with {prompt} where the caption goes, e.g. "{prompt}, in the style of
     <sks>"; empty: the caption itself. Recorded in the manifest."""
+    image_noise_samples: int = 4
+    """Image-to-video families: noised copies of each conditioning frame to encode beside the clean one, each with
+    pixel noise of sigma = exp(N(-3, 0.5)) as the official I2V trainer adds every step; training draws one per step.
+    0: the clean frame only."""
     stage: str = ""
     """With an output URL: the local folder shards are written in before upload (default: one under the system
     temporary folder, named after the URL)."""
@@ -155,6 +159,8 @@ class PrepConfig:
             raise CogvxError(f"target_fps must be > 0, not {self.target_fps}")
         if self.frame_stride is not None and self.frame_stride < 1:
             raise CogvxError(f"frame_stride must be >= 1, not {self.frame_stride}")
+        if self.image_noise_samples < 0:
+            raise CogvxError(f"image_noise_samples must be >= 0 (0: none), not {self.image_noise_samples}")
         for key in ("text_batch_size", "vae_batch_size", "decode_workers", "text_chunk", "shard_max_bytes",
                     "shard_max_samples"):
             if getattr(self, key) <= 0:

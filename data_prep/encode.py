@@ -79,12 +79,44 @@ class Encoders:
         self._vae_switched = False
 
     @torch.inference_mode()
+    def encode_noised_images(self, images: list[np.ndarray], keys: list[str],
+                             count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Posterior (mean, logvar) [B, K, C, 1, h, w] of K noised copies of each uint8 conditioning frame [1, H, W, 3]
+        (`noised_copies`, seeded by the sample's key) and their sigmas [B, K], in fp32 on CPU."""
+        means, logvars, sigmas = [], [], []
+        for image, key in zip(images, keys):
+            levels, copies = noised_copies(to_model_input(image, "cpu", torch.float32)[0], key, count)
+            dist = self.vae().encode(copies.to(self.device, self.dtype)).latent_dist
+            means.append(dist.mean.float().cpu())
+            logvars.append(dist.logvar.float().cpu())
+            sigmas.append(levels)
+        return torch.stack(means), torch.stack(logvars), torch.stack(sigmas)
+
+    @torch.inference_mode()
     def encode_clips(self, clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior (mean, logvar) [B, C, F_latent, h, w] of uint8 clips [F, H, W, 3] of one size, in fp32 on CPU."""
         layout = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         x = to_model_input(np.stack(clips), self.device, self.dtype, layout)
         dist = self.vae().encode(x).latent_dist
         return dist.mean.float().cpu(), dist.logvar.float().cpu()
+
+
+IMAGE_NOISE_LOG_SIGMA = (-3.0, 0.5)
+"""(mean, std) of log sigma: the official CogVideoX I2V trainer noises the conditioning image (in [-1, 1]) with
+sigma = exp(N(-3, 0.5)) before encoding it."""
+
+
+def noised_copies(image: torch.Tensor, key: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` noised copies of an image [3, 1, H, W] in [-1, 1]: (sigmas [K], copies [K, 3, 1, H, W]), in float32 on
+    CPU, the same for a sample key on every run and every rank."""
+    import hashlib
+
+    seed = int(hashlib.sha256(f"image-noise/{key}".encode()).hexdigest()[:15], 16)
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = IMAGE_NOISE_LOG_SIGMA
+    sigmas = torch.exp(torch.normal(mean, std, (count,), generator=generator))
+    noise = torch.randn((count, *image.shape), generator=generator)
+    return sigmas, image.float().cpu()[None] + sigmas.view(-1, 1, 1, 1, 1) * noise
 
 
 def to_channels_last(module: torch.nn.Module) -> None:

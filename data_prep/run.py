@@ -84,7 +84,7 @@ def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[in
         latent_channels=_config_number(config, "vae", vae, "latent_channels", default=16),
         text_embed_dim=_config_number(config, "text_encoder", text_encoder, "d_model"),
         frames=frames, buckets=buckets, fps=fps, storage_dtype=config.storage_dtype,
-        prompt_template=config.template())
+        prompt_template=config.template(), image_noise_samples=config.image_noise_samples)
 
 
 def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], key: str,
@@ -340,8 +340,13 @@ class PrepJob:
 
         t0 = time.perf_counter()
         mean, logvar = self.encoders.encode_clips([clip.frames for _, clip, _, _ in batch])
+        noised = self.family.image_to_video and self.config.image_noise_samples
         if self.family.image_to_video:
             image_mean, image_logvar = self.encoders.encode_clips([image for _, _, image, _ in batch])
+        if noised:
+            noised_mean, noised_logvar, sigmas = self.encoders.encode_noised_images(
+                [image for _, _, image, _ in batch], [record.key for record, _, _, _ in batch],
+                self.config.image_noise_samples)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -355,7 +360,13 @@ class PrepJob:
             if self.family.image_to_video:
                 tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
                 tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
-            self.writer.write(record.key, tensors, _sample_meta(record, self._prompt(record), clip, self.frames))
+            meta = _sample_meta(record, self._prompt(record), clip, self.frames)
+            if noised:
+                tensors[shard_format.NOISED_IMAGE_MEAN] = noised_mean[i].to(self.storage)
+                tensors[shard_format.NOISED_IMAGE_LOGVAR] = noised_logvar[i].to(self.storage)
+                tensors[shard_format.IMAGE_NOISE_SIGMAS] = sigmas[i]
+                meta["image_noise_sigmas"] = [round(float(sigma), 6) for sigma in sigmas[i]]
+            self.writer.write(record.key, tensors, meta)
             self.encoded += 1
             self.bar.update(1)
             if self.written_fault:

@@ -24,6 +24,9 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
     prep.add_argument("--prompt-prefix", dest="prompt_prefix", help='text before every caption, e.g. "<sks> "')
     prep.add_argument("--prompt-template", dest="prompt_template",
                       help='what T5 encodes, with {prompt} for the caption, e.g. "{prompt}, in the style of <sks>"')
+    prep.add_argument("--image-noise-samples", type=int, dest="image_noise_samples",
+                      help="image-to-video: noised copies of each conditioning frame (official I2V recipe; "
+                           "default 4, 0: none)")
     prep.add_argument("--stage", help="with an output URL: local folder for shards before upload")
     prep.add_argument("--layout", choices=("auto", "cogvideo", "csv", "jsonl", "folder"), help="input layout")
     prep.add_argument("--caption-file", dest="caption_file",

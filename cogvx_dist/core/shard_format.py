@@ -16,7 +16,8 @@ manifest and the index whole and each sample with two ranged reads.
 One sample in a shard is two tar members sharing a key:
 
 - `KEY.latents.safetensors`: the tensors (VAE posterior moments of the video, the prompt's T5 embedding, and for
-  image-to-video families the moments of the conditioning first frame);
+  image-to-video families the moments of the conditioning first frame, and of K noised copies of it with their
+  noise levels when prepped with image_noise_samples K);
 - `KEY.json`: what the sample is (prompt, source path, frames, size, fps).
 
 Nothing in a shard is a pickle. Latent moments are stored exactly as the VAE returns them (unscaled); the trainer
@@ -68,13 +69,28 @@ IMAGE_MEAN = "image_latent_mean"
 IMAGE_LOGVAR = "image_latent_logvar"
 """[C, 1, H/8, W/8] posterior log-variance of the conditioning first frame (image-to-video families only)."""
 
+NOISED_IMAGE_MEAN = "noised_image_latent_mean"
+"""[K, C, 1, H/8, W/8] posterior means of K noised copies of the conditioning first frame (image-to-video datasets
+prepped with image_noise_samples K > 0: the official I2V recipe's pixel-space noise, drawn at prep)."""
+NOISED_IMAGE_LOGVAR = "noised_image_latent_logvar"
+"""[K, C, 1, H/8, W/8] posterior log-variances of the same."""
+IMAGE_NOISE_SIGMAS = "image_noise_sigmas"
+"""[K] float32: the pixel-space noise level of each noised copy (on images in [-1, 1])."""
+
 VIDEO_TENSORS = (LATENT_MEAN, LATENT_LOGVAR, PROMPT_EMBEDS)
 IMAGE_TENSORS = (IMAGE_MEAN, IMAGE_LOGVAR)
+NOISED_IMAGE_TENSORS = (NOISED_IMAGE_MEAN, NOISED_IMAGE_LOGVAR)
+TRAINING_TENSORS = VIDEO_TENSORS + IMAGE_TENSORS + NOISED_IMAGE_TENSORS
+"""Everything a training step may read from a sample (micro-batches stack those a sample has)."""
 
 
-def tensor_names(image_to_video: bool) -> tuple[str, ...]:
-    """The tensors every sample of a dataset holds: the image moments only for image-to-video families."""
-    return VIDEO_TENSORS + IMAGE_TENSORS if image_to_video else VIDEO_TENSORS
+def tensor_names(image_to_video: bool, image_noise_samples: int = 0) -> tuple[str, ...]:
+    """The tensors every sample of a dataset holds: the image moments only for image-to-video families, the noised
+    copies (and their sigmas) only when prepped with image_noise_samples."""
+    if not image_to_video:
+        return VIDEO_TENSORS
+    noised = NOISED_IMAGE_TENSORS + (IMAGE_NOISE_SIGMAS,) if image_noise_samples else ()
+    return VIDEO_TENSORS + IMAGE_TENSORS + noised
 
 
 LATENT_SCALING = "scale-after-sampling"
@@ -230,6 +246,8 @@ class Manifest:
     """What T5 encoded for each caption ({prompt} is the caption; a trigger word or style text around it)."""
     index: dict[str, Any] = field(default_factory=dict)
     """name, bytes and sha256 of the sample index file (version 2; version 1 manifests list keys per shard)."""
+    image_noise_samples: int = 0
+    """Image-to-video datasets: noised copies of the conditioning frame per sample (NOISED_IMAGE_MEAN); 0: none."""
 
     @property
     def num_samples(self) -> int:
@@ -252,6 +270,10 @@ class Manifest:
         }
         if self.image_to_video:
             shapes[IMAGE_MEAN] = shapes[IMAGE_LOGVAR] = (self.latent_channels, 1, *latent_size)
+        if self.image_to_video and self.image_noise_samples:
+            count = self.image_noise_samples
+            shapes[NOISED_IMAGE_MEAN] = shapes[NOISED_IMAGE_LOGVAR] = (count, self.latent_channels, 1, *latent_size)
+            shapes[IMAGE_NOISE_SIGMAS] = (count,)
         return shapes
 
     def to_json(self) -> str:
@@ -337,8 +359,13 @@ class Manifest:
 
 def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: float, latent_channels: int,
                     text_embed_dim: int, frames: int, buckets: list[tuple[int, int]], fps: float,
-                    storage_dtype: str, prompt_template: str = "{prompt}") -> dict[str, Any]:
+                    storage_dtype: str, prompt_template: str = "{prompt}",
+                    image_noise_samples: int = 0) -> dict[str, Any]:
     """The manifest fields every writer of a dataset must agree on (all but shards, skipped and extra)."""
+    noised = image_noise_samples if family.image_to_video else 0
+    dtypes = {name: storage_dtype for name in tensor_names(family.image_to_video, noised)}
+    if noised:
+        dtypes[IMAGE_NOISE_SIGMAS] = "float32"
     return {
         "family": family.name,
         "model": model,
@@ -352,11 +379,12 @@ def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: floa
         "fps": float(fps),
         "text_max_length": family.text_max_length,
         "text_embed_dim": text_embed_dim,
-        "dtypes": {name: storage_dtype for name in tensor_names(family.image_to_video)},
+        "dtypes": dtypes,
         "image_to_video": family.image_to_video,
         "latent_scaling": LATENT_SCALING,
         "buckets": [list(b) for b in buckets],
         "prompt_template": prompt_template,
+        "image_noise_samples": noised,
     }
 
 

@@ -16,15 +16,17 @@ from cogvx_dist.core.loading import describe_checkpoint
 from cogvx_dist.core.shard_format import Manifest, ShardEntry
 
 
-def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], seed: int = 0) -> Manifest:
+def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], seed: int = 0,
+                           image_noise_samples: int = 0) -> Manifest:
     """Shards of samples whose latents share one spatial pattern (what a LoRA can learn quickly) plus a small
-    per-sample offset, with a narrow posterior."""
+    per-sample offset, with a narrow posterior (image-to-video families: with `image_noise_samples` noised copies
+    of the first frame's moments)."""
     info = describe_checkpoint(model)
     family, config = info.family, info.transformer_config
     header = shard_format.manifest_header(
         family, str(model), vae_scaling_factor=family.vae_scaling_factor, latent_channels=config["out_channels"],
         text_embed_dim=config["text_embed_dim"], frames=info.frames, buckets=[(info.height, info.width)],
-        fps=family.fps, storage_dtype="float32")
+        fps=family.fps, storage_dtype="float32", image_noise_samples=image_noise_samples)
     channels, latent_frames, height, width = family.latent_shape(config["out_channels"], info.frames, info.height,
                                                                  info.width)
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,13 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
                 if family.image_to_video:
                     tensors[shard_format.IMAGE_MEAN] = mean[:, :1].clone()
                     tensors[shard_format.IMAGE_LOGVAR] = torch.full_like(mean[:, :1], -6.0)
+                if family.image_to_video and image_noise_samples:
+                    sigmas = torch.exp(torch.normal(-3.0, 0.5, (image_noise_samples,), generator=generator))
+                    tensors[shard_format.NOISED_IMAGE_MEAN] = mean[None, :, :1] + sigmas.view(-1, 1, 1, 1, 1) * \
+                        torch.randn(image_noise_samples, *mean[:, :1].shape, generator=generator)
+                    tensors[shard_format.NOISED_IMAGE_LOGVAR] = torch.full_like(
+                        tensors[shard_format.NOISED_IMAGE_MEAN], -6.0)
+                    tensors[shard_format.IMAGE_NOISE_SIGMAS] = sigmas
                 sample = shard_format.encode_sample(key, tensors, {"prompt": key, "source": f"{key}.mp4"})
                 sink.write(sample)
                 keys.append(key)

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.families import ModelFamily
-from cogvx_dist.core.shard_format import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
+from cogvx_dist.core.shard_format import (
+    IMAGE_LOGVAR,
+    IMAGE_MEAN,
+    LATENT_LOGVAR,
+    LATENT_MEAN,
+    NOISED_IMAGE_LOGVAR,
+    NOISED_IMAGE_MEAN,
+    PROMPT_EMBEDS,
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,17 @@ def rotary_embeddings(
     )
 
 
+def image_moments(batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, 1, h, w] posterior (mean, logvar) of each sample's conditioning frame: one of its noised copies, drawn
+    from the step's generator, where prep made them (the official I2V recipe), else the clean frame's."""
+    if NOISED_IMAGE_MEAN not in batch:
+        return batch[IMAGE_MEAN], batch[IMAGE_LOGVAR]
+    means, logvars = batch[NOISED_IMAGE_MEAN], batch[NOISED_IMAGE_LOGVAR]
+    rows = torch.arange(means.shape[0])
+    chosen = torch.randint(0, means.shape[1], (means.shape[0],), generator=generator)
+    return means[rows, chosen], logvars[rows, chosen]
+
+
 def drop_captions(batch: dict[str, Any], empty_prompt: torch.Tensor, probability: float,
                   generator: torch.Generator) -> dict[str, Any]:
     """The batch with each sample's prompt embedding replaced by the empty prompt's with `probability`, drawn first
@@ -104,7 +123,7 @@ def diffusion_loss(
 
     model_input = noisy
     if family.image_to_video:
-        image = draw_latent(batch[IMAGE_MEAN], batch[IMAGE_LOGVAR], generator).permute(0, 2, 1, 3, 4)
+        image = draw_latent(*image_moments(batch, generator), generator).permute(0, 2, 1, 3, 4)
         image = (image / scaling if family.invert_scale_latents else image * scaling).to(device)
         padding = torch.zeros((batch_size, frames - image.shape[1], *image.shape[2:]), device=device)
         model_input = torch.cat([noisy, torch.cat([image, padding], dim=1)], dim=2)

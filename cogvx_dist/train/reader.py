@@ -19,11 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.sample_index import UNKNOWN, member_row, tar_members
 from cogvx_dist.core.shard_format import (
-    IMAGE_TENSORS,
     MANIFEST_NAME,
     META_EXT,
     TENSORS_EXT,
-    VIDEO_TENSORS,
+    TRAINING_TENSORS,
     Manifest,
     decode_sample,
     read_empty_prompt,
@@ -275,7 +274,7 @@ class MicroBatches(Dataset):
 def collate(tensors: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, Any]:
     """Stack samples' tensors into a micro-batch (`keys` lists the sample keys, for traces)."""
     batch: dict[str, Any] = {"keys": keys}
-    for name in VIDEO_TENSORS + IMAGE_TENSORS:
+    for name in TRAINING_TENSORS:
         if name in tensors[0]:
             batch[name] = torch.stack([t[name] for t in tensors])
     return batch

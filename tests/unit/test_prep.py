@@ -443,10 +443,11 @@ def test_image_to_video_and_buckets(tiny_checkpoint, tmp_path):
     with open(ds.data, "a") as handle:
         handle.write(json.dumps({"video": "videos/tall.mp4", "prompt": "a red circle moves down"}) + "\n")
     out = tmp_path / "out"
-    result = run_prep(_config(model, ds.data, out, buckets=[(32, 48), (48, 32)]))
+    result = run_prep(_config(model, ds.data, out, buckets=[(32, 48), (48, 32)], image_noise_samples=3))
     assert (result.encoded, result.failed) == (3, 0)
     manifest = schema.Manifest.read(out)
     assert manifest.image_to_video and manifest.sizes() == [(32, 48), (48, 32)]
+    assert manifest.image_noise_samples == 3 and manifest.dtypes[schema.IMAGE_NOISE_SIGMAS] == "float32"
     samples = _read_shards(out)
     assert verify(out)[0] == []
     from cogvx_dist.core.loading import load_vae
@@ -460,6 +461,22 @@ def test_image_to_video_and_buckets(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         first = vae.encode(to_model_input(clip.frames[:1], "cpu", torch.float32)).latent_dist
     torch.testing.assert_close(tall[0][schema.IMAGE_MEAN], first.mean[0], rtol=1e-5, atol=1e-5)
+
+    # The official I2V recipe at prep: K copies of the frame with pixel noise sigma = exp(N(-3, 0.5)), seeded by
+    # the sample's key, each encoded; the sigmas are stored as a tensor and in the sample's JSON.
+    from data_prep.encode import noised_copies
+
+    key = schema.sample_key("videos/tall.mp4")
+    sigmas, copies = noised_copies(to_model_input(clip.frames[:1], "cpu", torch.float32)[0], key, 3)
+    assert torch.equal(tall[0][schema.IMAGE_NOISE_SIGMAS], sigmas) and sigmas.shape == (3,)
+    assert tall[1]["image_noise_sigmas"] == [round(float(s), 6) for s in sigmas]
+    assert all(0.005 < float(s) < 0.5 for s in sigmas) and len(set(sigmas.tolist())) == 3
+    with torch.no_grad():
+        noised = vae.encode(copies).latent_dist
+    assert tall[0][schema.NOISED_IMAGE_MEAN].shape == (3, 16, 1, 6, 4)
+    torch.testing.assert_close(tall[0][schema.NOISED_IMAGE_MEAN], noised.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tall[0][schema.NOISED_IMAGE_LOGVAR], noised.logvar, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(noised.mean[0], first.mean[0], atol=1e-4)  # the noise reached the latents
     listed = samples[schema.sample_key(ds.good[0])]
     image = load_image(ds.root / ds.good[0].replace(".mp4", ".png"), (32, 48))
     with torch.no_grad():

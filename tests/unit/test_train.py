@@ -486,3 +486,42 @@ def test_the_held_out_loss_repeats_for_the_same_weights_and_splits_over_ranks(sy
             if ".lora_B." in name:
                 param.add_(0.05)
     assert not torch.equal(sums(whole), first)
+
+
+def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_generator(tiny_checkpoint,
+                                                                                        tmp_path):
+    """Shards with K noised copies of the conditioning frame: each step's generator picks one per sample (all K in
+    use over many steps, the same picks for the same step seed), and the loss reads the picked copy."""
+    from cogvx_dist.core.shard_format import IMAGE_MEAN, NOISED_IMAGE_MEAN
+    from cogvx_dist.train.loop import step_seed
+    from cogvx_dist.train.loss import image_moments
+    from cogvx_dist.train.reader import collate
+
+    model = tiny_checkpoint("CogVideoX-5b-I2V")
+    write_synthetic_shards(tmp_path / "shards", model, [4], image_noise_samples=3)
+    index = ShardIndex(tmp_path / "shards")
+    assert index.manifest.image_noise_samples == 3
+    batch = collate([index.read(i)[0] for i in range(2)], [index.key(i) for i in range(2)])
+    assert batch[NOISED_IMAGE_MEAN].shape[:2] == (2, 3)
+
+    def picks(step: int) -> list[int]:
+        mean, _ = image_moments(batch, torch.Generator().manual_seed(step_seed(5, step, 0, 0)))
+        return [next(k for k in range(3) if torch.equal(mean[b], batch[NOISED_IMAGE_MEAN][b, k])) for b in range(2)]
+
+    drawn = [picks(step) for step in range(1, 61)]
+    assert drawn == [picks(step) for step in range(1, 61)]
+    assert {k for pair in drawn for k in pair} == {0, 1, 2}
+    clean = {name: t for name, t in batch.items() if not name.startswith("noised_")}
+    assert image_moments(clean, torch.Generator())[0] is clean[IMAGE_MEAN]  # shards without copies: the clean frame
+
+    info = describe_checkpoint(model)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
+
+    def loss(of: dict, seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            return diffusion_loss(transformer, of, context, torch.Generator().manual_seed(seed), torch.device("cpu"),
+                                  torch.float32)
+
+    assert torch.equal(loss(batch, 1), loss(batch, 1))
+    assert not torch.equal(loss(batch, 1), loss(clean, 1))  # the noised copy, not the clean frame, conditions
