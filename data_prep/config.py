@@ -191,4 +191,7 @@ class PrepConfig:
                 f"frames: {frames} is not valid for {family.name} (valid: {valid[0]}, {valid[1]}, ..., {valid[-1]}; "
                 f"{family.frame_multiple}N+1)"
             )
+        if family.use_learned_positional_embeddings and frames != default_frames:
+            raise CogvxError(f"frames: {family.name} learned its position embeddings for {default_frames} frames, "
+                             f"not {frames}")
         return frames

@@ -143,13 +143,28 @@ def _reason(err: BaseException, path: Path) -> str:
     return first_line(err)[:200].replace(str(path), path.name)
 
 
-def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
-    """A conditioning image as uint8 [1, H, W, 3], resized and center-cropped to the bucket like the video."""
+def decode_image(path: str | Path, buckets: list[tuple[int, int]]) -> Clip:
+    """A single image as a one-frame clip, resized and center-cropped to the bucket closest in aspect ratio."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise BadInput(f"missing conditioning image {path.name}")
+        raise BadInput("missing file")
+    try:
+        with Image.open(path) as image:
+            size = (image.height, image.width)
+    except (UnidentifiedImageError, OSError) as err:
+        raise BadInput(f"unreadable image ({first_line(err)[:200]})") from err
+    return Clip(load_image(path, choose_bucket(*size, buckets), what="image"), 0.0, 0.0, 1.0, size)
+
+
+def load_image(path: str | Path, bucket: tuple[int, int], what: str = "conditioning image") -> np.ndarray:
+    """An image as uint8 [1, H, W, 3], resized and center-cropped to the bucket like the video."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"missing {what} {path.name}")
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
@@ -157,7 +172,7 @@ def load_image(path: str | Path, bucket: tuple[int, int]) -> np.ndarray:
             image = image.resize((rw, rh), Image.Resampling.BOX if rh <= image.height else Image.Resampling.BICUBIC)
             array = np.array(image)  # a writable copy (torch warns on read-only arrays)
     except (UnidentifiedImageError, OSError) as err:
-        raise BadInput(f"unreadable conditioning image {path.name} ({first_line(err)[:200]})") from err
+        raise BadInput(f"unreadable {what} {path.name} ({first_line(err)[:200]})") from err
     return center_crop(array, bucket)[None]
 
 

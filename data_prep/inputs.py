@@ -3,7 +3,11 @@
 - cogvideo: `prompts.txt` (or `prompt.txt`, as CogVideo's launch scripts and finetrainers name it) + `videos.txt`
   (+ `images.txt` for I2V), one entry per line, line i matching line i; other names with `ListFiles`;
 - csv / jsonl: a file with `video` and `prompt` columns (optional `image`);
-- folder: `name.mp4` + `name.txt` pairs (any depth; `name.png`/`name.jpg` is the conditioning image if present).
+- folder: `name.mp4` + `name.txt` pairs (any depth; `name.png`/`name.jpg` is the conditioning image if present),
+  and `name.png` + `name.txt` pairs without a video of that name (single images).
+
+In every layout the `video` entry may name an image (.png, .jpg, .jpeg, .webp): a single-image sample, trained as a
+one-frame clip.
 
 Paths are relative to the dataset root (the folder, or the folder holding the CSV/JSONL file). A line that cannot be
 understood (bad JSON, a row without a video) is a CogvxError naming the file and line; a record that is readable but
@@ -78,6 +82,11 @@ class Record:
     def key(self) -> str:
         """WebDataset key of the sample (schema.sample_key of the source)."""
         return sample_key(self.source)
+
+    @property
+    def is_image(self) -> bool:
+        """True when the listed media is a single image (a one-frame sample) rather than a video."""
+        return self.video.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def detect_layout(data: Path) -> str:
@@ -258,7 +267,23 @@ def _read_folder(root: Path) -> list[_Row]:
             rows.append((rel, "", image_rel, rel, f"caption file {caption.name} is not valid UTF-8"))
             continue
         rows.append((rel, prompt, image_rel, rel, None))
+    rows.extend(_folder_images(root, {video.with_suffix("") for video in videos}))
     if not rows:
-        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}) and no prompts.txt/videos.txt or "
-                         "metadata file")
+        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}), no captioned images and no "
+                         "prompts.txt/videos.txt or metadata file")
+    return rows
+
+
+def _folder_images(root: Path, video_stems: set[Path]) -> list[_Row]:
+    """Images with a caption file of their name and no video of their name (those condition the video instead)."""
+    rows = []
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        caption = image.with_suffix(".txt")
+        if image.with_suffix("") in video_stems or not caption.is_file():
+            continue
+        rel = image.relative_to(root).as_posix()
+        try:
+            rows.append((rel, caption.read_text(encoding="utf-8").strip(), None, rel, None))
+        except UnicodeDecodeError:
+            rows.append((rel, "", None, rel, f"caption file {caption.name} is not valid UTF-8"))
     return rows

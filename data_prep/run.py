@@ -27,7 +27,7 @@ from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.storage import is_url
 from data_prep import shards as shardio
 from data_prep.config import PROMPT_SLOT, PrepConfig
-from data_prep.decode import BadInput, Clip, decode_video, load_image
+from data_prep.decode import BadInput, Clip, decode_image, decode_video, load_image
 from data_prep.inputs import ListFiles, Record, caption_list, read_records
 from data_prep.publish import Publisher, default_stage, local_input
 from data_prep.ranks import discover_ranks
@@ -71,7 +71,7 @@ class PrepResult:
 
 
 def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[int, int]],
-            fps: float) -> dict[str, Any]:
+            fps: float, single_images: bool = False) -> dict[str, Any]:
     """The manifest fields every rank must agree on, from the family and the VAE's and T5's configs."""
     from cogvx_dist.core.loading import read_component_config
 
@@ -84,7 +84,8 @@ def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[in
         latent_channels=_config_number(config, "vae", vae, "latent_channels", default=16),
         text_embed_dim=_config_number(config, "text_encoder", text_encoder, "d_model"),
         frames=frames, buckets=buckets, fps=fps, storage_dtype=config.storage_dtype,
-        prompt_template=config.template(), image_noise_samples=config.image_noise_samples)
+        prompt_template=config.template(), image_noise_samples=config.image_noise_samples,
+        single_images=single_images)
 
 
 def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], key: str,
@@ -106,8 +107,10 @@ def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[in
                  family_fps: float, image_to_video: bool) -> tuple[Clip, np.ndarray | None, float]:
     """Decode one record (runs in a worker thread); returns the clip, the I2V conditioning image and its seconds."""
     start = time.perf_counter()
-    with local_input(root, record.video) as video:  # a listed URL is downloaded here, in the decode pool
-        clip = decode_video(video, frames, buckets, target_fps=config.target_fps, stride=config.frame_stride,
+    with local_input(root, record.video) as media:  # a listed URL is downloaded here, in the decode pool
+        if record.is_image:
+            return decode_image(media, buckets), None, time.perf_counter() - start
+        clip = decode_video(media, frames, buckets, target_fps=config.target_fps, stride=config.frame_stride,
                             default_fps=family_fps)
     image = None
     if image_to_video:
@@ -159,6 +162,10 @@ class PrepJob:
         self.log = rank_logger("cogvx.prep", self.rank, every_rank=True)
         lists = ListFiles(config.caption_file, config.video_file, config.image_file)
         self.root, self.records = read_records(config.data, config.layout, lists)
+        images = [record for record in self.records if record.is_image]
+        if images and self.family.single_image_problem():
+            raise CogvxError(f"{len(images)} input(s) are single images ({images[0].video}, {images[0].origin}), but "
+                             f"{self.family.single_image_problem()}; list videos only for this model")
         captions = caption_list(config.data, config.layout, lists)
         if captions is not None:
             self.log.info("CogVideo layout: captions from %s", captions)
@@ -167,7 +174,8 @@ class PrepJob:
         self.out = self.publisher.stage if self.publisher else Path(config.out)
         """Where this process writes: the output folder, or the staging folder mirrored to the output URL."""
         # Before anything is written: building the header checks the component configs.
-        self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps)
+        self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps,
+                              single_images=bool(images))
         self.failed = self.encoded = 0
         self.timings = {"decode_s": 0.0, "decode_wait_s": 0.0, "t5_s": 0.0, "vae_s": 0.0, "write_s": 0.0}
         self.written_fault = fault_hook("prep.written")
@@ -306,7 +314,7 @@ class PrepJob:
                                               self.config.text_batch_size, self.storage)
         self.encoders.release_text_encoder()
         self.timings["t5_s"] += time.perf_counter() - t0
-        # The VAE batches hold clips of one bucket.
+        # The VAE batches hold clips of one bucket (and one frame count).
         embed_of = {r.key: e for r, e in zip(chunk, embeds)}
         pending: dict[tuple[int, int], list] = {}
         window = 2 * self.config.decode_workers + self.config.vae_batch_size
@@ -320,7 +328,7 @@ class PrepJob:
                 continue
             self.timings["decode_wait_s"] += time.perf_counter() - t0
             self.timings["decode_s"] += seconds
-            bucket = (clip.frames.shape[1], clip.frames.shape[2])
+            bucket = tuple(clip.frames.shape[:3])  # frames (a single image: 1), height, width
             pending.setdefault(bucket, []).append((record, clip, image, embed_of.pop(record.key)))
             if len(pending[bucket]) >= self.config.vae_batch_size:
                 self._encode_batch(pending.pop(bucket))
@@ -360,7 +368,7 @@ class PrepJob:
             if self.family.image_to_video:
                 tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
                 tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
-            meta = _sample_meta(record, self._prompt(record), clip, self.frames)
+            meta = _sample_meta(record, self._prompt(record), clip)
             if noised:
                 tensors[shard_format.NOISED_IMAGE_MEAN] = noised_mean[i].to(self.storage)
                 tensors[shard_format.NOISED_IMAGE_LOGVAR] = noised_logvar[i].to(self.storage)
@@ -435,13 +443,13 @@ def _settings(config: PrepConfig) -> dict[str, Any]:
     return {**{k: v for k, v in asdict(config).items() if k in keys}, "data": str(config.data)}
 
 
-def _sample_meta(record: Record, prompt: str, clip: Clip, frames: int) -> dict[str, Any]:
+def _sample_meta(record: Record, prompt: str, clip: Clip) -> dict[str, Any]:
     """The JSON member of a sample: what it is (the prompt T5 encoded, and the caption it was made from) and where
     it came from."""
     return {
         "prompt": prompt, "caption": record.prompt, "source": record.source, "video": record.video,
         "image": record.image,
-        "frames": frames, "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
+        "frames": int(clip.frames.shape[0]), "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
         "fps": round(clip.fps, 4), "source_fps": round(clip.source_fps, 4), "stride": round(clip.stride, 4),
         "source_size": list(clip.source_size),
     }

@@ -318,7 +318,10 @@ def _sample_problems(where: str, sample: dict[str, Any], manifest: Manifest) -> 
     size = (meta.get("height", manifest.height), meta.get("width", manifest.width))
     if size not in set(manifest.sizes()):
         problems.append(f"{where}: size {size[0]}x{size[1]} is not one of the manifest's buckets")
-    for name, shape in manifest.expected_shapes(*size).items():
+    frames = meta.get("frames", manifest.frames)
+    if frames not in manifest.all_frame_counts():
+        problems.append(f"{where}: {frames} frames is not one of the manifest's frame counts")
+    for name, shape in manifest.expected_shapes(*size, frames=frames).items():
         if name not in tensors:
             problems.append(f"{where}: no {name} tensor")
             continue

@@ -141,6 +141,16 @@ class ModelFamily:
             native = self.native_pixel_size(transformer_config)
             raise CogvxError(f"{self.name} learns its positions for {native[0]}x{native[1]} only, not {height}x{width}")
 
+    def single_image_problem(self) -> str | None:
+        """Why this family cannot train on single images (one-frame clips), or None when it can."""
+        if self.use_learned_positional_embeddings:
+            return (f"{self.name} learned its position embeddings for one frame count (diffusers swaps in computed "
+                    "ones for any other, which the weights never saw)")
+        if self.image_to_video:
+            return (f"{self.name} is image-to-video: it is conditioned on the first frame, which for a single image "
+                    "is the whole target")
+        return None
+
     def structure(self) -> tuple[bool, bool, int | None, bool, bool]:
         """The transformer-config signature that identifies the family."""
         return (

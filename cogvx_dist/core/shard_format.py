@@ -248,6 +248,9 @@ class Manifest:
     """name, bytes and sha256 of the sample index file (version 2; version 1 manifests list keys per shard)."""
     image_noise_samples: int = 0
     """Image-to-video datasets: noised copies of the conditioning frame per sample (NOISED_IMAGE_MEAN); 0: none."""
+    frame_counts: list[int] = field(default_factory=list)
+    """Every pixel frame count a sample may have (each sample's JSON says its own): [frames, 1] when the dataset
+    holds single images beside its clips; empty means [frames] only."""
 
     @property
     def num_samples(self) -> int:
@@ -258,14 +261,20 @@ class Manifest:
         """Every (height, width) a sample may have: the buckets, or just (height, width)."""
         return [tuple(b) for b in self.buckets] or [(self.height, self.width)]
 
-    def expected_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        """Tensor shapes a sample of the given bucket must have."""
+    def all_frame_counts(self) -> list[int]:
+        """Every pixel frame count a sample may have: the clips' and, with single images, 1."""
+        return list(self.frame_counts) or [self.frames]
+
+    def expected_shapes(self, height: int, width: int, frames: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes a sample of the given bucket (and frame count: the clips' by default) must have."""
         from cogvx_dist.core.families import get_family
 
-        latent_size = get_family(self.family).latent_size(height, width)
+        family = get_family(self.family)
+        latent_size = family.latent_size(height, width)
+        latent_frames = self.latent_frames if frames is None else family.latent_frames(frames)
         shapes = {
-            LATENT_MEAN: (self.latent_channels, self.latent_frames, *latent_size),
-            LATENT_LOGVAR: (self.latent_channels, self.latent_frames, *latent_size),
+            LATENT_MEAN: (self.latent_channels, latent_frames, *latent_size),
+            LATENT_LOGVAR: (self.latent_channels, latent_frames, *latent_size),
             PROMPT_EMBEDS: (self.text_max_length, self.text_embed_dim),
         }
         if self.image_to_video:
@@ -360,7 +369,7 @@ class Manifest:
 def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: float, latent_channels: int,
                     text_embed_dim: int, frames: int, buckets: list[tuple[int, int]], fps: float,
                     storage_dtype: str, prompt_template: str = "{prompt}",
-                    image_noise_samples: int = 0) -> dict[str, Any]:
+                    image_noise_samples: int = 0, single_images: bool = False) -> dict[str, Any]:
     """The manifest fields every writer of a dataset must agree on (all but shards, skipped and extra)."""
     noised = image_noise_samples if family.image_to_video else 0
     dtypes = {name: storage_dtype for name in tensor_names(family.image_to_video, noised)}
@@ -385,6 +394,7 @@ def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: floa
         "buckets": [list(b) for b in buckets],
         "prompt_template": prompt_template,
         "image_noise_samples": noised,
+        "frame_counts": [frames, 1] if single_images else [],
     }
 
 

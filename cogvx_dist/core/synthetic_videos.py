@@ -101,12 +101,14 @@ def make_synthetic_dataset(
     layout: str = "folder",
     broken: bool = False,
     images: bool = False,
+    stills: int = 0,
 ) -> SyntheticDataset:
     """Write `count` good clips (and, with broken=True, one input of each BROKEN_KIND) in the given layout.
 
     Layouts: folder (name.mp4 + name.txt), csv / jsonl (metadata.csv / metadata.jsonl with video, prompt[, image]),
     cogvideo (videos.txt + prompts.txt [+ images.txt]). With images=True each clip also gets a PNG conditioning
-    image (its first frame), for image-to-video families.
+    image (its first frame), for image-to-video families. `stills` single images (PNG, JPEG and WebP in turn, a
+    shape on the background, captioned "a red circle") are listed beside the clips as samples of their own.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
@@ -114,6 +116,7 @@ def make_synthetic_dataset(
     root.mkdir(parents=True, exist_ok=True)
     sub = "videos/" if layout != "folder" else ""
     entries = _good_clips(root, sub, count, frames, height, width, fps, seed, images)
+    entries += _still_images(root, sub, stills, height, width, seed)
     good = [name for name, _, _ in entries]
     bad = _broken_inputs(root, sub, frames, height, width, fps, seed) if broken else {}
     for name, kind in bad.items():
@@ -144,6 +147,25 @@ def _good_clips(root: Path, sub: str, count: int, frames: int, height: int, widt
             image = f"{sub}clip_{i:04d}.png"
             Image.fromarray(clip[0]).save(root / image)
         entries.append((name, caption(colour, shape, direction), image))
+    return entries
+
+
+STILL_FORMATS = (".png", ".jpg", ".webp")
+
+
+def _still_images(root: Path, sub: str, count: int, height: int, width: int,
+                  seed: int) -> list[tuple[str, str, None]]:
+    """Write `count` captioned single images (the formats in turn): (image, prompt, None) each."""
+    from PIL import Image
+
+    rng = random.Random(seed + 7)
+    entries: list[tuple[str, str, None]] = []
+    for i in range(count):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        pixels = render_clip(colour, shape, "left", 1, height, width, seed=seed * 7919 + i)[0]
+        name = f"{sub}still_{i:04d}{STILL_FORMATS[i % len(STILL_FORMATS)]}"
+        Image.fromarray(pixels).save(root / name, quality=95)
+        entries.append((name, f"a {colour} {shape}", None))
     return entries
 
 

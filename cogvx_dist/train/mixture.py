@@ -85,16 +85,17 @@ class MixtureStream:
 
 
 def combined_manifest(manifests: list[Manifest]) -> Manifest:
-    """One manifest standing for a mixture: every shard and every resolution bucket of the sources, the first
-    source's header otherwise (they must share the clip length)."""
+    """One manifest standing for a mixture: every shard, resolution bucket and frame count (single images) of the
+    sources, the first source's header otherwise (they must share the clip length)."""
     first = manifests[0]
     for number, manifest in enumerate(manifests[1:], 1):
         if manifest.frames != first.frames:
             raise CogvxError(f"data.sources[{number}]: clips of {manifest.frames} frames, data.sources[0] has "
                              f"{first.frames}: a mixture needs one clip length")
     sizes = dict.fromkeys(size for manifest in manifests for size in manifest.sizes())
+    counts = sorted({count for manifest in manifests for count in manifest.all_frame_counts()}, reverse=True)
     return dataclasses.replace(first, shards=[shard for manifest in manifests for shard in manifest.shards],
-                               buckets=[list(size) for size in sizes])
+                               buckets=[list(size) for size in sizes], frame_counts=counts if len(counts) > 1 else [])
 
 
 class MixedIndex:

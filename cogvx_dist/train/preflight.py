@@ -62,9 +62,10 @@ def preflight(config: RunConfig) -> Preflight:
         from cogvx_dist.train.checkpoints import find_resume_point
 
         find_resume_point(config.output_dir, config.checkpoint.resume)  # a damaged or uncommitted one fails here
-    if config.train.micro_batch_size > 1 and len(manifest.sizes()) > 1:
+    buckets = len(manifest.sizes()) * len(manifest.all_frame_counts())
+    if config.train.micro_batch_size > 1 and buckets > 1:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} needs samples of one size, but the "
-                         f"shards hold {len(manifest.sizes())} resolution buckets; use micro_batch_size 1 with "
+                         f"shards hold {buckets} buckets (resolutions x frame counts); use micro_batch_size 1 with "
                          "grad_accum_steps for a larger batch, or prep one bucket per dataset")
     if config.train.micro_batch_size > manifest.num_samples:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} exceeds the "
@@ -184,6 +185,10 @@ def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -
             expected = family.native_pixel_size(config)
             if (height, width) != expected:
                 problems.append(f"resolution {height}x{width} (learned positions fix {expected[0]}x{expected[1]})")
+    if family.use_learned_positional_embeddings and manifest.frames != config.get("sample_frames", manifest.frames):
+        problems.append(f"{manifest.frames} frames (learned positions fix {config['sample_frames']})")
+    if 1 in manifest.all_frame_counts() and family.single_image_problem():
+        problems.append(f"single images among the clips ({family.single_image_problem()})")
     if manifest.image_to_video != family.image_to_video:
         problems.append("image conditioning " + ("present" if manifest.image_to_video else "absent")
                         + f" (family {family.name} " + ("needs it)" if family.image_to_video else "has none)"))

@@ -338,3 +338,32 @@ def test_streaming_over_http_trains_on_two_ranks(prepped_2b, tmp_path):
     assert len(summary["adapter_checksums"]) == 2 and len(set(summary["adapter_checksums"])) == 1
     keys = {key for _, _, _, key in read_trace(output)}
     assert len(read_trace(output)) == 4 * 2 * 2 and keys <= {ShardIndex(shards).key(i) for i in range(8)}
+
+
+def test_single_images_train_beside_videos_on_two_ranks(tiny_checkpoint, tmp_path):
+    """A prepped dataset of clips and stills (one-frame samples): both ranks train on both kinds and end identical."""
+    from cogvx_dist.core.shard_format import sample_key
+    from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
+    from data_prep.config import PrepConfig
+    from data_prep.run import run_prep
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    dataset = make_synthetic_dataset(tmp_path / "data", count=3, frames=10, height=48, width=64, layout="jsonl",
+                                     stills=3)
+    prepped = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(tmp_path / "shards"),
+                                  storage_dtype="float32", progress=False))
+    assert prepped.encoded == 6
+    output = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", model, tmp_path / "shards", output, train={"max_steps": 4},
+                          checkpoint={"every_steps": 4})
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(output)
+    assert len(set(summary["adapter_checksums"])) == 1
+    trained = {(rank, key) for _, _, rank, key in read_trace(output)}
+    stills = {sample_key(name) for name in dataset.good if "still_" in name}
+    for rank in (0, 1):
+        kinds = {key in stills for r, key in trained if r == rank}
+        assert kinds == {True, False}, f"rank {rank} trained on only one kind: {trained}"
+    losses = [json.loads(line)["loss"] for line in RunFolder(output).metrics.read_text().splitlines()]
+    assert all(loss is not None and loss == loss for loss in losses)

@@ -604,3 +604,56 @@ def test_prompt_template_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, 
     code, _, err = cli(capsys, "prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(tmp_path),
                        "--out", str(tmp_path / "out"), *flags)
     assert_one_line_error(code, err, message)
+
+
+# ---------------------------------------------------------------------------------------------------- single images
+@pytest.mark.parametrize("layout", ["folder", "jsonl", "csv", "cogvideo"])
+def test_single_images_prep_beside_videos_as_one_frame_samples(tiny_checkpoint, tmp_path, layout):
+    """PNG, JPEG and WebP stills listed like videos (or captioned beside them in a folder) become one-frame samples
+    in their own frame-count bucket; the shards verify and read with plain webdataset."""
+    from data_prep.decode import decode_image
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    ds = make_synthetic_dataset(tmp_path / "d", count=2, frames=10, height=48, width=64, layout=layout, stills=3)
+    out = tmp_path / "out"
+    result = run_prep(_config(model, ds.data, out))
+    assert (result.encoded, result.failed) == (5, 0)
+    manifest = schema.Manifest.read(out)
+    assert manifest.frame_counts == [9, 1] and manifest.all_frame_counts() == [9, 1]
+    assert verify(out)[0] == []
+    samples = _read_shards(out)
+    stills = [name for name in ds.good if "still_" in name]
+    assert {Path(name).suffix for name in stills} == {".png", ".jpg", ".webp"}
+    from cogvx_dist.core.loading import load_vae
+
+    vae = load_vae(model, torch.float32)
+    for name in stills:
+        tensors, meta = samples[schema.sample_key(name)]
+        assert meta["frames"] == 1 and meta["video"] == name and meta["caption"].startswith("a ")
+        assert tensors[schema.LATENT_MEAN].shape == (16, 1, 4, 6)
+        with torch.no_grad():
+            encoded = vae.encode(to_model_input(decode_image(ds.root / name, [(32, 48)]).frames, "cpu",
+                                                torch.float32)).latent_dist
+        torch.testing.assert_close(tensors[schema.LATENT_MEAN], encoded.mean[0], rtol=1e-5, atol=1e-5)
+    videos = [name for name in ds.good if name.endswith(".mp4")]
+    assert all(samples[schema.sample_key(name)][0][schema.LATENT_MEAN].shape == (16, 3, 4, 6) for name in videos)
+
+
+def test_single_images_are_refused_where_the_family_cannot_take_them(tiny_checkpoint, tmp_path, capsys):
+    from cogvx_dist.core.loading import describe_checkpoint
+    from cogvx_dist.train.preflight import check_manifest
+
+    ds = make_synthetic_dataset(tmp_path / "d", count=1, frames=10, height=48, width=64, layout="jsonl", stills=1)
+    model = tiny_checkpoint("CogVideoX-5b-I2V")
+    code, _, err = cli(capsys, "prep", "--model", str(model), "--data", str(ds.data), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "1 input(s) are single images (videos/still_0000.png",
+                          "CogVideoX-5b-I2V learned its position embeddings for one frame count")
+    assert not (tmp_path / "o").exists()
+    # Shards with single images, read for an image-to-video model: refused before training, saying why.
+    t2v = tiny_checkpoint("CogVideoX1.5-5b")
+    i2v = describe_checkpoint(tiny_checkpoint("CogVideoX1.5-5b-I2V"))
+    run_prep(_config(t2v, ds.data, tmp_path / "t2v"))
+    manifest = schema.Manifest.read(tmp_path / "t2v")
+    assert manifest.frame_counts == [17, 1]
+    with pytest.raises(CogvxError, match="single images among the clips .*is image-to-video: it is conditioned"):
+        check_manifest(manifest, i2v, where="data.shards")
