@@ -62,11 +62,11 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
                       help="no progress bar")
 
 
-_FIELDS = ("model", "model_id", "data", "out", "stage", "prompt_prefix", "prompt_template", "layout", "caption_file",
-           "video_file", "image_file", "frames", "target_fps", "frame_stride", "storage_dtype", "compute_dtype",
-           "device", "text_batch_size", "vae_batch_size", "vae_slicing", "vae_tiling", "vae_channels_last",
-           "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes", "shard_max_samples",
-           "max_failed_fraction", "rank", "world_size", "progress")
+_FIELDS = ("model", "model_id", "data", "out", "stage", "prompt_prefix", "prompt_template", "image_noise_samples",
+           "layout", "caption_file", "video_file", "image_file", "frames", "target_fps", "frame_stride",
+           "storage_dtype", "compute_dtype", "device", "text_batch_size", "vae_batch_size", "vae_slicing",
+           "vae_tiling", "vae_channels_last", "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes",
+           "shard_max_samples", "max_failed_fraction", "rank", "world_size", "progress")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -235,25 +235,31 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, features, s
     assert stream_order(one_rank, 1) == [row for row in stream_order(straight, 2) if row[0] > 4]
 
 
-def test_zero3_with_every_feature_resumes_exactly_and_the_average_is_the_hand_computed_one(prepped_2b, init_adapter,
-                                                                                          features, tmp_path):
-    """ZeRO-3 on 2 ranks (the average sharded like the parameters), with everything the crash/resume runs use: a run
-    killed after its step-2 checkpoint and resumed ends bit-identical to the uninterrupted one, and the exported
-    average equals the EMA computed here from the initial adapter and the adapter each step's checkpoint saved."""
+@pytest.mark.parametrize("ranks, stage, data", [(2, "zero3", "clips"), (1, "zero2", "clips and stills")])
+def test_every_feature_resumes_exactly_and_the_average_is_the_hand_computed_one(
+        prepped_2b, clips_and_stills, init_adapter, features, tmp_path, ranks, stage, data):
+    """Everything the crash/resume runs use, under ZeRO-3 on 2 ranks (the average sharded like the parameters) and
+    on 1 rank over clips and single images: a run killed after its step-2 checkpoint and resumed ends bit-identical
+    to the uninterrupted one, and the exported average equals the EMA computed here from the initial adapter and the
+    adapter each step's checkpoint saved."""
     from cogvx_dist.core.lora import read_adapter as read_adapter_file
 
     model, shards = prepped_2b
+    if data != "clips":
+        shards = clips_and_stills[0]
     decay = 0.6
-    extra = sections(features, deepspeed={"config": "zero3"}, train={"max_steps": 4, "ema_decay": decay},
-                     checkpoint={"every_steps": 1, "keep_last": 5}, log={"eval_every_steps": 2})
+    extra = sections(features, deepspeed={"config": stage}, train={"max_steps": 4, "ema_decay": decay},
+                     checkpoint={"every_steps": 1, "keep_last": 5}, data={"eval_shards": str(shards)},
+                     log={"eval_every_steps": 2})
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     for output in (straight, crashed):
         write_config(tmp_path / f"{output.name}.yaml", model, shards, output, **extra)
-    assert launch(tmp_path / "straight.yaml").returncode == 0
-    assert launch(tmp_path / "crashed.yaml", env={FAULT_ENV: "train.committed=2"}).returncode != 0
-    resumed = launch(tmp_path / "crashed.yaml")
+    assert launch(tmp_path / "straight.yaml", ranks).returncode == 0
+    assert launch(tmp_path / "crashed.yaml", ranks, env={FAULT_ENV: "train.committed=2"}).returncode != 0
+    resumed = launch(tmp_path / "crashed.yaml", ranks)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert summary_of(crashed)["resumed_from_step"] == 2 and summary_of(crashed)["zero_stage"] == 3
+    assert summary_of(crashed)["resumed_from_step"] == 2 and summary_of(crashed)["zero_stage"] == int(stage[-1])
+    assert summary_of(crashed)["world_size"] == ranks
     assert_same_run(straight, crashed)
     assert sorted(held_out(straight)) == [0, 2, 4]
 
@@ -340,28 +346,34 @@ def test_streaming_over_http_trains_on_two_ranks(prepped_2b, tmp_path):
     assert len(read_trace(output)) == 4 * 2 * 2 and keys <= {ShardIndex(shards).key(i) for i in range(8)}
 
 
-def test_single_images_train_beside_videos_on_two_ranks(tiny_checkpoint, tmp_path):
-    """A prepped dataset of clips and stills (one-frame samples): both ranks train on both kinds and end identical."""
+@pytest.fixture(scope="module")
+def clips_and_stills(tiny_checkpoint, tmp_path_factory) -> tuple[Path, set[str]]:
+    """(shards, keys of the stills) of a prepped 2b dataset of 3 clips and 3 single images."""
     from cogvx_dist.core.shard_format import sample_key
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
 
-    model = tiny_checkpoint("CogVideoX-2b")
-    dataset = make_synthetic_dataset(tmp_path / "data", count=3, frames=10, height=48, width=64, layout="jsonl",
-                                     stills=3)
-    prepped = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(tmp_path / "shards"),
-                                  storage_dtype="float32", progress=False))
+    root = tmp_path_factory.mktemp("clips-and-stills")
+    dataset = make_synthetic_dataset(root / "data", count=3, frames=10, height=48, width=64, layout="jsonl", stills=3)
+    prepped = run_prep(PrepConfig(model=str(tiny_checkpoint("CogVideoX-2b")), data=str(dataset.data),
+                                  out=str(root / "shards"), storage_dtype="float32", progress=False))
     assert prepped.encoded == 6
+    return root / "shards", {sample_key(name) for name in dataset.good if "still_" in name}
+
+
+def test_single_images_train_beside_videos_on_two_ranks(tiny_checkpoint, clips_and_stills, tmp_path):
+    """A prepped dataset of clips and stills (one-frame samples): both ranks train on both kinds and end identical."""
+    model = tiny_checkpoint("CogVideoX-2b")
+    shards, stills = clips_and_stills
     output = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", model, tmp_path / "shards", output, train={"max_steps": 4},
+    config = write_config(tmp_path / "run.yaml", model, shards, output, train={"max_steps": 4},
                           checkpoint={"every_steps": 4})
     result = launch(config)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_of(output)
     assert len(set(summary["adapter_checksums"])) == 1
     trained = {(rank, key) for _, _, rank, key in read_trace(output)}
-    stills = {sample_key(name) for name in dataset.good if "still_" in name}
     for rank in (0, 1):
         kinds = {key in stills for r, key in trained if r == rank}
         assert kinds == {True, False}, f"rank {rank} trained on only one kind: {trained}"

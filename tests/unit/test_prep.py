@@ -599,8 +599,9 @@ def test_a_prompt_prefix_is_what_t5_encodes_and_the_manifest_records(tiny_checkp
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-prefix", "a ", "--prompt-template", "{prompt} b"], "prompt_prefix and prompt_template exclude"),
     (["--prompt-template", "in the style of <sks>"], "prompt_template 'in the style of <sks>' has no {prompt}"),
+    (["--image-noise-samples", "-1"], "image_noise_samples must be >= 0 (0: none), not -1"),
 ])
-def test_prompt_template_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
+def test_prompt_and_image_noise_errors_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
     code, _, err = cli(capsys, "prep", "--model", str(tiny_checkpoint("CogVideoX-2b")), "--data", str(tmp_path),
                        "--out", str(tmp_path / "out"), *flags)
     assert_one_line_error(code, err, message)
