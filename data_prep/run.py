@@ -245,6 +245,10 @@ class PrepJob:
 
         config = self.config
         self.device = pick_device(config.device, self.ranks.local_rank)
+        if self.device.startswith("cuda:"):
+            import torch
+
+            torch.cuda.set_device(self.device)  # else every rank's CUDA context and kernels start on GPU 0
         compute = compute_dtype(config.compute_dtype, self.device)
         self.storage = torch_dtype(config.storage_dtype)
         self.encoders = Encoders(config.model, self.device, compute, slicing=config.vae_slicing,
@@ -356,7 +360,7 @@ class PrepJob:
                 [image for _, _, image, _ in batch], [record.key for record, _, _, _ in batch],
                 self.config.image_noise_samples)
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         self.timings["vae_s"] += t1 - t0
         for i, (record, clip, _, embeds) in enumerate(batch):

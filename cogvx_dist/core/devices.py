@@ -21,14 +21,39 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def pick_device(device: str = "auto", local_rank: int = 0) -> str:
-    """"auto" is this process's GPU (local_rank modulo the visible GPUs) where torch sees one, else the CPU; "cpu",
-    "cuda" and "cuda:N" are checked and passed through."""
+def rank_device(local_rank: int, visible_gpus: int) -> str:
+    """The device of the process with this local rank on a node where torch sees `visible_gpus` GPUs: one GPU per
+    local rank in order, ranks beyond the count sharing them round-robin; the CPU when there is none."""
+    if local_rank < 0:
+        raise CogvxError(f"local rank must be >= 0, not {local_rank}")
+    return f"cuda:{local_rank % visible_gpus}" if visible_gpus > 0 else "cpu"
+
+
+def side_device(free_bytes: list[int]) -> str:
+    """The GPU for work beside a training run on the same node (`cogvx sample --watch`): the one with the most free
+    memory, the highest index on a tie (training ranks take GPUs from 0 up); the CPU when there is none."""
+    if not free_bytes:
+        return "cpu"
+    best = max(range(len(free_bytes)), key=lambda index: (free_bytes[index], index))
+    return f"cuda:{best}"
+
+
+def visible_gpus() -> int:
+    """GPUs torch sees in this process (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pick_device(device: str = "auto", local_rank: int = 0, beside_training: bool = False) -> str:
+    """"auto" is this process's GPU (`rank_device`; `side_device` for work `beside_training`) where torch sees one,
+    else the CPU; "cpu", "cuda" and "cuda:N" are checked and passed through."""
     import torch
 
     if device == "auto":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return f"cuda:{local_rank % count}" if count else "cpu"
+        if beside_training and visible_gpus() > 1:
+            return side_device([torch.cuda.mem_get_info(index)[0] for index in range(visible_gpus())])
+        return rank_device(local_rank, visible_gpus())
     if not _DEVICE.match(device):
         raise CogvxError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():

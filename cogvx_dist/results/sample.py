@@ -68,12 +68,12 @@ class Sampler:
     """A loaded pipeline that draws clips from prompts, with adapters swapped in and out between clips."""
 
     def __init__(self, model: str | Path, device: str = "auto", dtype: str = "auto",
-                 allow_other_family: bool = False) -> None:
+                 allow_other_family: bool = False, beside_training: bool = False) -> None:
         from cogvx_dist.core.loading import describe_checkpoint
 
         self.info = describe_checkpoint(model)
         self.family = self.info.family
-        self.device = pick_device(device)
+        self.device = pick_device(device, beside_training=beside_training)
         self.dtype = compute_dtype(dtype, self.device)
         pipeline_class = self.family.pipeline_type()
         try:

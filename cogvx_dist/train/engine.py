@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cogvx_dist.core.devices import rank_device, visible_gpus
 from cogvx_dist.core.errors import RankError
 from cogvx_dist.core.launch_env import RankInfo, under_mpi
 
@@ -56,13 +57,14 @@ def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
         mpi_discovery(distributed_port=port, verbose=False)
         if address:
             os.environ["MASTER_ADDR"] = address
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = rank_device(local_rank, visible_gpus())
+    if device != "cpu":  # before the process group: NCCL binds its communicator to the current device
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     _bound_deepspeed_world_group(timedelta(seconds=timeout_s))
     _unlink_cpu_allreduce_buffer(rank, world)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     return RankInfo(rank, world, local_rank, source="process group")
 
 

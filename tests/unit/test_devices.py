@@ -1,0 +1,33 @@
+"""Which device each process uses: training and prep ranks by local rank, the watcher beside a training run."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from cogvx_dist.core.devices import rank_device, side_device
+from cogvx_dist.core.errors import CogvxError
+
+
+@pytest.mark.parametrize("visible", [1, 2, 8])
+def test_local_ranks_take_distinct_gpus_then_share_them_evenly(visible):
+    one_each = [rank_device(local_rank, visible) for local_rank in range(visible)]
+    assert len(set(one_each)) == visible and one_each[0] == "cuda:0"
+    assert all(device.startswith("cuda:") and int(device[5:]) < visible for device in one_each)
+    three_each = Counter(rank_device(local_rank, visible) for local_rank in range(3 * visible))
+    assert three_each == {f"cuda:{index}": 3 for index in range(visible)}
+
+
+def test_without_a_gpu_every_rank_uses_the_cpu_and_a_negative_rank_is_refused():
+    assert {rank_device(local_rank, 0) for local_rank in range(4)} == {"cpu"}
+    with pytest.raises(CogvxError, match="local rank must be >= 0"):
+        rank_device(-1, 8)
+
+
+def test_work_beside_training_takes_the_freest_gpu_not_gpu_0():
+    gib = 2**30
+    assert side_device([20 * gib, 140 * gib]) == "cuda:1"  # rank 0 trains on GPU 0
+    assert side_device([140 * gib, 20 * gib]) == "cuda:0"  # ...unless GPU 0 is the free one
+    assert side_device([10 * gib, 80 * gib, 80 * gib]) == "cuda:2"  # a tie goes to the highest index
+    assert side_device([]) == "cpu"
