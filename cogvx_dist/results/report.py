@@ -45,6 +45,10 @@ class RunStats:
     """Largest peak memory of rank 0: the CUDA allocator's peak on GPUs, the process's peak RSS on CPU runs."""
     samples_seen: int
     """Samples consumed by the last logged step."""
+    tflops_per_gpu: float = float("nan")
+    """Model TFLOP/s per GPU (forward and backward, no recomputation), likewise; nan for runs that did not log it."""
+    mfu: float | None = None
+    """Model FLOPs utilisation against the GPU's peak; None on CPU or an unknown GPU."""
 
     @property
     def loss_falls(self) -> bool:
@@ -103,6 +107,8 @@ def run_stats(records: list[dict[str, Any]]) -> RunStats:
         data_wait_fraction=wait / step_time if step_time and math.isfinite(wait) else float("nan"),
         peak_memory_gib=max((r.get("peak_memory_gib") or 0.0) for r in records),
         samples_seen=int(records[-1].get("samples_seen") or 0),
+        tflops_per_gpu=_time_weighted(steady, "tflops_per_gpu"),
+        mfu=_time_weighted(steady, "mfu") if any(r.get("mfu") is not None for r in steady) else None,
     )
 
 
@@ -171,6 +177,9 @@ def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
         f"{stats.step_time_s:.3f} s/step (first step excluded), data wait {stats.data_wait_fraction:.1%} of step time",
         f"peak memory (rank 0): {stats.peak_memory_gib:.2f} GiB (CUDA allocator peak on GPU, process peak RSS on CPU)",
     ]
+    if math.isfinite(stats.tflops_per_gpu):
+        utilisation = f", MFU {stats.mfu:.1%}" if stats.mfu is not None else " (no MFU: CPU or unknown GPU peak)"
+        lines.insert(4, f"model FLOPs: {stats.tflops_per_gpu:.2f} TFLOP/s per GPU{utilisation}")
     if extra.get("eval_steps"):
         steps = extra["eval_steps"]
         lines.append(f"held-out loss: {extra['eval_loss_first']:.4f} (step {steps[0]}) -> "

@@ -181,6 +181,8 @@ class LogConfig:
     """tqdm progress bar on rank 0."""
     sample_trace: bool = False
     """Write each rank's sample keys per step to output_dir/trace/ (used to verify ordering and resume)."""
+    peak_tflops: float = 0.0
+    """One GPU's dense bf16 peak in TFLOP/s, for the mfu metric; 0: from the GPU's name (train/flops.py's table)."""
     eval_every_steps: int = 0
     """Every this many optimizer steps (and before the first and after the last), all ranks compute the loss on
     the whole of data.eval_shards at fixed timesteps and fixed noise and log eval/loss; 0: never."""
@@ -269,6 +271,8 @@ class RunConfig:
             raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
 
     def _check_evaluation(self) -> None:
+        if self.log.peak_tflops < 0:
+            raise CogvxError(f"log.peak_tflops must be positive (0: from the GPU's name), got {self.log.peak_tflops}")
         if self.log.eval_every_steps < 0:
             raise CogvxError(f"log.eval_every_steps must be 0 (off) or positive, got {self.log.eval_every_steps}")
         if self.log.eval_every_steps and not self.data.eval_shards:

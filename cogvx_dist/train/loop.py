@@ -41,6 +41,7 @@ from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import zero_stage
 from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
+from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
 from cogvx_dist.train.loss import LossContext, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.mixture import MixedIndex
@@ -136,9 +137,7 @@ class Trainer:
         self._build()
         start_step, position = self._restore()
         loader = self._micro_batches(start_step, position)
-        geometry = self.checks.manifest
-        meter = StepMeter(self.global_batch, self.family.tokens_per_sample(geometry.frames, geometry.height,
-                                                                           geometry.width), self.device)
+        meter = self._step_meter()
         metrics = MetricsWriter(self.run.root, enabled=self.ranks.is_main, tensorboard=config.log.tensorboard,
                                 resume_step=start_step)
         trace = SampleTrace(self.run.root, self.ranks.rank) if config.log.sample_trace else None
@@ -203,6 +202,20 @@ class Trainer:
             self.ema.update(self.engine.local_chunks(self.lora_names))
         self._account(step, agreed, keys)
         return agreed
+
+    def _step_meter(self) -> StepMeter:
+        """Throughput counted at the dataset's clip size (its first resolution bucket)."""
+        geometry, config = self.checks.manifest, self.config
+        shape = (geometry.frames, geometry.height, geometry.width)
+        flops = training_flops_per_sample(self.family, self.checks.checkpoint.transformer_config, *shape,
+                                          config.lora)
+        peak = None
+        if self.device.type == "cuda":
+            peak = peak_flops(torch.cuda.get_device_name(self.device), config.log.peak_tflops)
+            self.log.info("MFU against %s", f"{peak / 1e12:g} TFLOP/s" if peak else "nothing: unknown GPU (set "
+                          "log.peak_tflops)")
+        return StepMeter(self.global_batch, self.family.tokens_per_sample(*shape), self.device, flops,
+                         self.ranks.world_size, peak)
 
     def _evaluates(self, step: int) -> bool:
         every = self.config.log.eval_every_steps

@@ -29,10 +29,16 @@ class StepMeter:
     Losses stay tensors until a log step reads them: reading one forces the host to wait for the device.
     """
 
-    def __init__(self, global_batch: int, tokens_per_sample: int, device: torch.device) -> None:
+    def __init__(self, global_batch: int, tokens_per_sample: int, device: torch.device, flops_per_sample: int = 0,
+                 world_size: int = 1, peak_flops: float | None = None) -> None:
         self.global_batch = global_batch
         self.tokens_per_sample = tokens_per_sample
         self.device = device
+        self.flops_per_sample = flops_per_sample
+        """Model FLOPs of one sample's forward and backward (train/flops.py), for TFLOP/s and MFU."""
+        self.world_size = world_size
+        self.peak_flops = peak_flops
+        """One GPU's peak FLOP/s; None: no MFU."""
         self._reset()
 
     def _reset(self) -> None:
@@ -69,11 +75,13 @@ class StepMeter:
             "lr": lr,
             "samples_per_s": samples_per_s,
             "tokens_per_s": samples_per_s * self.tokens_per_sample,
+            "tflops_per_gpu": samples_per_s * self.flops_per_sample / self.world_size / 1e12,
             "step_time_s": elapsed / self.steps,
             "data_wait_s": self.data_wait / self.steps,
             "peak_memory_gib": peak_memory_bytes(self.device) / 2**30,
             "samples_seen": samples_seen,
         }
+        values["mfu"] = values["tflops_per_gpu"] * 1e12 / self.peak_flops if self.peak_flops else None
         self._reset()
         return values
 

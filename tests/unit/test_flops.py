@@ -1,0 +1,41 @@
+"""Model FLOPs from the family and geometry (train/flops.py) against torch's FlopCounterMode, and MFU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cogvx_dist.core.families import FAMILIES, get_family
+from cogvx_dist.core.lora import LoraSettings
+from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
+from cogvx_dist.train.memory_trace import StepShape, trace_step
+from cogvx_dist.train.metrics import StepMeter
+
+
+@pytest.mark.parametrize("family_name", list(FAMILIES))
+def test_counted_flops_equal_what_torch_counts_in_a_real_step(family_name):
+    """Two full-width blocks at the family's clip size, LoRA r=128 on the attention projections: the analytic count
+    matches FlopCounterMode over the project's own loss, forward and backward (attention included)."""
+    family = get_family(family_name)
+    config = {**family.full_size_transformer, "num_layers": 2}
+    geometry = (family.default_frames, family.default_height, family.default_width)
+    traced = trace_step(StepShape(family, config, *geometry, 1, LoraSettings(), 0)).model_flops
+    counted = training_flops_per_sample(family, config, *geometry, LoraSettings())
+    assert counted == pytest.approx(traced, rel=1e-4)
+    attention_share = 12 * 2 * family.tokens_per_sample(*geometry) ** 2 * config["num_attention_heads"] * config[
+        "attention_head_dim"] / counted
+    assert attention_share > 0.4  # at 49 frames and more, attention is most of the work: it must be counted
+
+
+def test_mfu_is_model_flops_per_gpu_over_the_peak():
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("Some Future GPU") is None and peak_flops("Some Future GPU", 1500) == 1.5e15
+    meter = StepMeter(global_batch=8, tokens_per_sample=100, device=torch.device("cpu"), flops_per_sample=10**12,
+                      world_size=4, peak_flops=2e12)
+    meter.step_done(torch.tensor(1.0))
+    values = meter.values(lr=1e-4, grad_norm=None, samples_seen=8)
+    assert values["tflops_per_gpu"] == pytest.approx(values["samples_per_s"] / 4)
+    assert values["mfu"] == pytest.approx(values["tflops_per_gpu"] / 2)
+    unknown = StepMeter(8, 100, torch.device("cpu"), flops_per_sample=10**12)
+    unknown.step_done(torch.tensor(1.0))
+    assert unknown.values(1e-4, None, 8)["mfu"] is None  # no peak (a CPU, an unknown GPU): no MFU
