@@ -54,8 +54,9 @@ class DataConfig:
     S3-compatible server); credentials are refused here, they come from the environment or the store's profile."""
     streaming: bool = False
     """Stream remote shards with WebDataset (shards drawn per rank with replacement); resume is approximate."""
-    num_workers: int = 0
-    """Background processes reading and decoding samples (0 reads in the training process)."""
+    num_workers: int | None = None
+    """Background processes reading samples and drawing their random numbers (0: the training process does it);
+    default: one on a GPU, none on the CPU."""
     verify: Literal["size", "sha256", "none"] = "size"
     """How much of the shards to check against the manifest: "size" compares every shard's size at start-up,
     "sha256" also checks each sample's digest as it is read (about 10 ms per full-size sample), "none" neither."""
@@ -247,7 +248,7 @@ class RunConfig:
             raise CogvxError(f"optim.betas must have two values, got {self.optim.betas}")
         check_storage_options(self.data.storage_options, "data.storage_options")
         self._check_sources()
-        if self.data.num_workers < 0:
+        if self.data.num_workers is not None and self.data.num_workers < 0:
             raise CogvxError("data.num_workers must be non-negative")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
             raise CogvxError(f"data.max_bad_fraction must be within [0, 1], got {self.data.max_bad_fraction}")

@@ -42,7 +42,7 @@ from cogvx_dist.train.ds_config import zero_stage
 from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
 from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
-from cogvx_dist.train.loss import LossContext, diffusion_loss, drop_captions
+from cogvx_dist.train.loss import CAPTION_DROPPED, LossContext, StepDraws, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.mixture import MixedIndex
 from cogvx_dist.train.model import build_model, forbid_encoders
@@ -79,11 +79,6 @@ def check_memory_on_rank_zero(config: RunConfig, checks: Preflight) -> None:
                             local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if line:
         rank_logger("cogvx.train", 0).info("%s", line)
-
-
-def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
-    """The seed of the generator that draws a micro-batch's posterior sample, noise and timesteps."""
-    return (seed * 1_000_003 + step * 10_007 + micro_step * 101 + rank) % (2**63 - 1)
 
 
 @dataclass
@@ -187,11 +182,10 @@ class Trainer:
             keys += batch["keys"]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])
-            generator = torch.Generator().manual_seed(step_seed(self.config.train.seed, step, micro_step,
-                                                                self.ranks.rank))
-            if self.checks.empty_prompt is not None:
-                batch = drop_captions(batch, self.checks.empty_prompt, self.config.train.caption_dropout, generator)
-            loss = diffusion_loss(self.engine, batch, self.context, generator, self.device, self.dtype)
+            drawn = batch.get("randomness") or self.draws.for_step(batch, step, micro_step)  # streaming: here
+            if CAPTION_DROPPED in drawn:
+                batch = drop_captions(batch, self.checks.empty_prompt, drawn[CAPTION_DROPPED])
+            loss = diffusion_loss(self.engine, batch, self.context, drawn, self.device, self.dtype)
             self.engine.backward(loss)
             losses.append(loss.detach())
             if micro_step < accumulation - 1:
@@ -404,18 +398,24 @@ class Trainer:
                          " and Adam moments" if moments else " (no Adam moments saved: they restart)")
 
     def _micro_batches(self, start_step: int, position: int) -> Any:
-        """This rank's micro-batches from the stream position on (local shards), or a streamed draw."""
+        """This rank's micro-batches from the stream position on (local shards), each with its random numbers drawn
+        in the loader, or a streamed draw (whose numbers the step draws)."""
         config = self.config
+        dropout = config.train.caption_dropout if self.checks.empty_prompt is not None else 0.0
+        self.draws = StepDraws(self.context, config.train.seed, self.ranks.rank, config.train.grad_accum_steps,
+                               start_step + 1, dropout)
         if self.checks.index is not None:
             plan = BatchPlan(config.train.micro_batch_size, config.train.grad_accum_steps, self.ranks.rank,
                              self.ranks.world_size)
             steps_left = max(0, config.train.max_steps - start_step)
             batches = MicroBatches(self.checks.index, plan, config.train.seed, position, steps_left,
-                                   config.data.on_bad_sample)
+                                   config.data.on_bad_sample, self.draws)
         else:
             batches = StreamingMicroBatches(config.data.shards, self.checks.manifest, config.train.micro_batch_size,
                                             config.train.seed, self.ranks.rank, start_step)
-        return iter(make_loader(batches, config.data.num_workers))
+        on_gpu = self.device.type == "cuda"
+        workers = config.data.num_workers if config.data.num_workers is not None else int(on_gpu)
+        return iter(make_loader(batches, workers, pin_memory=on_gpu))
 
     def _progress_bar(self, start_step: int) -> Any:
         from tqdm import tqdm

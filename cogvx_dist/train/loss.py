@@ -1,9 +1,10 @@
 """The CogVideoX training objective.
 
 Per sample: draw a latent from the stored posterior, scale it by the VAE factor, pick a uniform timestep, add
-noise with the scheduler, predict v with the transformer (rotary positions, ofs and first-frame conditioning
-where the family uses them), and take the weighted x0 error with weight 1/(1 - alphas_cumprod[t]), which equals
-the MSE on v. Everything after the transformer runs in float32.
+noise with the scheduler (every random number is drawn on the CPU beforehand, by `draw_randomness`, in the loader
+where there is one), predict v with the transformer (rotary positions, ofs and first-frame conditioning where the
+family uses them), and take the weighted x0 error with weight 1/(1 - alphas_cumprod[t]), which equals the MSE on v.
+Everything after the transformer runs in float32.
 """
 
 from __future__ import annotations
@@ -33,12 +34,6 @@ class LossContext:
     transformer_config: dict[str, Any]
     scheduler: Any
     """The checkpoint's CogVideoXDPMScheduler (its noise schedule; no sampling state is used)."""
-
-
-def draw_latent(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A sample of N(mean, exp(logvar)) (the VAE posterior), drawn on CPU from `generator` for reproducibility."""
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
-    return mean.float() + torch.exp(0.5 * logvar.float()) * noise.to(mean.device)
 
 
 def pad_for_temporal_patches(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
@@ -75,56 +70,129 @@ def rotary_embeddings(
     )
 
 
-def image_moments(batch: dict[str, Any], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, C, 1, h, w] posterior (mean, logvar) of each sample's conditioning frame: one of its noised copies, drawn
-    from the step's generator, where prep made them (the official I2V recipe), else the clean frame's."""
-    if NOISED_IMAGE_MEAN not in batch:
+def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    """The seed of the generator that draws a micro-batch's caption dropout, posterior sample, noise and
+    timesteps."""
+    return (seed * 1_000_003 + step * 10_007 + micro_step * 101 + rank) % (2**63 - 1)
+
+
+CAPTION_DROPPED = "caption_dropped"
+POSTERIOR_NOISE = "posterior_noise"
+TIMESTEPS = "timesteps"
+NOISE = "noise"
+IMAGE_CHOICE = "image_choice"
+IMAGE_POSTERIOR_NOISE = "image_posterior_noise"
+
+
+def draw_randomness(batch: dict[str, Any], context: LossContext, generator: torch.Generator,
+                    caption_dropout: float = 0.0, timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every random number a micro-batch's loss uses, on the CPU from `generator`, always in this order: caption
+    dropout (only when `caption_dropout` > 0), the video posterior's noise, the timesteps (unless given), the
+    diffusion noise, then for image-to-video the noised copy of the conditioning frame (where prep made copies)
+    and its posterior's noise. The loader draws them (train/reader.py), so the training process only computes."""
+    family = context.family
+    mean = batch[LATENT_MEAN]
+    batch_size, channels, frames, height, width = mean.shape
+    drawn: dict[str, torch.Tensor] = {}
+    if caption_dropout > 0:
+        drawn[CAPTION_DROPPED] = torch.rand(batch_size, generator=generator) < caption_dropout
+    drawn[POSTERIOR_NOISE] = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+    if timesteps is None:
+        timesteps = torch.randint(0, context.scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    drawn[TIMESTEPS] = timesteps
+    padded = frames
+    if family.patch_size_t and frames % family.patch_size_t:
+        padded += family.patch_size_t - frames % family.patch_size_t
+    drawn[NOISE] = torch.randn((batch_size, padded, channels, height, width), generator=generator,
+                               dtype=torch.float32)
+    if family.image_to_video:
+        if NOISED_IMAGE_MEAN in batch:
+            copies = batch[NOISED_IMAGE_MEAN].shape[1]
+            drawn[IMAGE_CHOICE] = torch.randint(0, copies, (batch_size,), generator=generator)
+        drawn[IMAGE_POSTERIOR_NOISE] = torch.randn(batch[IMAGE_MEAN].shape, generator=generator,
+                                                   dtype=torch.float32)
+    return drawn
+
+
+@dataclass(frozen=True)
+class StepDraws:
+    """Draws a rank's micro-batch randomness by micro-batch number, exactly as the training step would with the
+    step's generator: what a loader (and its worker processes) needs to take the draws off the training process."""
+
+    context: LossContext
+    seed: int
+    rank: int
+    grad_accum_steps: int
+    first_step: int
+    """The optimizer step the loader's micro-batch 0 belongs to."""
+    caption_dropout: float = 0.0
+
+    def for_step(self, batch: dict[str, Any], step: int, micro_step: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, micro_step, self.rank))
+        return draw_randomness(batch, self.context, generator, self.caption_dropout)
+
+    def __call__(self, batch: dict[str, Any], micro_index: int) -> dict[str, torch.Tensor]:
+        step, micro_step = divmod(micro_index, self.grad_accum_steps)
+        return self.for_step(batch, self.first_step + step, micro_step)
+
+
+def image_moments(batch: dict[str, Any], drawn: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, 1, h, w] posterior (mean, logvar) of each sample's conditioning frame: the noised copy `drawn` chose
+    where prep made them (the official I2V recipe), else the clean frame's."""
+    if IMAGE_CHOICE not in drawn:
         return batch[IMAGE_MEAN], batch[IMAGE_LOGVAR]
     means, logvars = batch[NOISED_IMAGE_MEAN], batch[NOISED_IMAGE_LOGVAR]
-    rows = torch.arange(means.shape[0])
-    chosen = torch.randint(0, means.shape[1], (means.shape[0],), generator=generator)
+    rows, chosen = torch.arange(means.shape[0]), drawn[IMAGE_CHOICE]
     return means[rows, chosen], logvars[rows, chosen]
 
 
-def drop_captions(batch: dict[str, Any], empty_prompt: torch.Tensor, probability: float,
-                  generator: torch.Generator) -> dict[str, Any]:
-    """The batch with each sample's prompt embedding replaced by the empty prompt's with `probability`, drawn first
-    from the step's generator (the posterior sample, noise and timesteps follow)."""
+def drop_captions(batch: dict[str, Any], empty_prompt: torch.Tensor, dropped: torch.Tensor) -> dict[str, Any]:
+    """The batch with the prompt embedding of each sample marked in `dropped` replaced by the empty prompt's."""
     embeds = batch[PROMPT_EMBEDS]
-    dropped = torch.rand(embeds.shape[0], generator=generator) < probability
     empty = empty_prompt.to(embeds.dtype).expand_as(embeds)
     return {**batch, PROMPT_EMBEDS: torch.where(dropped.view(-1, 1, 1), empty, embeds)}
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To the device without blocking the host (the loader pins its batches on GPU runs)."""
+    return tensor.to(device, non_blocking=True)
+
+
+def _posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor,
+                      device: torch.device) -> torch.Tensor:
+    """mean + exp(logvar / 2) * noise in float32 on the device: a sample of the VAE posterior."""
+    return _on(mean, device).float() + torch.exp(0.5 * _on(logvar, device).float()) * _on(noise, device)
 
 
 def diffusion_loss(
     transformer: torch.nn.Module,
     batch: dict[str, Any],
     context: LossContext,
-    generator: torch.Generator,
+    drawn: dict[str, torch.Tensor] | torch.Generator,
     device: torch.device,
     dtype: torch.dtype,
     timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch-mean CogVideoX v-prediction loss; all randomness comes from `generator` (CPU). `timesteps` (one
-    per sample) replaces the uniform draw (the held-out loss evaluates at fixed ones)."""
+    """The batch-mean CogVideoX v-prediction loss with the random numbers `drawn` (or drawn here from a generator;
+    `timesteps` then replaces the uniform draw, as the held-out loss does)."""
+    if isinstance(drawn, torch.Generator):
+        drawn = draw_randomness(batch, context, drawn, timesteps=timesteps)
     family = context.family
     scaling = family.vae_scaling_factor
     # [B, C, F, H, W] moments -> [B, F, C, H, W] latents, scaled once here (the shards store them unscaled).
-    latents = draw_latent(batch[LATENT_MEAN], batch[LATENT_LOGVAR], generator).permute(0, 2, 1, 3, 4) * scaling
-    latents = pad_for_temporal_patches(latents, family.patch_size_t).to(device)
+    latents = _posterior_sample(batch[LATENT_MEAN], batch[LATENT_LOGVAR], drawn[POSTERIOR_NOISE], device)
+    latents = pad_for_temporal_patches(latents.permute(0, 2, 1, 3, 4) * scaling, family.patch_size_t)
     batch_size, frames, _, height, width = latents.shape
 
     scheduler = context.scheduler
-    if timesteps is None:
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    timesteps = timesteps.to(device)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    timesteps = _on(drawn[TIMESTEPS], device)
+    noisy = scheduler.add_noise(latents, _on(drawn[NOISE], device), timesteps)
 
     model_input = noisy
     if family.image_to_video:
-        image = draw_latent(*image_moments(batch, generator), generator).permute(0, 2, 1, 3, 4)
-        image = (image / scaling if family.invert_scale_latents else image * scaling).to(device)
+        mean, logvar = image_moments(batch, drawn)
+        image = _posterior_sample(mean, logvar, drawn[IMAGE_POSTERIOR_NOISE], device).permute(0, 2, 1, 3, 4)
+        image = image / scaling if family.invert_scale_latents else image * scaling
         padding = torch.zeros((batch_size, frames - image.shape[1], *image.shape[2:]), device=device)
         model_input = torch.cat([noisy, torch.cat([image, padding], dim=1)], dim=2)
 

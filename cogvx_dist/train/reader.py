@@ -9,6 +9,7 @@ from the stream position alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -227,8 +228,11 @@ class MicroBatches(Dataset):
     """
 
     def __init__(self, index: Samples, plan: BatchPlan, seed: int, start_position: int, steps: int,
-                 on_bad: str = "fail") -> None:
+                 on_bad: str = "fail", draws: Callable[[dict[str, Any], int], dict[str, torch.Tensor]] | None = None
+                 ) -> None:
         self.index = index
+        self.draws = draws
+        """Draws item j's random numbers (train/loss.py's StepDraws), into the item's "randomness"."""
         self.plan = plan
         self.stream = index.stream(seed)
         self.start_position = start_position
@@ -252,6 +256,8 @@ class MicroBatches(Dataset):
             keys.append(self.index.key(index))
         batch = collate(tensors, keys)
         batch["bad"] = bad
+        if self.draws is not None:
+            batch["randomness"] = self.draws(batch, micro_index)
         return batch
 
     def _read_or_replace(self, index: int, bad: list[dict[str, str]]) -> tuple[int, dict[str, torch.Tensor]]:
@@ -280,7 +286,8 @@ def collate(tensors: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str
     return batch
 
 
-def make_loader(dataset: Dataset, num_workers: int) -> DataLoader:
-    """Loader over micro-batches in order; workers only prefetch, so the order does not depend on them."""
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+def make_loader(dataset: Dataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Loader over micro-batches in order; workers only prefetch, so the order does not depend on them. With
+    `pin_memory` (GPU runs) batches arrive in page-locked memory, so their copies to the GPU do not block."""
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)

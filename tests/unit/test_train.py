@@ -413,22 +413,25 @@ def test_each_environment_builds_deepspeed_ops_in_its_own_folder(monkeypatch):
 def test_caption_dropout_draws_its_rate_and_repeats():
     import math
 
-    from cogvx_dist.core.shard_format import PROMPT_EMBEDS
-    from cogvx_dist.train.loop import step_seed
-    from cogvx_dist.train.loss import drop_captions
+    from diffusers import CogVideoXDPMScheduler
 
-    own, empty = torch.ones(1, 4, 3), torch.zeros(4, 3)
+    from cogvx_dist.core.shard_format import LATENT_MEAN, PROMPT_EMBEDS
+    from cogvx_dist.train.loss import CAPTION_DROPPED, StepDraws, draw_randomness, drop_captions
+
+    family = FAMILIES["CogVideoX-2b"]
+    context = LossContext(family, {}, CogVideoXDPMScheduler(**family.scheduler_config()))
+    batch = {LATENT_MEAN: torch.zeros(1, 2, 1, 2, 2), PROMPT_EMBEDS: torch.ones(1, 4, 3)}
+    draws = StepDraws(context, seed=5, rank=0, grad_accum_steps=1, first_step=1, caption_dropout=0.2)
 
     def dropped() -> list[bool]:
-        return [bool(drop_captions({PROMPT_EMBEDS: own}, empty, 0.2,
-                                   torch.Generator().manual_seed(step_seed(5, step, 0, 0)))[PROMPT_EMBEDS].eq(0).all())
-                for step in range(1, 2001)]
+        return [bool(draws(batch, micro_index)[CAPTION_DROPPED][0]) for micro_index in range(2000)]
 
     first = dropped()
     assert abs(sum(first) - 400) <= 3 * math.sqrt(2000 * 0.2 * 0.8), sum(first)  # binomial noise, 3 sigma
     assert dropped() == first
-    kept = drop_captions({PROMPT_EMBEDS: own}, empty, 0.0, torch.Generator().manual_seed(0))[PROMPT_EMBEDS]
-    assert torch.equal(kept, own)
+    marked = drop_captions(batch, torch.zeros(4, 3), torch.tensor([True]))[PROMPT_EMBEDS]
+    assert torch.equal(marked, torch.zeros(1, 4, 3))
+    assert CAPTION_DROPPED not in draw_randomness(batch, context, torch.Generator())  # p = 0 draws nothing
 
 
 @pytest.mark.parametrize("override, message", [
@@ -494,8 +497,7 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
     """Shards with K noised copies of the conditioning frame: each step's generator picks one per sample (all K in
     use over many steps, the same picks for the same step seed), and the loss reads the picked copy."""
     from cogvx_dist.core.shard_format import IMAGE_MEAN, NOISED_IMAGE_MEAN
-    from cogvx_dist.train.loop import step_seed
-    from cogvx_dist.train.loss import image_moments
+    from cogvx_dist.train.loss import StepDraws, image_moments
     from cogvx_dist.train.reader import collate
 
     model = tiny_checkpoint("CogVideoX-5b-I2V")
@@ -505,18 +507,20 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
     batch = collate([index.read(i)[0] for i in range(2)], [index.key(i) for i in range(2)])
     assert batch[NOISED_IMAGE_MEAN].shape[:2] == (2, 3)
 
+    info = describe_checkpoint(model)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    draws = StepDraws(context, seed=5, rank=0, grad_accum_steps=1, first_step=1)
+
     def picks(step: int) -> list[int]:
-        mean, _ = image_moments(batch, torch.Generator().manual_seed(step_seed(5, step, 0, 0)))
+        mean, _ = image_moments(batch, draws.for_step(batch, step, 0))
         return [next(k for k in range(3) if torch.equal(mean[b], batch[NOISED_IMAGE_MEAN][b, k])) for b in range(2)]
 
     drawn = [picks(step) for step in range(1, 61)]
     assert drawn == [picks(step) for step in range(1, 61)]
     assert {k for pair in drawn for k in pair} == {0, 1, 2}
     clean = {name: t for name, t in batch.items() if not name.startswith("noised_")}
-    assert image_moments(clean, torch.Generator())[0] is clean[IMAGE_MEAN]  # shards without copies: the clean frame
-
-    info = describe_checkpoint(model)
-    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    clean_draws = draws.for_step(clean, 1, 0)
+    assert image_moments(clean, clean_draws)[0] is clean[IMAGE_MEAN]  # shards without copies: the clean frame
     transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
 
     def loss(of: dict, seed: int) -> torch.Tensor:
@@ -526,3 +530,32 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
 
     assert torch.equal(loss(batch, 1), loss(batch, 1))
     assert not torch.equal(loss(batch, 1), loss(clean, 1))  # the noised copy, not the clean frame, conditions
+
+
+def test_loader_workers_draw_the_same_random_numbers_the_step_would(synthetic_shards):
+    """The randomness a loader worker process draws for micro-batch j is, to the bit, what the training process
+    draws for its (step, micro-step) from the step's generator, and the loss from it is the same number."""
+    from cogvx_dist.train.loss import StepDraws, step_seed
+    from cogvx_dist.train.reader import make_loader
+
+    model, folder = synthetic_shards([3, 2])
+    info = describe_checkpoint(model)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    plan = BatchPlan(micro_batch_size=1, grad_accum_steps=2, dp_rank=1, dp_size=2)
+    draws = StepDraws(context, seed=5, rank=1, grad_accum_steps=2, first_step=4)  # resumed after step 3
+    batches = MicroBatches(ShardIndex(folder), plan, seed=5, start_position=3 * 4, steps=3, draws=draws)
+    transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
+    for micro_index, batch in enumerate(make_loader(batches, num_workers=1)):
+        step, micro_step = 4 + micro_index // 2, micro_index % 2
+        generator = torch.Generator().manual_seed(step_seed(5, step, micro_step, 1))
+        plain = {name: value for name, value in batch.items() if name != "randomness"}
+        here = draws.for_step(plain, step, micro_step)
+        assert here.keys() == batch["randomness"].keys()
+        assert all(torch.equal(here[name], batch["randomness"][name]) for name in here)
+        with torch.no_grad():
+            from_loader = diffusion_loss(transformer, plain, context, batch["randomness"], torch.device("cpu"),
+                                         torch.float32)
+            from_generator = diffusion_loss(transformer, plain, context, generator, torch.device("cpu"),
+                                            torch.float32)
+        assert torch.equal(from_loader, from_generator)
+    assert micro_index == 5
