@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.ds_config import optimizer_in_use
     from cogvx_dist.train.preflight import check_batch_fits, preflight
     from cogvx_dist.train.run_lock import check_free
 
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config.check_world(world)
     checks = preflight(config)  # fails here, with one line, before any rank starts
     check_batch_fits(config, checks.manifest, world)
+    print(f"cogvx train: optimizer {optimizer_in_use(checks.ds_config)}", flush=True)
     if not args.node_rank:  # on other nodes, node 0's rank 0 may hold the lock already: it is this job's
         check_free(config.output_dir)
         _check_memory(config, checks, world)

@@ -62,14 +62,47 @@ def resolve_ds_config(base: dict[str, Any], values: dict[str, Any], on_gpu: bool
         for part in parents:
             node = node.setdefault(part, {})
         node[key] = value
-    offloaded = "offload_optimizer" in config.get("zero_optimization", {})
-    if not on_gpu and not offloaded:
-        config["optimizer"]["params"]["torch_adam"] = True  # FusedAdam needs CUDA; torch's AdamW needs no JIT build
+    _choose_adam(config, on_gpu)
     auto = _find_auto(config)
     if auto:
         raise CogvxError(f"DeepSpeed config value {auto} is \"auto\"; cogvx fills only "
                          f"{', '.join(values)} from the run config")
     return config
+
+
+def _choose_adam(config: dict[str, Any], on_gpu: bool) -> None:
+    """AdamW that needs no JIT build unless the config asks otherwise: torch's fused AdamW as DeepSpeed's optimizer
+    on GPUs (DeepSpeed's FusedAdam compiles on first use, about a minute, and fails on images without nvcc), torch's
+    foreach AdamW on CPUs (FusedAdam needs CUDA). `"torch_adam": false` keeps FusedAdam on GPUs; with optimizer
+    offload DeepSpeed runs its CPU Adam whatever this says."""
+    params = config["optimizer"]["params"]
+    if config["optimizer"].get("type", "").lower() not in ("adam", "adamw") or _offloaded(config):
+        if params.get("torch_adam") == AUTO:
+            del params["torch_adam"]  # DeepSpeed takes torch's AdamW over its CPU Adam whenever this is true
+        return
+    if not on_gpu:
+        params["torch_adam"] = True
+        return
+    if params.get("torch_adam", AUTO) == AUTO:
+        params["torch_adam"] = True
+        params.setdefault("fused", True)
+
+
+def _offloaded(config: dict[str, Any]) -> bool:
+    return "offload_optimizer" in config.get("zero_optimization", {})
+
+
+def optimizer_in_use(config: dict[str, Any]) -> str:
+    """Which optimizer a resolved config makes DeepSpeed run, for the pre-flight and the run's first log line."""
+    optimizer = config.get("optimizer", {})
+    params = optimizer.get("params", {})
+    if optimizer.get("type", "").lower() not in ("adam", "adamw"):
+        return f"DeepSpeed's {optimizer.get('type')}"
+    if _offloaded(config):
+        return "DeepSpeedCPUAdam (optimizer offload; its CPU op builds on first use unless prebuilt)"
+    if params.get("torch_adam"):
+        return "torch.optim.AdamW (" + ("fused" if params.get("fused") else "foreach") + ", no build)"
+    return "DeepSpeed FusedAdam (compiled on first use unless DeepSpeed was installed with it prebuilt)"
 
 
 def zero_stage(config: dict[str, Any]) -> int:

@@ -38,7 +38,7 @@ from cogvx_dist.core.lora import (
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.ds_config import zero_stage
+from cogvx_dist.train.ds_config import optimizer_in_use, zero_stage
 from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
 from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
@@ -305,9 +305,10 @@ class Trainer:
             write_atomic(self.run.ds_config, json.dumps(self.checks.ds_config, indent=2) + "\n")
         for warning in self.checks.warnings:
             self.log.warning("%s", warning)
-        self.log.info("%d ranks on %s, %s, ZeRO-%d, global batch %d, %d samples (%s)", self.ranks.world_size,
-                      self.device.type, self.config.model.dtype, zero_stage(self.checks.ds_config), self.global_batch,
-                      self.checks.manifest.num_samples, self.family.name)
+        self.log.info("%d ranks on %s, %s, ZeRO-%d, %s, global batch %d, %d samples (%s)", self.ranks.world_size,
+                      self.device.type, self.config.model.dtype, zero_stage(self.checks.ds_config),
+                      optimizer_in_use(self.checks.ds_config), self.global_batch, self.checks.manifest.num_samples,
+                      self.family.name)
 
     def _build(self) -> None:
         """Model with identical adapters on every rank (checked), the loss context, the engine."""

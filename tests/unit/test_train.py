@@ -138,6 +138,29 @@ def test_shipped_ds_configs_resolve_to_concrete_values(name):
         resolve_ds_config(base, values, on_gpu=True)
 
 
+@pytest.mark.parametrize("name, on_gpu, runs", [
+    ("zero2", True, "torch.optim.AdamW (fused, no build)"),
+    ("zero3", True, "torch.optim.AdamW (fused, no build)"),
+    ("zero2", False, "torch.optim.AdamW (foreach, no build)"),
+    ("zero2_offload", True, "DeepSpeedCPUAdam"),
+    ("zero3_offload", False, "DeepSpeedCPUAdam"),
+])
+def test_the_optimizer_needs_no_build_unless_asked(name, on_gpu, runs):
+    """No JIT-built FusedAdam by default: torch's fused AdamW on GPUs; an explicit "torch_adam": false keeps it."""
+    from cogvx_dist.train.ds_config import optimizer_in_use
+
+    values = run_values(micro_batch_size=1, grad_accum_steps=1, max_grad_norm=1.0, lr=1e-4, betas=[0.9, 0.95],
+                        eps=1e-8, weight_decay=0.0, bf16=on_gpu)
+    resolved = resolve_ds_config(load_ds_config(name), values, on_gpu=on_gpu)
+    assert optimizer_in_use(resolved).startswith(runs)
+    if "offload" in name:  # DeepSpeed would take torch's AdamW over its CPU Adam if torch_adam were true
+        assert not resolved["optimizer"]["params"].get("torch_adam")
+    explicit = load_ds_config(name)
+    explicit["optimizer"]["params"]["torch_adam"] = False
+    chosen = optimizer_in_use(resolve_ds_config(explicit, values, on_gpu=on_gpu))
+    assert chosen.startswith("DeepSpeed FusedAdam" if on_gpu and "offload" not in name else runs)
+
+
 def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
     run = RunFolder(tmp_path)
     for step in (2, 3, 4, 6, 8):
