@@ -24,6 +24,9 @@ class ModelConfig:
     """Compute dtype of the frozen weights; bfloat16 on GPUs, float32 allowed on CPU (tests)."""
     gradient_checkpointing: int = 1
     """Recompute activations of every k-th transformer block in backward (1 = every block, 0 = off)."""
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
+    """Attention kernel: "auto" is cuDNN on Hopper and newer GPUs, flash on older ones, torch's choice on CPU; a
+    named one runs alone (the run stops with one line where it cannot run)."""
 
 
 @dataclass

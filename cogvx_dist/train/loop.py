@@ -45,7 +45,13 @@ from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
 from cogvx_dist.train.loss import CAPTION_DROPPED, LossContext, StepDraws, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.mixture import MixedIndex
-from cogvx_dist.train.model import build_model, forbid_encoders
+from cogvx_dist.train.model import (
+    attention_kernels,
+    build_model,
+    check_attention,
+    choose_attention,
+    forbid_encoders,
+)
 from cogvx_dist.train.preemption import PreemptionFlag, exit_now
 from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
 from cogvx_dist.train.reader import BatchPlan, MicroBatches, make_loader
@@ -153,7 +159,8 @@ class Trainer:
             evaluated = self.evaluate(meter) if self._evaluates(step) else {}
             if step % config.log.every_steps == 0 or last or evaluated:
                 values = {**meter.values(lr, self.engine.grad_norm(), position), **evaluated}
-                values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps)
+                values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps,
+                              attention=self.attention_name)
                 if isinstance(self.checks.index, MixedIndex):
                     values.update(self.checks.index.seen(position, config.train.seed))
                 metrics.log(step, values)
@@ -185,8 +192,9 @@ class Trainer:
             drawn = batch.get("randomness") or self.draws.for_step(batch, step, micro_step)  # streaming: here
             if CAPTION_DROPPED in drawn:
                 batch = drop_captions(batch, self.checks.empty_prompt, drawn[CAPTION_DROPPED])
-            loss = diffusion_loss(self.engine, batch, self.context, drawn, self.device, self.dtype)
-            self.engine.backward(loss)
+            with self.attention():  # backward too: checkpointed blocks recompute their attention there
+                loss = diffusion_loss(self.engine, batch, self.context, drawn, self.device, self.dtype)
+                self.engine.backward(loss)
             losses.append(loss.detach())
             if micro_step < accumulation - 1:
                 self.engine.step()
@@ -219,7 +227,8 @@ class Trainer:
         """Collective: the held-out loss of the current weights (its time is kept out of the throughput)."""
         started = time.perf_counter()
         self.engine.eval()
-        sums = self.held_out.local_sums(self.engine, self.context, self.device, self.dtype)
+        with self.attention():
+            sums = self.held_out.local_sums(self.engine, self.context, self.device, self.dtype)
         values = self.held_out.values(engine.all_reduce_sum(sums))
         self.engine.train()
         meter.exclude(time.perf_counter() - started)
@@ -333,6 +342,15 @@ class Trainer:
             self.log.info("adapter starts from %s (rank %d%s)", initial.file, initial.settings.rank, rescaled)
         self.context = LossContext(self.family, self.checks.checkpoint.transformer_config,
                                    load_scheduler(config.model.path))
+        on_gpu = self.device.type == "cuda"
+        self.attention_name, kernels = choose_attention(
+            config.model.attention_backend, self.device.type,
+            torch.cuda.get_device_capability(self.device) if on_gpu else None,
+            on_gpu and torch.backends.cudnn.is_available())
+        check_attention(config.model.attention_backend, kernels, self.device, self.dtype,
+                        self.checks.checkpoint.transformer_config["attention_head_dim"])
+        self.attention = lambda: attention_kernels(kernels)
+        self.log.info("attention: %s", self.attention_name)
         self.engine = engine.Engine(transformer, self.checks.ds_config,
                                     lr_lambda(config.optim, config.train.max_steps))
         self.held_out = None

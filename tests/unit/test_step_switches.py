@@ -1,0 +1,76 @@
+"""The speed switches of a training step (attention kernel, ...): each trains like the eager default, in one
+process on the tiny model, float32 on the CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import pytest
+import torch
+
+from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.loading import describe_checkpoint, load_scheduler
+from cogvx_dist.core.lora import LoraSettings
+from cogvx_dist.train.loss import LossContext, diffusion_loss
+from cogvx_dist.train.model import attention_kernels, build_model, check_attention, choose_attention
+from cogvx_dist.train.reader import ShardIndex, collate
+
+STEPS = 10
+
+
+def train_losses(model_path, shards, checkpointing: int = 0,
+                 around: Callable[[], AbstractContextManager] = nullcontext) -> list[float]:
+    """Losses of 10 AdamW steps on the tiny model, one sample each, fixed draws: the reference loop a switch must
+    reproduce."""
+    info = describe_checkpoint(model_path)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model_path))
+    transformer = build_model(str(model_path), "float32", LoraSettings(rank=4, alpha=4.0), seed=0,
+                              checkpoint_every=checkpointing)
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
+    index = ShardIndex(shards)
+    losses = []
+    for step in range(STEPS):
+        batch = collate([index.read(step % len(index))[0]], [index.key(step % len(index))])
+        with around():
+            loss = diffusion_loss(transformer, batch, context, torch.Generator().manual_seed(step),
+                                  torch.device("cpu"), torch.float32)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_shards):
+    model, shards = synthetic_shards([3, 2])
+    return model, shards, train_losses(model, shards)
+
+
+def test_auto_attention_takes_cudnn_on_hopper_and_flash_before_it():
+    assert choose_attention("auto", "cuda", (9, 0), True)[1][0] == "cudnn"
+    assert choose_attention("auto", "cuda", (9, 0), False)[1][0] == "flash"
+    assert choose_attention("auto", "cuda", (8, 0), True)[1] == ["flash", "efficient", "math"]
+    assert choose_attention("auto", "cpu", None, False)[1] == []
+    assert choose_attention("math", "cuda", (9, 0), True) == ("math", ["math"])
+
+
+@pytest.mark.parametrize("kernel", ["math", "flash"])
+def test_attention_kernels_the_cpu_has_train_like_the_default(reference, kernel):
+    model, shards, losses = reference
+    check_attention(kernel, [kernel], torch.device("cpu"), torch.float32, 8)
+    switched = train_losses(model, shards, around=lambda: attention_kernels([kernel]))
+    assert switched == pytest.approx(losses, rel=1e-4)
+    assert losses[-1] < losses[0] or max(losses) > min(losses)  # the steps really trained
+    # ...and the kernel asked for is the one that ran.
+    query = torch.randn(1, 2, 16, 8)
+    with torch.profiler.profile() as profile, attention_kernels([kernel]):
+        torch.nn.functional.scaled_dot_product_attention(query, query, query)
+    ran = {event.name for event in profile.events()}
+    assert any({"math": "attention_math", "flash": "flash_attention"}[kernel] in name for name in ran), ran
+
+
+def test_a_kernel_that_cannot_run_here_is_one_line():
+    with pytest.raises(CogvxError, match="model.attention_backend efficient cannot run on cpu in torch.float32"):
+        check_attention("efficient", ["efficient"], torch.device("cpu"), torch.float32, 8)
