@@ -83,13 +83,21 @@ def _planned_run(args: argparse.Namespace) -> tuple[Any, int | None]:
             if not (args.frames and args.resolution):
                 raise CogvxError("with --config, give both --frames and --resolution (or neither: the shards')")
             geometry = (args.frames, height, width)
-        planned = run_plan.run_from_config(config, ranks, geometry)
+
+        def make_run(settings: RunConfig) -> Any:
+            return run_plan.run_from_config(settings, ranks, geometry)
     else:
         config = from_dict(RunConfig, apply_overrides({}, args.overrides))
         config.validate_settings()
-        planned = run_plan.run_from_family(args.family, config, ranks, (args.frames, height, width))
+
+        def make_run(settings: RunConfig) -> Any:
+            return run_plan.run_from_family(args.family, settings, ranks, (args.frames, height, width))
     memory = run_plan.gpu_memory(args.gpu_memory or config.plan.gpu_memory, "--gpu-memory", local_rank=0)
-    return planned, memory
+    if config.model.gradient_checkpointing == "auto":
+        every, why = run_plan.pick_checkpointing(lambda k: make_run(run_plan.with_checkpointing(config, k)), memory)
+        print(why)
+        config = run_plan.with_checkpointing(config, every)
+    return make_run(config), memory
 
 
 def _visible_gpus() -> int:

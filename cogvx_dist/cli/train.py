@@ -66,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
 def _check_memory(config: Any, checks: Any, world: int) -> None:
     """The memory plan against plan.gpu_memory, here; against the GPU's own memory, rank 0 checks it (asking CUDA
     here would leave a CUDA context beside the ranks)."""
-    from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory
+    from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
 
+    config, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config, world,
+                                        local_rank=None)
+    if why and config.plan.gpu_memory:  # else each rank decides against its own GPU
+        print(f"cogvx train: {why}", flush=True)
     line = check_run_memory(config, checks.checkpoint, checks.manifest, checks.ds_config, world, local_rank=None)
     if line:
         print(f"cogvx train: {line}", flush=True)

@@ -22,8 +22,9 @@ class ModelConfig:
     """Checkpoint: a diffusers-format CogVideoX folder or a hub id (only transformer/ and scheduler/ are read)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Compute dtype of the frozen weights; bfloat16 on GPUs, float32 allowed on CPU (tests)."""
-    gradient_checkpointing: int = 1
-    """Recompute activations of every k-th transformer block in backward (1 = every block, 0 = off)."""
+    gradient_checkpointing: int | Literal["auto"] = 1
+    """Recompute activations of every k-th transformer block in backward (1 = every block, 0 = off); "auto": the
+    least recomputation the memory planner predicts to fit the GPU (every block where the GPU's memory is unknown)."""
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     """Attention kernel: "auto" is cuDNN on Hopper and newer GPUs, flash on older ones, torch's choice on CPU; a
     named one runs alone (the run stops with one line where it cannot run)."""
@@ -243,7 +244,7 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise CogvxError(f"{key} must be at least 1, got {value}")
-        if self.model.gradient_checkpointing < 0:
+        if self.model.gradient_checkpointing != "auto" and self.model.gradient_checkpointing < 0:
             raise CogvxError("model.gradient_checkpointing must be 0 (off) or k >= 1 (every k-th block)")
         if self.optim.lr <= 0 or self.optim.warmup_steps < 0 or self.optim.max_grad_norm < 0:
             raise CogvxError("optim.lr must be positive; optim.warmup_steps and optim.max_grad_norm non-negative")

@@ -56,7 +56,7 @@ from cogvx_dist.train.preemption import PreemptionFlag, exit_now
 from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
 from cogvx_dist.train.reader import BatchPlan, MicroBatches, make_loader
 from cogvx_dist.train.run_lock import RunLock
-from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory
+from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
 from cogvx_dist.train.schedule import lr_lambda
 from cogvx_dist.train.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
@@ -68,6 +68,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     Leaves the process group cleanly only on success: an exception propagates without any collective, so a rank
     that fails never waits for the others (the entry point then exits at once, and the launcher ends the rest)."""
     checks = preflight(config)
+    config, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config,
+                                        env_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    if why and env_rank() == 0:
+        rank_logger("cogvx.train", 0).info("%s", why)
     check_memory_on_rank_zero(config, checks)
     forbid_encoders()
     ranks = engine.init_distributed(config.distributed.timeout_s)

@@ -4,8 +4,10 @@ which names the cheapest change that fits; and a throughput calibrated from a fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,48 @@ def gpu_memory(setting: str, key: str, local_rank: int | None) -> int | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(local_rank % torch.cuda.device_count()).total_memory
+
+
+CHECKPOINTING_BY_RECOMPUTE = (0, 8, 4, 3, 2, 1)
+"""gradient_checkpointing values from the least recomputation to the most (every k-th block is recomputed)."""
+
+
+def least_recompute_that_fits(needed: dict[int, int], memory: int) -> int | None:
+    """The gradient_checkpointing value with the least recomputation whose predicted need fits `memory`."""
+    return next((every for every in CHECKPOINTING_BY_RECOMPUTE if every in needed and needed[every] <= memory), None)
+
+
+def with_checkpointing(config: RunConfig, every: int) -> RunConfig:
+    """`config` with model.gradient_checkpointing set to `every`."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=every))
+
+
+def pick_checkpointing(make_run: Callable[[int], PlannedRun], memory: int | None) -> tuple[int, str]:
+    """(gradient_checkpointing, why) for "auto": the least recomputation whose plan (`make_run(every)`) fits
+    `memory`; every block where the memory is unknown or nothing fits (the memory check then says what would)."""
+    if memory is None:
+        return 1, "gradient checkpointing auto: every block (no GPU memory to plan against: no GPU, no plan.gpu_memory)"
+    needed = {every: make_run(every).plan().needed for every in CHECKPOINTING_BY_RECOMPUTE}
+    chosen = least_recompute_that_fits(needed, memory)
+    if chosen is None:
+        return 1, (f"gradient checkpointing auto: every block, and even that is predicted to need ~{gib(needed[1])} "
+                   f"of {gib(memory)}")
+    what = "none" if chosen == 0 else "every block" if chosen == 1 else f"every {chosen}th block"
+    return chosen, (f"gradient checkpointing auto: {what} (the least recomputation predicted to fit: "
+                    f"~{gib(needed[chosen])} of {gib(memory)})")
+
+
+def resolve_checkpointing(config: RunConfig, checkpoint: CheckpointInfo, manifest: Manifest,
+                          ds_config: dict[str, Any], ranks: int, local_rank: int | None) -> tuple[RunConfig, str]:
+    """`config` with model.gradient_checkpointing "auto" made a number for this rank's GPU, and why; other values
+    pass through."""
+    if config.model.gradient_checkpointing != "auto":
+        return config, ""
+    memory = gpu_memory(config.plan.gpu_memory, "plan.gpu_memory", local_rank)
+    every, why = pick_checkpointing(
+        lambda k: planned_run(with_checkpointing(config, k), checkpoint.family, checkpoint.transformer_config,
+                              largest_geometry(manifest), ds_config, ranks), memory)
+    return with_checkpointing(config, every), why
 
 
 def check_run_memory(config: RunConfig, checkpoint: CheckpointInfo, manifest: Manifest, ds_config: dict[str, Any],

@@ -74,3 +74,35 @@ def test_attention_kernels_the_cpu_has_train_like_the_default(reference, kernel)
 def test_a_kernel_that_cannot_run_here_is_one_line():
     with pytest.raises(CogvxError, match="model.attention_backend efficient cannot run on cpu in torch.float32"):
         check_attention("efficient", ["efficient"], torch.device("cpu"), torch.float32, 8)
+
+
+def test_checkpointing_any_share_of_blocks_trains_like_none(reference):
+    model, shards, losses = reference
+    for every in (1, 2):
+        assert train_losses(model, shards, checkpointing=every) == pytest.approx(losses, rel=1e-4)
+
+
+def test_auto_checkpointing_takes_the_least_recomputation_that_fits(synthetic_shards):
+    from cogvx_dist.core.config_files import load_config
+    from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.preflight import preflight
+    from cogvx_dist.train.run_plan import least_recompute_that_fits, resolve_checkpointing
+
+    needed = {0: 50, 8: 40, 4: 35, 3: 33, 2: 30, 1: 20}
+    assert least_recompute_that_fits(needed, 100) == 0
+    assert least_recompute_that_fits(needed, 36) == 4  # the fewest blocks recomputed that fit
+    assert least_recompute_that_fits(needed, 25) == 1
+    assert least_recompute_that_fits(needed, 10) is None
+
+    model, shards = synthetic_shards([3, 2])
+    config = load_config(RunConfig, None, [f"model.path={model}", f"data.shards={shards}", "model.dtype=float32",
+                                           "model.gradient_checkpointing=auto"])
+    checks = preflight(config)
+    unknown, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config, 2, None)
+    assert unknown.model.gradient_checkpointing == 1 and "no GPU memory to plan against" in why
+    config.plan.gpu_memory = "1TiB"
+    roomy, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config, 2, None)
+    assert roomy.model.gradient_checkpointing == 0 and why.startswith("gradient checkpointing auto: none")
+    config.plan.gpu_memory = "1MiB"
+    cramped, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config, 2, None)
+    assert cramped.model.gradient_checkpointing == 1 and "even that is predicted" in why
