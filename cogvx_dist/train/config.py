@@ -25,6 +25,9 @@ class ModelConfig:
     gradient_checkpointing: int | Literal["auto"] = 1
     """Recompute activations of every k-th transformer block in backward (1 = every block, 0 = off); "auto": the
     least recomputation the memory planner predicts to fit the GPU (every block where the GPU's memory is unknown)."""
+    compile: Literal["off", "blocks"] = "off"
+    """"blocks" compiles each transformer block with torch.compile (regional: one compilation per clip size, shared
+    by all blocks; recompilations are logged); the first step of each resolution bucket takes the compile time."""
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
     """Attention kernel: "auto" is cuDNN on Hopper and newer GPUs, flash on older ones, torch's choice on CPU; a
     named one runs alone (the run stops with one line where it cannot run)."""

@@ -327,7 +327,8 @@ class Trainer:
         """Model with identical adapters on every rank (checked), the loss context, the engine."""
         config = self.config
         transformer = build_model(config.model.path, config.model.dtype, config.lora, config.train.seed,
-                                  config.model.gradient_checkpointing, self.checks.initial_adapter)
+                                  config.model.gradient_checkpointing, self.checks.initial_adapter,
+                                  compile_blocks=config.model.compile == "blocks")
         adapter = lora_parameters(transformer)
         self.lora_names = sorted(adapter)
         self.ema = None

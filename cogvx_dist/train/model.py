@@ -15,16 +15,27 @@ from cogvx_dist.core.lora import ExportedLora, LoraSettings, inject_lora, start_
 
 
 def build_model(path: str, dtype: str, lora: LoraSettings, seed: int, checkpoint_every: int,
-                initial: ExportedLora | None = None) -> torch.nn.Module:
+                initial: ExportedLora | None = None, compile_blocks: bool = False) -> torch.nn.Module:
     """The checkpoint's transformer in `dtype`, frozen, with LoRA adapters initialised from `seed` or set to the
-    `initial` adapter's weights (bit-identical on every rank either way) and gradient checkpointing of every
-    `checkpoint_every`-th block (0: none)."""
+    `initial` adapter's weights (bit-identical on every rank either way), gradient checkpointing of every
+    `checkpoint_every`-th block (0: none) and, with `compile_blocks`, each block compiled."""
     transformer = load_transformer(path, dtype=torch_dtype(dtype))
     inject_lora(transformer, lora, seed=seed)
     if initial is not None:
         start_from_adapter(transformer, initial, lora)
     enable_gradient_checkpointing(transformer, checkpoint_every)
+    if compile_blocks:
+        compile_each_block(transformer)
     return transformer
+
+
+def compile_each_block(transformer: torch.nn.Module) -> None:
+    """Regional compilation: every transformer block compiled with static shapes. The blocks share one code
+    object, so a clip size compiles twice (the first block, whose input needs no gradient, and the one graph every
+    other block reuses); a new clip size compiles again, and torch logs each recompilation with its reason."""
+    torch._logging.set_logs(recompiles=True)
+    for block in transformer.transformer_blocks:
+        block.compile(dynamic=False)
 
 
 def enable_gradient_checkpointing(transformer: torch.nn.Module, every: int) -> None:

@@ -76,6 +76,10 @@ def preflight(config: RunConfig) -> Preflight:
         weight_decay=config.optim.weight_decay, bf16=config.model.dtype == "bfloat16")
     resolved = ds_config.resolve_ds_config(ds_config.load_ds_config(config.deepspeed.config), values,
                                            on_gpu=torch.cuda.is_available())
+    if config.model.compile == "blocks" and ds_config.zero_stage(resolved) == 3:
+        raise CogvxError("model.compile: blocks does not go with ZeRO-3: its parameter-gathering hooks run inside "
+                         "every block, so torch.compile traces them and recompiles past its limit; use zero2 (ZeRO-3 "
+                         "saves only frozen-weight memory here, the adapter is small) or model.compile: off")
     empty_prompt = None
     if config.train.caption_dropout and index is not None:
         try:

@@ -106,3 +106,48 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(synthetic_sh
     config.plan.gpu_memory = "1MiB"
     cramped, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config, 2, None)
     assert cramped.model.gradient_checkpointing == 1 and "even that is predicted" in why
+
+
+@pytest.mark.slow  # two real inductor compilations on the CPU, about 20 s each
+def test_compiled_blocks_train_like_eager_and_compile_once_per_clip_size(tiny_checkpoint):
+    """10 steps over two clip sizes (5 steps each): the same losses as eager within 1e-4, and torch compiles when
+    a size first comes, never again for a step of a size it has seen."""
+    from torch._dynamo.utils import counters
+
+    from cogvx_dist.core.shard_format import LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    info = describe_checkpoint(model)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(height: int, width: int) -> dict:
+        mean = torch.randn(1, 16, 3, height, width, generator=generator)
+        return {LATENT_MEAN: mean, LATENT_LOGVAR: torch.full_like(mean, -6.0),
+                PROMPT_EMBEDS: torch.randn(1, 226, info.transformer_config["text_embed_dim"], generator=generator)}
+
+    batches = [batch(4, 6)] * 5 + [batch(8, 6)] * 5
+
+    def run(compile_blocks: bool) -> tuple[list[float], list[int]]:
+        torch._dynamo.reset()
+        transformer = build_model(str(model), "float32", LoraSettings(rank=4, alpha=4.0), seed=0, checkpoint_every=1,
+                                  compile_blocks=compile_blocks)
+        optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
+        losses, compiled = [], []
+        for step, micro_batch in enumerate(batches):
+            loss = diffusion_loss(transformer, micro_batch, context, torch.Generator().manual_seed(step),
+                                  torch.device("cpu"), torch.float32)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            compiled.append(counters["frames"]["ok"])
+        return losses, compiled
+
+    eager, _ = run(False)
+    counters.clear()
+    losses, compiled = run(True)
+    assert losses == pytest.approx(eager, rel=1e-4)
+    new_graphs = [compiled[0]] + [after - before for before, after in zip(compiled, compiled[1:])]
+    assert new_graphs[0] > 0 and new_graphs[5] > 0, new_graphs  # each clip size compiles when it first comes
+    assert new_graphs[1:5] == [0] * 4 and new_graphs[6:] == [0] * 4, new_graphs  # ...and only then
