@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/cogvx demo --out $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-quick: setup
 	$(BIN)/python -m pytest -q -m "not slow"

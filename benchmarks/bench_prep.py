@@ -114,8 +114,10 @@ def bench_full_size(args: argparse.Namespace) -> dict:
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     frames, height, width = parse_clip(args.clip)
-    variants = [v for v in args.variants.split(",") if v]
-    specs = {name: parse_variant(name) for name in variants}
+    named = [v for v in args.variants.split(",") if v]
+    specs = {name: parse_variant(name) for name in named}
+    # Compiled variants last: a compile that runs long or fails must not cost the eager figures.
+    variants = sorted(named, key=lambda name: specs[name]["compile"])
     work = Path(tempfile.mkdtemp(prefix="bench-prep-full-"))
     # Source clips a bit larger than the target, so that decoding includes a real resize and center crop.
     source = (height + height // 8 + 1) // 2 * 2, (width + width // 8 + 1) // 2 * 2
@@ -127,12 +129,13 @@ def bench_full_size(args: argparse.Namespace) -> dict:
     report: dict = {
         "mode": f"full-size-{device.split(':')[0]}",
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "videos": args.count,
+        "versions": package_versions(), "dtype": str(dtype).removeprefix("torch."), "videos": args.count,
         "clip": f"{frames}x{height}x{width} (decoded from {frames}x{source[0]}x{source[1]} mp4)",
         "t5_layers": args.t5_layers, "target_s_per_video": TARGET_S_PER_VIDEO, "variants": {},
     }
 
     def save() -> None:
+        verdict(report, cuda and frames == 49 and (height, width) == (480, 720))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
@@ -141,6 +144,15 @@ def bench_full_size(args: argparse.Namespace) -> dict:
     with ThreadPoolExecutor(args.decode_workers) as pool:
         clips = list(pool.map(decode, paths))
     report["decode_pool_s_per_video"] = round((time.perf_counter() - t0) / args.count, 4)
+    save()
+
+    # T5 first (the T5-XXL config, random weights): all prompts in batches, as prep runs it. Its figure is part of
+    # every verdict below, so it must not wait behind the VAE variants.
+    try:
+        report["t5"] = bench_t5(args, device, dtype, text_length)
+    except Exception as err:
+        traceback.print_exc()
+        report["t5"] = {"error": f"{type(err).__name__}: {first_line_of(err)}"}
     save()
 
     reference = None
@@ -167,26 +179,36 @@ def bench_full_size(args: argparse.Namespace) -> dict:
         print(f"[bench] {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
         save()
 
-    # T5 (the T5-XXL config, random weights) after the VAE, which is what the target is about: all prompts in
-    # batches, as prep runs it.
-    try:
-        report["t5"] = bench_t5(args, device, dtype, text_length)
-    except Exception as err:
-        traceback.print_exc()
-        report["t5"] = {"error": f"{type(err).__name__}: {first_line_of(err)}"}
-    save()
-
-    timed = {n: v["s_per_video"]["pipelined"] for n, v in report["variants"].items() if "s_per_video" in v}
-    if timed:
-        best = min(timed, key=timed.get)
-        t5_s = report["t5"].get("s_per_video")
-        report["best"] = {"variant": best, "s_per_video": timed[best],
-                          "with_t5_s_per_video": None if t5_s is None else round(timed[best] + t5_s, 4)}
-        report["best"]["meets_target"] = (cuda and frames == 49 and (height, width) == (480, 720) and t5_s is not None
-                                          and report["best"]["with_t5_s_per_video"] <= TARGET_S_PER_VIDEO)
-        report["decode_keeps_up"] = report["decode_pool_s_per_video"] <= timed[best]
     save()
     return report
+
+
+def verdict(report: dict, target_geometry: bool) -> None:
+    """The best variant so far and whether it meets the target with T5 (rewritten after every variant, so that a
+    call cut short still says where it stood)."""
+    timed = {n: v["s_per_video"]["pipelined"] for n, v in report["variants"].items() if "s_per_video" in v}
+    if not timed:
+        return
+    best = min(timed, key=timed.get)
+    t5_s = report.get("t5", {}).get("s_per_video")
+    report["best"] = {"variant": best, "s_per_video": timed[best],
+                      "with_t5_s_per_video": None if t5_s is None else round(timed[best] + t5_s, 4)}
+    report["best"]["meets_target"] = bool(target_geometry and t5_s is not None
+                                          and report["best"]["with_t5_s_per_video"] <= TARGET_S_PER_VIDEO)
+    report["decode_keeps_up"] = report["decode_pool_s_per_video"] <= timed[best]
+
+
+def package_versions() -> dict[str, str]:
+    """The versions the figures were measured with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "deepspeed", "av", "webdataset"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def first_line_of(err: BaseException) -> str:

@@ -63,14 +63,16 @@ def write_train_checkpoint(out: Path, family_name: str, device: str, num_layers:
     return out
 
 
-def write_ds_config(out: Path, name: str, torch_adam: bool) -> Path:
-    """A copy of ds_configs/NAME.json with the optimizer implementation chosen (FusedAdam needs a CUDA JIT build)."""
+def write_ds_config(out: Path, name: str, torch_adam: bool | None) -> Path:
+    """A copy of ds_configs/NAME.json with the optimizer implementation chosen (None: the shipped "auto", torch's
+    fused AdamW on GPUs; False: DeepSpeed's FusedAdam, which JIT-builds a CUDA op first)."""
     source = REPO / "ds_configs" / f"{name}.json"
     if not source.is_file():
         names = ", ".join(sorted(p.stem for p in source.parent.glob("*.json")))
         raise SystemExit(f"--zero {name}: no ds_configs/{name}.json; one of {names}")
     config = json.loads(source.read_text())
-    config["optimizer"]["params"]["torch_adam"] = torch_adam
+    if torch_adam is not None:
+        config["optimizer"]["params"]["torch_adam"] = torch_adam
     out.write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -97,17 +99,21 @@ def bench(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ds_config = write_ds_config(work / "ds.json", args.zero, args.torch_adam)  # before the slow part: --zero checked
     t0 = time.perf_counter()
-    if args.full_size:
-        model = write_train_checkpoint(work / "model", args.family, "cuda", args.num_layers)
+    model = work / "model"
+    if args.reuse_model and (model / "model_index.json").is_file():
+        pass  # the previous case's checkpoint: writing a full-size one again costs tens of seconds
+    elif args.full_size:
+        model = write_train_checkpoint(model, args.family, "cuda", args.num_layers)
     else:
-        model = make_tiny_checkpoint(work / "model", args.family, overwrite=True)
+        model = make_tiny_checkpoint(model, args.family, overwrite=True)
     setup_s = time.perf_counter() - t0
     info = describe_checkpoint(model)
-    write_synthetic_shards(work / "shards", model, [args.samples])
+    if not (args.reuse_model and (work / "shards" / "manifest.json").is_file()):
+        write_synthetic_shards(work / "shards", model, [args.samples])
     # Full size: the trainer's defaults (r=128, alpha=64); tiny: r=8, as wide as its narrow layers allow.
     defaults = LoraSettings() if args.full_size else LoraSettings(rank=8, alpha=8.0)
     rank, alpha = args.lora_rank or defaults.rank, args.lora_alpha or defaults.alpha
-    output = work / "run"
+    output = work / f"run-{args.case}" if args.case else work / "run"
     run_config = {
         "output_dir": str(output),
         "model": {"path": str(model), "dtype": "bfloat16" if cuda else "float32",
@@ -120,26 +126,28 @@ def bench(args: argparse.Namespace) -> dict:
         "checkpoint": {"every_steps": args.steps, "keep_last": 1, "resume": "none"},
         "log": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
     }
-    (work / "run.yaml").write_text(yaml.safe_dump(run_config))
+    config_path = output.with_suffix(".yaml")
+    config_path.write_text(yaml.safe_dump(run_config))
     report: dict = {
+        "case": args.case or "default", "overrides": list(args.set),
         "mode": "full-size-cuda" if args.full_size else f"tiny-{'cuda' if cuda else 'cpu'}",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "family": info.family.name,
         "geometry": f"{info.frames}x{info.height}x{info.width}", "ranks": args.nproc, "zero": args.zero,
         "torch_adam": args.torch_adam, "gradient_checkpointing": args.checkpointing,
         "lora": {"rank": rank, "alpha": alpha}, "num_layers": args.num_layers or info.transformer_config["num_layers"],
-        "checkpoint_setup_s": round(setup_s, 1), "returncode": None, "log": str(work / "train_log.txt"),
+        "checkpoint_setup_s": round(setup_s, 1), "returncode": None, "log": str(output.with_suffix(".log")),
         "metrics": str(output / "metrics.jsonl"),
     }
     save(report, args.json)  # a run cut short still leaves the set-up and where the logs are
     t0 = time.perf_counter()
     # The launcher's output goes straight to a file: if this process is killed, the log up to then remains.
-    with open(work / "train_log.txt", "w") as log:
-        launch = subprocess.run([sys.executable, "-m", "cogvx_dist", "train", "--config", str(work / "run.yaml"),
-                                 "--nproc", str(args.nproc)], stdout=log, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO)
+    with open(output.with_suffix(".log"), "w") as log:
+        launch = subprocess.run([sys.executable, "-m", "cogvx_dist", "train", "--config", str(config_path),
+                                 "--nproc", str(args.nproc), *args.set], stdout=log, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO)
     report.update({"train_command_s": round(time.perf_counter() - t0, 1), "returncode": launch.returncode})
     if launch.returncode != 0:
-        lines = (work / "train_log.txt").read_text(errors="replace").strip().splitlines()
+        lines = output.with_suffix(".log").read_text(errors="replace").strip().splitlines()
         report["error"] = lines[-1] if lines else "(no output)"
         return report
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -152,10 +160,14 @@ def bench(args: argparse.Namespace) -> dict:
         "tokens_per_s_median": round(statistics.median(m["tokens_per_s"] for m in timed), 1),
         "data_wait_s_median": round(statistics.median(m["data_wait_s"] for m in timed), 5),
         "peak_memory_gib": round(max(m["peak_memory_gib"] for m in metrics), 2),
+        "tflops_per_gpu_median": round(statistics.median(m.get("tflops_per_gpu") or 0.0 for m in timed), 1),
+        "mfu_median": (round(statistics.median(m["mfu"] for m in timed), 4)
+                       if all(m.get("mfu") is not None for m in timed) else None),
+        "attention": metrics[-1].get("attention"),
         "loss_first_last": [round(metrics[0]["loss"], 4), round(metrics[-1]["loss"], 4)],
     })
     reference = REFERENCE.get(info.family.name)
-    if args.full_size and reference and not args.num_layers and args.checkpointing == 1 and args.nproc == 1:
+    if args.full_size and reference and not args.num_layers and args.nproc == 1:
         report["reference"] = reference
         report["vs_reference"] = round(report["s_per_step_median"] / reference["s_per_step"], 3)
     return report
@@ -176,12 +188,18 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="synthetic samples in the shards")
     parser.add_argument("--nproc", type=int, default=1, help="ranks (GPUs) on this machine")
     parser.add_argument("--zero", default="zero2", help="ds_configs/ name: zero1, zero2, zero3, *_offload")
-    parser.add_argument("--torch-adam", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch AdamW instead of DeepSpeed FusedAdam (which JIT-builds a CUDA op first)")
+    parser.add_argument("--torch-adam", action=argparse.BooleanOptionalAction, default=None,
+                        help="force torch's AdamW, or (--no-torch-adam) DeepSpeed's FusedAdam, which JIT-builds a "
+                             "CUDA op first; default: the shipped auto (torch's fused AdamW on GPUs)")
     parser.add_argument("--checkpointing", type=int, default=1, help="model.gradient_checkpointing (0 = off)")
     parser.add_argument("--lora-rank", type=int, help="default 128 full-size, 8 tiny")
     parser.add_argument("--lora-alpha", type=float, help="default 64 full-size, 8 tiny")
     parser.add_argument("--work", help="folder for checkpoint, shards and run (default: a new temporary one)")
+    parser.add_argument("--reuse-model", action="store_true",
+                        help="keep the checkpoint and shards already in --work (cases of one family in a row)")
+    parser.add_argument("--case", default="", help="name of this case (its run folder and log: WORK/run-CASE)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override passed to cogvx train, e.g. model.compile=blocks (repeatable)")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
     report = bench(args)

@@ -67,7 +67,7 @@ class Encoders:
             if self.channels_last:
                 to_channels_last(vae)
             if self.compile:
-                vae.encoder.compile()
+                vae.encoder.compile(dynamic=False)  # one clip size per bucket: static shapes
             if self.device.startswith("cuda"):
                 torch.backends.cudnn.benchmark = True
             self._vae_switched = True

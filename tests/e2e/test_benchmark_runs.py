@@ -45,5 +45,16 @@ def test_train_benchmark_runs_cogvx_train_and_reads_its_metrics(tmp_path):
     assert report["returncode"] == 0 and report["steps_timed"] == 3  # steps 3, 4, 5
     assert report["s_per_step_median"] > 0 and report["tokens_per_s_median"] > 0
     assert report["geometry"] == "9x32x48" and report["lora"] == {"rank": 8, "alpha": 8.0}
-    assert json.loads((tmp_path / "work" / "ds.json").read_text())["optimizer"]["params"]["torch_adam"] is True
+    assert json.loads((tmp_path / "work" / "ds.json").read_text())["optimizer"]["params"]["torch_adam"] == "auto"
     assert (tmp_path / "work" / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # A second case on the same checkpoint, with a run-config override, as the device script runs its cases.
+    model_written = (tmp_path / "work" / "model" / "model_index.json").stat().st_mtime_ns
+    case = subprocess.run([sys.executable, str(TRAIN_BENCH), "--steps", "3", "--warmup", "1", "--work",
+                           str(tmp_path / "work"), "--reuse-model", "--case", "math", "--set",
+                           "model.attention_backend=math", "--json", str(tmp_path / "math.json")],
+                          capture_output=True, text=True, timeout=900)
+    assert case.returncode == 0, case.stderr[-2000:]
+    math_report = json.loads((tmp_path / "math.json").read_text())
+    assert math_report["case"] == "math" and math_report["attention"] == "math"
+    assert (tmp_path / "work" / "run-math" / "metrics.jsonl").is_file()
+    assert (tmp_path / "work" / "model" / "model_index.json").stat().st_mtime_ns == model_written
