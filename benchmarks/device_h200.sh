@@ -61,7 +61,7 @@ if prep.is_file():
 targets = {"CogVideoX-2b": 0.75, "CogVideoX-5b": 2.0}
 for path in sorted(out.glob("train_*.json")):
     r = json.loads(path.read_text())
-    if r.get("s_per_step_median") and r.get("family") in targets:
+    if r.get("s_per_step_median") and r.get("family") in targets and r.get("mode") == "full-size-cuda":
         met = r["s_per_step_median"] <= targets[r["family"]]
         lines.append(f"target {r['family']} {r['case']}: {r['s_per_step_median']} s/step vs {targets[r['family']]} "
                      f"{'MET' if met else 'not met'}{' within 24 GiB' if r.get('peak_memory_gib', 99) <= 24 else ''}")
