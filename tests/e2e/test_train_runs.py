@@ -36,7 +36,7 @@ from tests.helpers import (
 )
 
 
-@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])  # ZeRO-2, the default, trains in every crash/resume test
 def test_zero_stage_trains_identical_adapters_and_loss_falls(prepped_2b, tmp_path, stage):
     model, shards = prepped_2b
     output = tmp_path / "run"
