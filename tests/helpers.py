@@ -300,6 +300,15 @@ def decode_mp4(path: Path) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
+def transformer_output(transformer: torch.nn.Module, timestep: int = 400) -> torch.Tensor:
+    """A tiny 2b transformer's prediction for fixed random inputs (to compare adapters by what they compute)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 3, 16, 4, 6, generator=generator)
+    text = torch.randn(1, 226, 32, generator=generator)
+    with torch.no_grad():
+        return transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([timestep])).sample
+
+
 def make_adapter(model: Path, out_dir: Path, seed: int, strength: float = 0.5, family: str | None = None) -> Path:
     """Export a rank-4 LoRA whose B matrices are non-zero (a freshly injected one is an exact no-op)."""
     from cogvx_dist.core.loading import load_transformer

@@ -31,6 +31,7 @@ from tests.helpers import (
     shm_buffers,
     stream_order,
     summary_of,
+    transformer_output,
     upload,
     write_config,
 )
@@ -97,14 +98,6 @@ def test_offload_configs_train_identical_adapters(prepped_2b, tmp_path, stage):
     assert "torch_adam" not in resolved["optimizer"]["params"] or not resolved["optimizer"]["params"]["torch_adam"]
 
 
-def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 3, 16, 4, 6, generator=generator)
-    text = torch.randn(1, 226, 32, generator=generator)
-    with torch.no_grad():
-        return transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([321])).sample
-
-
 def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, tmp_path):
     """The trained fp32 weights, recovered from the ZeRO-3 optimizer partitions with DeepSpeed's own tool, give
     the same transformer output as the exported adapter loaded by CogVideoXPipeline.load_lora_weights."""
@@ -129,9 +122,9 @@ def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, tm
 
     pipe = CogVideoXPipeline.from_pretrained(str(model))
     pipe.load_lora_weights(str(step_folder / "lora"))
-    torch.testing.assert_close(_transformer_output(pipe.transformer), _transformer_output(trained),
+    torch.testing.assert_close(transformer_output(pipe.transformer), transformer_output(trained),
                                rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_transformer_output(load_transformer(model)), _transformer_output(trained), atol=1e-4)
+    assert not torch.allclose(transformer_output(load_transformer(model)), transformer_output(trained), atol=1e-4)
 
 
 DROPOUT = {"caption_dropout": 0.3}

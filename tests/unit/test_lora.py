@@ -20,6 +20,7 @@ from cogvx_dist.core.lora import (
     lora_parameters,
     lora_state_dict,
 )
+from tests.helpers import transformer_output
 
 
 def _randomise_b(transformer: torch.nn.Module, seed: int) -> None:
@@ -164,13 +165,5 @@ def test_init_from_starts_from_adapters_that_diffusers_and_peft_wrote(tiny_check
     # Continued at another alpha: B is rescaled, the adapted transformer computes what the file's adapter did.
     same = _started_from(model, LoraSettings(rank=4, alpha=2.0, init_from=str(tmp_path / "diffusers")))
     louder = _started_from(model, LoraSettings(rank=4, alpha=8.0, init_from=str(tmp_path / "diffusers")))
-    torch.testing.assert_close(_output(louder), _output(same), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_output(same), _output(load_transformer(model)), atol=1e-4)
-
-
-def _output(transformer: torch.nn.Module) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, 3, 16, 4, 6, generator=generator)
-    text = torch.randn(1, 226, 32, generator=generator)
-    with torch.no_grad():
-        return transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=torch.tensor([400])).sample
+    torch.testing.assert_close(transformer_output(louder), transformer_output(same), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(transformer_output(same), transformer_output(load_transformer(model)), atol=1e-4)

@@ -19,19 +19,18 @@ from cogvx_dist.train.reader import ShardIndex, collate
 STEPS = 10
 
 
-def train_losses(model_path, shards, checkpointing: int = 0,
-                 around: Callable[[], AbstractContextManager] = nullcontext) -> list[float]:
-    """Losses of 10 AdamW steps on the tiny model, one sample each, fixed draws: the reference loop a switch must
+def train_losses(model_path, batches: list[dict], checkpointing: int = 0,
+                 around: Callable[[], AbstractContextManager] = nullcontext, compile_blocks: bool = False,
+                 after_step: Callable[[], None] = lambda: None) -> list[float]:
+    """Losses of AdamW steps on the tiny model, one batch each with fixed draws: the reference loop a switch must
     reproduce."""
     info = describe_checkpoint(model_path)
     context = LossContext(info.family, info.transformer_config, load_scheduler(model_path))
     transformer = build_model(str(model_path), "float32", LoraSettings(rank=4, alpha=4.0), seed=0,
-                              checkpoint_every=checkpointing)
+                              checkpoint_every=checkpointing, compile_blocks=compile_blocks)
     optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
-    index = ShardIndex(shards)
     losses = []
-    for step in range(STEPS):
-        batch = collate([index.read(step % len(index))[0]], [index.key(step % len(index))])
+    for step, batch in enumerate(batches):
         with around():
             loss = diffusion_loss(transformer, batch, context, torch.Generator().manual_seed(step),
                                   torch.device("cpu"), torch.float32)
@@ -39,13 +38,16 @@ def train_losses(model_path, shards, checkpointing: int = 0,
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        after_step()
     return losses
 
 
 @pytest.fixture(scope="module")
 def reference(synthetic_shards):
     model, shards = synthetic_shards([3, 2])
-    return model, shards, train_losses(model, shards)
+    index = ShardIndex(shards)
+    batches = [collate([index.read(step % len(index))[0]], [index.key(step % len(index))]) for step in range(STEPS)]
+    return model, batches, train_losses(model, batches)
 
 
 def test_auto_attention_takes_cudnn_on_hopper_and_flash_before_it():
@@ -58,9 +60,9 @@ def test_auto_attention_takes_cudnn_on_hopper_and_flash_before_it():
 
 @pytest.mark.parametrize("kernel", ["math", "flash"])
 def test_attention_kernels_the_cpu_has_train_like_the_default(reference, kernel):
-    model, shards, losses = reference
+    model, batches, losses = reference
     check_attention(kernel, [kernel], torch.device("cpu"), torch.float32, 8)
-    switched = train_losses(model, shards, around=lambda: attention_kernels([kernel]))
+    switched = train_losses(model, batches, around=lambda: attention_kernels([kernel]))
     assert switched == pytest.approx(losses, rel=1e-4)
     assert losses[-1] < losses[0] or max(losses) > min(losses)  # the steps really trained
     # ...and the kernel asked for is the one that ran.
@@ -77,9 +79,9 @@ def test_a_kernel_that_cannot_run_here_is_one_line():
 
 
 def test_checkpointing_any_share_of_blocks_trains_like_none(reference):
-    model, shards, losses = reference
+    model, batches, losses = reference
     for every in (1, 2):
-        assert train_losses(model, shards, checkpointing=every) == pytest.approx(losses, rel=1e-4)
+        assert train_losses(model, batches, checkpointing=every) == pytest.approx(losses, rel=1e-4)
 
 
 def test_auto_checkpointing_takes_the_least_recomputation_that_fits(synthetic_shards):
@@ -118,7 +120,6 @@ def test_compiled_blocks_train_like_eager_and_compile_once_per_clip_size(tiny_ch
 
     model = tiny_checkpoint("CogVideoX-2b")
     info = describe_checkpoint(model)
-    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
     generator = torch.Generator().manual_seed(0)
 
     def batch(height: int, width: int) -> dict:
@@ -130,18 +131,9 @@ def test_compiled_blocks_train_like_eager_and_compile_once_per_clip_size(tiny_ch
 
     def run(compile_blocks: bool) -> tuple[list[float], list[int]]:
         torch._dynamo.reset()
-        transformer = build_model(str(model), "float32", LoraSettings(rank=4, alpha=4.0), seed=0, checkpoint_every=1,
-                                  compile_blocks=compile_blocks)
-        optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
-        losses, compiled = [], []
-        for step, micro_batch in enumerate(batches):
-            loss = diffusion_loss(transformer, micro_batch, context, torch.Generator().manual_seed(step),
-                                  torch.device("cpu"), torch.float32)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            compiled.append(counters["frames"]["ok"])
+        compiled: list[int] = []
+        losses = train_losses(model, batches, checkpointing=1, compile_blocks=compile_blocks,
+                              after_step=lambda: compiled.append(counters["frames"]["ok"]))
         return losses, compiled
 
     eager, _ = run(False)
