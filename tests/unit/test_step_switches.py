@@ -21,14 +21,15 @@ STEPS = 10
 
 def train_losses(model_path, batches: list[dict], checkpointing: int = 0,
                  around: Callable[[], AbstractContextManager] = nullcontext, compile_blocks: bool = False,
-                 after_step: Callable[[], None] = lambda: None) -> list[float]:
+                 after_step: Callable[[], None] = lambda: None, fused_adam: bool = False) -> list[float]:
     """Losses of AdamW steps on the tiny model, one batch each with fixed draws: the reference loop a switch must
     reproduce."""
     info = describe_checkpoint(model_path)
     context = LossContext(info.family, info.transformer_config, load_scheduler(model_path))
     transformer = build_model(str(model_path), "float32", LoraSettings(rank=4, alpha=4.0), seed=0,
                               checkpoint_every=checkpointing, compile_blocks=compile_blocks)
-    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2,
+                                  fused=fused_adam or None)
     losses = []
     for step, batch in enumerate(batches):
         with around():
@@ -82,6 +83,12 @@ def test_checkpointing_any_share_of_blocks_trains_like_none(reference):
     model, batches, losses = reference
     for every in (1, 2):
         assert train_losses(model, batches, checkpointing=every) == pytest.approx(losses, rel=1e-4)
+
+
+def test_fused_adamw_trains_like_the_foreach_one(reference):
+    """The optimizer GPU runs now get by default (torch's fused AdamW), on the CPU: the same training."""
+    model, batches, losses = reference
+    assert train_losses(model, batches, fused_adam=True) == pytest.approx(losses, rel=1e-4)
 
 
 def test_auto_checkpointing_takes_the_least_recomputation_that_fits(synthetic_shards):
