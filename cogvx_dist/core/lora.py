@@ -145,10 +145,14 @@ def lora_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return {name: p for name, p in transformer.named_parameters() if is_lora_key(name)}
 
 
+def state_dict_name(name: str) -> str:
+    """An in-memory adapter name (`...lora_A.default.weight`) as a state dict names it (`...lora_A.weight`)."""
+    return name.replace(f".{ADAPTER_NAME}.", ".")
+
+
 def state_dict_names(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """In-memory adapter names (`...lora_A.default.weight`) to state-dict names (`...lora_A.weight`), detached."""
-    suffix = f".{ADAPTER_NAME}."
-    return {name.replace(suffix, "."): t.detach() for name, t in named.items()}
+    """In-memory adapter names to state-dict names (`state_dict_name`), detached."""
+    return {state_dict_name(name): t.detach() for name, t in named.items()}
 
 
 def memory_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,7 +254,7 @@ def read_adapter(path: str | Path, alpha: float | None, no_alpha_hint: str) -> E
         raw = load_file(str(file))
     except Exception as err:  # a damaged or foreign file: one line, not a traceback
         raise CogvxError(f"cannot read LoRA {file}: {first_line(err)}") from err
-    state = {_strip_prefix(name).replace(f".{ADAPTER_NAME}.", "."): tensor for name, tensor in raw.items()}
+    state = {state_dict_name(_strip_prefix(name)): tensor for name, tensor in raw.items()}
     others = sorted(name for name in state if not is_lora_key(name))
     if others or not state:
         raise CogvxError(f"{file} is not a LoRA adapter: " + (f"{others[0]} is no lora_A/lora_B matrix" if others
@@ -344,7 +348,7 @@ def start_from_adapter(transformer: torch.nn.Module, adapter: ExportedLora, sett
     misfit = adapter_misfit(adapter.state, settings.rank, transformer)
     if misfit:
         raise CogvxError(f"{where} does not fit this model: it {misfit}")
-    params = {name.replace(f".{ADAPTER_NAME}.", "."): param for name, param in lora_parameters(transformer).items()}
+    params = {state_dict_name(name): param for name, param in lora_parameters(transformer).items()}
     extra = sorted(set(adapter.state) - set(params))
     missing = sorted(set(params) - set(adapter.state))
     if extra or missing:
