@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cogvx_dist.core.shard_format import IMAGE_NOISE_LOG_SIGMA
 from data_prep.decode import to_model_input
 
 
@@ -99,11 +100,6 @@ class Encoders:
         x = to_model_input(np.stack(clips), self.device, self.dtype, layout)
         dist = self.vae().encode(x).latent_dist
         return dist.mean.float().cpu(), dist.logvar.float().cpu()
-
-
-IMAGE_NOISE_LOG_SIGMA = (-3.0, 0.5)
-"""(mean, std) of log sigma: the official CogVideoX I2V trainer noises the conditioning image (in [-1, 1]) with
-sigma = exp(N(-3, 0.5)) before encoding it."""
 
 
 def noised_copies(image: torch.Tensor, key: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:

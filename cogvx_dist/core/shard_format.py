@@ -76,6 +76,9 @@ NOISED_IMAGE_LOGVAR = "noised_image_latent_logvar"
 """[K, C, 1, H/8, W/8] posterior log-variances of the same."""
 IMAGE_NOISE_SIGMAS = "image_noise_sigmas"
 """[K] float32: the pixel-space noise level of each noised copy (on images in [-1, 1])."""
+IMAGE_NOISE_LOG_SIGMA = (-3.0, 0.5)
+"""(mean, std) of log sigma: the official CogVideoX I2V trainer noises the conditioning image (in [-1, 1]) with
+sigma = exp(N(-3, 0.5)) before encoding it; prep draws the K sigmas so."""
 
 VIDEO_TENSORS = (LATENT_MEAN, LATENT_LOGVAR, PROMPT_EMBEDS)
 IMAGE_TENSORS = (IMAGE_MEAN, IMAGE_LOGVAR)

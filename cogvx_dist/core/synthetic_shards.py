@@ -52,7 +52,8 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
                     tensors[shard_format.IMAGE_MEAN] = mean[:, :1].clone()
                     tensors[shard_format.IMAGE_LOGVAR] = torch.full_like(mean[:, :1], -6.0)
                 if family.image_to_video and image_noise_samples:
-                    sigmas = torch.exp(torch.normal(-3.0, 0.5, (image_noise_samples,), generator=generator))
+                    sigmas = torch.exp(torch.normal(*shard_format.IMAGE_NOISE_LOG_SIGMA, (image_noise_samples,),
+                                                    generator=generator))
                     tensors[shard_format.NOISED_IMAGE_MEAN] = mean[None, :, :1] + sigmas.view(-1, 1, 1, 1, 1) * \
                         torch.randn(image_noise_samples, *mean[:, :1].shape, generator=generator)
                     tensors[shard_format.NOISED_IMAGE_LOGVAR] = torch.full_like(
