@@ -22,19 +22,26 @@ class AdapterEMA:
         self.decay = decay
         self.names = sorted(shapes)
         self.shapes = shapes
+        self.sizes = {name: partition_size(shape.numel(), world_size) for name, shape in shapes.items()}
+        """Elements of this rank's (padded) chunk of each parameter."""
         self.rank = rank
         self.world_size = world_size
         self.chunks: list[torch.Tensor] = []
 
     def start(self, chunks: list[torch.Tensor]) -> None:
-        """Begin at the current weights (this rank's chunks, as `Engine.local_chunks` gives them)."""
-        self.chunks = [chunk.detach().float().clone() for chunk in chunks]
+        """Begin at the current weights (this rank's chunks, as `Engine.local_chunks` gives them; one shorter than
+        its padded size leaves the padding zero)."""
+        self.chunks = []
+        for name, chunk in zip(self.names, chunks):
+            average = torch.zeros(self.sizes[name], dtype=torch.float32, device=chunk.device)
+            average[:chunk.numel()] = chunk.detach()
+            self.chunks.append(average)
 
     def update(self, chunks: list[torch.Tensor]) -> None:
-        """Fold in the weights after an optimizer step."""
+        """Fold in the weights after an optimizer step (in place: no copy of the weights on this hot path)."""
         with torch.no_grad():
             for average, chunk in zip(self.chunks, chunks):
-                average.mul_(self.decay).add_(chunk.float(), alpha=1.0 - self.decay)
+                average[:chunk.numel()].mul_(self.decay).add_(chunk, alpha=1.0 - self.decay)
 
     def gather(self) -> dict[str, torch.Tensor]:
         """Collective: the whole average by parameter name, on the CPU (every rank gets it)."""
@@ -42,8 +49,7 @@ class AdapterEMA:
         per_rank = engine.all_gather_tensor(flat)
         whole, offset = {}, 0
         for name in self.names:
-            numel = self.shapes[name].numel()
-            size = partition_size(numel, self.world_size)
+            numel, size = self.shapes[name].numel(), self.sizes[name]
             pieces = [flat_of_rank[offset:offset + size].cpu() for flat_of_rank in per_rank]
             whole[name] = torch.cat(pieces)[:numel].view(self.shapes[name]).clone()
             offset += size
@@ -54,8 +60,7 @@ class AdapterEMA:
         chunk in `like`)."""
         self.chunks = []
         for name, device in zip(self.names, [chunk.device for chunk in like]):
-            numel = self.shapes[name].numel()
-            size = partition_size(numel, self.world_size)
+            numel, size = self.shapes[name].numel(), self.sizes[name]
             padded = torch.zeros(size * self.world_size, dtype=torch.float32)
             padded[:numel] = whole[name].reshape(-1).float()
             self.chunks.append(padded[self.rank * size:(self.rank + 1) * size].to(device).clone())

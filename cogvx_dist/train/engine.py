@@ -6,6 +6,7 @@ No other module imports deepspeed (a test enforces it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -173,6 +174,11 @@ class Engine:
         """The wrapped model."""
         return self._engine.module
 
+    @functools.cached_property
+    def parameters_by_name(self) -> dict[str, torch.nn.Parameter]:
+        """The wrapped model's parameters by name (the same objects for the engine's life, ZeRO-3 included)."""
+        return dict(self.module.named_parameters())
+
     @property
     def zero_stage(self) -> int:
         return int(self._engine.zero_optimization_stage())
@@ -226,14 +232,15 @@ class Engine:
         """Collective: whole fp32 master copies of the named parameters (ZeRO partitions gathered), on the CPU."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        params = dict(self.module.named_parameters())
+        params = self.parameters_by_name
         return {name: safe_get_full_fp32_param(params[name]).detach().to("cpu", torch.float32).clone()
                 for name in names}
 
     def local_chunks(self, names: list[str]) -> list[torch.Tensor]:
-        """This rank's chunk of each named parameter's compute copy (flattened; see `partition_size`): the ZeRO-3
-        partition it holds, or under ZeRO-1/2, where every rank holds whole parameters, the same slice of them."""
-        params = dict(self.module.named_parameters())
+        """This rank's chunk of each named parameter's compute copy (flattened views; see `partition_size`): the
+        ZeRO-3 partition it holds, or under ZeRO-1/2, where every rank holds whole parameters, the same slice of them
+        (shorter at the end of a parameter, which ZeRO-3 pads instead)."""
+        params = self.parameters_by_name
         rank, world = dist.get_rank(), dist.get_world_size()
         chunks = []
         for name in names:
@@ -245,8 +252,7 @@ class Engine:
                 chunks.append(param.ds_tensor.detach().view(-1))
                 continue
             size = partition_size(param.numel(), world)
-            flat = param.detach().reshape(-1)[rank * size:(rank + 1) * size]
-            chunks.append(torch.nn.functional.pad(flat, (0, size - flat.numel())))
+            chunks.append(param.detach().view(-1)[rank * size:(rank + 1) * size])
         return chunks
 
     def gather_moments(self, names: list[str]) -> tuple[dict[str, torch.Tensor], int]:
@@ -254,7 +260,7 @@ class Engine:
         optimizer's step count; empty before the first update."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        params = dict(self.module.named_parameters())
+        params = self.parameters_by_name
         if self._optimizer_step() == 0:
             return {}, 0
         moments = {f"{key}/{name}": safe_get_full_optimizer_state(params[name], key).detach().to("cpu").clone()
@@ -267,7 +273,7 @@ class Engine:
         from deepspeed.utils import safe_set_full_optimizer_state
 
         self._create_optimizer_state()
-        params = dict(self.module.named_parameters())
+        params = self.parameters_by_name
         for key_name, value in moments.items():
             key, name = key_name.split("/", 1)
             safe_set_full_optimizer_state(params[name], value.to(self._engine.device), key)
@@ -317,7 +323,7 @@ class Engine:
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        params = dict(self.module.named_parameters())
+        params = self.parameters_by_name
         selected = [params[n] for n in weights]
         # Both the compute copies (used by forward) and the fp32 masters (updated by the optimizer) get the value.
         with deepspeed.zero.GatheredParameters(selected, modifier_rank=0, enabled=self.zero_stage == 3):
