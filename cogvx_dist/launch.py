@@ -233,11 +233,13 @@ def plan_launch(request: LaunchRequest) -> Plan:
     hosts = cluster_hosts(request)
     world = sum(h.slots for h in hosts)
     config = load_config(RunConfig, request.config, request.overrides)
-    config.check_world(world)
+    data_ranks = config.data_parallel_size(world)
+    config.check_world(data_ranks)
     checks = preflight(config)  # includes the DeepSpeed JSON: a broken one fails here, not on every rank
     global_batch = check_batch_fits(config, checks.manifest, world)
     samples = checks.manifest.num_samples
-    notes = _data_notes(config, len(checks.manifest.shards), samples, world, global_batch)
+    notes = _data_notes(config, len(checks.manifest.shards), samples, data_ranks, global_batch)
+    notes += _sequence_parallel_notes(config.parallel.sequence_parallel, hosts)
     notes += _path_notes(config, request.config)
     if request.launcher == "pdsh":
         notes += _deepspeed_env_notes(request.deepspeed_env)
@@ -256,6 +258,20 @@ def _data_notes(config: Any, shards: int, samples: int, world: int, global_batch
         notes.append(f"streaming {shards} shards to {world} ranks (drawn with replacement; resume is approximate)")
     epochs = config.train.max_steps * global_batch / samples
     notes.append(f"{config.train.max_steps} steps x {global_batch} samples = {epochs:.2f} passes over the data")
+    return notes
+
+
+def _sequence_parallel_notes(parts: int, hosts: list[Host]) -> list[str]:
+    """Where the sequence-parallel groups (consecutive ranks) fall: every all-to-all of a group spanning nodes crosses
+    the network, tens of times slower than NVLink."""
+    if parts == 1:
+        return []
+    world = sum(host.slots for host in hosts)
+    notes = [f"sequence-parallel groups of {parts} ranks: {world // parts} data-parallel ranks share the batch"]
+    spanning = [host.name for host in hosts if host.slots % parts]
+    if spanning:
+        notes.append(f"WARNING: parallel.sequence_parallel {parts} does not divide the slots of {', '.join(spanning)}: "
+                     "some groups span nodes and their attention all-to-alls cross the network")
     return notes
 
 

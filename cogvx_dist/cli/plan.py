@@ -49,14 +49,21 @@ def run(args: argparse.Namespace) -> int:
     calibration = run_plan.calibrate(args.calibrate) if args.calibrate else None
     plan = planned.plan()
     searched = memory_plan.search(planned.shape, planned.ranks, planned.buffers) if args.search else []
+    per_node = args.gpus_per_node or _visible_gpus()
+    sequence = planned.sequence_parallel_options(per_node) if args.search and per_node > 1 else {}
     if args.json:
-        print(json.dumps(_as_json(planned, plan, memory, calibration, searched), indent=2))
+        print(json.dumps({**_as_json(planned, plan, memory, calibration, searched),
+                          "sequence_parallel": {parts: {**p.terms(), "peak": p.peak, "needed": p.needed,
+                                                        "flops_per_rank": p.trace.flops}
+                                                for parts, p in sequence.items()}}, indent=2))
         return 0
     print(_describe_run(planned, memory))
     print(_describe_plan(plan, memory))
     print(_describe_time(planned, plan, calibration))
     if searched:
         print(_describe_search(searched, memory, calibration))
+    if sequence:
+        print(_describe_sequence_parallel(sequence, planned.ranks, memory))
     return 0
 
 
@@ -150,7 +157,7 @@ def _describe_time(planned: Any, plan: Any, calibration: Any) -> str:
     trace = plan.trace
     samples = plan.strategy.micro_batch_size * planned.grad_accum_steps
     text = (f"\nstep: {_scaled(trace.flops * samples)}FLOP per rank ({_scaled(trace.model_flops * samples)}FLOP "
-            f"without recomputation), {trace.tokens * samples:,} tokens per rank")
+            f"without recomputation), {trace.tokens * samples // planned.shape.sequence_parallel:,} tokens per rank")
     if calibration is None:
         return text + "; --calibrate RUN_DIR turns this into seconds"
     seconds = plan.seconds_per_step(calibration.tflops_per_gpu, planned.grad_accum_steps)
@@ -181,6 +188,22 @@ def _describe_search(plans: list[Any], memory: int | None, calibration: Any) -> 
         label = "this GPU" if name == "fits" else name
         lines.append(f"best on {label}: " + (chosen.strategy.describe() if chosen else
                                               "none fits (fewer frames, a smaller resolution or more memory)"))
+    return "\n".join(lines)
+
+
+def _describe_sequence_parallel(options: dict[int, Any], ranks: int, memory: int | None) -> str:
+    from cogvx_dist.core.units import GIB
+    from cogvx_dist.train.memory_plan import GPU_CLASSES
+
+    sizes = {"fits": memory} if memory else GPU_CLASSES
+    lines = ["", "sequence parallelism (parallel.sequence_parallel: ranks of a node sharing each sample's tokens), "
+                 "with the configuration above, per rank:",
+             f"{'  P':<5}{'data-parallel':>14}{'activations':>13}{'needed':>11}{'FLOP/step':>12}"
+             + "".join(f"{n:>9}" for n in sizes)]
+    for parts, plan in options.items():
+        cells = "".join(f"{'yes' if plan.fits(size) else '-':>9}" for size in sizes.values())
+        lines.append(f"{parts:>3}  {ranks // parts:>14}{plan.activations / GIB:>9.1f} GiB{plan.needed / GIB:>7.1f} GiB"
+                     f"{_scaled(plan.trace.flops):>11} " + cells)
     return "\n".join(lines)
 
 

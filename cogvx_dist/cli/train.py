@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(RunConfig, args.config, args.overrides)
     nproc = args.nproc or max(1, torch.cuda.device_count())
     world = nproc * (args.nnodes if args.node_rank is not None else 1)
-    config.check_world(world)
+    config.check_world(config.data_parallel_size(world))
     checks = preflight(config)  # fails here, with one line, before any rank starts
     check_batch_fits(config, checks.manifest, world)
     print(f"cogvx train: optimizer {optimizer_in_use(checks.ds_config)}", flush=True)

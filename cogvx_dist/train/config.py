@@ -168,6 +168,16 @@ class DistributedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks share the work besides data parallelism."""
+
+    sequence_parallel: int = 1
+    """Ranks that share each sample's tokens (Ulysses-style sequence parallelism: groups of this many consecutive
+    ranks, best inside one node, run one sample together; data parallelism spans the groups). The world size must
+    be a multiple of it; 1: off."""
+
+
+@dataclass
 class PlanConfig:
     """The memory check before any rank loads weights (see `cogvx plan`)."""
 
@@ -218,6 +228,8 @@ class RunConfig:
     """DeepSpeed configuration."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Collective timeout and the stall watchdog."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Sequence parallelism."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints."""
     log: LogConfig = field(default_factory=LogConfig)
@@ -243,6 +255,7 @@ class RunConfig:
             "checkpoint.every_steps": self.checkpoint.every_steps,
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "log.every_steps": self.log.every_steps,
+            "parallel.sequence_parallel": self.parallel.sequence_parallel,
         }
         for key, value in positive.items():
             if value < 1:
@@ -310,6 +323,14 @@ class RunConfig:
     def source_names(self) -> list[str]:
         """Each mixture source's name in metrics."""
         return [s.name or s.shards.rstrip("/").rsplit("/", 1)[-1] for s in self.data.sources]
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel ranks among `world_size`: one per sequence-parallel group."""
+        parts = self.parallel.sequence_parallel
+        if world_size % parts:
+            raise CogvxError(f"parallel.sequence_parallel {parts} does not divide the {world_size} ranks: the world "
+                             f"size must be a multiple of it (groups of {parts} consecutive ranks share a sample)")
+        return world_size // parts
 
     def check_world(self, data_parallel_size: int) -> int:
         """The global batch size for `data_parallel_size` ranks; rejects an indivisible global_batch_size."""

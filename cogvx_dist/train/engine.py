@@ -153,11 +153,71 @@ def partition_size(numel: int, world_size: int) -> int:
     return -(-numel // world_size)
 
 
+class SequenceGroups:
+    """Sequence-parallel groups of `parts` consecutive ranks (each group trains on the same samples, every rank on
+    its share of their tokens), in the form DeepSpeed takes as the `mpu` of Ulysses-style sequence parallelism.
+
+    Given it, DeepSpeed reduces gradients over all ranks, summing within a group (each rank's gradient is the part
+    from its tokens) and averaging over groups, and ZeRO partitions over all ranks. Without it, DeepSpeed would
+    average over the group too (half the gradient at 2); declaring only `sequence_parallel_size` in its config made
+    each rank apply its partial gradient twice. DeepSpeed recognises this kind of unit by its
+    `initialize_sequence_parallel` method and then uses no model parallelism; it must not have
+    `get_data_parallel_world_size`, from which DeepSpeed would take its batch arithmetic instead.
+    """
+
+    def __init__(self, parts: int, timeout_s: float) -> None:
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=timeout_s)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        self.parts = parts
+        self.index = rank % parts
+        """This rank's place in its group: which share of each sample's tokens it holds."""
+        self.data_rank = rank // parts
+        """The group's number: what the reader and the random draws use in place of the rank."""
+        self.data_size = world // parts
+        for start in range(0, world, parts):  # new_group is collective: every rank makes every group
+            group = dist.new_group(list(range(start, start + parts)), timeout=timeout)
+            if start <= rank < start + parts:
+                self.group = group
+        self.everyone = dist.new_group(list(range(world)), timeout=timeout)
+
+    def initialize_sequence_parallel(self, sequence_parallel_size: int) -> None:
+        """DeepSpeed's marker of a sequence-parallel unit; the groups exist from construction."""
+        if sequence_parallel_size != self.parts:
+            raise RankError(f"sequence-parallel groups of {self.parts} ranks exist, not {sequence_parallel_size}")
+
+    def get_sequence_parallel_group(self) -> Any:
+        return self.group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.parts
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.index
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        return self.everyone
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.parts * self.data_size
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank()
+
+    # DeepSpeed names its checkpoint files by this rank (mp_rank_NN_model_states.pt).
+    get_model_parallel_group = get_sequence_parallel_group
+    get_model_parallel_world_size = get_sequence_parallel_world_size
+    get_model_parallel_rank = get_sequence_parallel_rank
+
+
 class Engine:
     """A model wrapped by DeepSpeed, whose optimizer (AdamW from the DeepSpeed config, with the LR schedule
-    `lr_lambda`) sees only the trainable (LoRA) parameters."""
+    `lr_lambda`) sees only the trainable (LoRA) parameters; with `sequence_groups`, DeepSpeed reduces gradients the
+    sequence-parallel way (see `SequenceGroups`)."""
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float]) -> None:
+    def __init__(self, model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float],
+                 sequence_groups: SequenceGroups | None = None) -> None:
         use_environment_extensions_dir()
         import deepspeed
 
@@ -167,7 +227,8 @@ class Engine:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
         self._engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler)
+            model=model, model_parameters=trainable, config=ds_config, lr_scheduler=make_scheduler,
+            mpu=sequence_groups)
 
     @property
     def module(self) -> torch.nn.Module:

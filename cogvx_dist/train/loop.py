@@ -58,6 +58,7 @@ from cogvx_dist.train.reader import BatchPlan, MicroBatches, make_loader
 from cogvx_dist.train.run_lock import RunLock
 from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
 from cogvx_dist.train.schedule import lr_lambda
+from cogvx_dist.train.sequence_parallel import enable_sequence_parallel
 from cogvx_dist.train.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 
@@ -117,6 +118,14 @@ class Trainer:
         self.device = torch.device(pick_device("auto", ranks.local_rank))
         self.dtype = torch_dtype(config.model.dtype)
         self.global_batch = check_batch_fits(config, checks.manifest, ranks.world_size)
+        parts = config.parallel.sequence_parallel
+        self.sequence_groups = engine.SequenceGroups(parts, config.distributed.timeout_s) if parts > 1 else None
+        groups = self.sequence_groups
+        self.data_rank, self.data_size = (groups.data_rank, groups.data_size) if groups else (ranks.rank,
+                                                                                              ranks.world_size)
+        """The reader's and the random draws' rank: ranks sharing a sample's tokens read and draw alike."""
+        self.reports_samples = groups is None or groups.index == 0
+        """This rank speaks for its sequence-parallel group about the samples it read (bad ones, held-out counts)."""
         self.family = checks.checkpoint.family
         self.committed_fault = fault_hook("train.committed")
         self.slow_step = delay_hook("train.step_delay_ms")
@@ -164,7 +173,7 @@ class Trainer:
             if step % config.log.every_steps == 0 or last or evaluated:
                 values = {**meter.values(lr, self.engine.grad_norm(), position), **evaluated}
                 values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps,
-                              attention=self.attention_name)
+                              attention=self.attention_name, sequence_parallel=config.parallel.sequence_parallel)
                 if isinstance(self.checks.index, MixedIndex):
                     values.update(self.checks.index.seen(position, config.train.seed))
                 metrics.log(step, values)
@@ -189,7 +198,8 @@ class Trainer:
             batch = meter.next_batch(loader)
             if "failure" in batch:
                 raise RankError(batch["failure"])
-            bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch.get("bad", []))
+            if self.reports_samples:
+                bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch.get("bad", []))
             keys += batch["keys"]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])
@@ -244,7 +254,8 @@ class Trainer:
         reduced = engine.all_reduce_sum(torch.cat([local_loss.float().view(1), self.local_nonfinite.float().view(1),
                                                    flags]))
         counts = reduced[1:].tolist()
-        return Agreement(reduced[0] / self.ranks.world_size, int(counts[0]), counts[1] > 0, int(counts[2]))
+        # Each data-parallel group's ranks hold parts of its loss (one rank the whole without sequence parallelism).
+        return Agreement(reduced[0] / self.data_size, int(counts[0]), counts[1] > 0, int(counts[2]))
 
     def _account(self, step: int, agreed: Agreement, keys: list[str]) -> None:
         """Non-finite steps, bad samples and preemption requests, as the ranks agreed them."""
@@ -318,8 +329,10 @@ class Trainer:
             write_atomic(self.run.ds_config, json.dumps(self.checks.ds_config, indent=2) + "\n")
         for warning in self.checks.warnings:
             self.log.warning("%s", warning)
-        self.log.info("%d ranks on %s, %s, ZeRO-%d, %s, global batch %d, %d samples (%s)", self.ranks.world_size,
-                      self.device.type, self.config.model.dtype, zero_stage(self.checks.ds_config),
+        parallel = (f" (sequence-parallel groups of {self.config.parallel.sequence_parallel}, {self.data_size} "
+                    "data-parallel)" if self.sequence_groups else "")
+        self.log.info("%d ranks%s on %s, %s, ZeRO-%d, %s, global batch %d, %d samples (%s)", self.ranks.world_size,
+                      parallel, self.device.type, self.config.model.dtype, zero_stage(self.checks.ds_config),
                       optimizer_in_use(self.checks.ds_config), self.global_batch, self.checks.manifest.num_samples,
                       self.family.name)
 
@@ -329,6 +342,10 @@ class Trainer:
         transformer = build_model(config.model.path, config.model.dtype, config.lora, config.train.seed,
                                   config.model.gradient_checkpointing, self.checks.initial_adapter,
                                   compile_blocks=config.model.compile == "blocks")
+        sequence = None
+        if self.sequence_groups is not None:
+            groups = self.sequence_groups
+            sequence = enable_sequence_parallel(transformer, groups.group, groups.parts, groups.index)
         adapter = lora_parameters(transformer)
         self.lora_names = sorted(adapter)
         self.ema = None
@@ -346,7 +363,7 @@ class Trainer:
                         f"{initial.settings.alpha:g}" if initial.settings.alpha != config.lora.alpha else "")
             self.log.info("adapter starts from %s (rank %d%s)", initial.file, initial.settings.rank, rescaled)
         self.context = LossContext(self.family, self.checks.checkpoint.transformer_config,
-                                   load_scheduler(config.model.path))
+                                   load_scheduler(config.model.path), sequence)
         on_gpu = self.device.type == "cuda"
         self.attention_name, kernels = choose_attention(
             config.model.attention_backend, self.device.type,
@@ -357,11 +374,11 @@ class Trainer:
         self.attention = lambda: attention_kernels(kernels)
         self.log.info("attention: %s", self.attention_name)
         self.engine = engine.Engine(transformer, self.checks.ds_config,
-                                    lr_lambda(config.optim, config.train.max_steps))
+                                    lr_lambda(config.optim, config.train.max_steps), self.sequence_groups)
         self.held_out = None
         if self.checks.eval_index is not None:
             self.held_out = HeldOutLoss(self.checks.eval_index, config.log.eval_timesteps, config.train.seed,
-                                        self.ranks.rank, self.ranks.world_size)
+                                        self.data_rank, self.data_size, counts=self.reports_samples)
         self.watchdog.progress(0)
 
     def _restore(self) -> tuple[int, int]:
@@ -378,12 +395,13 @@ class Trainer:
             return 0, 0
         committed = checkpoints.read_commit(resume_from)
         step, position, saved_world = int(committed["step"]), int(committed["position"]), committed["world_size"]
+        saved_parts = int(committed.get("sequence_parallel", 1))
         self.bad_samples = int(committed.get("bad_samples", 0))
         self.skipped_steps = int(committed.get("skipped_steps", 0))
-        if saved_world == self.ranks.world_size:
+        if saved_world == self.ranks.world_size and saved_parts == self.config.parallel.sequence_parallel:
             self.engine.load(resume_from)
         else:
-            self._restore_elsewhere(resume_from, step, saved_world)
+            self._restore_elsewhere(resume_from, step, saved_world, saved_parts)
         self._start_ema(resume_from)
         records.truncate(self.run, self.ranks, step)
         self.saved_step = step
@@ -410,33 +428,37 @@ class Trainer:
             raise RankError(f"{saved}: the saved average does not hold this run's adapter layers")
         self.ema.restore(whole, chunks)
 
-    def _restore_elsewhere(self, folder: Path, step: int, saved_world: int) -> None:
-        """A different world size: DeepSpeed's partitions do not fit, the whole-tensor copies do."""
+    def _restore_elsewhere(self, folder: Path, step: int, saved_world: int, saved_parts: int) -> None:
+        """A different world size or sequence parallelism: DeepSpeed's partitions do not fit, the whole-tensor
+        copies do."""
         moments = checkpoints.read_adam_moments(folder)
         if moments is not None and moments[0]:
             self.engine.restore_moments(*moments)
         weights, _ = checkpoints.read_master_weights(folder)
         self.engine.restore_weights(weights, step)
-        self.log.warning("world size changed (%d -> %d): weights, LR schedule, sample position%s restored from "
-                         "whole-tensor copies", saved_world, self.ranks.world_size,
-                         " and Adam moments" if moments else " (no Adam moments saved: they restart)")
+        world, parts = self.ranks.world_size, self.config.parallel.sequence_parallel
+        changed = [f"{what} changed ({before} -> {now})" for what, before, now in
+                   (("world size", saved_world, world), ("sequence parallelism", saved_parts, parts)) if before != now]
+        self.log.warning("%s: weights, LR schedule, sample position%s restored from whole-tensor copies",
+                         " and ".join(changed), " and Adam moments" if moments else " (no Adam moments saved: they "
+                         "restart)")
 
     def _micro_batches(self, start_step: int, position: int) -> Any:
         """This rank's micro-batches from the stream position on (local shards), each with its random numbers drawn
         in the loader, or a streamed draw (whose numbers the step draws)."""
         config = self.config
         dropout = config.train.caption_dropout if self.checks.empty_prompt is not None else 0.0
-        self.draws = StepDraws(self.context, config.train.seed, self.ranks.rank, config.train.grad_accum_steps,
+        self.draws = StepDraws(self.context, config.train.seed, self.data_rank, config.train.grad_accum_steps,
                                start_step + 1, dropout)
         if self.checks.index is not None:
-            plan = BatchPlan(config.train.micro_batch_size, config.train.grad_accum_steps, self.ranks.rank,
-                             self.ranks.world_size)
+            plan = BatchPlan(config.train.micro_batch_size, config.train.grad_accum_steps, self.data_rank,
+                             self.data_size)
             steps_left = max(0, config.train.max_steps - start_step)
             batches = MicroBatches(self.checks.index, plan, config.train.seed, position, steps_left,
                                    config.data.on_bad_sample, self.draws)
         else:
             batches = StreamingMicroBatches(config.data.shards, self.checks.manifest, config.train.micro_batch_size,
-                                            config.train.seed, self.ranks.rank, start_step)
+                                            config.train.seed, self.data_rank, start_step)
         on_gpu = self.device.type == "cuda"
         workers = config.data.num_workers if config.data.num_workers is not None else int(on_gpu)
         return iter(make_loader(batches, workers, pin_memory=on_gpu))
@@ -453,7 +475,8 @@ class Trainer:
             return
         folder = self.run.checkpoint(step)
         state = {"step": step, "position": position, "seed": self.config.train.seed,
-                 "world_size": self.ranks.world_size, "bad_samples": self.bad_samples,
+                 "world_size": self.ranks.world_size, "sequence_parallel": self.config.parallel.sequence_parallel,
+                 "bad_samples": self.bad_samples,
                  "skipped_steps": self.skipped_steps,
                  "rng": "noise, timesteps and order derive from (seed, step, micro-step, rank); nothing to restore"}
         try:

@@ -24,6 +24,7 @@ from cogvx_dist.core.shard_format import (
     NOISED_IMAGE_MEAN,
     PROMPT_EMBEDS,
 )
+from cogvx_dist.train.sequence_parallel import SequenceParallel, video_tokens
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class LossContext:
     transformer_config: dict[str, Any]
     scheduler: Any
     """The checkpoint's CogVideoXDPMScheduler (its noise schedule; no sampling state is used)."""
+    sequence: SequenceParallel | None = None
+    """This rank's sequence-parallel group when the transformer runs on a share of each sample's tokens (its output
+    is then this rank's prediction tokens, and the loss this rank's part of the sum)."""
 
 
 def pad_for_temporal_patches(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
@@ -212,10 +216,25 @@ def diffusion_loss(
         return_dict=False,
     )[0].float()
 
-    # v-prediction -> x0 estimate (get_velocity computes sqrt(a)*x_t - sqrt(1-a)*v), weighted by 1/(1 - alpha_bar):
-    # the same as the squared error on v.
+    return _v_loss(prediction, noisy, latents, timesteps, context)
+
+
+def _v_loss(prediction: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
+            context: LossContext) -> torch.Tensor:
+    """The batch mean of each sample's mean squared v error, written as the x0 error weighted by 1/(1 - alpha_bar)
+    (get_velocity computes sqrt(a)*x_t - sqrt(1-a)*v from v). With sequence parallelism the prediction holds this
+    rank's video tokens only: the error is taken on the same tokens of the patchified latents (unpatchify is a
+    permutation) and returned as this rank's part of the mean, which the ranks' parts add up to."""
+    target = latents
+    if context.sequence is not None:
+        patch, patch_t = context.transformer_config["patch_size"], context.transformer_config.get("patch_size_t")
+        rows = context.sequence.local_rows(prediction.shape[1], video_tokens(latents[:1], patch, patch_t).shape[1])
+        target, noisy = (video_tokens(x, patch, patch_t)[:, rows] for x in (latents, noisy))
+    scheduler = context.scheduler
     predicted_x0 = scheduler.get_velocity(prediction, noisy, timesteps)
-    alphas = scheduler.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1, 1)
+    alphas = scheduler.alphas_cumprod.to(prediction.device)[timesteps].view(-1, *[1] * (target.dim() - 1))
     weights = 1.0 / (1 - alphas)
-    per_sample = (weights * (predicted_x0 - latents) ** 2).reshape(batch_size, -1).mean(dim=1)
-    return per_sample.mean()
+    squared = (weights * (predicted_x0 - target) ** 2).reshape(target.shape[0], -1)
+    if context.sequence is not None:
+        return (squared.sum(dim=1) / latents[0].numel()).mean()
+    return squared.mean(dim=1).mean()

@@ -92,6 +92,9 @@ class StepShape:
     gradient_checkpointing: int
     """Recompute every k-th block (1: all, 0: none)."""
     dtype: torch.dtype = torch.bfloat16
+    sequence_parallel: int = 1
+    """Ranks sharing each sample's tokens: the trace is then of the first, which holds the largest share, with
+    the all-to-alls replaced by tensors of the shapes they would receive."""
 
 
 @dataclass(frozen=True)
@@ -211,10 +214,15 @@ def _count_flops(model: torch.nn.Module, shape: StepShape) -> tuple[int, int]:
 
 
 def _loss(model: torch.nn.Module, shape: StepShape, batch: dict[str, Any]) -> torch.Tensor:
-    """The project's own training loss (train/loss.py) for this micro-batch."""
+    """The project's own training loss (train/loss.py) for this micro-batch (this rank's part of it with sequence
+    parallelism)."""
     from cogvx_dist.train.loss import LossContext, diffusion_loss
+    from cogvx_dist.train.sequence_parallel import SHAPES_ONLY, enable_sequence_parallel
 
-    context = LossContext(shape.family, shape.transformer_config, _scheduler(shape.family))
+    sequence = None
+    if shape.sequence_parallel > 1:
+        sequence = enable_sequence_parallel(model, SHAPES_ONLY, shape.sequence_parallel, 0)
+    context = LossContext(shape.family, shape.transformer_config, _scheduler(shape.family), sequence)
     return diffusion_loss(model, batch, context, torch.Generator().manual_seed(0), torch.device("cpu"), shape.dtype)
 
 

@@ -80,6 +80,7 @@ def preflight(config: RunConfig) -> Preflight:
         raise CogvxError("model.compile: blocks does not go with ZeRO-3: its parameter-gathering hooks run inside "
                          "every block, so torch.compile traces them and recompiles past its limit; use zero2 (ZeRO-3 "
                          "saves only frozen-weight memory here, the adapter is small) or model.compile: off")
+    warnings += _sequence_parallel(config, checkpoint, resolved)
     empty_prompt = None
     if config.train.caption_dropout and index is not None:
         try:
@@ -88,6 +89,23 @@ def preflight(config: RunConfig) -> Preflight:
             raise CogvxError(f"train.caption_dropout: {err}") from err
     return Preflight(checkpoint, manifest, index, resolved, warnings, empty_prompt,
                      _initial_adapter(config, checkpoint), _held_out(config, checkpoint))
+
+
+def _sequence_parallel(config: RunConfig, checkpoint: CheckpointInfo, resolved: dict[str, Any]) -> list[str]:
+    """What parallel.sequence_parallel needs of the rest of the run (it may change `resolved`); its warnings."""
+    parts = config.parallel.sequence_parallel
+    if parts == 1:
+        return []
+    if config.model.compile == "blocks":
+        raise CogvxError("model.compile: blocks does not go with parallel.sequence_parallel > 1 yet: the all-to-all "
+                         "inside each block's attention is not traced; use model.compile: off")
+    if ds_config.zero_stage(resolved) == 3:
+        # ZeRO-3's reduce-scatter averages over every rank, sequence-parallel ones included: half the gradient at 2.
+        resolved.setdefault("zero_optimization", {})["reduce_scatter"] = False
+    from cogvx_dist.train.sequence_parallel import head_imbalance
+
+    imbalance = head_imbalance(checkpoint.transformer_config["num_attention_heads"], parts)
+    return [imbalance] if imbalance else []
 
 
 def _held_out(config: RunConfig, checkpoint: CheckpointInfo) -> ShardIndex | None:
@@ -153,14 +171,16 @@ def _damaged_shards(config: RunConfig, index: ShardIndex | MixedIndex | None) ->
 
 
 def check_batch_fits(config: RunConfig, manifest: Manifest, world_size: int) -> int:
-    """The global batch of `world_size` ranks, checked against the batch arithmetic and the dataset's size."""
-    global_batch = config.check_world(world_size)
+    """The global batch of `world_size` ranks (their data-parallel groups, with sequence parallelism), checked
+    against the batch arithmetic and the dataset's size."""
+    data_ranks = config.data_parallel_size(world_size)
+    global_batch = config.check_world(data_ranks)
     if manifest.num_samples < global_batch:
         raise CogvxError(
             f"data.shards has {manifest.num_samples} samples, fewer than one global batch of {global_batch} "
             f"(micro_batch_size {config.train.micro_batch_size} x grad_accum_steps {config.train.grad_accum_steps} "
-            f"x {world_size} ranks): every step would repeat samples; use fewer ranks or smaller batches, or prep "
-            "more data")
+            f"x {data_ranks} data-parallel ranks): every step would repeat samples; use fewer ranks or smaller "
+            "batches, or prep more data")
     return global_batch
 
 

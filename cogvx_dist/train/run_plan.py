@@ -54,6 +54,14 @@ class PlannedRun:
         return plan_memory(self.shape, strategy or self.strategy, self.ranks, self.buffers,
                            adapter_average=self.adapter_average)
 
+    def sequence_parallel_options(self, gpus_per_node: int) -> dict[int, MemoryPlan]:
+        """parallel.sequence_parallel -> the plan with it, for each group size that fits in a node (all-to-alls
+        across nodes would cost more than they save) and divides the ranks."""
+        sizes = [parts for parts in (1, 2, 4, 8, 16) if parts <= gpus_per_node and self.ranks % parts == 0]
+        return {parts: plan_memory(dataclasses.replace(self.shape, sequence_parallel=parts), self.strategy,
+                                   self.ranks, self.buffers, adapter_average=self.adapter_average)
+                for parts in sizes}
+
 
 def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any],
                 geometry: tuple[int, int, int], ds_config: dict[str, Any], ranks: int) -> PlannedRun:
@@ -61,7 +69,7 @@ def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict
     family.check_geometry(*geometry, transformer_config)
     micro, checkpointing = config.train.micro_batch_size, config.model.gradient_checkpointing
     shape = StepShape(family, transformer_config, *geometry, micro, config.lora, checkpointing,
-                      torch_dtype(config.model.dtype))
+                      torch_dtype(config.model.dtype), config.parallel.sequence_parallel)
     return PlannedRun(shape, strategy_from_ds_config(ds_config, checkpointing, micro),
                       buffers_from_ds_config(ds_config), ranks, config.train.grad_accum_steps,
                       adapter_average=config.train.ema_decay > 0)

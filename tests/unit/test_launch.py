@@ -569,6 +569,23 @@ def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
     assert f"note: resumes from {folder}" in out
 
 
+def test_launch_check_counts_data_parallel_ranks_with_sequence_parallelism(shards, tmp_path, capsys):
+    config, _ = short_run_config(tmp_path, *shards)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    args = ["--config", str(config), "--hostfile", str(hostfile), "--launcher", "no-ssh"]
+    code, out, err = launch_check(capsys, *args, "parallel.sequence_parallel=2")
+    assert code == 0, err
+    assert "ranks: 4  global batch: 4" in out  # micro batch 1 x 2 accumulation steps x 2 data-parallel ranks
+    assert "sequence-parallel groups of 2 ranks: 2 data-parallel ranks" in out and "WARNING" not in out
+    hostfile.write_text("node-a slots=3\nnode-b slots=1\n")
+    code, out, err = launch_check(capsys, *args, "parallel.sequence_parallel=2")
+    assert code == 0, err
+    assert "does not divide the slots of node-a, node-b: some groups span nodes" in out
+    code, out, err = launch_check(capsys, *args)
+    assert code == 2 and "fewer than one global batch of 8" in err  # 4 data-parallel ranks; the shards hold 7
+
+
 @pytest.mark.parametrize("setup,message", [
     ("bad-hostfile", "line 2: expected \"HOSTNAME slots=N\", got 'node-b slots=x'"),
     ("too-few-samples", "data.shards has 7 samples, fewer than one global batch of 8"),
@@ -577,6 +594,8 @@ def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
     ("bad-deepspeed-env", "line 2: '# tuning' is not NAME=VALUE"),
     ("no-cluster", "give --hostfile, or --nodes"),
     ("bad-ds-config", "deepspeed.config 'zero9': no such file"),
+    ("sequence-parallel-indivisible", "parallel.sequence_parallel 4 does not divide the 2 ranks"),
+    ("sequence-parallel-compiled", "model.compile: blocks does not go with parallel.sequence_parallel > 1"),
 ])
 def test_launch_check_errors_are_one_line(shards, tmp_path, capsys, monkeypatch, setup, message):
     config, _ = short_run_config(tmp_path, *shards)
@@ -598,6 +617,10 @@ def test_launch_check_errors_are_one_line(shards, tmp_path, capsys, monkeypatch,
         args = ["--config", str(config)]
     elif setup == "bad-ds-config":
         args += ["deepspeed.config=zero9"]
+    elif setup == "sequence-parallel-indivisible":
+        args += ["parallel.sequence_parallel=4"]
+    elif setup == "sequence-parallel-compiled":
+        args += ["parallel.sequence_parallel=2", "model.compile=blocks"]
     code, out, err = launch_check(capsys, *args)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()

@@ -3,6 +3,7 @@ per ZeRO stage, the search and the pre-flight advice, and `cogvx plan`'s errors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -62,6 +63,24 @@ def test_fake_tensor_tracing_is_exact_for_rotary_temporal_patches_and_image_cond
     shape = two_layers("CogVideoX1.5-5b-I2V", 1)
     fake, real = trace_step(shape), trace_step_on_real_tensors(shape)
     assert abs(fake.activation_peak / real.activation_peak - 1) < 0.05, (fake.activation_peak, real.activation_peak)
+
+
+def test_fake_tensor_tracing_is_exact_for_one_rank_of_a_sequence_parallel_group():
+    shape = dataclasses.replace(two_layers("CogVideoX-5b", 1), sequence_parallel=2)
+    fake, real = trace_step(shape), trace_step_on_real_tensors(shape)
+    assert abs(fake.activation_peak / real.activation_peak - 1) < 0.05, (fake.activation_peak, real.activation_peak)
+
+
+def test_activations_and_flops_per_rank_fall_with_sequence_parallelism_for_1_5_5b_at_81x768x1360():
+    """The 1.5 block at its largest clip (45,106 tokens), two layers: each doubling of the group about halves
+    what a rank holds and computes (the whole-sample embeddings and loss inputs stay on every rank)."""
+    family = get_family("CogVideoX1.5-5b")
+    shape = StepShape(family, {**family.full_size_transformer, "num_layers": 2}, 81, 768, 1360, 1, LoraSettings(), 1)
+    traces = {parts: trace_step(dataclasses.replace(shape, sequence_parallel=parts)) for parts in (1, 2, 4, 8)}
+    for parts in (2, 4, 8):
+        smaller, larger = traces[parts], traces[parts // 2]
+        assert 0.45 < smaller.activation_peak / larger.activation_peak < 0.6, parts
+        assert 0.45 < smaller.flops / larger.flops < 0.55, parts
 
 
 def test_checkpointing_lowers_activations_and_recomputation_costs_flops():
@@ -187,3 +206,8 @@ def test_plan_of_a_run_config_reports_every_term_and_the_verdict(capsys, synthet
     code, out, _ = cli(capsys, "plan", "--config", str(config), "--gpu-memory", "2GiB", "--search",
                        "deepspeed.config=zero3")
     assert code == 0 and "fits, " in out and "best on this GPU: zero3" in out
+    code, out, _ = cli(capsys, "plan", "--config", str(config), "--search", "--gpus-per-node", "4", "--nodes", "2",
+                       "--json")
+    options = json.loads(out)["sequence_parallel"]
+    assert list(options) == ["1", "2", "4"]  # groups stay inside a node
+    assert options["1"]["activations"] > options["2"]["activations"] > options["4"]["activations"]
