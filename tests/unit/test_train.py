@@ -250,6 +250,8 @@ def good_run(tiny_checkpoint, tmp_path_factory):
          "log.eval_timesteps [1000] beyond the scheduler's 1000 training timesteps"),
         (["lora.init_from=/nonexistent/lora"], "lora.init_from: no LoRA weights at /nonexistent/lora"),
         (["lora.init_alpha=4"], "lora.init_alpha (4) must be positive, and only goes with lora.init_from"),
+        (["parallel.sequence_parallel=0"], "parallel.sequence_parallel must be at least 1, got 0"),
+        (["parallel.sequence_parallel=3"], "parallel.sequence_parallel 3 does not divide the 2 ranks"),
         (["lora.init_from={root}/lora-5b"], "has rank 4, but lora.rank is 8; set lora.rank: 4"),
         (["lora.init_from={root}/lora-5b", "lora.rank=4"], "was trained on CogVideoX-5b, but model.path is "
                                                             "CogVideoX-2b"),
