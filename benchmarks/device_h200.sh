@@ -96,6 +96,10 @@ if [[ $PART != prep ]]; then
   case_ CogVideoX-2b compile 90 --set model.compile=blocks
   case_ CogVideoX-2b ckpt_auto 40 --set model.gradient_checkpointing=auto
   case_ CogVideoX-5b baseline 90
+  # Sequence parallelism needs two GPUs or more; its comparison point is the baseline above (one GPU, no SP).
+  if (( $(nvidia-smi -L 2>/dev/null | wc -l) >= 2 )); then
+    case_ CogVideoX-5b sp2 120 --nproc 2 --set parallel.sequence_parallel=2
+  fi
 fi
 [[ $PART == train ]] && { summary; echo "== summary ($SECONDS s)"; cat "$OUT/summary.txt"; exit 0; }
 
