@@ -102,10 +102,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.check_basic()
 
+    from cogvx_dist.core.devices import share_cpu_cores
     from data_prep.ranks import discover_ranks
     from data_prep.run import run_prep
 
     ranks = discover_ranks(config.rank, config.world_size)
+    share_cpu_cores()
     try:
         result = run_prep(config, ranks)
     except BaseException as err:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.launch_env import env_local_world_size
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """dtype names accepted anywhere a config or flag names one."""
@@ -43,6 +45,27 @@ def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cpu_threads_per_rank(cores: int, local_ranks: int) -> int:
+    """Intra-op threads for each of `local_ranks` CPU processes sharing `cores` cores: an equal share, at least one.
+    More threads than cores in all make each process's spinning OpenMP threads take time from the others (a
+    2-rank run on 2 cores took 1.5x as long with torch's default of a thread per core in each rank)."""
+    return max(1, cores // max(1, local_ranks))
+
+
+def share_cpu_cores() -> int | None:
+    """On a rank without a GPU, sharing its node with other ranks, and where the user did not set OMP_NUM_THREADS,
+    give torch this rank's share of the cores (torchrun's convention; DeepSpeed's launcher does it only with
+    --bind_cores_to_rank). Returns the threads set, or None where nothing changed."""
+    import torch
+
+    local_ranks = env_local_world_size()
+    if "OMP_NUM_THREADS" in os.environ or local_ranks <= 1 or visible_gpus() > 0:
+        return None
+    threads = cpu_threads_per_rank(len(os.sched_getaffinity(0)), local_ranks)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def pick_device(device: str = "auto", local_rank: int = 0, beside_training: bool = False) -> str:

@@ -14,6 +14,9 @@ from typing import Any
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
 _RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 _SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# torchrun, DeepSpeed's launcher, Open MPI, MPICH (Hydra), MVAPICH.
+_LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                         "MV2_COMM_WORLD_LOCAL_SIZE")
 
 
 def under_mpi(env: Mapping[str, str] | None = None) -> bool:
@@ -35,6 +38,11 @@ def env_rank(env: Mapping[str, str] | None = None) -> int:
 def env_world_size(env: Mapping[str, str] | None = None) -> int:
     """The job's process count as the launcher set it (torchrun/DeepSpeed WORLD_SIZE, or MPI's), 1 if none."""
     return _first_number(_SIZE_VARIABLES, 1, env)
+
+
+def env_local_world_size(env: Mapping[str, str] | None = None) -> int:
+    """The job's process count on this node as the launcher set it, 1 if none."""
+    return _first_number(_LOCAL_SIZE_VARIABLES, 1, env)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.config_files import to_dict
-from cogvx_dist.core.devices import pick_device, torch_dtype
+from cogvx_dist.core.devices import pick_device, share_cpu_cores, torch_dtype
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
 from cogvx_dist.core.faults import delay_hook, fault_hook
 from cogvx_dist.core.files import write_atomic
@@ -68,6 +68,10 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     Leaves the process group cleanly only on success: an exception propagates without any collective, so a rank
     that fails never waits for the others (the entry point then exits at once, and the launcher ends the rest)."""
+    threads = share_cpu_cores()
+    if threads and env_rank() == 0:
+        rank_logger("cogvx.train", 0).info("CPU ranks: %d torch threads each (the node's cores shared; "
+                                           "OMP_NUM_THREADS chooses)", threads)
     checks = preflight(config)
     config, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config,
                                         env_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))

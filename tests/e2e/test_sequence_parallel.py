@@ -233,9 +233,10 @@ def test_zero3_with_sequence_parallel_trains_like_one_rank(prepped_2b, one_rank_
 
 @pytest.mark.slow
 def test_two_groups_of_two_train_like_two_data_parallel_ranks(prepped_2b, tmp_path):
-    """4 ranks, data-parallel 2 x sequence-parallel 2, against 2 data-parallel ranks on the same global batch."""
-    for name, ranks, parts in (("dp", 2, 1), ("dp_sp", 4, 2)):
-        result = launch(_run_config(tmp_path, name, prepped_2b, parts=parts, steps=CRASH), ranks)
+    """4 ranks, data-parallel 2 x sequence-parallel 2 under ZeRO-1 (the other stages are above), against 2
+    data-parallel ranks under ZeRO-2 on the same global batch."""
+    for name, ranks, parts, stage in (("dp", 2, 1, "zero2"), ("dp_sp", 4, 2, "zero1")):
+        result = launch(_run_config(tmp_path, name, prepped_2b, parts=parts, stage=stage, steps=CRASH), ranks)
         assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(tmp_path / "dp", tmp_path / "dp_sp")
     groups = _keys_by_step(tmp_path / "dp_sp", range(4))

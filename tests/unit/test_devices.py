@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 
-from cogvx_dist.core.devices import rank_device, side_device
+from cogvx_dist.core.devices import cpu_threads_per_rank, rank_device, side_device
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.launch_env import env_local_world_size
 
 
 @pytest.mark.parametrize("visible", [1, 2, 8])
@@ -31,3 +32,15 @@ def test_work_beside_training_takes_the_freest_gpu_not_gpu_0():
     assert side_device([140 * gib, 20 * gib]) == "cuda:0"  # ...unless GPU 0 is the free one
     assert side_device([10 * gib, 80 * gib, 80 * gib]) == "cuda:2"  # a tie goes to the highest index
     assert side_device([]) == "cpu"
+
+
+@pytest.mark.parametrize("cores, local_ranks, threads", [(2, 2, 1), (16, 8, 2), (2, 4, 1), (64, 1, 64), (7, 2, 3)])
+def test_cpu_ranks_share_the_cores(cores, local_ranks, threads):
+    assert cpu_threads_per_rank(cores, local_ranks) == threads
+
+
+@pytest.mark.parametrize("env, size", [({"LOCAL_WORLD_SIZE": "4"}, 4), ({"LOCAL_SIZE": "2"}, 2),
+                                       ({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 8), ({"MPI_LOCALNRANKS": "3"}, 3),
+                                       ({}, 1)])
+def test_ranks_on_this_node_come_from_any_launcher(env, size):
+    assert env_local_world_size(env) == size
