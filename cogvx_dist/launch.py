@@ -239,7 +239,7 @@ def plan_launch(request: LaunchRequest) -> Plan:
     global_batch = check_batch_fits(config, checks.manifest, world)
     samples = checks.manifest.num_samples
     notes = _data_notes(config, len(checks.manifest.shards), samples, data_ranks, global_batch)
-    notes += _sequence_parallel_notes(config.parallel.sequence_parallel, hosts)
+    notes += _sequence_parallel_notes(config.parallel.sequence_parallel, hosts, data_ranks)
     notes += _path_notes(config, request.config)
     if request.launcher == "pdsh":
         notes += _deepspeed_env_notes(request.deepspeed_env)
@@ -261,13 +261,12 @@ def _data_notes(config: Any, shards: int, samples: int, world: int, global_batch
     return notes
 
 
-def _sequence_parallel_notes(parts: int, hosts: list[Host]) -> list[str]:
+def _sequence_parallel_notes(parts: int, hosts: list[Host], data_ranks: int) -> list[str]:
     """Where the sequence-parallel groups (consecutive ranks) fall: every all-to-all of a group spanning nodes crosses
     the network, tens of times slower than NVLink."""
     if parts == 1:
         return []
-    world = sum(host.slots for host in hosts)
-    notes = [f"sequence-parallel groups of {parts} ranks: {world // parts} data-parallel ranks share the batch"]
+    notes = [f"sequence-parallel groups of {parts} ranks: {data_ranks} data-parallel ranks share the batch"]
     spanning = [host.name for host in hosts if host.slots % parts]
     if spanning:
         notes.append(f"WARNING: parallel.sequence_parallel {parts} does not divide the slots of {', '.join(spanning)}: "

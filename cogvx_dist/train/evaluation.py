@@ -29,11 +29,11 @@ class HeldOutLoss:
     """One rank's part of the held-out evaluation."""
 
     def __init__(self, index: ShardIndex, timesteps: list[int], seed: int, rank: int, world_size: int,
-                 counts: bool = True) -> None:
-        """`rank` of `world_size` data-parallel ranks; `counts`: this rank counts its samples (one rank of each
-        sequence-parallel group, whose ranks each add their part of every loss)."""
+                 counts_samples: bool = True) -> None:
+        """`rank` of `world_size` data-parallel ranks; `counts_samples`: this rank counts its samples (one rank of
+        each sequence-parallel group, whose ranks each add their part of every loss)."""
         self.index = index
-        self.counts = counts
+        self.counts_samples = counts_samples
         self.timesteps = list(timesteps)
         self.seed = seed
         self.rank = rank
@@ -56,7 +56,7 @@ class HeldOutLoss:
                                           timesteps=torch.tensor([timestep]))
                     if counts:
                         sums[number] += loss.float()
-                sums[-1] += float(counts and self.counts)
+                sums[-1] += float(counts and self.counts_samples)
         return sums
 
     def _batch(self, sample: int) -> dict[str, Any]:

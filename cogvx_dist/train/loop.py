@@ -382,7 +382,7 @@ class Trainer:
         self.held_out = None
         if self.checks.eval_index is not None:
             self.held_out = HeldOutLoss(self.checks.eval_index, config.log.eval_timesteps, config.train.seed,
-                                        self.data_rank, self.data_size, counts=self.reports_samples)
+                                        self.data_rank, self.data_size, counts_samples=self.reports_samples)
         self.watchdog.progress(0)
 
     def _restore(self) -> tuple[int, int]:

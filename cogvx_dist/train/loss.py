@@ -228,8 +228,9 @@ def _v_loss(prediction: torch.Tensor, noisy: torch.Tensor, latents: torch.Tensor
     target = latents
     if context.sequence is not None:
         patch, patch_t = context.transformer_config["patch_size"], context.transformer_config.get("patch_size_t")
-        rows = context.sequence.local_rows(prediction.shape[1], video_tokens(latents[:1], patch, patch_t).shape[1])
-        target, noisy = (video_tokens(x, patch, patch_t)[:, rows] for x in (latents, noisy))
+        target, noisy = (video_tokens(x, patch, patch_t) for x in (latents, noisy))
+        rows = context.sequence.local_rows(prediction.shape[1], target.shape[1])
+        target, noisy = target[:, rows], noisy[:, rows]
     scheduler = context.scheduler
     predicted_x0 = scheduler.get_velocity(prediction, noisy, timesteps)
     alphas = scheduler.alphas_cumprod.to(prediction.device)[timesteps].view(-1, *[1] * (target.dim() - 1))

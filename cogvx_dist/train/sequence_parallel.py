@@ -54,10 +54,6 @@ class SequenceSplit:
         return cls(index, even_split(text_tokens, parts), even_split(video_tokens, parts), even_split(heads, parts))
 
     @property
-    def parts(self) -> int:
-        return len(self.text)
-
-    @property
     def tokens(self) -> tuple[int, ...]:
         """Tokens (text and video) held by each rank."""
         return tuple(t + v for t, v in zip(self.text, self.video))
@@ -75,8 +71,8 @@ def head_imbalance(heads: int, parts: int) -> str | None:
         return None
     shares = even_split(heads, parts)
     return (f"parallel.sequence_parallel {parts} does not divide the model's {heads} attention heads: ranks compute "
-            f"attention for {shares[0]} or {shares[-1]} heads, so attention takes as long as with "
-            f"{heads * shares[0] / (heads / parts):.2f}x the even share")
+            f"attention for {shares[0]} or {shares[-1]} heads, so attention takes {shares[0] * parts / heads:.2f}x "
+            "as long as an even share would")
 
 
 class _AllToAll(torch.autograd.Function):
