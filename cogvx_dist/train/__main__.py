@@ -70,10 +70,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave(code: int) -> None:
     """Exit now: interpreter clean-up could wait on a peer (process-group teardown, loader workers)."""
+    # os._exit skips Python's buffers and exit hooks, so flush what they would have.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
+def _leave_finished(code: int) -> None:
+    """A finished rank exits without the interpreter's teardown. Every file the run writes is closed by now and the
+    process group is gone; what is left is freeing the module state of torch, DeepSpeed and diffusers, which took
+    1.4 s of CPU per rank on a 2-core node while the launcher waited for it."""
+    import logging
+
+    logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpi4py's own exit hook would have; a launcher may count a rank that skips it as failed
+    _leave(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _leave_finished(main())
