@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test test-quick lint clean
+.PHONY: setup ops demo test test-quick lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,11 +25,18 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/cogvx demo --out $(DEMO_OUT)
 
-test: setup
-	$(BIN)/python -m pytest -q --durations=25
+# Tests run on every core (pytest-xdist; a worker takes the next test when it is free). The offload tests need
+# DeepSpeed's CPU Adam: `ops` builds it once per environment, as DS_BUILD_CPU_ADAM=1 would at install time.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist worksteal
+
+ops: setup
+	$(BIN)/python -c "from cogvx_dist.train.engine import build_ops; print('DeepSpeed ops ready:', *build_ops())"
+
+test: setup ops
+	$(PYTEST) --durations=25
 
 test-quick: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

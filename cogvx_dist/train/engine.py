@@ -38,6 +38,23 @@ def use_environment_extensions_dir() -> None:
     os.environ.setdefault(EXTENSIONS_ENV, str(extensions_dir()))
 
 
+def build_ops() -> list[str]:
+    """Build now, into this environment's folder, the JIT ops DeepSpeed would otherwise compile on first use: CPU Adam
+    (optimizer offload) and, on the CPU accelerator, the shared-memory all-reduce of single-node runs. What
+    `DS_BUILD_CPU_ADAM=1 pip install deepspeed` does at install time; already-built ops load from the cache.
+    Returns the names of the ops now built."""
+    use_environment_extensions_dir()
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load(verbose=False)
+            built.append(builder.NAME)
+    return built
+
+
 def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
     """Start the process group (NCCL on GPUs, gloo on CPU) from the launcher's environment or MPI, with a
     `timeout_s` bound on its collectives; on a GPU, make this rank's device (local rank modulo the visible GPUs)
