@@ -112,9 +112,10 @@ def read_adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_exported_lora(folder).state
 
 
-def shm_buffers() -> set[str]:
-    """DeepSpeed CPU all-reduce buffers present in /dev/shm (one per rank of a single-node CPU run)."""
-    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+def shm_buffers(port: int) -> set[str]:
+    """DeepSpeed CPU all-reduce buffers in /dev/shm of the single-node CPU run on master port `port` (one per
+    rank; the name holds the port, so runs of concurrent tests do not mix)."""
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")}
 
 
 def read_trace(output: Path) -> list[tuple[int, int, int, str]]:

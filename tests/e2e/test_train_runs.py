@@ -24,6 +24,7 @@ from cogvx_dist.train.reader import ShardIndex
 from tests.helpers import (
     LORA,
     evaluation_loss,
+    free_port,
     launch,
     read_adapter,
     read_trace,
@@ -37,16 +38,32 @@ from tests.helpers import (
 )
 
 
-@pytest.mark.parametrize("stage", ["zero1", "zero3"])  # ZeRO-2, the default, trains in every crash/resume test
-def test_zero_stage_trains_identical_adapters_and_loss_falls(prepped_2b, tmp_path, stage):
+@pytest.fixture(scope="module")
+def zero_stage_run(prepped_2b, tmp_path_factory):
+    """Factory: stage -> output of a 16-step 2-rank run under that DeepSpeed config (run once per module), which
+    must not have left DeepSpeed's shared-memory buffers in /dev/shm."""
     model, shards = prepped_2b
-    output = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": stage},
-                          train={"max_steps": 16})
-    buffers_before = shm_buffers()
-    result = launch(config)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert shm_buffers() <= buffers_before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
+    runs: dict[str, Path] = {}
+
+    def run(stage: str) -> Path:
+        if stage not in runs:
+            folder = tmp_path_factory.mktemp(stage)
+            config = write_config(folder / "run.yaml", model, shards, folder / "run", deepspeed={"config": stage},
+                                  train={"max_steps": 16})
+            port = free_port()
+            result = launch(config, 2, "--master-port", str(port))
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert not shm_buffers(port), "the run left DeepSpeed's shared-memory buffers in /dev/shm"
+            runs[stage] = folder / "run"
+        return runs[stage]
+
+    return run
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])  # ZeRO-2, the default, trains in every crash/resume test
+def test_zero_stage_trains_identical_adapters_and_loss_falls(prepped_2b, zero_stage_run, stage):
+    model, shards = prepped_2b
+    output = zero_stage_run(stage)
     summary = summary_of(output)
     assert summary["zero_stage"] == int(stage[-1]) and summary["world_size"] == 2
     assert len(set(summary["adapter_checksums"])) == 1 and len(summary["adapter_checksums"]) == 2
@@ -98,18 +115,13 @@ def test_offload_configs_train_identical_adapters(prepped_2b, tmp_path, stage):
     assert "torch_adam" not in resolved["optimizer"]["params"] or not resolved["optimizer"]["params"]["torch_adam"]
 
 
-def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, tmp_path):
+def test_exported_adapter_reproduces_trained_weights_in_diffusers(prepped_2b, zero_stage_run):
     """The trained fp32 weights, recovered from the ZeRO-3 optimizer partitions with DeepSpeed's own tool, give
     the same transformer output as the exported adapter loaded by CogVideoXPipeline.load_lora_weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    model, shards = prepped_2b
-    output = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": "zero3"},
-                          train={"max_steps": 4})
-    result = launch(config)
-    assert result.returncode == 0, result.stderr[-3000:]
-    step_folder = RunFolder(output).complete_checkpoints()[-1][1]
+    model, _ = prepped_2b
+    step_folder = RunFolder(zero_stage_run("zero3")).complete_checkpoints()[-1][1]
     recovered = get_fp32_state_dict_from_zero_checkpoint(str(step_folder.parent), tag=step_folder.name,
                                                          exclude_frozen_parameters=True)
     trained = load_transformer(model)
@@ -206,10 +218,10 @@ def test_crash_and_resume_auto_matches_uninterrupted_run(prepped_2b, features, s
 
     crashed = tmp_path / "crashed"
     config = write_config(tmp_path / "crashed.yaml", model, shards, crashed, **sections(features))
-    buffers_before = shm_buffers()
-    first = launch(config, env={FAULT_ENV: "train.committed=4"})
+    port = free_port()
+    first = launch(config, 2, "--master-port", str(port), env={FAULT_ENV: "train.committed=4"})
     assert first.returncode != 0
-    assert shm_buffers() <= buffers_before, "a crashed run left its shared-memory buffers in /dev/shm"
+    assert not shm_buffers(port), "a crashed run left its shared-memory buffers in /dev/shm"
     assert [step for step, _ in RunFolder(crashed).complete_checkpoints()] == [4]
     assert not RunFolder(crashed).summary.exists()
     second = launch(config, 2, "checkpoint.resume=auto")
