@@ -1,7 +1,5 @@
 """`python -m cogvx_dist`: the `cogvx` command line."""
 
-import sys
+from cogvx_dist.cli import run
 
-from cogvx_dist.cli import main
-
-sys.exit(main())
+run()

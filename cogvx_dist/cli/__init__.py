@@ -13,8 +13,10 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import NoReturn
 
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.launch_env import exit_finished
 
 DEBUG_ENV = "COGVX_DEBUG"
 
@@ -79,5 +81,10 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def run() -> NoReturn:
+    """The `cogvx` console script and `python -m cogvx_dist`: `main`, then a quick exit (see `exit_finished`)."""
+    exit_finished(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

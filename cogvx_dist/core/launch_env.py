@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 # Set by mpiexec/mpirun of MPICH (Hydra: PMI_*), Open MPI (OMPI_*, PMIX_*), MVAPICH (MV2_*), Intel MPI (PMI_*).
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
@@ -69,3 +69,21 @@ class RankInfo:
         """Wait for every prep rank (MPI only; other launchers finalize through the part files)."""
         if self.comm is not None:
             self.comm.Barrier()
+
+
+def exit_finished(code: int) -> NoReturn:
+    """End a process whose work is done, skipping the interpreter's teardown: with torch, DeepSpeed and diffusers
+    loaded, freeing their module state took 0.5-1.4 s of CPU per process on a 2-core node, while the launcher or
+    the shell waited. Every file is closed by now; this flushes stdio, shuts logging down and finalizes MPI where
+    it was initialized, as their exit hooks would (a launcher may count a rank that skips MPI_Finalize as failed).
+    Only for success paths: MPI_Finalize waits for peers, which a failing rank must not."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
