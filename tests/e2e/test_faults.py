@@ -230,13 +230,22 @@ def test_skip_step_skips_the_update_on_every_rank_and_finishes(data, overflowing
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
-def test_resume_falls_back_from_a_truncated_checkpoint_file(data, uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def killed_after_step_8(data, tmp_path_factory) -> Path:
+    """The uninterrupted run's configuration on 2 ranks, killed hard right after its step-8 checkpoint committed
+    (steps 4 and 8 kept). Tests resume copies of it."""
+    folder = tmp_path_factory.mktemp("killed")
+    assert launch(config_for(folder, data, "run"), env={FAULT_ENV: "train.committed=8"}).returncode != 0
+    assert [step for step, _ in RunFolder(folder / "run").complete_checkpoints()] == [4, 8]
+    return folder / "run"
+
+
+def test_resume_falls_back_from_a_truncated_checkpoint_file(data, uninterrupted, killed_after_step_8, tmp_path):
     """A run killed after its step-8 checkpoint, one file of which is then cut in half: the resume passes over
     step 8, says why, trains on from step 4 and ends bit-identical to the run that was never interrupted."""
+    shutil.copytree(killed_after_step_8, tmp_path / "run")
     config = config_for(tmp_path, data, "run")
-    assert launch(config, env={FAULT_ENV: "train.committed=8"}).returncode != 0
     run = RunFolder(tmp_path / "run")
-    assert [step for step, _ in run.complete_checkpoints()] == [4, 8]
     victim = max((p for p in run.checkpoint(8).rglob("*.pt")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
 
@@ -286,22 +295,26 @@ print("restored", len(saved), "moment tensors of step", step, "exactly")
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_resume_on_another_rank_count_keeps_the_adam_moments(data, tmp_path, stage):
-    config = config_for(tmp_path, data, "run", train={"max_steps": 8}, checkpoint={"every_steps": 4},
-                        deepspeed={"config": stage})
-    assert launch(config, env={FAULT_ENV: "train.committed=4"}).returncode != 0  # 2 ranks, killed after step 4
+def test_resume_on_another_rank_count_keeps_the_adam_moments(data, killed_after_step_8, tmp_path, stage):
+    if stage == "zero2":  # the module's 2-rank run killed after step 8
+        shutil.copytree(killed_after_step_8, tmp_path / "run")
+        config, step = config_for(tmp_path, data, "run"), 8
+    else:  # 2 ranks, killed after step 4
+        config, step = config_for(tmp_path, data, "run", train={"max_steps": 8}, checkpoint={"every_steps": 4},
+                                  deepspeed={"config": stage}), 4
+        assert launch(config, env={FAULT_ENV: "train.committed=4"}).returncode != 0
     # One rank (twice the accumulation, the same global batch) restores the 2-rank checkpoint: tensor by tensor.
     env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     check = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(config), "train.grad_accum_steps=4"], env=env,
                            capture_output=True, text=True, timeout=600)
-    assert check.returncode == 0 and "exactly" in check.stdout, check.stderr[-3000:]
+    assert check.returncode == 0 and f"of step {step} exactly" in check.stdout, check.stderr[-3000:]
     if stage != "zero2":
         return
     # And the 1-rank run trains on from there.
     resumed = launch(config, 1, "train.grad_accum_steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "world size changed (2 -> 1)" in resumed.stderr and "and Adam moments restored" in resumed.stderr
-    assert summary_of(tmp_path / "run")["resumed_from_step"] == 4
+    assert summary_of(tmp_path / "run")["resumed_from_step"] == step
 
 
 # ------------------------------------------------------------------------------------------------------ the disk
