@@ -112,13 +112,14 @@ def _held_out(config: RunConfig, checkpoint: CheckpointInfo) -> ShardIndex | Non
     """data.eval_shards opened and checked against the model; it must be whole, and the timesteps in range."""
     if not config.data.eval_shards:
         return None
-    from cogvx_dist.core.loading import load_scheduler
+    from cogvx_dist.core.loading import read_component_config
 
     _, index = _open_dataset(config, checkpoint, config.data.eval_shards, "data.eval_shards")
     if index.damaged:
         location, why = sorted(index.damaged.items())[0]
         raise CogvxError(f"data.eval_shards: shard {location}: {why}; a held-out set must be whole")
-    steps = load_scheduler(config.model.path).config.num_train_timesteps
+    # The config, not the scheduler: loading it imports diffusers, 2 s of CPU in `cogvx train` before any rank.
+    steps = read_component_config(config.model.path, "scheduler").get("num_train_timesteps", 1000)
     beyond = [t for t in config.log.eval_timesteps if t >= steps]
     if beyond:
         raise CogvxError(f"log.eval_timesteps {beyond} beyond the scheduler's {steps} training timesteps "
