@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker and the processes its tests start share the cores with the other workers:
+    torch's default of a thread per core in every process left OpenMP threads spinning on cores another worker
+    needs (the convention cogvx's own CPU ranks follow; an exported OMP_NUM_THREADS wins)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        from cogvx_dist.core.devices import cpu_threads_per_rank
+
+        threads = cpu_threads_per_rank(len(os.sched_getaffinity(0)), workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the processes tests start
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
