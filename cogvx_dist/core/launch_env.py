@@ -84,6 +84,14 @@ def exit_finished(code: int) -> NoReturn:
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
+    leave_now(code)
+
+
+def leave_now(code: int) -> NoReturn:
+    """Exit at once with `code`, stdio flushed: no clean-up that could wait on a peer (process-group teardown,
+    loader workers)."""
+    import sys
+
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
-from cogvx_dist.core.launch_env import env_rank, exit_finished
+from cogvx_dist.core.launch_env import env_rank, exit_finished, leave_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = config.output_dir
         train(config)
     except failures.Preempted:
-        _leave(failures.EXIT_PREEMPTED)
+        leave_now(failures.EXIT_PREEMPTED)
     except CogvxError as err:
         # Most checks come out the same on every rank, so one line from rank 0 tells the whole story; a RankError
         # (a bad sample, a checkpoint one node cannot read) may not, and carries the rank.
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if output_dir:
             failures.record_failure(output_dir, rank, str(err), failures.EXIT_USER_ERROR)
-        _leave(failures.EXIT_USER_ERROR)
+        leave_now(failures.EXIT_USER_ERROR)
     except BaseException as err:  # a bug, or a peer that vanished: say which, then go
         secondary = failures.is_peer_loss(err)
         line = f"{type(err).__name__}: {first_line(err)}"
@@ -64,16 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if output_dir:
             failures.record_failure(output_dir, rank, line, failures.EXIT_FAILED,
                                     failures.SECONDARY if secondary else failures.PRIMARY, traceback.format_exc())
-        _leave(failures.EXIT_FAILED)
+        leave_now(failures.EXIT_FAILED)
     return 0
-
-
-def _leave(code: int) -> None:
-    """Exit now: interpreter clean-up could wait on a peer (process-group teardown, loader workers)."""
-    # os._exit skips Python's buffers and exit hooks, so flush what they would have.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def build_ops() -> list[str]:
     """Build now, into this environment's folder, the JIT ops DeepSpeed would otherwise compile on first use: CPU Adam
     (optimizer offload) and, on the CPU accelerator, the shared-memory all-reduce of single-node runs. What
     `DS_BUILD_CPU_ADAM=1 pip install deepspeed` does at install time; already-built ops load from the cache.
-    Returns the names of the ops now built."""
+    Returns the names of the ops now ready."""
     use_environment_extensions_dir()
     from deepspeed.accelerator import get_accelerator
 
