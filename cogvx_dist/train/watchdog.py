@@ -117,6 +117,12 @@ class Watchdog:
             if failure is not None:
                 self.on_peer_failure(failure)
                 return
+            # Judged before this rank beats again: a rank that was itself stopped (and is running again because
+            # the waiting rank woke it to dump its stacks) still has its stale heartbeat on disk, so it names itself.
+            idle = time.monotonic() - self.last_progress
+            if self.stall_timeout_s and idle > self.stall_timeout_s:
+                self.on_stall(self._stall_report(idle))
+                return
             if time.monotonic() - last_beat >= self.interval_s:
                 last_beat = time.monotonic()
                 self._beat()
@@ -125,10 +131,6 @@ class Watchdog:
                         self.tick()
                     except OSError:
                         pass  # e.g. a full disk: the lock's heartbeat waits for the next tick
-            idle = time.monotonic() - self.last_progress
-            if self.stall_timeout_s and idle > self.stall_timeout_s:
-                self.on_stall(self._stall_report(idle))
-                return
 
     def _peer_failure(self) -> dict[str, Any] | None:
         """Another rank's failure record written since this rank started (older ones are earlier runs')."""
@@ -149,7 +151,7 @@ class Watchdog:
             handle.flush()
             faulthandler.dump_traceback(file=handle, all_threads=True)
         beats = read_heartbeats(self.run.root)
-        lagging = [r for r in lagging_ranks(beats, self.world_size, 3 * self.interval_s) if r != self.rank]
+        lagging = lagging_ranks(beats, self.world_size, 3 * self.interval_s)  # this rank too, if it was stopped
         local = {r: int(b["pid"]) for r, b in beats.items()
                  if r != self.rank and b.get("host") == socket.gethostname() and "pid" in b}
         for pid in local.values():
