@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from cogvx_dist.core.families import FAMILIES
 from cogvx_dist.core.faults import FAULT_ENV
+from cogvx_dist.core.launch_env import exit_finished
 from cogvx_dist.core.loading import load_scheduler, load_transformer
 from cogvx_dist.core.lora import LoraSettings, inject_lora, lora_parameters
 from cogvx_dist.core.run_folder import RunFolder
@@ -99,7 +100,11 @@ def _compare(rank: int, world: int, port: int, cases: list[dict[str, Any]], out:
                         "worst_grad_error": worst, "zero_grads": sum(int(g.norm() == 0) for g in reference.values())})
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave as cogvx's ranks do, without the interpreter's teardown: a child once aborted in CI with "terminate
+    # called without an active exception" (a C++ thread destroyed unjoined, which is what teardown can do).
+    exit_finished(0)
 
 
 def _cases(tiny_checkpoint) -> list[dict[str, Any]]:
