@@ -11,6 +11,7 @@ the output and a log-sum-exp, never the N x N scores): on the CPU that is the fl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -125,14 +126,28 @@ def trace_step(shape: StepShape) -> StepTrace:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")
         result = _run(model, shape)
-    # FLOPs in a pass of their own: the counter's hooks keep checkpointed activations alive, spoiling the memory.
-    counted = _meta_model(shape, checkpointing=False)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        forward, total = _count_flops(counted.to_empty(device="cpu"), shape)
-    blocks = len(counted.transformer_blocks)
+    forward, total = model_flops(shape)
+    blocks = len(model.transformer_blocks)
     every = shape.gradient_checkpointing
     recomputed = forward * (len(range(0, blocks, every)) / blocks if every else 0.0)
     return StepTrace(result[0], int(total + recomputed), total, *result[1:], seconds=time.perf_counter() - started)
+
+
+_FLOPS: dict[str, tuple[int, int]] = {}
+
+
+def model_flops(shape: StepShape) -> tuple[int, int]:
+    """(forward FLOPs, forward + backward FLOPs) of one micro-batch without recomputation, counted once per shape
+    in this process: they do not depend on checkpointing, so a search's three traces share one count."""
+    key = repr(dataclasses.replace(shape, gradient_checkpointing=0))
+    if key not in _FLOPS:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        # A pass of its own: the counter's hooks keep checkpointed activations alive, spoiling the memory trace.
+        counted = _meta_model(shape, checkpointing=False)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            _FLOPS[key] = _count_flops(counted.to_empty(device="cpu"), shape)
+    return _FLOPS[key]
 
 
 _TRACES: dict[str, StepTrace] = {}
