@@ -5,6 +5,7 @@ Torch-free, so the prep tier, the train entry point and the distributed module s
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +70,23 @@ class RankInfo:
         """Wait for every prep rank (MPI only; other launchers finalize through the part files)."""
         if self.comm is not None:
             self.comm.Barrier()
+
+
+def defer_garbage_collection() -> None:
+    """Pause the cyclic garbage collector for a process's start-up. Importing torch, DeepSpeed, transformers, PEFT
+    and diffusers creates millions of objects that live as long as the process, and CPython's collector walked them
+    all again and again during the imports for nothing: 0.9 of a training rank's 4.5 s of import CPU on a 2-core
+    node. `resume_garbage_collection` ends the pause once set-up is done."""
+    gc.disable()
+
+
+def resume_garbage_collection() -> None:
+    """End of start-up: what exists now lives until the process ends, so it leaves the collector's sight (gc.freeze:
+    later collections walk only what the run allocates) and collection resumes. A no-op where start-up did not
+    pause it (a caller that runs the trainer in its own process keeps its own collector)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def exit_finished(code: int) -> NoReturn:

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
-from cogvx_dist.core.launch_env import env_rank, exit_finished, leave_now
+from cogvx_dist.core.launch_env import defer_garbage_collection, env_rank, exit_finished, leave_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,4 +69,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    defer_garbage_collection()  # through the imports and set-up; the trainer resumes it before its first step
     exit_finished(main())

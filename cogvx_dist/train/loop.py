@@ -23,7 +23,7 @@ from cogvx_dist.core.devices import pick_device, share_cpu_cores, torch_dtype
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
 from cogvx_dist.core.faults import delay_hook, fault_hook
 from cogvx_dist.core.files import write_atomic
-from cogvx_dist.core.launch_env import RankInfo, env_rank, env_world_size
+from cogvx_dist.core.launch_env import RankInfo, env_rank, env_world_size, resume_garbage_collection
 from cogvx_dist.core.loading import load_scheduler
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.lora import (
@@ -160,6 +160,7 @@ class Trainer:
                                 resume_step=start_step)
         trace = SampleTrace(self.run.root, self.ranks.rank) if config.log.sample_trace else None
         progress = self._progress_bar(start_step)
+        resume_garbage_collection()
         if start_step == 0 and self.held_out is not None:
             metrics.log(0, self.evaluate(meter))  # where the curve starts: the weights before any update
         self.engine.train()

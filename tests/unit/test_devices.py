@@ -1,14 +1,16 @@
-"""Which device each process uses: training and prep ranks by local rank, the watcher beside a training run."""
+"""Which device each process uses (training and prep ranks by local rank, the watcher beside a training run), and
+what a rank process does at start-up besides (CPU threads, the garbage collector's pause)."""
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import pytest
 
 from cogvx_dist.core.devices import cpu_threads_per_rank, rank_device, side_device
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.launch_env import env_local_world_size
+from cogvx_dist.core.launch_env import defer_garbage_collection, env_local_world_size, resume_garbage_collection
 
 
 @pytest.mark.parametrize("visible", [1, 2, 8])
@@ -44,3 +46,19 @@ def test_cpu_ranks_share_the_cores(cores, local_ranks, threads):
                                        ({}, 1)])
 def test_ranks_on_this_node_come_from_any_launcher(env, size):
     assert env_local_world_size(env) == size
+
+
+def test_start_up_pauses_the_collector_and_its_end_freezes_what_was_built():
+    gc.collect()
+    defer_garbage_collection()
+    try:
+        assert not gc.isenabled()
+        built = [[index] for index in range(1000)]  # what imports and set-up leave behind, alive for the run
+        resume_garbage_collection()
+        assert gc.isenabled() and gc.get_freeze_count() >= len(built)
+        frozen = gc.get_freeze_count()
+        resume_garbage_collection()  # not paused: nothing to resume, nothing more frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+        gc.enable()
