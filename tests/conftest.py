@@ -33,16 +33,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
-    """Factory: tiny_checkpoint(family, seed=0) -> Path of a tiny diffusers checkpoint (cached per session)."""
+    """Factory: tiny_checkpoint(family, seed=0) -> Path of a tiny diffusers checkpoint (made once per session, shared
+    by the xdist workers)."""
     from cogvx_dist.core.tiny import make_tiny_checkpoint
+    from tests.helpers import shared_folder
 
     made: dict[tuple[str, int], Path] = {}
-    root = tmp_path_factory.mktemp("tiny")
 
     def make(family: str = "CogVideoX-2b", seed: int = 0) -> Path:
         key = (family, seed)
         if key not in made:
-            made[key] = make_tiny_checkpoint(root / f"{family}-{seed}", family, seed=seed)
+            made[key] = shared_folder(tmp_path_factory, f"tiny-{family}-{seed}",
+                                      lambda folder: make_tiny_checkpoint(folder, family, seed=seed))
         return made[key]
 
     return make
@@ -51,8 +53,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def synthetic_shards(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
     """Factory: synthetic_shards(sizes, family="CogVideoX-2b") -> (model, folder) of latent shards with synthetic
-    moments in the real format (cached per session)."""
+    moments in the real format (made once per session, shared by the xdist workers)."""
     from cogvx_dist.core.synthetic_shards import write_synthetic_shards
+    from tests.helpers import shared_folder
 
     made: dict[tuple[tuple[int, ...], str], tuple[Path, Path]] = {}
 
@@ -60,9 +63,9 @@ def synthetic_shards(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
         key = (tuple(sizes), family)
         if key not in made:
             model = tiny_checkpoint(family)
-            folder = tmp_path_factory.mktemp("synthetic-shards")
-            write_synthetic_shards(folder, model, list(sizes))
-            made[key] = (model, folder)
+            name = f"synthetic-{family}-{'-'.join(map(str, sizes))}"
+            made[key] = model, shared_folder(tmp_path_factory, name,
+                                             lambda folder: write_synthetic_shards(folder, model, list(sizes)))
         return made[key]
 
     return make
@@ -70,16 +73,20 @@ def synthetic_shards(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def prepped_2b(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Shards made by the prep tier from real mp4 clips of moving shapes: 8 samples in shards of 3, 3 and 2."""
+    """Shards made by the prep tier from real mp4 clips of moving shapes: 8 samples in shards of 3, 3 and 2 (made once
+    per session, shared by the xdist workers)."""
     from cogvx_dist.core.shard_format import Manifest
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
+    from tests.helpers import shared_folder
 
     model = tiny_checkpoint("CogVideoX-2b")
-    root = tmp_path_factory.mktemp("prep-2b")
-    dataset = make_synthetic_dataset(root / "videos", count=8, seed=0)
-    result = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(root / "shards"),
-                                 storage_dtype="float32", shard_max_samples=3, progress=False))
-    assert result.encoded == 8 and [s.samples for s in Manifest.read(root / "shards").shards] == [3, 3, 2]
-    return model, root / "shards"
+
+    def prep(root: Path) -> None:
+        dataset = make_synthetic_dataset(root / "videos", count=8, seed=0)
+        result = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(root / "shards"),
+                                     storage_dtype="float32", shard_max_samples=3, progress=False))
+        assert result.encoded == 8 and [s.samples for s in Manifest.read(root / "shards").shards] == [3, 3, 2]
+
+    return model, shared_folder(tmp_path_factory, "prep-2b", prep) / "shards"

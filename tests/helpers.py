@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,32 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 LORA = {"rank": 8, "alpha": 4.0}
 """The adapter the training tests use."""
+
+
+# ---------------------------------------------------------------------------------------------------------- fixtures
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]) -> Path:
+    """A folder made once for the whole test session, however many pytest-xdist workers ask for it: the first calls
+    `make(folder)`, the others wait on a file lock and read what it made. A module-scoped fixture is made once per
+    worker that runs one of its tests: a reference training run made up to three times on 2 cores. If `make` fails
+    the folder is not marked done, so the next caller tries again (and fails alike)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's temp root, above each worker's own
+    folder = root / "shared" / name
+    done = folder.parent / f"{name}.done"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------- the CLI

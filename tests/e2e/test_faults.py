@@ -34,6 +34,7 @@ from tests.helpers import (
     read_trace,
     record_fault_time,
     shard_keys,
+    shared_folder,
     summary_of,
     write_config,
 )
@@ -70,10 +71,11 @@ def failure_line(job_output: str) -> str:
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("straight")
-    config = config_for(folder, data, "run")
-    assert launch(config).returncode == 0
-    return folder / "run"
+    """The 12-step 2-rank run that interrupted ones must end identical to (made once per session)."""
+    def run(folder: Path) -> None:
+        assert launch(config_for(folder, data, "run")).returncode == 0
+
+    return shared_folder(tmp_path_factory, "faults-uninterrupted", run) / "run"
 
 
 # ------------------------------------------------------------------------------------------------------ preemption
@@ -234,10 +236,11 @@ def test_skip_step_skips_the_update_on_every_rank_and_finishes(data, overflowing
 def killed_after_step_8(data, tmp_path_factory) -> Path:
     """The uninterrupted run's configuration on 2 ranks, killed hard right after its step-8 checkpoint committed
     (steps 4 and 8 kept). Tests resume copies of it."""
-    folder = tmp_path_factory.mktemp("killed")
-    assert launch(config_for(folder, data, "run"), env={FAULT_ENV: "train.committed=8"}).returncode != 0
-    assert [step for step, _ in RunFolder(folder / "run").complete_checkpoints()] == [4, 8]
-    return folder / "run"
+    def run(folder: Path) -> None:
+        assert launch(config_for(folder, data, "run"), env={FAULT_ENV: "train.committed=8"}).returncode != 0
+        assert [step for step, _ in RunFolder(folder / "run").complete_checkpoints()] == [4, 8]
+
+    return shared_folder(tmp_path_factory, "faults-killed-after-step-8", run) / "run"
 
 
 def test_resume_falls_back_from_a_truncated_checkpoint_file(data, uninterrupted, killed_after_step_8, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import REPO, clean_env, communicate_all, free_port, short_run_config, summary_of
+from tests.helpers import REPO, clean_env, communicate_all, free_port, shared_folder, short_run_config, summary_of
 
 LAUNCHERS = REPO / "launchers"
 BIN = Path(sys.executable).parent
@@ -31,19 +31,26 @@ def two_node_run(shards, tmp_path_factory) -> dict[str, Any]:
     deepspeed = BIN / "deepspeed"
     if not deepspeed.exists():
         pytest.skip("no deepspeed console script next to the interpreter")
-    folder = tmp_path_factory.mktemp("two-nodes")
-    config, output = short_run_config(folder, *shards)
-    port = free_port()
-    procs = [
-        subprocess.Popen(["bash", str(LAUNCHERS / "train_node.sh"), str(config)], cwd=REPO, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                         env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=str(port), DEEPSPEED=str(deepspeed), TMPDIR=str(folder)))
-        for node in (0, 1)
-    ]
-    outputs = communicate_all(procs, timeout=600)
-    return {"returncodes": [p.returncode for p in procs], "outputs": outputs, "output": output,
-            "hostfile": folder / "cogvx-hostfile-2x1"}
+
+    def train(folder: Path) -> None:
+        config, _ = short_run_config(folder, *shards)
+        port = free_port()
+        procs = [
+            subprocess.Popen(["bash", str(LAUNCHERS / "train_node.sh"), str(config)], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DEEPSPEED=str(deepspeed),
+                                           TMPDIR=str(folder)))
+            for node in (0, 1)
+        ]
+        outputs = communicate_all(procs, timeout=600)
+        (folder / "nodes.json").write_text(json.dumps({"returncodes": [p.returncode for p in procs],
+                                                       "outputs": outputs}))
+
+    folder = shared_folder(tmp_path_factory, "two-nodes", train)  # once per session
+    nodes = json.loads((folder / "nodes.json").read_text())
+    return {"returncodes": nodes["returncodes"], "outputs": [tuple(pair) for pair in nodes["outputs"]],
+            "output": folder / "run", "hostfile": folder / "cogvx-hostfile-2x1"}
 
 
 def test_two_simulated_nodes_train_identical_adapters(two_node_run):

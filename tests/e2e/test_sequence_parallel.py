@@ -25,7 +25,7 @@ from cogvx_dist.core.shard_format import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.train.model import enable_gradient_checkpointing
 from cogvx_dist.train.sequence_parallel import SequenceParallel, enable_sequence_parallel
-from tests.helpers import LORA, free_port, launch, read_adapter, read_trace, summary_of, write_config
+from tests.helpers import LORA, free_port, launch, read_adapter, read_trace, shared_folder, summary_of, write_config
 
 PARTS = 2
 
@@ -185,10 +185,12 @@ def _keys_by_step(output: Path, ranks: range) -> dict[int, list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def one_rank_run(prepped_2b, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("sp-reference")
-    result = launch(_run_config(folder, "run", prepped_2b, parts=1), 1)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
+    """What the sequence-parallel runs must match: one rank alone (made once per session)."""
+    def train(folder: Path) -> None:
+        result = launch(_run_config(folder, "run", prepped_2b, parts=1), 1)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return shared_folder(tmp_path_factory, "sp-one-rank", train) / "run"
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tests.helpers import (
     read_adapter,
     read_trace,
     s3_server,
+    shared_folder,
     shm_buffers,
     stream_order,
     summary_of,
@@ -40,22 +42,20 @@ from tests.helpers import (
 
 @pytest.fixture(scope="module")
 def zero_stage_run(prepped_2b, tmp_path_factory):
-    """Factory: stage -> output of a 16-step 2-rank run under that DeepSpeed config (run once per module), which
+    """Factory: stage -> output of a 16-step 2-rank run under that DeepSpeed config (run once per session), which
     must not have left DeepSpeed's shared-memory buffers in /dev/shm."""
     model, shards = prepped_2b
-    runs: dict[str, Path] = {}
+
+    def train(stage: str, folder: Path) -> None:
+        config = write_config(folder / "run.yaml", model, shards, folder / "run", deepspeed={"config": stage},
+                              train={"max_steps": 16})
+        port = free_port()
+        result = launch(config, 2, "--master-port", str(port))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not shm_buffers(port), "the run left DeepSpeed's shared-memory buffers in /dev/shm"
 
     def run(stage: str) -> Path:
-        if stage not in runs:
-            folder = tmp_path_factory.mktemp(stage)
-            config = write_config(folder / "run.yaml", model, shards, folder / "run", deepspeed={"config": stage},
-                                  train={"max_steps": 16})
-            port = free_port()
-            result = launch(config, 2, "--master-port", str(port))
-            assert result.returncode == 0, result.stderr[-3000:]
-            assert not shm_buffers(port), "the run left DeepSpeed's shared-memory buffers in /dev/shm"
-            runs[stage] = folder / "run"
-        return runs[stage]
+        return shared_folder(tmp_path_factory, f"train-{stage}", functools.partial(train, stage)) / "run"
 
     return run
 
@@ -151,8 +151,9 @@ def init_adapter(prepped_2b, tmp_path_factory) -> tuple[Path, str]:
     generator = torch.Generator().manual_seed(12)
     state = {name: (torch.randn(t.shape, generator=generator) * 0.02 if ".lora_B." in name else t.clone())
              for name, t in lora_state_dict(transformer).items()}
-    folder = tmp_path_factory.mktemp("init-adapter")
-    CogVideoXPipeline.save_lora_weights(str(folder), transformer_lora_layers=state)
+    folder = shared_folder(tmp_path_factory, "train-init-adapter",  # the path the shared runs' configs name
+                           lambda folder: CogVideoXPipeline.save_lora_weights(str(folder),
+                                                                              transformer_lora_layers=state))
     return folder, adapter_checksum(state)
 
 
@@ -183,20 +184,24 @@ def sections(features: dict[str, dict], **extra: dict) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def straight_run(prepped_2b, init_adapter, features, tmp_path_factory):
-    """The uninterrupted 2-rank run on local shards that crashed and resumed runs must match."""
+    """The uninterrupted 2-rank run on local shards that crashed and resumed runs must match (made once per
+    session)."""
     model, shards = prepped_2b
-    straight = tmp_path_factory.mktemp("straight") / "run"
-    config = write_config(straight.parent / "straight.yaml", model, shards, straight, **sections(features))
-    result = launch(config)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # Step 0's adapter, as every rank built it, is the file's exactly.
-    assert summary_of(straight)["initial_adapter_checksum"] == init_adapter[1]
-    # The held-out loss before the first update, and after every 4 steps: falling on the set the adapter trains on.
-    evaluations = held_out(straight)
-    assert sorted(evaluations) == [0, 4, 8]
-    assert set(evaluations[8]) == {"eval/loss", "eval/loss_t200", "eval/loss_t500", "eval/loss_t800"}
-    assert evaluations[8]["eval/loss"] < evaluations[0]["eval/loss"], evaluations
-    return straight
+
+    def train(folder: Path) -> None:
+        straight = folder / "run"
+        config = write_config(folder / "straight.yaml", model, shards, straight, **sections(features))
+        result = launch(config)
+        assert result.returncode == 0, result.stderr[-3000:]
+        # Step 0's adapter, as every rank built it, is the file's exactly.
+        assert summary_of(straight)["initial_adapter_checksum"] == init_adapter[1]
+        # The held-out loss before the first update, and after every 4 steps: falling on the set it trains on.
+        evaluations = held_out(straight)
+        assert sorted(evaluations) == [0, 4, 8]
+        assert set(evaluations[8]) == {"eval/loss", "eval/loss_t200", "eval/loss_t500", "eval/loss_t800"}
+        assert evaluations[8]["eval/loss"] < evaluations[0]["eval/loss"], evaluations
+
+    return shared_folder(tmp_path_factory, "train-straight", train) / "run"
 
 
 def assert_same_run(straight, other) -> None:

@@ -16,26 +16,27 @@ import pytest
 
 from cogvx_dist.core.lora import LORA_WEIGHTS_NAME
 from cogvx_dist.train.engine import extensions_dir
-from tests.helpers import REPO, clean_env, decode_mp4
+from tests.helpers import REPO, clean_env, decode_mp4, shared_folder
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     """A fresh venv holding only the built wheel; the dependencies come from this environment's site-packages as a
-    plain path (so its editable install of cogvx-dist is not seen)."""
-    root = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(REPO), "-w",
-                    str(root / "wheels")], check=True, capture_output=True, timeout=600)
-    (wheel,) = (root / "wheels").glob("cogvx_dist-*.whl")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
-    purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
-                                   "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                  check=True, capture_output=True, text=True).stdout.strip())
-    (purelib / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
-                    "--no-deps", str(wheel)], check=True, capture_output=True, timeout=600)
-    return venv
+    plain path (so its editable install of cogvx-dist is not seen). Made once per session."""
+    def build(root: Path) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", str(REPO), "-w",
+                        str(root / "wheels")], check=True, capture_output=True, timeout=600)
+        (wheel,) = (root / "wheels").glob("cogvx_dist-*.whl")
+        venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+        purelib = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                       "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                      check=True, capture_output=True, text=True).stdout.strip())
+        (purelib / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+        subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+                        "--no-deps", str(wheel)], check=True, capture_output=True, timeout=600)
+
+    return shared_folder(tmp_path_factory, "wheel-venv", build) / "venv"
 
 
 def test_the_wheel_ships_the_deepspeed_configs(venv, tmp_path):
