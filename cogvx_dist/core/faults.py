@@ -8,6 +8,8 @@ Points:
   checkpoint of optimizer step STEP committed;
 - `train.step_delay_ms=MS`: every optimizer step takes MS milliseconds longer (a slow job, so that tests can
   signal or stop a rank mid-run);
+- `train.preemption_record_delay_ms=MS`: rank 0 waits MS milliseconds before recording a preemption (a slow
+  shared filesystem), so that a test can check no rank leaves before the record exists;
 - `prep.written=N`: prep exits hard (code 3) after writing its N-th sample into the open shard, which stays a
   temporary file, as after a crash mid-shard;
 - `prep.uploaded_bytes=N`: prep exits hard (code 4) once N bytes of a file being uploaded to an output URL were

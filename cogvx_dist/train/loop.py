@@ -133,6 +133,7 @@ class Trainer:
         self.family = checks.checkpoint.family
         self.committed_fault = fault_hook("train.committed")
         self.slow_step = delay_hook("train.step_delay_ms")
+        self.slow_preemption_record = delay_hook("train.preemption_record_delay_ms")
         self.lock = RunLock(config.output_dir)
         self.nonfinite_in_a_row = self.skipped_steps = self.bad_samples = 0
         self.saved_step = -1
@@ -322,7 +323,12 @@ class Trainer:
 
     def _stop_preempted(self, step: int) -> None:
         if self.ranks.is_main:
+            if self.slow_preemption_record:
+                self.slow_preemption_record()
             failures.record_preemption(self.run.root, step, self.preemption.signal_name)
+        # No rank leaves before the record exists: another node's `cogvx train` reads it as soon as that node's
+        # ranks are gone, and would otherwise report a launcher that died of the signal with no reason.
+        engine.barrier()
         self.log.info("preempted by %s: checkpoint of step %d committed; rerun the same command to resume",
                       self.preemption.signal_name, step)
         raise failures.Preempted(step, self.preemption.signal_name)

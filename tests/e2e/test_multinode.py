@@ -106,9 +106,14 @@ def test_training_under_mpiexec_with_deepspeed_mpi_discovery(two_node_run, shard
     assert summary["adapter_checksums"] == summary_of(two_node_run["output"])["adapter_checksums"]
 
 
+SLOW_STEPS_SLOW_RECORD = "train.step_delay_ms=250,train.preemption_record_delay_ms=2000"
+"""Steps slow enough to signal mid-run, and rank 0 slow to record the preemption (node 1's ranks must wait for it)."""
+
+
 def test_sigusr1_to_every_process_of_both_nodes_checkpoints_and_exits_75(shards, tmp_path):
     """What Slurm's --signal=USR1 does to a job step: every process of every node gets SIGUSR1. Each node's
-    `cogvx train` (train_node.sh execs it) passes it on; the ranks agree, commit one checkpoint and exit 75."""
+    `cogvx train` (train_node.sh execs it) passes it on; the ranks agree, commit one checkpoint and exit 75. Node 1's
+    `cogvx train` reads the preemption record that rank 0 (on node 0) writes: its own rank must not leave first."""
     import time
 
     from cogvx_dist.core.faults import FAULT_ENV
@@ -121,7 +126,7 @@ def test_sigusr1_to_every_process_of_both_nodes_checkpoints_and_exits_75(shards,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                               env=clean_env(NODE_RANK=str(node), NNODES="2", GPUS_PER_NODE="1", CHECK="0",
                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(tmp_path),
-                                            **{FAULT_ENV: "train.step_delay_ms=250"}))
+                                            **{FAULT_ENV: SLOW_STEPS_SLOW_RECORD}))
              for node in (0, 1)]
     metrics = RunFolder(output).metrics
     deadline = time.monotonic() + 300
