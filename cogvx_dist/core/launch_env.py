@@ -83,7 +83,9 @@ def defer_garbage_collection() -> None:
 def resume_garbage_collection() -> None:
     """End of start-up: what exists now lives until the process ends, so it leaves the collector's sight (gc.freeze:
     later collections walk only what the run allocates) and collection resumes. A no-op where start-up did not
-    pause it (a caller that runs the trainer in its own process keeps its own collector)."""
+    pause it (a caller that runs the trainer in its own process keeps its own collector). What set-up left as
+    garbage is frozen with the rest rather than collected first: in a training rank that was 11k small objects
+    (tuples, cells, functions, a few frames; no tensor) among 888k, while the collection would take 0.6 s."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
