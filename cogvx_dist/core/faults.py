@@ -10,6 +10,9 @@ Points:
   signal or stop a rank mid-run);
 - `train.preemption_record_delay_ms=MS`: rank 0 waits MS milliseconds before recording a preemption (a slow
   shared filesystem), so that a test can check no rank leaves before the record exists;
+- `train.stall_kill_delay_ms=MS`: a stall watchdog waits MS milliseconds after killing the ranks that stopped
+  before it ends its own rank (a loaded node), so that a test can check that the main thread, whose collective
+  broke on that kill, does not report the lost peer as the job's cause;
 - `prep.written=N`: prep exits hard (code 3) after writing its N-th sample into the open shard, which stays a
   temporary file, as after a crash mid-shard;
 - `prep.uploaded_bytes=N`: prep exits hard (code 4) once N bytes of a file being uploaded to an output URL were

@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = config.output_dir
         train(config)
     except failures.Preempted:
+        failures.claim_rank_end()  # or wait, if a watchdog thread is already ending this rank
         leave_now(failures.EXIT_PREEMPTED)
     except CogvxError as err:
+        failures.claim_rank_end()  # or wait, if a watchdog thread is already ending this rank
         # Most checks come out the same on every rank, so one line from rank 0 tells the whole story; a RankError
         # (a bad sample, a checkpoint one node cannot read) may not, and carries the rank.
         if isinstance(err, RankError):
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             failures.record_failure(output_dir, rank, str(err), failures.EXIT_USER_ERROR)
         leave_now(failures.EXIT_USER_ERROR)
     except BaseException as err:  # a bug, or a peer that vanished: say which, then go
+        failures.claim_rank_end()  # or wait, if a watchdog thread is already ending this rank
         secondary = failures.is_peer_loss(err)
         line = f"{type(err).__name__}: {first_line(err)}"
         if secondary:

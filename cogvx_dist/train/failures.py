@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,19 @@ LAUNCH_ID_ENV = "COGVX_LAUNCH_ID"
 
 PRIMARY, SECONDARY = "primary", "secondary"
 """A primary failure ended the job; a secondary one followed from it (a peer that vanished mid-collective)."""
+
+
+_RANK_END = threading.RLock()
+"""Held, never released, by the thread that ends this rank."""
+
+
+def claim_rank_end() -> None:
+    """Make the calling thread the one that ends this rank, before it records why; a thread that comes second waits
+    here for the first to exit the process. The stall watchdog claims before it kills a stopped peer: the main
+    thread's collective breaks on that kill at once, and it would otherwise record the lost peer and exit 1 before
+    the stall's record was written (a CI run reported a stalled job as 'a peer rank is gone')."""
+    if not _RANK_END.acquire(blocking=False):
+        threading.Event().wait()  # forever: the first thread exits the process
 
 
 class Preempted(Exception):

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,17 +308,21 @@ class Trainer:
                    f"{self.config.checkpoint.preempt_grace_s:g}; resume takes the last committed one")
         self._die(message, failures.EXIT_PREEMPT_UNSAVED)
 
-    def _stalled(self, message: str) -> None:
-        self._die(message, failures.EXIT_STALLED)
+    def _stalled(self, message: str, kill_lagging: Callable[[], None]) -> None:
+        self._die(message, failures.EXIT_STALLED, before_exit=kill_lagging)
 
     def _peer_failed(self, record: dict[str, Any]) -> None:
         self._die(f"stopped: rank {record.get('rank')} failed ({record.get('message', '')[:200]})",
                   failures.EXIT_FAILED, failures.SECONDARY)
 
-    def _die(self, message: str, code: int, kind: str = failures.PRIMARY) -> None:
+    def _die(self, message: str, code: int, kind: str = failures.PRIMARY,
+             before_exit: Callable[[], None] | None = None) -> None:
         """From a watchdog or timer thread: record why, say it, and leave at once."""
+        failures.claim_rank_end()
         failures.record_failure(self.run.root, self.ranks.rank, message, code, kind)
         self.log.error("[rank %d] %s", self.ranks.rank, message)
+        if before_exit is not None:
+            before_exit()
         self.lock.release()
         exit_now(code)
 

@@ -17,6 +17,7 @@ C++ cannot be interrupted from Python, which is why this runs in its own thread.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cogvx_dist.core.faults import delay_hook
 from cogvx_dist.core.files import write_atomic
 from cogvx_dist.core.run_folder import FAILURES, HEARTBEATS, RunFolder
 
@@ -69,10 +71,16 @@ def lagging_ranks(beats: dict[int, dict[str, Any]], world_size: int, stale_after
 
 
 class Watchdog:
-    """Heartbeats and stall detection for one rank; `progress(step)` after every completed step or checkpoint."""
+    """Heartbeats and stall detection for one rank; `progress(step)` after every completed step or checkpoint.
+
+    `on_stall(message, kill_lagging)` and `on_peer_failure(record)` end the rank. On a stall, `on_stall` must record
+    the stall before it calls `kill_lagging`: this rank's main thread sees the killed peer's connection close at once,
+    and the rank's end has to be claimed (failures.claim_rank_end) before then, or the main thread reports the lost
+    peer as the job's cause."""
 
     def __init__(self, output_dir: str | Path, rank: int, world_size: int, stall_timeout_s: float,
-                 on_stall: Callable[[str], None], on_peer_failure: Callable[[dict[str, Any]], None],
+                 on_stall: Callable[[str, Callable[[], None]], None],
+                 on_peer_failure: Callable[[dict[str, Any]], None],
                  tick: Callable[[], None] | None = None) -> None:
         self.run = RunFolder(output_dir)
         self.rank, self.world_size = rank, world_size
@@ -81,6 +89,7 @@ class Watchdog:
         self.on_stall = on_stall
         self.on_peer_failure = on_peer_failure
         self.tick = tick
+        self.slow_kill = delay_hook("train.stall_kill_delay_ms")
         self.step = 0
         import psutil  # DeepSpeed's dependency
 
@@ -121,7 +130,8 @@ class Watchdog:
             # the waiting rank woke it to dump its stacks) still has its stale heartbeat on disk, so it names itself.
             idle = time.monotonic() - self.last_progress
             if self.stall_timeout_s and idle > self.stall_timeout_s:
-                self.on_stall(self._stall_report(idle))
+                message, lagging_pids = self._stall_report(idle)
+                self.on_stall(message, functools.partial(self._kill, lagging_pids))
                 return
             if time.monotonic() - last_beat >= self.interval_s:
                 last_beat = time.monotonic()
@@ -143,8 +153,8 @@ class Watchdog:
                 return record
         return None
 
-    def _stall_report(self, idle: float) -> str:
-        """Dump stacks here and on this host's other ranks, kill the lagging local ranks; the one-line cause."""
+    def _stall_report(self, idle: float) -> tuple[str, list[int]]:
+        """Dump stacks here and on this host's other ranks; the one-line cause and the lagging local ranks' pids."""
         stacks = self.run.stacks(self.rank)
         with open(stacks, "a") as handle:
             handle.write(f"--- rank {self.rank} stalled at step {self.step} after {idle:.0f} s ---\n")
@@ -158,13 +168,17 @@ class Watchdog:
             _signal(pid, STACK_SIGNAL)
             _signal(pid, signal.SIGCONT)  # a stopped rank dumps once it runs again
         time.sleep(min(2.0, self.interval_s))
-        for rank in lagging:
-            if rank in local:
-                _signal(local[rank], signal.SIGKILL)
         named = ", ".join(map(str, lagging)) if lagging else "none (every rank is waiting)"
-        return (f"stalled: no step completed for {idle:.0f} s (distributed.stall_timeout_s "
-                f"{self.stall_timeout_s:g}); rank(s) {named} fell behind or stopped responding at step {self.step}; "
-                f"stacks in {stacks.parent}")
+        message = (f"stalled: no step completed for {idle:.0f} s (distributed.stall_timeout_s "
+                   f"{self.stall_timeout_s:g}); rank(s) {named} fell behind or stopped responding at step "
+                   f"{self.step}; stacks in {stacks.parent}")
+        return message, [local[rank] for rank in lagging if rank in local]
+
+    def _kill(self, pids: list[int]) -> None:
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        if self.slow_kill:
+            self.slow_kill()
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -41,6 +41,8 @@ from tests.helpers import (
 
 SLOW = {FAULT_ENV: "train.step_delay_ms=250"}
 """Steps slow enough to signal a rank mid-run."""
+SLOW_STEPS_SLOW_KILL = {FAULT_ENV: "train.step_delay_ms=250,train.stall_kill_delay_ms=1000"}
+"""And a stall watchdog that is slow to end its rank after killing the stopped one."""
 STEPS = 12
 
 
@@ -112,7 +114,7 @@ def test_sigterm_commits_a_checkpoint_and_resume_is_bit_identical(data, uninterr
 
 def test_a_stopped_rank_ends_the_job_within_the_stall_timeout_naming_it(data, tmp_path):
     config = config_for(tmp_path, data, "run", distributed={"stall_timeout_s": 6})
-    job = Job(config, env=SLOW)
+    job = Job(config, env=SLOW_STEPS_SLOW_KILL)
     job.wait_for_step(3)
     job.rank(1).send_signal(signal.SIGSTOP)
     code, seconds = job.end()

@@ -23,7 +23,8 @@ import sys, time
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 register_stack_dump(sys.argv[1], 1)
 reports = []
-dog = Watchdog(sys.argv[1], rank=1, world_size=2, stall_timeout_s={timeout}, on_stall=reports.append,
+dog = Watchdog(sys.argv[1], rank=1, world_size=2, stall_timeout_s={timeout},
+               on_stall=lambda message, kill_lagging: reports.append(message),
                on_peer_failure=lambda record: reports.append(f"peer failure {{record}}"))
 dog.progress(6)
 dog.start()
