@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -228,6 +229,28 @@ class SequenceGroups:
     get_model_parallel_rank = get_sequence_parallel_rank
 
 
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer with torch.compile made a no-op. Every engine start imports it (to ask whether
+    the optimizer is Muon), and the module compiles a function as it is imported, which imports torch's inductor:
+    0.6-0.7 s of CPU per rank, for a function that a run with another optimizer never calls."""
+    if MUON_MODULE in sys.modules:
+        return
+    previous = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"  # read by torch.compile when it is called, here: at import
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:
+        pass  # a DeepSpeed without Muon
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHDYNAMO_DISABLE", None)
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = previous
+
+
 class Engine:
     """A model wrapped by DeepSpeed, whose optimizer (AdamW from the DeepSpeed config, with the LR schedule
     `lr_lambda`) sees only the trainable (LoRA) parameters; with `sequence_groups`, DeepSpeed reduces gradients the
@@ -239,6 +262,8 @@ class Engine:
         import deepspeed
 
         trainable = [p for p in model.parameters() if p.requires_grad]
+        if ds_config.get("optimizer", {}).get("type", "").lower() != "muon":
+            _import_muon_uncompiled()
 
         def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)

@@ -224,6 +224,31 @@ def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
     assert "refused: a training rank tried to build AutoencoderKLCogVideoX" in out.stdout
 
 
+MUON_SCRIPT = """
+import os, sys
+from cogvx_dist.train import engine
+engine._import_muon_uncompiled()
+assert engine.MUON_MODULE in sys.modules
+print("inductor loaded:", "torch._inductor.compile_fx" in sys.modules)
+print("dynamo disabled:", os.environ.get("TORCHDYNAMO_DISABLE"))
+import torch
+def double(x):
+    return 2 * x
+print("compile works:", torch.compile(double) is not double)
+"""
+
+
+@pytest.mark.parametrize("user_setting", [None, "1"])
+def test_deepspeeds_muon_module_is_imported_without_compiling_and_compile_still_works(user_setting):
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    if user_setting is not None:
+        env["TORCHDYNAMO_DISABLE"] = user_setting
+    out = subprocess.run([sys.executable, "-c", MUON_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    assert "inductor loaded: False" in out.stdout  # 0.6-0.7 s of CPU per rank not spent
+    assert f"dynamo disabled: {user_setting}" in out.stdout  # the user's setting is left as it was
+    assert f"compile works: {user_setting is None}" in out.stdout  # model.compile is not turned off by it
+
+
 @pytest.fixture(scope="module")
 def good_run(tiny_checkpoint, tmp_path_factory):
     model = tiny_checkpoint("CogVideoX-2b")
