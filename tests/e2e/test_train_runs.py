@@ -255,25 +255,35 @@ def i2v_with_copies(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     return model, shards
 
 
-@pytest.mark.parametrize("ranks, stage, data", [(2, "zero3", "clips and stills"), (1, "zero3", "i2v copies")])
+@pytest.mark.parametrize("ranks, stage, data", [(2, "zero3", "a mixture with stills"),
+                                                 (1, "zero3", "i2v copies")])
 def test_every_feature_resumes_exactly_and_the_average_is_the_hand_computed_one(
-        prepped_2b, clips_and_stills, i2v_with_copies, init_adapter, features, tmp_path, ranks, stage, data):
+        prepped_2b, clips_and_stills, synthetic_shards, i2v_with_copies, init_adapter, features, tmp_path, ranks,
+        stage, data):
     """Everything the crash/resume runs use (ZeRO-2 on 2 ranks is the crash/resume test above), under ZeRO-3 on 2
-    ranks (the average sharded like the parameters) over clips and single images, and on 1 rank for image-to-video
-    with noised first-frame copies (there without the 2b adapter to start from): a run killed after its step-2
-    checkpoint and resumed ends bit-identical to the uninterrupted one, and the exported average equals the EMA
-    computed here from the initial adapter and the adapter each step's checkpoint saved."""
+    ranks (the average sharded like the parameters) over a 3:1 mixture of two folders, one of clips and single
+    images, and on 1 rank for image-to-video with noised first-frame copies (there without the 2b adapter to start
+    from): a run killed after its step-2 checkpoint and resumed ends bit-identical to the uninterrupted one, the
+    metrics count the samples each source gave, and the exported average equals the EMA computed here from the
+    initial adapter and the adapter each step's checkpoint saved."""
     from cogvx_dist.core.lora import read_adapter as read_adapter_file
+    from cogvx_dist.train.mixture import MixtureStream
 
-    model, shards = {"clips and stills": (prepped_2b[0], clips_and_stills[0]), "i2v copies": i2v_with_copies}[data]
+    mixed = data != "i2v copies"
+    model, shards = (prepped_2b[0], clips_and_stills[0]) if mixed else i2v_with_copies
+    sources = {}
+    if mixed:
+        synthetic = synthetic_shards([4, 4])[1]
+        sources = {"sources": [{"shards": str(shards), "weight": 3, "name": "prepped"},
+                               {"shards": str(synthetic), "weight": 1, "name": "synthetic"}]}
     decay = 0.6
-    fresh_adapter = {"init_from": "", "init_alpha": 0.0} if data == "i2v copies" else {}
+    fresh_adapter = {} if mixed else {"init_from": "", "init_alpha": 0.0}
     extra = sections(features, deepspeed={"config": stage}, train={"max_steps": 4, "ema_decay": decay},
-                     checkpoint={"every_steps": 1, "keep_last": 5}, data={"eval_shards": str(shards)},
+                     checkpoint={"every_steps": 1, "keep_last": 5}, data={"eval_shards": str(shards), **sources},
                      log={"eval_every_steps": 2}, lora=fresh_adapter)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     for output in (straight, crashed):
-        write_config(tmp_path / f"{output.name}.yaml", model, shards, output, **extra)
+        write_config(tmp_path / f"{output.name}.yaml", model, "" if mixed else shards, output, **extra)
     assert launch(tmp_path / "straight.yaml", ranks).returncode == 0
     assert launch(tmp_path / "crashed.yaml", ranks, env={FAULT_ENV: "train.committed=2"}).returncode != 0
     resumed = launch(tmp_path / "crashed.yaml", ranks)
@@ -282,11 +292,18 @@ def test_every_feature_resumes_exactly_and_the_average_is_the_hand_computed_one(
     assert summary_of(crashed)["world_size"] == ranks
     assert_same_run(straight, crashed)
     assert sorted(held_out(straight)) == [0, 2, 4]
-    if data == "clips and stills":  # every rank trained on both kinds of sample
+    if mixed:
+        synthetic_keys = {ShardIndex(synthetic).key(i) for i in range(8)}
         stills = clips_and_stills[1]
-        for rank in range(ranks):
-            kinds = {key in stills for _, _, r, key in read_trace(straight) if r == rank}
+        for rank in range(ranks):  # every rank trained on clips and stills of the prepped folder
+            kinds = {key in stills for _, _, r, key in read_trace(straight) if r == rank and key not in synthetic_keys}
             assert kinds == {True, False}, f"rank {rank} trained on one kind only"
+        expected = MixtureStream([6, 8], [3, 1], seed=5).seen(4 * 2 * ranks)  # 4 steps of 2 samples a rank, seed 5
+        for run in (straight, crashed):
+            last = json.loads(RunFolder(run).metrics.read_text().splitlines()[-1])
+            assert [last["samples_seen/prepped"], last["samples_seen/synthetic"]] == expected, run.name
+        keys = {key for *_, key in read_trace(straight)}
+        assert keys & synthetic_keys and keys - synthetic_keys  # both folders gave samples
 
     if fresh_adapter:  # the seed's adapter, as every rank injects it
         initial = lora_state_dict(inject_lora(load_transformer(model), LoraSettings(**LORA), seed=5))
@@ -321,32 +338,6 @@ def test_a_run_from_s3_crashed_and_resumed_equals_the_local_run(prepped_2b, feat
     assert_same_run(straight_run, crashed)
     assert "testing" not in "".join(p.read_text(errors="replace") for p in crashed.rglob("*")
                                     if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".log", ".txt"))
-
-
-def test_a_mixture_crashed_and_resumed_equals_the_uninterrupted_mixture(prepped_2b, synthetic_shards, tmp_path):
-    """Two folders mixed 3:1 on two ranks: the uninterrupted run and a run crashed after its step-4 checkpoint and
-    resumed end bit-identical, and the metrics count the samples each source gave."""
-    from cogvx_dist.train.mixture import MixtureStream
-
-    model, prepped = prepped_2b
-    _, synthetic = synthetic_shards([4, 4])
-    sources = {"sources": [{"shards": str(prepped), "weight": 3, "name": "clips"},
-                           {"shards": str(synthetic), "weight": 1, "name": "synthetic"}]}
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    for output in (straight, crashed):
-        write_config(tmp_path / f"{output.name}.yaml", model, "", output, data=sources)
-    assert launch(tmp_path / "straight.yaml").returncode == 0
-    assert launch(tmp_path / "crashed.yaml", env={FAULT_ENV: "train.committed=4"}).returncode != 0
-    second = launch(tmp_path / "crashed.yaml", 2, "checkpoint.resume=auto")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert_same_run(straight, crashed)
-    last = json.loads(RunFolder(straight).metrics.read_text().splitlines()[-1])
-    expected = MixtureStream([8, 8], [3, 1], seed=5).seen(8 * 4)  # 8 steps of 4 samples, train.seed 5
-    assert [last["samples_seen/clips"], last["samples_seen/synthetic"]] == expected
-    assert sum(expected) == 32
-    keys = {key for *_, key in read_trace(straight)}
-    assert keys & set(ShardIndex(prepped).key(i) for i in range(8)) and keys & set(
-        ShardIndex(synthetic).key(i) for i in range(8))
 
 
 def test_streaming_over_http_trains_on_two_ranks(prepped_2b, tmp_path):
