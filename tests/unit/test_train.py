@@ -238,15 +238,12 @@ print("compile works:", torch.compile(double) is not double)
 """
 
 
-@pytest.mark.parametrize("user_setting", [None, "1"])
-def test_deepspeeds_muon_module_is_imported_without_compiling_and_compile_still_works(user_setting):
-    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
-    if user_setting is not None:
-        env["TORCHDYNAMO_DISABLE"] = user_setting
+def test_deepspeeds_muon_module_is_imported_without_compiling_and_compile_still_works():
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "0"}  # the user's own setting, which leaves compile on
     out = subprocess.run([sys.executable, "-c", MUON_SCRIPT], env=env, capture_output=True, text=True, check=True)
     assert "inductor loaded: False" in out.stdout  # 0.6-0.7 s of CPU per rank not spent
-    assert f"dynamo disabled: {user_setting}" in out.stdout  # the user's setting is left as it was
-    assert f"compile works: {user_setting is None}" in out.stdout  # model.compile is not turned off by it
+    assert "dynamo disabled: 0" in out.stdout  # the user's setting is as it was
+    assert "compile works: True" in out.stdout  # model.compile is not turned off by it
 
 
 @pytest.fixture(scope="module")
