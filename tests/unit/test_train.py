@@ -224,6 +224,28 @@ def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
     assert "refused: a training rank tried to build AutoencoderKLCogVideoX" in out.stdout
 
 
+CLAIM_SCRIPT = """
+import threading
+from cogvx_dist.train import failures
+failures.claim_rank_end()  # this thread ends the rank (say, a stall watchdog about to kill a stopped peer)
+def main_thread_after_its_collective_broke():
+    failures.claim_rank_end()
+    print("the second thread went on")
+second = threading.Thread(target=main_thread_after_its_collective_broke, daemon=True)
+second.start()
+second.join(0.5)
+print("the second thread waits:", second.is_alive())
+failures.claim_rank_end()  # the first thread goes on to record and exit
+print("the first thread claims again")
+"""
+
+
+def test_the_first_thread_to_end_a_rank_owns_its_end_and_a_second_one_waits():
+    out = subprocess.run([sys.executable, "-c", CLAIM_SCRIPT], capture_output=True, text=True, check=True, timeout=60)
+    assert "the second thread waits: True" in out.stdout and "the first thread claims again" in out.stdout
+    assert "went on" not in out.stdout
+
+
 MUON_SCRIPT = """
 import os, sys
 from cogvx_dist.train import engine
