@@ -10,8 +10,8 @@
 Each rank writes a heartbeat (host, pid, last completed step) every few seconds. When no step (or checkpoint)
 has completed for distributed.stall_timeout_s, the watchdog of a waiting rank: dumps its own stacks; asks the ranks
 on its host to dump theirs (SIGUSR2, registered with faulthandler; SIGCONT wakes a stopped one so it can); names
-the ranks whose heartbeat is behind; kills those on its host; and exits with code 76. A collective blocked in
-C++ cannot be interrupted from Python, which is why this runs in its own thread.
+the ranks whose heartbeat is behind; records the stall; kills those on its host; and exits with code 76. A
+collective blocked in C++ cannot be interrupted from Python, which is why this runs in its own thread.
 """
 
 from __future__ import annotations
