@@ -76,7 +76,7 @@ def _choose_adam(config: dict[str, Any], on_gpu: bool) -> None:
     foreach AdamW on CPUs (FusedAdam needs CUDA). `"torch_adam": false` keeps FusedAdam on GPUs; with optimizer
     offload DeepSpeed runs its CPU Adam whatever this says."""
     params = config["optimizer"]["params"]
-    if config["optimizer"].get("type", "").lower() not in ("adam", "adamw") or _offloaded(config):
+    if optimizer_type(config) not in ("adam", "adamw") or _offloaded(config):
         if params.get("torch_adam") == AUTO:
             del params["torch_adam"]  # DeepSpeed takes torch's AdamW over its CPU Adam whenever this is true
         return
@@ -96,13 +96,18 @@ def optimizer_in_use(config: dict[str, Any]) -> str:
     """Which optimizer a resolved config makes DeepSpeed run, for the pre-flight and the run's first log line."""
     optimizer = config.get("optimizer", {})
     params = optimizer.get("params", {})
-    if optimizer.get("type", "").lower() not in ("adam", "adamw"):
+    if optimizer_type(config) not in ("adam", "adamw"):
         return f"DeepSpeed's {optimizer.get('type')}"
     if _offloaded(config):
         return "DeepSpeedCPUAdam (optimizer offload; its CPU op builds on first use unless prebuilt)"
     if params.get("torch_adam"):
         return "torch.optim.AdamW (" + ("fused" if params.get("fused") else "foreach") + ", no build)"
     return "DeepSpeed FusedAdam (compiled on first use unless DeepSpeed was installed with it prebuilt)"
+
+
+def optimizer_type(config: dict[str, Any]) -> str:
+    """The optimizer type a DeepSpeed config names, lower-cased ("" for none)."""
+    return str(config.get("optimizer", {}).get("type", "")).lower()
 
 
 def zero_stage(config: dict[str, Any]) -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from cogvx_dist.core.devices import rank_device, visible_gpus
 from cogvx_dist.core.errors import RankError
 from cogvx_dist.core.launch_env import RankInfo, under_mpi
+from cogvx_dist.train.ds_config import optimizer_type
 
 SHM_DIR = Path("/dev/shm")
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -262,7 +263,7 @@ class Engine:
         import deepspeed
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if ds_config.get("optimizer", {}).get("type", "").lower() != "muon":
+        if optimizer_type(ds_config) != "muon":
             _import_muon_uncompiled()
 
         def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
