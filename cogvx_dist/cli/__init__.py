@@ -67,13 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except CogvxError as err:
-        print(f"cogvx {args.command}: error: {err}", file=sys.stderr)
-        if debugging():
-            traceback.print_exception(err, file=sys.stderr)  # with the cause it was raised from
-        return 2
+        return _one_line_error(args.command, str(err), err)
+    except OSError as err:  # an output path that cannot be created, a full disk: the user's to fix, not a bug trace
+        where = f": {err.filename}" if err.filename else ""
+        return _one_line_error(args.command, f"{err.strerror or err}{where}", err)
     except KeyboardInterrupt:
         print(f"cogvx {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_error(command: str, message: str, err: BaseException) -> int:
+    print(f"cogvx {command}: error: {message}", file=sys.stderr)
+    if debugging():
+        traceback.print_exception(err, file=sys.stderr)  # with the cause it was raised from
+    return 2
 
 
 def debugging() -> bool:

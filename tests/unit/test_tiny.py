@@ -12,7 +12,7 @@ from PIL import Image
 
 from cogvx_dist.core.families import FAMILIES
 from cogvx_dist.core.loading import describe_checkpoint
-from tests.helpers import cli
+from tests.helpers import assert_one_line_error, cli
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -68,3 +68,11 @@ def test_make_tiny_model_refuses_to_overwrite(tmp_path, capsys):
     code, _, err = cli(capsys, "make-tiny-model", str(tmp_path / "x"))
     assert code == 2 and "--overwrite" in err
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    """An OSError from the user's path (here: a folder asked for below a file) is a one-line error naming it."""
+    (tmp_path / "a-file").write_text("not a folder")
+    target = tmp_path / "a-file" / "model"
+    assert_one_line_error(*cli(capsys, "make-tiny-model", str(target))[::2], "cogvx make-tiny-model: error:",
+                          str(tmp_path / "a-file"))
