@@ -86,8 +86,8 @@ def _planned_run(args: argparse.Namespace) -> tuple[Any, int | None]:
     if args.config:
         config = load_config(RunConfig, args.config, args.overrides)
         geometry = None
-        if args.frames or args.resolution:
-            if not (args.frames and args.resolution):
+        if args.frames is not None or args.resolution:
+            if args.frames is None or not args.resolution:
                 raise CogvxError("with --config, give both --frames and --resolution (or neither: the shards')")
             geometry = (args.frames, height, width)
 

@@ -53,8 +53,13 @@ def configure(sample: argparse.ArgumentParser, name: str = "sample") -> None:
 def _sample_settings(args: argparse.Namespace):
     from cogvx_dist.results.sample import SampleSettings
 
-    if args.inference_steps < 1:
-        raise CogvxError("--inference-steps must be at least 1")
+    for option, value, least in (("--inference-steps", args.inference_steps, 1), ("--fps", args.fps, 1),
+                                 ("--grid-columns", args.grid_columns, 0), ("--stop-after", args.stop_after, 0),
+                                 ("--max-wait", args.max_wait, 0)):
+        if value is not None and value < least:
+            raise CogvxError(f"{option} must be at least {least}, got {value}")
+    if args.interval <= 0:
+        raise CogvxError(f"--interval must be positive, got {args.interval}")
     return SampleSettings(num_inference_steps=args.inference_steps, guidance_scale=args.guidance_scale,
                           seed=args.seed, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
                           grid_columns=args.grid_columns)

@@ -120,19 +120,25 @@ class Sampler:
             raise CogvxError(f"LoRA {folder} was trained on {exported.family}, but {self.info.source} is "
                              f"{self.family.name}; pass --allow-other-family to apply it anyway")
 
+    def geometry(self, settings: SampleSettings) -> tuple[int, int, int]:
+        """(frames, height, width) of the clips `settings` ask for, or a one-line error where the family cannot
+        draw them (diffusers would fail deep inside the transformer instead)."""
+        frames, height, width = (self.info.frames if settings.frames is None else settings.frames,
+                                 self.info.height if settings.height is None else settings.height,
+                                 self.info.width if settings.width is None else settings.width)
+        self.family.check_geometry(frames, height, width, self.info.transformer_config)
+        return frames, height, width
+
     def generate(self, prompt: str, settings: SampleSettings, image: str | Path | None = None) -> np.ndarray:
         """One clip as float32 [frames, height, width, 3] in [0, 1]."""
         import torch
 
-        frames = settings.frames or self.info.frames
-        if not self.family.is_valid_frame_count(frames):
-            valid = [n for n in self.family.valid_frame_counts() if n <= frames + 16][:4]
-            raise CogvxError(f"--frames {frames} is not valid for {self.family.name} (valid: {valid} ...)")
+        frames, height, width = self.geometry(settings)
         kwargs: dict[str, Any] = {
             "prompt": prompt,
             "num_frames": frames,
-            "height": settings.height or self.info.height,
-            "width": settings.width or self.info.width,
+            "height": height,
+            "width": width,
             "num_inference_steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale,
             # The generator lives on the CPU so the same seed gives the same noise on any device.

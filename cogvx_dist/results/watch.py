@@ -207,6 +207,7 @@ class Watcher:
             spec = self.spec
             self.sampler = Sampler(spec.model or run_model(self.run.root), device=spec.device, dtype=spec.dtype,
                                    allow_other_family=spec.allow_other_family, beside_training=True)
+            self.sampler.geometry(self.settings)  # a clip size the family cannot draw fails before any output
             self.writer = SummaryWriter(str(self.run.tensorboard / run_folder.VALIDATION))
             log.info("validating %s with %s on %s: %d prompt(s), %d steps", self.run.root, self.sampler.info.source,
                      self.sampler.device, len(self.prompts), self.settings.num_inference_steps)

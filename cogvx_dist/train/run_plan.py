@@ -105,7 +105,8 @@ def run_from_family(family_name: str, config: RunConfig, ranks: int,
 
     family = get_family(family_name)
     frames, height, width = geometry
-    native = (frames or family.default_frames, height or family.default_height, width or family.default_width)
+    native = (family.default_frames if frames is None else frames, family.default_height if height is None else height,
+              family.default_width if width is None else width)
     return planned_run(config, family, family.full_size_transformer, native,
                        load_ds_config(config.deepspeed.config), ranks)
 

@@ -171,6 +171,7 @@ def test_the_cheapest_change_is_none_when_nothing_fits():
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--family", "CogVideoX-7b"], ["unknown model family 'CogVideoX-7b'"]),
     (["--family", "CogVideoX-2b", "--frames", "50"], ["50 frames is not valid for CogVideoX-2b", "8N+1"]),
+    (["--family", "CogVideoX-2b", "--frames", "0"], ["0 frames is not valid for CogVideoX-2b"]),  # not the default
     (["--family", "CogVideoX-2b", "--resolution", "480x721"], ["480x721 is not a positive multiple of 16"]),
     (["--family", "CogVideoX-5b-I2V", "--resolution", "768x1360"], ["learns its positions for 480x720 only"]),
     (["--family", "CogVideoX-2b", "--resolution", "big"], ["--resolution: 'big' is not HEIGHTxWIDTH"]),

@@ -34,6 +34,29 @@ def test_a_bad_lora_path_is_one_line(model_2b, tmp_path, capsys):
                           "pytorch_lora_weights.safetensors")
 
 
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--height", "40"], "resolution 40x48 is not a positive multiple of 16"),
+    (["--width", "-16"], "resolution 32x-16 is not a positive multiple of 16"),
+    (["--frames", "0"], "0 frames is not valid for CogVideoX-2b"),  # 0 is not "the checkpoint's default"
+    (["--frames", "10"], "10 frames is not valid for CogVideoX-2b"),
+    (["--fps", "0"], "--fps must be at least 1"),
+    (["--grid-columns", "-1"], "--grid-columns must be at least 0"),
+    (["--inference-steps", "0"], "--inference-steps must be at least 1"),
+])
+def test_a_clip_the_family_cannot_draw_is_one_line(model_2b, tmp_path, capsys, args, fragment):
+    """Sizes diffusers would only refuse deep inside the transformer, and settings that would write a broken mp4."""
+    out = tmp_path / "x.mp4"
+    assert_one_line_error(*cli(capsys, "sample", "--model", str(model_2b), "--prompt", "x", "--out", str(out),
+                               "--inference-steps", "1", *args)[::2], "cogvx sample: error:", fragment)
+    assert not out.exists()
+
+
+def test_watch_options_out_of_range_are_one_line(tmp_path, capsys):
+    for option, value in (("--interval", "0"), ("--max-wait", "-1"), ("--stop-after", "-2")):
+        assert_one_line_error(*cli(capsys, "sample", "--watch", str(tmp_path), "--prompt", "x", option, value)[::2],
+                              f"{option} must be")
+
+
 def test_lora_for_another_model_is_rejected_in_process(model_2b, tmp_path):
     """An adapter naming layers this transformer lacks (a deeper model's) fails with one clear message."""
     from cogvx_dist.core.errors import CogvxError
