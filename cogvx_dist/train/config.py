@@ -106,7 +106,7 @@ class TrainConfig:
     """Batching and length of the run."""
 
     seed: int = 42
-    """Seed for the adapter init, the sample order, noise and timesteps."""
+    """Seed for the adapter init, the sample order, noise and timesteps (0 <= seed < 2**32)."""
     max_steps: int = 100
     """Optimizer steps to train."""
     micro_batch_size: int = 1
@@ -260,6 +260,8 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise CogvxError(f"{key} must be at least 1, got {value}")
+        if not 0 <= self.train.seed < 2**32:  # the sample order scales it by about 2**20 into a 64-bit seed
+            raise CogvxError(f"train.seed must be within [0, 2**32), got {self.train.seed}")
         if self.model.gradient_checkpointing != "auto" and self.model.gradient_checkpointing < 0:
             raise CogvxError("model.gradient_checkpointing must be 0 (off) or k >= 1 (every k-th block)")
         if self.optim.lr <= 0 or self.optim.warmup_steps < 0 or self.optim.max_grad_norm < 0:

@@ -286,6 +286,8 @@ def good_run(tiny_checkpoint, tmp_path_factory):
         (["deepspeed.config=zero4"], "deepspeed.config 'zero4': no such file"),
         (["model.path={five_b}"], "shards do not match the model: family CogVideoX-2b (model is CogVideoX-5b)"),
         (["train.ema_decay=1"], "train.ema_decay must be within [0, 1) (0: no average), got 1"),
+        (["train.seed=-1"], "train.seed must be within [0, 2**32), got -1"),
+        (["train.seed=100000000000000"], "train.seed must be within [0, 2**32)"),  # overflowed the sample order
         (["model.compile=blocks", "deepspeed.config=zero3"], "model.compile: blocks does not go with ZeRO-3"),
         (["log.eval_every_steps=2"], "log.eval_every_steps needs data.eval_shards"),
         (["data.eval_shards={root}/shards"], "data.eval_shards is set but log.eval_every_steps is 0"),
