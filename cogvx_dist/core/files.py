@@ -4,9 +4,13 @@ user on a shared volume can read them."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from cogvx_dist.core.errors import CogvxError
 
 
 def current_umask() -> int:
@@ -62,3 +66,18 @@ def sorted_safetensors_header(blob: bytes, extra_metadata: dict[str, str] | None
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format aligns the data that follows to 8 bytes
     return struct.pack("<Q", len(text)) + text + blob[8 + length :]
+
+
+def read_json_object(path: str | Path, what: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object (a config, an index), or a one-line error naming the file (and `what`
+    it is, when its name alone does not say)."""
+    where = f"{what} {path}" if what else str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise CogvxError(f"{where}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    except UnicodeDecodeError as err:
+        raise CogvxError(f"{where}: not a text file ({err.reason})") from err
+    if not isinstance(data, dict):
+        raise CogvxError(f"{where}: holds a JSON {type(data).__name__}, not an object of settings")
+    return data

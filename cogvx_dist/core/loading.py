@@ -9,7 +9,6 @@ one as soon as its outputs exist.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.families import ModelFamily, detect_family
+from cogvx_dist.core.files import read_json_object
 
 COMPONENT_ORDER = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 COGVIDEOX_PIPELINES = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
@@ -65,10 +65,7 @@ def _check_local_folder(folder: Path, components: tuple[str, ...]) -> None:
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise CogvxError(f"{folder} is not a diffusers CogVideoX checkpoint: model_index.json is missing")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CogvxError(f"{index_path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    index = read_json_object(index_path)
     pipeline = index.get("_class_name")
     if pipeline not in COGVIDEOX_PIPELINES:
         raise CogvxError(f"{folder} is not a CogVideoX checkpoint: model_index.json names pipeline {pipeline!r}")
@@ -86,18 +83,14 @@ def read_component_config(source: str | os.PathLike, subfolder: str) -> dict[str
     source = str(source)
     if _is_local(source):
         _check_local_folder(Path(source), (subfolder,))
-        path = Path(source) / subfolder / _CONFIG_FILE[subfolder][0]
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CogvxError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+        return read_json_object(Path(source) / subfolder / _CONFIG_FILE[subfolder][0])
     from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(source, f"{subfolder}/{_CONFIG_FILE[subfolder][0]}")
     except Exception as err:  # network, auth, missing repo: all one user-facing line
         raise CogvxError(f"cannot fetch {subfolder} config of {source!r} from the hub: {first_line(err)}") from err
-    return json.loads(Path(path).read_text())
+    return read_json_object(path, f"{source}'s {subfolder} config")
 
 
 def describe_checkpoint(source: str | os.PathLike) -> CheckpointInfo:
@@ -108,7 +101,7 @@ def describe_checkpoint(source: str | os.PathLike) -> CheckpointInfo:
     frames, height, width = family.default_frames, family.default_height, family.default_width
     tiny_info = Path(source) / TINY_INFO_FILE
     if _is_local(source) and tiny_info.is_file():
-        info = json.loads(tiny_info.read_text())
+        info = read_json_object(tiny_info)
         frames, height, width = info["frames"], info["height"], info["width"]
     return CheckpointInfo(source, family, frames, height, width, transformer_config)
 

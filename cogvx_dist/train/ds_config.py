@@ -8,11 +8,11 @@ import, so the pre-flight resolves a config before any rank starts.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.files import read_json_object
 
 DS_CONFIG_DIR = Path(__file__).parents[1] / "ds_configs"
 """The shipped configs: cogvx_dist/ds_configs, a link to the repository's ds_configs/ in a checkout and a copy of
@@ -28,10 +28,22 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
         raise CogvxError(f"deepspeed.config {name_or_path!r}: no such file (named configs: {', '.join(names)})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CogvxError(f"deepspeed.config {path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    config = read_json_object(path, "deepspeed.config")
+    _check_sections(config, f"deepspeed.config {path}")
+    return config
+
+
+def _check_sections(config: dict[str, Any], where: str) -> None:
+    """The parts cogvx reads and fills must have DeepSpeed's shape, or the pre-flight would fail with a traceback."""
+    sections = {name: config[name] for name in ("zero_optimization", "optimizer", "bf16", "fp16") if name in config}
+    if isinstance(config.get("optimizer"), dict) and "params" in config["optimizer"]:
+        sections["optimizer.params"] = config["optimizer"]["params"]
+    for name, value in sections.items():
+        if not isinstance(value, dict):
+            raise CogvxError(f"{where}: \"{name}\" must be an object, got {value!r}")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise CogvxError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
 
 
 def run_values(*, micro_batch_size: int, grad_accum_steps: int, max_grad_norm: float, lr: float,

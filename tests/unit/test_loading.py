@@ -7,6 +7,7 @@ import json
 import shutil
 import weakref
 
+import pytest
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 from transformers import T5EncoderModel
@@ -90,6 +91,18 @@ def test_unknown_family_config_is_one_line(tiny_checkpoint, tmp_path, capsys):
     config["patch_size_t"] = 3
     config_path.write_text(json.dumps(config))
     assert_one_line_error(*cli(capsys, "info", str(broken))[::2], "no known CogVideoX family", "patch_size_t=3")
+
+
+@pytest.mark.parametrize(("content", "fragment"), [
+    (b"[1, 2]", "holds a JSON list, not an object"),
+    (b"\xff\xfe{}", "not a text file"),
+])
+def test_a_component_config_that_is_not_a_json_object_is_one_line(tiny_checkpoint, tmp_path, capsys, content,
+                                                                   fragment):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("CogVideoX-2b"), broken)
+    (broken / "transformer" / "config.json").write_bytes(content)
+    assert_one_line_error(*cli(capsys, "info", str(broken))[::2], "transformer/config.json", fragment)
 
 
 def test_one_line_errors_keep_their_cause_for_cogvx_debug(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -136,6 +137,21 @@ def test_shipped_ds_configs_resolve_to_concrete_values(name):
     base["zero_optimization"]["reduce_bucket_size"] = "auto"
     with pytest.raises(CogvxError, match="zero_optimization.reduce_bucket_size"):
         resolve_ds_config(base, values, on_gpu=True)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[]", "holds a JSON list, not an object of settings"),
+    ('{"zero_optimization": 2}', '"zero_optimization" must be an object, got 2'),
+    ('{"zero_optimization": {"stage": "two"}}', "zero_optimization.stage must be 0, 1, 2 or 3, got 'two'"),
+    ('{"optimizer": {"type": "AdamW", "params": []}}', '"optimizer.params" must be an object'),
+    ('{"bf16": true}', '"bf16" must be an object, got True'),
+])
+def test_a_deepspeed_config_of_the_wrong_shape_is_one_error(tmp_path, content, message):
+    """The pre-flight reads and fills these parts; a wrong shape is named instead of failing with a traceback."""
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    with pytest.raises(CogvxError, match=re.escape(f"deepspeed.config {path}: {message}")):
+        load_ds_config(str(path))
 
 
 @pytest.mark.parametrize("name, on_gpu, runs", [
