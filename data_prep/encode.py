@@ -39,19 +39,22 @@ class Encoders:
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], max_length: int, batch_size: int,
-                       out_dtype: torch.dtype) -> list[torch.Tensor]:
-        """[max_length, dim] T5 embeddings (on CPU, in out_dtype) for each prompt, padded as the pipeline pads."""
+                       out_dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
+        """[max_length, dim] T5 embeddings (on CPU, in out_dtype) for each prompt, padded and cut at max_length as
+        the pipeline does, and each prompt's token count before the cut (above max_length: T5 never saw the rest)."""
         tokenizer = self.store.get("tokenizer")
         encoder = self.store.get("text_encoder")
         out: list[torch.Tensor] = []
+        tokens: list[int] = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             # Same call as CogVideoXPipeline._get_t5_prompt_embeds: pad to max_length, truncate, no attention mask.
             ids = tokenizer(batch, padding="max_length", max_length=max_length, truncation=True,
                             add_special_tokens=True, return_tensors="pt").input_ids
+            tokens += [len(full) for full in tokenizer(batch, add_special_tokens=True, verbose=False).input_ids]
             hidden = encoder(ids.to(self.device))[0]
             out.extend(h.to("cpu", out_dtype) for h in hidden)
-        return out
+        return out, tokens
 
     def release_text_encoder(self) -> None:
         """Free T5 (host or GPU memory) before the VAE loads."""

@@ -47,6 +47,8 @@ class PrepResult:
     """Samples encoded and written by this run."""
     failed: int
     """Records this run could not use (see errors.jsonl)."""
+    truncated_prompts: int
+    """Prompts this run encoded whose T5 tokens passed the family's text length (cut there, as the pipeline cuts)."""
     shards: int
     """Shards completed by this run."""
     bytes: int
@@ -176,7 +178,7 @@ class PrepJob:
         # Before anything is written: building the header checks the component configs.
         self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps,
                               single_images=bool(images))
-        self.failed = self.encoded = 0
+        self.failed = self.encoded = self.truncated_prompts = 0
         self.timings = {"decode_s": 0.0, "decode_wait_s": 0.0, "t5_s": 0.0, "vae_s": 0.0, "write_s": 0.0}
         self.written_fault = fault_hook("prep.written")
 
@@ -306,7 +308,7 @@ class PrepJob:
         if there:
             return
         t0 = time.perf_counter()
-        embedding = self.encoders.encode_prompts([""], self.family.text_max_length, 1, self.storage)[0]
+        embedding = self.encoders.encode_prompts([""], self.family.text_max_length, 1, self.storage)[0][0]
         self.timings["t5_s"] += time.perf_counter() - t0
         shard_format.write_empty_prompt(self.out, embedding)
         if self.publisher:
@@ -314,12 +316,12 @@ class PrepJob:
 
     def _encode_chunk(self, pool: ThreadPoolExecutor, chunk: list[Record]) -> None:
         t0 = time.perf_counter()
-        embeds = self.encoders.encode_prompts([self._prompt(r) for r in chunk], self.family.text_max_length,
-                                              self.config.text_batch_size, self.storage)
+        embeds, tokens = self.encoders.encode_prompts([self._prompt(r) for r in chunk], self.family.text_max_length,
+                                                      self.config.text_batch_size, self.storage)
         self.encoders.release_text_encoder()
         self.timings["t5_s"] += time.perf_counter() - t0
         # The VAE batches hold clips of one bucket (and one frame count).
-        embed_of = {r.key: e for r, e in zip(chunk, embeds)}
+        embed_of = {r.key: (e, n) for r, e, n in zip(chunk, embeds, tokens)}
         pending: dict[tuple[int, int], list] = {}
         window = 2 * self.config.decode_workers + self.config.vae_batch_size
         for record, future in _ordered_prefetch(pool, chunk, self._decode, window):
@@ -363,16 +365,17 @@ class PrepJob:
             torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         self.timings["vae_s"] += t1 - t0
-        for i, (record, clip, _, embeds) in enumerate(batch):
+        for i, (record, clip, _, (embeds, tokens)) in enumerate(batch):
             tensors = {
                 shard_format.LATENT_MEAN: mean[i].to(self.storage),
                 shard_format.LATENT_LOGVAR: logvar[i].to(self.storage),
                 shard_format.PROMPT_EMBEDS: embeds.to(self.storage),
             }
+            self.truncated_prompts += tokens > self.family.text_max_length
             if self.family.image_to_video:
                 tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
                 tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
-            meta = _sample_meta(record, self._prompt(record), clip)
+            meta = {**_sample_meta(record, self._prompt(record), clip), "prompt_tokens": tokens}
             if noised:
                 tensors[shard_format.NOISED_IMAGE_MEAN] = noised_mean[i].to(self.storage)
                 tensors[shard_format.NOISED_IMAGE_LOGVAR] = noised_logvar[i].to(self.storage)
@@ -392,13 +395,19 @@ class PrepJob:
         timings = {k: round(v, 3) for k, v in self.timings.items()}
         self.part["complete"] = True
         self.part["stats"] = {"encoded": self.encoded, "failed": self.failed, "already_done": self.already,
-                              "seconds": round(seconds, 3), **timings}
+                              "truncated_prompts": self.truncated_prompts, "seconds": round(seconds, 3), **timings}
         if self.publisher:
             self.publisher.file(shard_format.rank_errors_path(self.out, self.rank))
         self._save_part()
         result = PrepResult(self.rank, self.world, len(self.mine), self.already, self.encoded, self.failed,
-                            self.writer.shards_written, self.writer.bytes_written, seconds, timings)
+                            self.truncated_prompts, self.writer.shards_written, self.writer.bytes_written, seconds,
+                            timings)
         self.log.info(summary_line(result))
+        if self.truncated_prompts:
+            self.log.warning("rank %d: %d of %d prompts are longer than the %d tokens %s reads and were cut there "
+                             "(as the CogVideoX pipeline cuts them); each sample's JSON has its prompt_tokens",
+                             self.rank, self.truncated_prompts, self.encoded, self.family.text_max_length,
+                             self.family.name)
         limit = self.config.max_failed_fraction
         # The limit is on the whole job's inputs. A rank cannot see the other ranks' failures, so it fails on its
         # own only when its failures alone pass the job's limit (skewed bad inputs on one slice must not fail a job

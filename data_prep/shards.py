@@ -215,7 +215,8 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
             if schema.sample_key(item["source"]) not in seen:
                 errors[item["source"]] = item
     inputs = sum(parts[r].get("inputs", 0) for r in range(world))
-    stats_keys = ("encoded", "failed", "seconds", "decode_s", "decode_wait_s", "t5_s", "vae_s", "write_s")
+    stats_keys = ("encoded", "failed", "truncated_prompts", "seconds", "decode_s", "decode_wait_s", "t5_s", "vae_s",
+                  "write_s")
     totals = {k: round(sum(parts[r].get("stats", {}).get(k, 0) for r in range(world)), 3) for k in stats_keys}
     manifest = Manifest(
         **header,

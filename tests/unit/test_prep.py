@@ -596,6 +596,24 @@ def test_a_prompt_prefix_is_what_t5_encodes_and_the_manifest_records(tiny_checkp
     assert schema.Manifest.read(tmp_path / "plain").prompt_template == "{prompt}"
 
 
+def test_prompts_past_the_text_length_are_counted_and_their_tokens_recorded(tiny_checkpoint, tmp_path):
+    """T5 reads 226 tokens and the pipeline cuts the rest; prep says how many prompts lost words and by how much."""
+    from cogvx_dist.core.loading import load_tokenizer
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    data = make_synthetic_dataset(tmp_path / "clips", count=2, frames=10, height=32, width=48, seed=3).data
+    short = run_prep(_config(model, data, tmp_path / "short"))
+    long = run_prep(_config(model, data, tmp_path / "long", prompt_prefix="a slow pan over the hills " * 40))
+    tokenizer = load_tokenizer(model)
+    for result, folder, cut in ((short, "short", False), (long, "long", True)):
+        assert result.truncated_prompts == (2 if cut else 0)
+        totals = schema.Manifest.read(tmp_path / folder).extra["totals_last_run"]
+        assert totals["truncated_prompts"] == result.truncated_prompts
+        for _, meta in _read_shards(tmp_path / folder).values():
+            assert meta["prompt_tokens"] == len(tokenizer(meta["prompt"]).input_ids)
+            assert (meta["prompt_tokens"] > 226) == cut
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--prompt-prefix", "a ", "--prompt-template", "{prompt} b"], "prompt_prefix and prompt_template exclude"),
     (["--prompt-template", "in the style of <sks>"], "prompt_template 'in the style of <sks>' has no {prompt}"),
