@@ -244,13 +244,11 @@ def read_adapter(path: str | Path, alpha: float | None, no_alpha_hint: str) -> E
     PEFT's `save_pretrained`: the folder or the safetensors file. `alpha` stands in for a file that records no
     lora_alpha (the official CogVideo and diffusers-example exports); without either the error ends with
     `no_alpha_hint`."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     file = _adapter_file(Path(path))
+    header = _header(file)
     try:
-        with safe_open(str(file), framework="pt") as handle:  # the header only
-            header = handle.metadata() or {}
         raw = load_file(str(file))
     except Exception as err:  # a damaged or foreign file: one line, not a traceback
         raise CogvxError(f"cannot read LoRA {file}: {first_line(err)}") from err
@@ -273,6 +271,24 @@ def read_adapter(path: str | Path, alpha: float | None, no_alpha_hint: str) -> E
     settings = LoraSettings(rank=ranks[0], alpha=float(recorded if recorded is not None else alpha),
                             target_modules=sorted(targets), dropout=float(config.get("lora_dropout") or 0.0))
     return ExportedLora(state, settings, header.get(FAMILY_METADATA_KEY) or None, file)
+
+
+def recorded_settings(path: str | Path) -> tuple[dict[str, Any], str | None]:
+    """The PEFT config (r, lora_alpha, target_modules, ...) and the family an adapter records, from the file's
+    header alone: no tensor is read."""
+    file = _adapter_file(Path(path))
+    header = _header(file)
+    return _peft_config(file, header), header.get(FAMILY_METADATA_KEY) or None
+
+
+def _header(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as err:  # a damaged or foreign file: one line, not a traceback
+        raise CogvxError(f"cannot read LoRA {file}: {first_line(err)}") from err
 
 
 def _adapter_file(path: Path) -> Path:

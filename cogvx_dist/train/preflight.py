@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cogvx_dist.core import run_folder
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.families import SIZE_MULTIPLE
 from cogvx_dist.core.loading import CheckpointInfo, describe_checkpoint
-from cogvx_dist.core.lora import ExportedLora
+from cogvx_dist.core.lora import ExportedLora, recorded_settings
 from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
@@ -58,10 +59,7 @@ def preflight(config: RunConfig) -> Preflight:
     else:
         manifest, index = _open_dataset(config, checkpoint, config.data.shards, "data.shards")
     warnings = _damaged_shards(config, index)
-    if config.checkpoint.resume not in ("auto", "none"):
-        from cogvx_dist.train.checkpoints import find_resume_point
-
-        find_resume_point(config.output_dir, config.checkpoint.resume)  # a damaged or uncommitted one fails here
+    _check_resume_fits(config, checkpoint)
     buckets = len(manifest.sizes()) * len(manifest.all_frame_counts())
     if config.train.micro_batch_size > 1 and buckets > 1:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} needs samples of one size, but the "
@@ -125,6 +123,29 @@ def _held_out(config: RunConfig, checkpoint: CheckpointInfo) -> ShardIndex | Non
         raise CogvxError(f"log.eval_timesteps {beyond} beyond the scheduler's {steps} training timesteps "
                          f"(0..{steps - 1})")
     return index
+
+
+def _check_resume_fits(config: RunConfig, checkpoint: CheckpointInfo) -> None:
+    """The checkpoint a run resumes from (a named one must be whole) must hold the adapter the config trains: another
+    rank or target set fails deep in DeepSpeed's load with a tensor-size error, another alpha or family would
+    silently train another model."""
+    from cogvx_dist.train.checkpoints import find_resume_point
+
+    resume_from, _ = find_resume_point(config.output_dir, config.checkpoint.resume)
+    adapter = resume_from / run_folder.LORA if resume_from is not None else None
+    if adapter is None or not adapter.is_dir():
+        return
+    recorded, family = recorded_settings(adapter)
+    differences = [f"{key} {saved} (this config: {now})" for key, saved, now in (
+        ("lora.rank", recorded.get("r"), config.lora.rank),
+        ("lora.alpha", recorded.get("lora_alpha"), config.lora.alpha),
+        ("lora.target_modules", sorted(recorded.get("target_modules") or []) or None,
+         sorted(config.lora.target_modules)),
+        ("family", family, checkpoint.family.name),
+    ) if saved is not None and saved != now]
+    if differences:
+        raise CogvxError(f"checkpoint.resume: {resume_from} was trained with {', '.join(differences)}; resume with "
+                         "its settings, or train the new ones in another output_dir")
 
 
 def _initial_adapter(config: RunConfig, checkpoint: CheckpointInfo) -> ExportedLora | None:

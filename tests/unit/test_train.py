@@ -25,7 +25,7 @@ from cogvx_dist.train.ds_config import load_ds_config, resolve_ds_config, run_va
 from cogvx_dist.train.loss import LossContext, diffusion_loss
 from cogvx_dist.train.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
 from cogvx_dist.train.schedule import lr_lambda
-from tests.helpers import assert_one_line_error, cli, make_adapter, shard_keys, write_config
+from tests.helpers import assert_one_line_error, cli, make_adapter, shard_keys, write_checkpoint, write_config
 
 
 def test_config_file_and_overrides(tmp_path):
@@ -327,6 +327,29 @@ def test_bad_runs_fail_before_training_with_one_line(good_run, tiny_checkpoint, 
     code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "2", *overrides)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_other_adapter_settings_fails_before_training(good_run, tmp_path, capsys):
+    """A resume that would load another adapter (DeepSpeed's tensor-size error on every rank) or silently train
+    another model is refused by the pre-flight, naming what changed."""
+    from cogvx_dist.train.preflight import preflight
+
+    model, root = good_run
+    config = write_config(tmp_path / "run.yaml", model, root / "shards", tmp_path / "out")
+    write_checkpoint(tmp_path / "out", model, step=4, seed=1)  # rank 4, alpha 4, the default targets
+    same = ["lora.rank=4", "lora.alpha=4"]
+    preflight(load_config(RunConfig, config, same))  # the checkpoint's own settings resume
+    for changed, message in ((["lora.rank=8"], "lora.rank 4 (this config: 8)"),
+                             (["lora.alpha=8"], "lora.alpha 4.0 (this config: 8.0)"),
+                             (["lora.target_modules=[to_q, to_v]"], "lora.target_modules ['to_k', 'to_out.0', 'to_q', "
+                                                                    "'to_v'] (this config: ['to_q', 'to_v'])")):
+        code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "1", *same, *changed)
+        assert_one_line_error(code, err, "checkpoint.resume:", "step-00000004 was trained with", message)
+    make_adapter(model, tmp_path / "out" / "checkpoints" / "step-00000008" / "lora", seed=2, family="CogVideoX-5b")
+    ckpt.commit(tmp_path / "out" / "checkpoints" / "step-00000008", {"step": 8})
+    code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "1", *same)
+    assert_one_line_error(code, err, "step-00000008 was trained with family CogVideoX-5b (this config: CogVideoX-2b)")
+    preflight(load_config(RunConfig, config, [*same, "checkpoint.resume=none"]))  # a fresh start reads no checkpoint
 
 
 def test_streaming_reads_pipe_locations(good_run):
