@@ -63,6 +63,10 @@ from cogvx_dist.train.sequence_parallel import enable_sequence_parallel
 from cogvx_dist.train.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 
+LAYOUT_NAMES = {"world_size": "world size", "sequence_parallel": "sequence parallelism", "zero_stage": "ZeRO stage",
+                "dtype": "model.dtype"}
+"""The keys of a checkpoint's layout (`Trainer._layout`), as the resume warning names them."""
+
 
 def train(config: RunConfig) -> dict[str, Any]:
     """Run training on this rank (called on every rank by the launcher); returns the run summary.
@@ -410,19 +414,21 @@ class Trainer:
             self._start_ema(None)
             return 0, 0
         committed = checkpoints.read_commit(resume_from)
-        step, position, saved_world = int(committed["step"]), int(committed["position"]), committed["world_size"]
-        saved_parts = int(committed.get("sequence_parallel", 1))
+        step, position = int(committed["step"]), int(committed["position"])
         self.bad_samples = int(committed.get("bad_samples", 0))
         self.skipped_steps = int(committed.get("skipped_steps", 0))
-        if saved_world == self.ranks.world_size and saved_parts == self.config.parallel.sequence_parallel:
+        # Checkpoints from before a layout key was recorded were saved in the layout of their time: taken as this one.
+        changed = {key: (committed.get(key, now), now) for key, now in self._layout().items()
+                   if committed.get(key, now) != now}
+        if not changed:
             self.engine.load(resume_from)
         else:
-            self._restore_elsewhere(resume_from, step, saved_world, saved_parts)
+            self._restore_elsewhere(resume_from, step, changed)
         self._start_ema(resume_from)
         records.truncate(self.run, self.ranks, step)
         self.saved_step = step
         self.log.info("resumed from %s: step %d, sample position %d (saved with %d ranks, now %d)", resume_from,
-                      step, position, saved_world, self.ranks.world_size)
+                      step, position, committed["world_size"], self.ranks.world_size)
         if step >= self.config.train.max_steps:
             self.log.info("nothing to do: step %d >= train.max_steps %d", step, self.config.train.max_steps)
         return step, position
@@ -444,20 +450,24 @@ class Trainer:
             raise RankError(f"{saved}: the saved average does not hold this run's adapter layers")
         self.ema.restore(whole, chunks)
 
-    def _restore_elsewhere(self, folder: Path, step: int, saved_world: int, saved_parts: int) -> None:
-        """A different world size or sequence parallelism: DeepSpeed's partitions do not fit, the whole-tensor
-        copies do."""
+    def _layout(self) -> dict[str, Any]:
+        """How the engine holds the training state: DeepSpeed's own checkpoint files fit only the layout that wrote
+        them (the ZeRO stage's partitions, the bf16 optimizer's file names, one partition per rank)."""
+        return {"world_size": self.ranks.world_size, "sequence_parallel": self.config.parallel.sequence_parallel,
+                "zero_stage": zero_stage(self.checks.ds_config), "dtype": self.config.model.dtype}
+
+    def _restore_elsewhere(self, folder: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
+        """Another layout (world size, sequence parallelism, ZeRO stage, dtype): DeepSpeed's files do not fit, the
+        whole-tensor copies do."""
         moments = checkpoints.read_adam_moments(folder)
         if moments is not None and moments[0]:
             self.engine.restore_moments(*moments)
         weights, _ = checkpoints.read_master_weights(folder)
         self.engine.restore_weights(weights, step)
-        world, parts = self.ranks.world_size, self.config.parallel.sequence_parallel
-        changed = [f"{what} changed ({before} -> {now})" for what, before, now in
-                   (("world size", saved_world, world), ("sequence parallelism", saved_parts, parts)) if before != now]
         self.log.warning("%s: weights, LR schedule, sample position%s restored from whole-tensor copies",
-                         " and ".join(changed), " and Adam moments" if moments else " (no Adam moments saved: they "
-                         "restart)")
+                         " and ".join(f"{LAYOUT_NAMES[key]} changed ({before} -> {now})"
+                                      for key, (before, now) in changed.items()),
+                         " and Adam moments" if moments else " (no Adam moments saved: they restart)")
 
     def _micro_batches(self, start_step: int, position: int) -> Any:
         """This rank's micro-batches from the stream position on (local shards), each with its random numbers drawn
@@ -490,8 +500,7 @@ class Trainer:
         if step == self.saved_step:
             return
         folder = self.run.checkpoint(step)
-        state = {"step": step, "position": position, "seed": self.config.train.seed,
-                 "world_size": self.ranks.world_size, "sequence_parallel": self.config.parallel.sequence_parallel,
+        state = {"step": step, "position": position, "seed": self.config.train.seed, **self._layout(),
                  "bad_samples": self.bad_samples,
                  "skipped_steps": self.skipped_steps,
                  "rng": "noise, timesteps and order derive from (seed, step, micro-step, rank); nothing to restore"}
