@@ -88,7 +88,7 @@ def _choose_adam(config: dict[str, Any], on_gpu: bool) -> None:
     foreach AdamW on CPUs (FusedAdam needs CUDA). `"torch_adam": false` keeps FusedAdam on GPUs; with optimizer
     offload DeepSpeed runs its CPU Adam whatever this says."""
     params = config["optimizer"]["params"]
-    if optimizer_type(config) not in ("adam", "adamw") or _offloaded(config):
+    if optimizer_type(config) not in ("adam", "adamw") or offloads_optimizer(config):
         if params.get("torch_adam") == AUTO:
             del params["torch_adam"]  # DeepSpeed takes torch's AdamW over its CPU Adam whenever this is true
         return
@@ -100,7 +100,8 @@ def _choose_adam(config: dict[str, Any], on_gpu: bool) -> None:
         params.setdefault("fused", True)
 
 
-def _offloaded(config: dict[str, Any]) -> bool:
+def offloads_optimizer(config: dict[str, Any]) -> bool:
+    """Whether the config moves the optimizer to the CPU (DeepSpeedCPUAdam, with its own state layout)."""
     return "offload_optimizer" in config.get("zero_optimization", {})
 
 
@@ -110,7 +111,7 @@ def optimizer_in_use(config: dict[str, Any]) -> str:
     params = optimizer.get("params", {})
     if optimizer_type(config) not in ("adam", "adamw"):
         return f"DeepSpeed's {optimizer.get('type')}"
-    if _offloaded(config):
+    if offloads_optimizer(config):
         return "DeepSpeedCPUAdam (optimizer offload; its CPU op builds on first use unless prebuilt)"
     if params.get("torch_adam"):
         return "torch.optim.AdamW (" + ("fused" if params.get("fused") else "foreach") + ", no build)"

@@ -39,7 +39,7 @@ from cogvx_dist.core.lora import (
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.ds_config import optimizer_in_use, zero_stage
+from cogvx_dist.train.ds_config import offloads_optimizer, optimizer_in_use, zero_stage
 from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
 from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
@@ -64,7 +64,7 @@ from cogvx_dist.train.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 
 LAYOUT_NAMES = {"world_size": "world size", "sequence_parallel": "sequence parallelism", "zero_stage": "ZeRO stage",
-                "dtype": "model.dtype"}
+                "dtype": "model.dtype", "optimizer_offload": "optimizer offload"}
 """The keys of a checkpoint's layout (`Trainer._layout`), as the resume warning names them."""
 
 
@@ -452,9 +452,11 @@ class Trainer:
 
     def _layout(self) -> dict[str, Any]:
         """How the engine holds the training state: DeepSpeed's own checkpoint files fit only the layout that wrote
-        them (the ZeRO stage's partitions, the bf16 optimizer's file names, one partition per rank)."""
+        them (the ZeRO stage's partitions, the bf16 optimizer's file names, CPU Adam's state, one partition per
+        rank)."""
         return {"world_size": self.ranks.world_size, "sequence_parallel": self.config.parallel.sequence_parallel,
-                "zero_stage": zero_stage(self.checks.ds_config), "dtype": self.config.model.dtype}
+                "zero_stage": zero_stage(self.checks.ds_config), "dtype": self.config.model.dtype,
+                "optimizer_offload": offloads_optimizer(self.checks.ds_config)}
 
     def _restore_elsewhere(self, folder: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
         """Another layout (world size, sequence parallelism, ZeRO stage, dtype): DeepSpeed's files do not fit, the

@@ -314,11 +314,13 @@ def test_resume_on_another_rank_count_keeps_the_adam_moments(data, killed_after_
                            capture_output=True, text=True, timeout=600)
     assert check.returncode == 0 and f"of step {step} exactly" in check.stdout, check.stderr[-3000:]
     if stage != "zero2":
-        # The same 2 ranks go on under another ZeRO stage and dtype, whose DeepSpeed files the checkpoint lacks.
-        resumed = launch(config, 2, "deepspeed.config=zero2", "model.dtype=bfloat16")
+        # The same 2 ranks go on under another ZeRO stage, dtype and optimizer (CPU Adam), whose DeepSpeed files
+        # the checkpoint lacks.
+        resumed = launch(config, 2, "deepspeed.config=zero2_offload", "model.dtype=bfloat16")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert ("ZeRO stage changed (3 -> 2) and model.dtype changed (float32 -> bfloat16)" in resumed.stderr
-                and "and Adam moments restored" in resumed.stderr), resumed.stderr[-3000:]
+        assert ("ZeRO stage changed (3 -> 2) and model.dtype changed (float32 -> bfloat16) and optimizer offload "
+                "changed (False -> True)" in resumed.stderr and "and Adam moments restored" in resumed.stderr), \
+            resumed.stderr[-3000:]
         assert summary_of(tmp_path / "run")["resumed_from_step"] == step
         return
     # And the 1-rank run trains on from there.
