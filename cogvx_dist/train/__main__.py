@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
 from cogvx_dist.core.launch_env import defer_garbage_collection, env_rank, exit_finished, leave_now
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = env_rank()
     output_dir = None
+    # DeepSpeed's ZeRO calls torch's deprecated all-gather name: a warning on every rank that no user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     from cogvx_dist.train import failures
 
     try:
