@@ -18,6 +18,8 @@ DS_CONFIG_DIR = Path(__file__).parents[1] / "ds_configs"
 """The shipped configs: cogvx_dist/ds_configs, a link to the repository's ds_configs/ in a checkout and a copy of
 it in a built wheel."""
 AUTO = "auto"
+ADAM_TYPES = ("adam", "adamw")
+"""DeepSpeed optimizer types (lower-cased) that keep Adam's moments: their state carries from one to the other."""
 
 
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
@@ -88,7 +90,7 @@ def _choose_adam(config: dict[str, Any], on_gpu: bool) -> None:
     foreach AdamW on CPUs (FusedAdam needs CUDA). `"torch_adam": false` keeps FusedAdam on GPUs; with optimizer
     offload DeepSpeed runs its CPU Adam whatever this says."""
     params = config["optimizer"]["params"]
-    if optimizer_type(config) not in ("adam", "adamw") or offloads_optimizer(config):
+    if optimizer_type(config) not in ADAM_TYPES or offloads_optimizer(config):
         if params.get("torch_adam") == AUTO:
             del params["torch_adam"]  # DeepSpeed takes torch's AdamW over its CPU Adam whenever this is true
         return
@@ -109,7 +111,7 @@ def optimizer_in_use(config: dict[str, Any]) -> str:
     """Which optimizer a resolved config makes DeepSpeed run, for the pre-flight and the run's first log line."""
     optimizer = config.get("optimizer", {})
     params = optimizer.get("params", {})
-    if optimizer_type(config) not in ("adam", "adamw"):
+    if optimizer_type(config) not in ADAM_TYPES:
         return f"DeepSpeed's {optimizer.get('type')}"
     if offloads_optimizer(config):
         return "DeepSpeedCPUAdam (optimizer offload; its CPU op builds on first use unless prebuilt)"

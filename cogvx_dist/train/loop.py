@@ -39,7 +39,7 @@ from cogvx_dist.core.lora import (
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, failures, records
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.ds_config import offloads_optimizer, optimizer_in_use, zero_stage
+from cogvx_dist.train.ds_config import ADAM_TYPES, offloads_optimizer, optimizer_in_use, optimizer_type, zero_stage
 from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
 from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
@@ -64,7 +64,7 @@ from cogvx_dist.train.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 
 LAYOUT_NAMES = {"world_size": "world size", "sequence_parallel": "sequence parallelism", "zero_stage": "ZeRO stage",
-                "dtype": "model.dtype", "optimizer_offload": "optimizer offload"}
+                "dtype": "model.dtype", "optimizer_offload": "optimizer offload", "optimizer": "optimizer"}
 """The keys of a checkpoint's layout (`Trainer._layout`), as the resume warning names them."""
 
 
@@ -456,20 +456,25 @@ class Trainer:
         rank)."""
         return {"world_size": self.ranks.world_size, "sequence_parallel": self.config.parallel.sequence_parallel,
                 "zero_stage": zero_stage(self.checks.ds_config), "dtype": self.config.model.dtype,
-                "optimizer_offload": offloads_optimizer(self.checks.ds_config)}
+                "optimizer_offload": offloads_optimizer(self.checks.ds_config),
+                "optimizer": optimizer_type(self.checks.ds_config)}
 
     def _restore_elsewhere(self, folder: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
-        """Another layout (world size, sequence parallelism, ZeRO stage, dtype): DeepSpeed's files do not fit, the
-        whole-tensor copies do."""
-        moments = checkpoints.read_adam_moments(folder)
+        """Another layout (`_layout`): DeepSpeed's files do not fit, the whole-tensor copies do. Adam's moments carry
+        over unless the optimizer changed to or from one that keeps none."""
+        saved_type, new_type = changed.get("optimizer", (ADAM_TYPES[0], ADAM_TYPES[0]))
+        keeps_moments = saved_type in ADAM_TYPES and new_type in ADAM_TYPES
+        moments = checkpoints.read_adam_moments(folder) if keeps_moments else None
         if moments is not None and moments[0]:
             self.engine.restore_moments(*moments)
         weights, _ = checkpoints.read_master_weights(folder)
         self.engine.restore_weights(weights, step)
+        restarted = " (the new optimizer's state starts fresh)" if not keeps_moments else \
+            " (no Adam moments saved: they restart)"
         self.log.warning("%s: weights, LR schedule, sample position%s restored from whole-tensor copies",
                          " and ".join(f"{LAYOUT_NAMES[key]} changed ({before} -> {now})"
                                       for key, (before, now) in changed.items()),
-                         " and Adam moments" if moments else " (no Adam moments saved: they restart)")
+                         " and Adam moments" if moments else restarted)
 
     def _micro_batches(self, start_step: int, position: int) -> Any:
         """This rank's micro-batches from the stream position on (local shards), each with its random numbers drawn
