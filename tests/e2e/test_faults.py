@@ -330,20 +330,19 @@ def test_resume_on_another_rank_count_keeps_the_adam_moments(data, killed_after_
     assert summary_of(tmp_path / "run")["resumed_from_step"] == step
 
 
-def test_a_resume_under_another_optimizer_starts_its_state_fresh(data, tmp_path):
-    """Adam's moments cannot seed Muon (DeepSpeed's load failed with KeyError 'momentum'): the weights and position
-    carry over, the new optimizer's state starts fresh."""
+def test_a_resume_under_another_optimizer_starts_its_state_fresh(data, killed_after_step_8, tmp_path):
+    """Adam's moments cannot seed Muon (DeepSpeed's load failed with KeyError 'momentum'): on the same 2 ranks the
+    weights and position carry over, the new optimizer's state starts fresh."""
     from cogvx_dist.train.ds_config import load_ds_config
 
-    config = config_for(tmp_path, data, "run", train={"max_steps": 2}, checkpoint={"every_steps": 2})
-    assert launch(config, 1).returncode == 0
+    shutil.copytree(killed_after_step_8, tmp_path / "run")
     muon = tmp_path / "muon.json"
     muon.write_text(json.dumps({**load_ds_config("zero2"), "optimizer": {"type": "Muon", "params": {}}}))
-    resumed = launch(config, 1, f"deepspeed.config={muon}", "train.max_steps=3")
+    resumed = launch(config_for(tmp_path, data, "run"), 2, f"deepspeed.config={muon}", "train.max_steps=9")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "optimizer changed (adamw -> muon)" in resumed.stderr, resumed.stderr[-3000:]
     assert "the new optimizer's state starts fresh" in resumed.stderr
-    assert summary_of(tmp_path / "run")["resumed_from_step"] == 2
+    assert summary_of(tmp_path / "run")["resumed_from_step"] == 8
 
 
 # ------------------------------------------------------------------------------------------------------ the disk
