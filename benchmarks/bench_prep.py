@@ -18,7 +18,9 @@ rewritten after each stage, so a run cut short still leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +37,14 @@ if TYPE_CHECKING:
     from data_prep.decode import Clip
 
 
+def scratch_folder(prefix: str) -> Path:
+    """A temporary folder for the benchmark's model, clips and shards, removed when the benchmark exits (the
+    figures go to stdout and --json; the data is not worth keeping, and runs in a suite must not fill /tmp)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
 def bench_tiny(args: argparse.Namespace) -> dict:
     from cogvx_dist.core.shard_format import Manifest
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
@@ -42,7 +52,7 @@ def bench_tiny(args: argparse.Namespace) -> dict:
     from data_prep.config import PrepConfig
     from data_prep.run import run_prep
 
-    work = Path(tempfile.mkdtemp(prefix="bench-prep-"))
+    work = scratch_folder("bench-prep-")
     model = Path(args.model) if args.model else make_tiny_checkpoint(work / "tiny", args.family)
     ds = make_synthetic_dataset(work / "data", count=args.count, frames=args.frames, height=args.height,
                                 width=args.width, fps=8, layout="folder")
@@ -118,7 +128,7 @@ def bench_full_size(args: argparse.Namespace) -> dict:
     specs = {name: parse_variant(name) for name in named}
     # Compiled variants last: a compile that runs long or fails must not cost the eager figures.
     variants = sorted(named, key=lambda name: specs[name]["compile"])
-    work = Path(tempfile.mkdtemp(prefix="bench-prep-full-"))
+    work = scratch_folder("bench-prep-full-")
     # Source clips a bit larger than the target, so that decoding includes a real resize and center crop.
     source = (height + height // 8 + 1) // 2 * 2, (width + width // 8 + 1) // 2 * 2
     dataset = make_synthetic_dataset(work / "data", count=args.count, frames=frames, height=source[0],

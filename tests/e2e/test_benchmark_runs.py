@@ -7,8 +7,10 @@ T5-XXL-width layer) keeps the code that the GPU session will run from rotting be
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import REPO
 
@@ -16,15 +18,19 @@ BENCH = REPO / "benchmarks" / "bench_prep.py"
 TRAIN_BENCH = REPO / "benchmarks" / "bench_train.py"
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900)
+def run_bench(*args: str, temporary: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(temporary)} if temporary else None
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_full_size_benchmark_smoke_on_cpu(tmp_path):
     report_path = tmp_path / "report.json"
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     run = run_bench("--full-size", "--device", "cpu", "--clip", "9x32x48", "--t5-layers", "1", "--count", "2",
-                    "--variants", "eager,channels_last+batch2", "--json", str(report_path))
+                    "--variants", "eager,channels_last+batch2", "--json", str(report_path), temporary=temporary)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert not [p.name for p in temporary.iterdir() if p.name.startswith("bench-prep")]  # its clips went with it
     report = json.loads(report_path.read_text())
     assert report["clip"].startswith("9x32x48") and report["t5"]["s_per_video"] > 0
     eager, fast = report["variants"]["eager"], report["variants"]["channels_last+batch2"]
