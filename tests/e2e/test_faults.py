@@ -279,6 +279,7 @@ def test_a_damaged_explicit_resume_checkpoint_is_refused_before_ranks_start(data
 RESTORE_SCRIPT = """
 import sys, torch
 from cogvx_dist.core.config_files import load_config
+from cogvx_dist.core.launch_env import exit_finished
 from cogvx_dist.train import checkpoints, engine
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.loop import Trainer
@@ -296,6 +297,9 @@ assert restored.keys() == saved.keys() and restored
 for name, value in saved.items():
     assert torch.equal(restored[name].cpu(), value), name
 print("restored", len(saved), "moment tensors of step", step, "exactly")
+# As a rank ends (cogvx_dist.train.__main__): skip the interpreter's teardown, in which a live gloo group and the
+# watchdog thread could abort the process ("terminate called without an active exception") after the check passed.
+exit_finished(0)
 """
 
 
@@ -312,7 +316,8 @@ def test_resume_on_another_rank_count_keeps_the_adam_moments(data, killed_after_
     env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     check = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(config), "train.grad_accum_steps=4"], env=env,
                            capture_output=True, text=True, timeout=600)
-    assert check.returncode == 0 and f"of step {step} exactly" in check.stdout, check.stderr[-3000:]
+    assert check.returncode == 0 and f"of step {step} exactly" in check.stdout, \
+        check.stdout[-500:] + check.stderr[-3000:]
     if stage != "zero2":
         # The same 2 ranks go on under another ZeRO stage, dtype and optimizer (CPU Adam), whose DeepSpeed files
         # the checkpoint lacks.
