@@ -375,7 +375,7 @@ class PrepJob:
             if self.family.image_to_video:
                 tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
                 tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
-            meta = {**_sample_meta(record, self._prompt(record), clip), "prompt_tokens": tokens}
+            meta = _sample_meta(record, self._prompt(record), tokens, clip)
             if noised:
                 tensors[shard_format.NOISED_IMAGE_MEAN] = noised_mean[i].to(self.storage)
                 tensors[shard_format.NOISED_IMAGE_LOGVAR] = noised_logvar[i].to(self.storage)
@@ -456,11 +456,12 @@ def _settings(config: PrepConfig) -> dict[str, Any]:
     return {**{k: v for k, v in asdict(config).items() if k in keys}, "data": str(config.data)}
 
 
-def _sample_meta(record: Record, prompt: str, clip: Clip) -> dict[str, Any]:
-    """The JSON member of a sample: what it is (the prompt T5 encoded, and the caption it was made from) and where
-    it came from."""
+def _sample_meta(record: Record, prompt: str, prompt_tokens: int, clip: Clip) -> dict[str, Any]:
+    """The JSON member of a sample: what it is (the prompt T5 encoded, its token count before the cut at the text
+    length, and the caption it was made from) and where it came from."""
     return {
-        "prompt": prompt, "caption": record.prompt, "source": record.source, "video": record.video,
+        "prompt": prompt, "prompt_tokens": prompt_tokens, "caption": record.prompt, "source": record.source,
+        "video": record.video,
         "image": record.image,
         "frames": int(clip.frames.shape[0]), "height": int(clip.frames.shape[1]), "width": int(clip.frames.shape[2]),
         "fps": round(clip.fps, 4), "source_fps": round(clip.source_fps, 4), "stride": round(clip.stride, 4),
