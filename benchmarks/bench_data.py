@@ -84,7 +84,7 @@ STARTUP = """
 import json, sys, time
 started = time.perf_counter()
 import psutil
-from cogvx_dist.train.reader import SampleStream, ShardIndex
+from cogvx_dist.train.data.reader import SampleStream, ShardIndex
 imported = time.perf_counter()
 rss0 = psutil.Process().memory_info().rss
 index = ShardIndex(sys.argv[1], verify="size")
@@ -106,7 +106,7 @@ def measure_startup(location: str, env: dict | None = None) -> dict:
 
 def ranged_rate(location: str, count: int) -> float:
     """Samples/s of the exact-order reader over `count` positions of the training stream."""
-    from cogvx_dist.train.reader import SampleStream, ShardIndex
+    from cogvx_dist.train.data.reader import SampleStream, ShardIndex
 
     index = ShardIndex(location)
     stream = SampleStream(len(index), seed=0)

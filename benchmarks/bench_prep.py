@@ -50,7 +50,7 @@ def bench_tiny(args: argparse.Namespace) -> dict:
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
     from cogvx_dist.core.tiny import make_tiny_checkpoint
     from data_prep.config import PrepConfig
-    from data_prep.run import run_prep
+    from data_prep.job import run_prep
 
     work = scratch_folder("bench-prep-")
     model = Path(args.model) if args.model else make_tiny_checkpoint(work / "tiny", args.family)

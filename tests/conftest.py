@@ -78,7 +78,7 @@ def prepped_2b(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tup
     from cogvx_dist.core.shard_format import Manifest
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
     from data_prep.config import PrepConfig
-    from data_prep.run import run_prep
+    from data_prep.job import run_prep
     from tests.helpers import shared_folder
 
     model = tiny_checkpoint("CogVideoX-2b")

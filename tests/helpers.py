@@ -166,8 +166,8 @@ def evaluation_loss(model: Path, shards: Path, adapter: dict[str, torch.Tensor] 
     """Loss over every sample with fixed noise and timesteps; with `adapter`, the trained LoRA is applied."""
     from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
     from cogvx_dist.core.lora import LoraSettings, inject_lora, lora_parameters
-    from cogvx_dist.train.loss import LossContext, diffusion_loss
-    from cogvx_dist.train.reader import BatchPlan, MicroBatches, ShardIndex
+    from cogvx_dist.train.step.loss import LossContext, diffusion_loss
+    from cogvx_dist.train.data.reader import BatchPlan, MicroBatches, ShardIndex
 
     info = describe_checkpoint(model)
     transformer = load_transformer(model)

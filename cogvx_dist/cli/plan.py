@@ -43,10 +43,10 @@ def configure(plan: argparse.ArgumentParser, name: str = "plan") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cogvx_dist.train import memory_plan, run_plan
+    from cogvx_dist.train.memory import plan as memory_plan, runs as planned_runs
 
     planned, memory = _planned_run(args)
-    calibration = run_plan.calibrate(args.calibrate) if args.calibrate else None
+    calibration = planned_runs.calibrate(args.calibrate) if args.calibrate else None
     plan = planned.plan()
     searched = memory_plan.search(planned.shape, planned.ranks, planned.buffers) if args.search else []
     per_node = args.gpus_per_node or _visible_gpus()
@@ -72,7 +72,7 @@ def _planned_run(args: argparse.Namespace) -> tuple[Any, int | None]:
     from cogvx_dist.core.config_files import apply_overrides, from_dict, load_config
     from cogvx_dist.core.errors import CogvxError
     from cogvx_dist.core.units import parse_size
-    from cogvx_dist.train import run_plan
+    from cogvx_dist.train.memory import runs as planned_runs
     from cogvx_dist.train.config import RunConfig
 
     if bool(args.config) == bool(args.family):
@@ -92,18 +92,18 @@ def _planned_run(args: argparse.Namespace) -> tuple[Any, int | None]:
             geometry = (args.frames, height, width)
 
         def make_run(settings: RunConfig) -> Any:
-            return run_plan.run_from_config(settings, ranks, geometry)
+            return planned_runs.run_from_config(settings, ranks, geometry)
     else:
         config = from_dict(RunConfig, apply_overrides({}, args.overrides))
         config.validate_settings()
 
         def make_run(settings: RunConfig) -> Any:
-            return run_plan.run_from_family(args.family, settings, ranks, (args.frames, height, width))
-    memory = run_plan.gpu_memory(args.gpu_memory or config.plan.gpu_memory, "--gpu-memory", local_rank=0)
+            return planned_runs.run_from_family(args.family, settings, ranks, (args.frames, height, width))
+    memory = planned_runs.gpu_memory(args.gpu_memory or config.plan.gpu_memory, "--gpu-memory", local_rank=0)
     if config.model.gradient_checkpointing == "auto":
-        every, why = run_plan.pick_checkpointing(lambda k: make_run(run_plan.with_checkpointing(config, k)), memory)
+        every, why = planned_runs.pick_checkpointing(lambda k: make_run(planned_runs.with_checkpointing(config, k)), memory)
         print(why)
-        config = run_plan.with_checkpointing(config, every)
+        config = planned_runs.with_checkpointing(config, every)
     return make_run(config), memory
 
 
@@ -136,7 +136,7 @@ def _scaled(count: float) -> str:
 
 def _describe_plan(plan: Any, memory: int | None) -> str:
     from cogvx_dist.core.units import gib
-    from cogvx_dist.train.memory_plan import GPU_CLASSES
+    from cogvx_dist.train.memory.plan import GPU_CLASSES
 
     lines = ["", "per rank (every rank alike)"]
     lines += [f"  {TERM_NAMES[name]:<22}{gib(value):>12}" for name, value in plan.terms().items()]
@@ -168,7 +168,7 @@ def _describe_time(planned: Any, plan: Any, calibration: Any) -> str:
 
 def _describe_search(plans: list[Any], memory: int | None, calibration: Any) -> str:
     from cogvx_dist.core.units import GIB
-    from cogvx_dist.train.memory_plan import GPU_CLASSES, expected_cost, frontier
+    from cogvx_dist.train.memory.plan import GPU_CLASSES, expected_cost, frontier
 
     sizes = {"fits": memory} if memory else GPU_CLASSES
     fastest = expected_cost(plans[0])
@@ -193,7 +193,7 @@ def _describe_search(plans: list[Any], memory: int | None, calibration: Any) -> 
 
 def _describe_sequence_parallel(options: dict[int, Any], ranks: int, memory: int | None) -> str:
     from cogvx_dist.core.units import GIB
-    from cogvx_dist.train.memory_plan import GPU_CLASSES
+    from cogvx_dist.train.memory.plan import GPU_CLASSES
 
     sizes = {"fits": memory} if memory else GPU_CLASSES
     lines = ["", "sequence parallelism (parallel.sequence_parallel: ranks of a node sharing each sample's tokens), "

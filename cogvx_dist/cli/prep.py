@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cogvx_dist.core.devices import share_cpu_cores
     from data_prep.ranks import discover_ranks
-    from data_prep.run import run_prep
+    from data_prep.job import run_prep
 
     ranks = discover_ranks(config.rank, config.world_size)
     share_cpu_cores()
@@ -124,7 +124,7 @@ def _finalize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cogvx_dist.core.errors import CogvxError
-    from data_prep.run import finalize_line
+    from data_prep.job import finalize_line
     from data_prep.shards import finalize
 
     folder = args.folder or args.out

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_memory(config: Any, checks: Any, world: int) -> None:
     """The memory plan against plan.gpu_memory, here; against the GPU's own memory, rank 0 checks it (asking CUDA
     here would leave a CUDA context beside the ranks)."""
-    from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
+    from cogvx_dist.train.memory.runs import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
 
     config, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config, world,
                                         local_rank=None)

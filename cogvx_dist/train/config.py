@@ -200,7 +200,7 @@ class LogConfig:
     sample_trace: bool = False
     """Write each rank's sample keys per step to output_dir/trace/ (used to verify ordering and resume)."""
     peak_tflops: float = 0.0
-    """One GPU's dense bf16 peak in TFLOP/s, for the mfu metric; 0: from the GPU's name (train/flops.py's table)."""
+    """One GPU's dense bf16 peak in TFLOP/s, for the mfu metric; 0: from the GPU's name (train/step/flops.py's table)."""
     eval_every_steps: int = 0
     """Every this many optimizer steps (and before the first and after the last), all ranks compute the loss on
     the whole of data.eval_shards at fixed timesteps and fixed noise and log eval/loss; 0: never."""

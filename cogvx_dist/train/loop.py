@@ -42,11 +42,11 @@ from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import ADAM_TYPES, offloads_optimizer, optimizer_in_use, optimizer_type, zero_stage
 from cogvx_dist.train.ema import AdapterEMA
 from cogvx_dist.train.evaluation import HeldOutLoss
-from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
-from cogvx_dist.train.loss import CAPTION_DROPPED, LossContext, StepDraws, diffusion_loss, drop_captions
+from cogvx_dist.train.step.flops import peak_flops, training_flops_per_sample
+from cogvx_dist.train.step.loss import CAPTION_DROPPED, LossContext, StepDraws, diffusion_loss, drop_captions
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
-from cogvx_dist.train.mixture import MixedIndex
-from cogvx_dist.train.model import (
+from cogvx_dist.train.data.mixture import MixedIndex
+from cogvx_dist.train.step.model import (
     attention_kernels,
     build_model,
     check_attention,
@@ -55,12 +55,12 @@ from cogvx_dist.train.model import (
 )
 from cogvx_dist.train.preemption import PreemptionFlag, exit_now
 from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
-from cogvx_dist.train.reader import BatchPlan, MicroBatches, make_loader
+from cogvx_dist.train.data.reader import BatchPlan, MicroBatches, make_loader
 from cogvx_dist.train.run_lock import RunLock
-from cogvx_dist.train.run_plan import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
+from cogvx_dist.train.memory.runs import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
 from cogvx_dist.train.schedule import lr_lambda
-from cogvx_dist.train.sequence_parallel import enable_sequence_parallel
-from cogvx_dist.train.streaming import StreamingMicroBatches
+from cogvx_dist.train.step.sequence_parallel import enable_sequence_parallel
+from cogvx_dist.train.data.streaming import StreamingMicroBatches
 from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
 
 LAYOUT_NAMES = {"world_size": "world size", "sequence_parallel": "sequence parallelism", "zero_stage": "ZeRO stage",

@@ -35,7 +35,7 @@ class StepMeter:
         self.tokens_per_sample = tokens_per_sample
         self.device = device
         self.flops_per_sample = flops_per_sample
-        """Model FLOPs of one sample's forward and backward (train/flops.py), for TFLOP/s and MFU."""
+        """Model FLOPs of one sample's forward and backward (train/step/flops.py), for TFLOP/s and MFU."""
         self.world_size = world_size
         self.peak_flops = peak_flops
         """One GPU's peak FLOP/s; None: no MFU."""

@@ -15,9 +15,9 @@ from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.mixture import MixedIndex, combined_manifest
-from cogvx_dist.train.reader import ShardIndex
-from cogvx_dist.train.streaming import is_remote, read_remote_manifest
+from cogvx_dist.train.data.mixture import MixedIndex, combined_manifest
+from cogvx_dist.train.data.reader import ShardIndex
+from cogvx_dist.train.data.streaming import is_remote, read_remote_manifest
 
 
 @dataclass
@@ -100,7 +100,7 @@ def _sequence_parallel(config: RunConfig, checkpoint: CheckpointInfo, resolved: 
     if ds_config.zero_stage(resolved) == 3:
         # ZeRO-3's reduce-scatter averages over every rank, sequence-parallel ones included: half the gradient at 2.
         resolved.setdefault("zero_optimization", {})["reduce_scatter"] = False
-    from cogvx_dist.train.sequence_parallel import head_imbalance
+    from cogvx_dist.train.step.sequence_parallel import head_imbalance
 
     imbalance = head_imbalance(checkpoint.transformer_config["num_attention_heads"], parts)
     return [imbalance] if imbalance else []

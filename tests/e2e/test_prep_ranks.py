@@ -16,7 +16,7 @@ from cogvx_dist.core import shard_format as schema
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 from data_prep.config import PrepConfig
-from data_prep.run import run_prep
+from data_prep.job import run_prep
 from data_prep.shards import verify
 from tests.helpers import REPO, clean_env, run_cli, shard_keys
 

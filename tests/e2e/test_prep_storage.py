@@ -14,7 +14,7 @@ import torch
 from cogvx_dist.core import shard_format
 from cogvx_dist.core.faults import EXIT_CODES, FAULT_ENV
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
-from cogvx_dist.train.reader import ShardIndex
+from cogvx_dist.train.data.reader import ShardIndex
 from tests.helpers import REPO, clean_env, run_cli, s3_server, upload
 
 pytestmark = pytest.mark.slow

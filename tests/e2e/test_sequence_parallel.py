@@ -22,9 +22,9 @@ from cogvx_dist.core.loading import load_scheduler, load_transformer
 from cogvx_dist.core.lora import LoraSettings, inject_lora, lora_parameters
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.shard_format import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
-from cogvx_dist.train.loss import LossContext, diffusion_loss
-from cogvx_dist.train.model import enable_gradient_checkpointing
-from cogvx_dist.train.sequence_parallel import SequenceParallel, enable_sequence_parallel
+from cogvx_dist.train.step.loss import LossContext, diffusion_loss
+from cogvx_dist.train.step.model import enable_gradient_checkpointing
+from cogvx_dist.train.step.sequence_parallel import SequenceParallel, enable_sequence_parallel
 from tests.helpers import LORA, free_port, launch, read_adapter, read_trace, shared_folder, summary_of, write_config
 
 PARTS = 2

@@ -21,7 +21,7 @@ from cogvx_dist.core.lora import (
     lora_state_dict,
 )
 from cogvx_dist.core.run_folder import COMMIT_MARKER, RunFolder
-from cogvx_dist.train.reader import ShardIndex
+from cogvx_dist.train.data.reader import ShardIndex
 from tests.helpers import (
     LORA,
     evaluation_loss,
@@ -267,7 +267,7 @@ def test_every_feature_resumes_exactly_and_the_average_is_the_hand_computed_one(
     metrics count the samples each source gave, and the exported average equals the EMA computed here from the
     initial adapter and the adapter each step's checkpoint saved."""
     from cogvx_dist.core.lora import read_adapter as read_adapter_file
-    from cogvx_dist.train.mixture import MixtureStream
+    from cogvx_dist.train.data.mixture import MixtureStream
 
     mixed = data != "i2v copies"
     model, shards = (prepped_2b[0], clips_and_stills[0]) if mixed else i2v_with_copies
@@ -372,7 +372,7 @@ def clips_and_stills(tiny_checkpoint, tmp_path_factory) -> tuple[Path, set[str]]
     from cogvx_dist.core.shard_format import sample_key
     from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
     from data_prep.config import PrepConfig
-    from data_prep.run import run_prep
+    from data_prep.job import run_prep
 
     root = tmp_path_factory.mktemp("clips-and-stills")
     dataset = make_synthetic_dataset(root / "data", count=3, frames=10, height=48, width=64, layout="jsonl", stills=3)

@@ -1,4 +1,4 @@
-"""Model FLOPs from the family and geometry (train/flops.py) against torch's FlopCounterMode, and MFU."""
+"""Model FLOPs from the family and geometry (train/step/flops.py) against torch's FlopCounterMode, and MFU."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from cogvx_dist.core.families import FAMILIES, get_family
 from cogvx_dist.core.lora import LoraSettings
-from cogvx_dist.train.flops import peak_flops, training_flops_per_sample
-from cogvx_dist.train.memory_trace import StepShape, trace_step
+from cogvx_dist.train.step.flops import peak_flops, training_flops_per_sample
+from cogvx_dist.train.memory.trace import StepShape, trace_step
 from cogvx_dist.train.metrics import StepMeter
 
 

@@ -119,7 +119,7 @@ def _trained_state(model, settings: LoraSettings, seed: int) -> dict[str, torch.
 
 
 def _started_from(model, lora: LoraSettings) -> torch.nn.Module:
-    from cogvx_dist.train.model import build_model
+    from cogvx_dist.train.step.model import build_model
 
     return build_model(str(model), "float32", lora, seed=0, checkpoint_every=0, initial=lora.initial_adapter())
 

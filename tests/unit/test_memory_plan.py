@@ -12,7 +12,7 @@ from cogvx_dist.core.families import get_family
 from cogvx_dist.core.lora import LoraSettings
 from cogvx_dist.core.units import GIB
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.memory_plan import (
+from cogvx_dist.train.memory.plan import (
     GPU_CLASSES,
     H200_MEASURED_PEAKS_GIB,
     DeepSpeedBuffers,
@@ -23,8 +23,8 @@ from cogvx_dist.train.memory_plan import (
     search,
     strategy_from_ds_config,
 )
-from cogvx_dist.train.memory_trace import StepShape, StepTrace, trace_step, trace_step_on_real_tensors
-from cogvx_dist.train.run_plan import PlannedRun, cheapest_change, run_from_family
+from cogvx_dist.train.memory.trace import StepShape, StepTrace, trace_step, trace_step_on_real_tensors
+from cogvx_dist.train.memory.runs import PlannedRun, cheapest_change, run_from_family
 from tests.helpers import assert_one_line_error, cli
 
 

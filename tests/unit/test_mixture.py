@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.train.mixture import ROUND, MixedIndex, MixtureStream, quotas
-from cogvx_dist.train.reader import ShardIndex
+from cogvx_dist.train.data.mixture import ROUND, MixedIndex, MixtureStream, quotas
+from cogvx_dist.train.data.reader import ShardIndex
 from tests.helpers import assert_one_line_error, cli, write_config
 
 

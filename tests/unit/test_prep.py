@@ -24,7 +24,7 @@ from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, choose_bucket, decode_video, frame_indices, to_model_input
 from data_prep.inputs import read_records
 from data_prep.ranks import discover_ranks, under_mpi
-from data_prep.run import run_prep
+from data_prep.job import run_prep
 from data_prep.shards import verify
 from tests.helpers import assert_one_line_error, cli, run_cli, shard_keys
 
@@ -290,8 +290,8 @@ def test_shards_are_plain_tar_without_pickles(prepped, monkeypatch):
     import itertools
     import pickle
 
-    from cogvx_dist.train.reader import ShardIndex
-    from cogvx_dist.train.streaming import StreamingMicroBatches
+    from cogvx_dist.train.data.reader import ShardIndex
+    from cogvx_dist.train.data.streaming import StreamingMicroBatches
 
     out, _ = prepped
     # Every reader must get through the shards without unpickling anything (a protocol-0/1 pickle would not start

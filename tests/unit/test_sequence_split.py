@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogvx_dist.train.sequence_parallel import SequenceSplit, even_split, head_imbalance, video_tokens
+from cogvx_dist.train.step.sequence_parallel import SequenceSplit, even_split, head_imbalance, video_tokens
 
 
 @pytest.mark.parametrize("total, parts, expected", [(226, 4, (57, 57, 56, 56)), (30, 4, (8, 8, 7, 7)),

@@ -12,9 +12,9 @@ import torch
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.loading import describe_checkpoint, load_scheduler
 from cogvx_dist.core.lora import LoraSettings
-from cogvx_dist.train.loss import LossContext, diffusion_loss
-from cogvx_dist.train.model import attention_kernels, build_model, check_attention, choose_attention
-from cogvx_dist.train.reader import ShardIndex, collate
+from cogvx_dist.train.step.loss import LossContext, diffusion_loss
+from cogvx_dist.train.step.model import attention_kernels, build_model, check_attention, choose_attention
+from cogvx_dist.train.data.reader import ShardIndex, collate
 
 STEPS = 10
 
@@ -95,7 +95,7 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(synthetic_sh
     from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
     from cogvx_dist.train.preflight import preflight
-    from cogvx_dist.train.run_plan import least_recompute_that_fits, resolve_checkpointing
+    from cogvx_dist.train.memory.runs import least_recompute_that_fits, resolve_checkpointing
 
     needed = {0: 50, 8: 40, 4: 35, 3: 33, 2: 30, 1: 20}
     assert least_recompute_that_fits(needed, 100) == 0

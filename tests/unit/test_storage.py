@@ -12,7 +12,7 @@ from cogvx_dist.core import shard_format
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.sample_index import INDEX_NAME
 from cogvx_dist.core.storage import Store
-from cogvx_dist.train.reader import BadSample, ShardIndex
+from cogvx_dist.train.data.reader import BadSample, ShardIndex
 from tests.helpers import assert_one_line_error, cli, http_server, s3_server, upload, write_config
 
 

@@ -114,9 +114,9 @@ def test_functions_fit_on_a_screen():
 
 @pytest.mark.parametrize("layer, line, check", [
     ("core", "from cogvx_dist.train.loop import Trainer", import_violations),
-    ("prep", "from cogvx_dist.train.reader import ShardIndex", import_violations),
+    ("prep", "from cogvx_dist.train.data.reader import ShardIndex", import_violations),
     ("train", "import data_prep.shards", import_violations),
-    ("results", "from data_prep.run import run_prep", import_violations),
+    ("results", "from data_prep.job import run_prep", import_violations),
     ("train", "from deepspeed.utils import safe_get_full_fp32_param", deepspeed_violations),
     ("core", "import deepspeed", deepspeed_violations),
 ])

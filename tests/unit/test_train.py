@@ -22,8 +22,8 @@ from cogvx_dist.core.synthetic_shards import write_synthetic_shards
 from cogvx_dist.train import checkpoints as ckpt
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.ds_config import load_ds_config, resolve_ds_config, run_values
-from cogvx_dist.train.loss import LossContext, diffusion_loss
-from cogvx_dist.train.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
+from cogvx_dist.train.step.loss import LossContext, diffusion_loss
+from cogvx_dist.train.data.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
 from cogvx_dist.train.schedule import lr_lambda
 from tests.helpers import assert_one_line_error, cli, make_adapter, shard_keys, write_checkpoint, write_config
 
@@ -221,7 +221,7 @@ def test_commit_marker_records_files_and_resume_passes_over_a_damaged_checkpoint
 def test_training_ranks_cannot_build_encoders(tiny_checkpoint):
     script = (
         "import sys\n"
-        "from cogvx_dist.train.model import forbid_encoders\n"
+        "from cogvx_dist.train.step.model import forbid_encoders\n"
         "from cogvx_dist.core.loading import load_transformer, load_text_encoder, load_vae\n"
         "forbid_encoders()\n"
         "load_transformer(sys.argv[1])\n"
@@ -353,7 +353,7 @@ def test_resuming_with_other_adapter_settings_fails_before_training(good_run, tm
 
 
 def test_streaming_reads_pipe_locations(good_run):
-    from cogvx_dist.train.streaming import StreamingMicroBatches, member_url, read_remote_manifest
+    from cogvx_dist.train.data.streaming import StreamingMicroBatches, member_url, read_remote_manifest
 
     _, root = good_run
     location = f"pipe:cat {root / 'shards'}/{{name}}"
@@ -372,7 +372,7 @@ def test_streaming_reads_pipe_locations(good_run):
 def test_gradient_checkpointing_every_kth_block(tiny_checkpoint, monkeypatch, every, expected_calls):
     import torch.utils.checkpoint
 
-    from cogvx_dist.train.model import enable_gradient_checkpointing
+    from cogvx_dist.train.step.model import enable_gradient_checkpointing
 
     calls = []
     original = torch.utils.checkpoint.checkpoint
@@ -493,8 +493,8 @@ def test_streaming_with_loader_workers_trains_each_micro_batch_once(synthetic_sh
     """Two loader workers must not each yield the same stream (every micro-batch would be trained twice)."""
     from collections import Counter
 
-    from cogvx_dist.train.reader import make_loader
-    from cogvx_dist.train.streaming import StreamingMicroBatches, read_remote_manifest
+    from cogvx_dist.train.data.reader import make_loader
+    from cogvx_dist.train.data.streaming import StreamingMicroBatches, read_remote_manifest
 
     _, shards = synthetic_shards((3, 3, 2))
     location = f"pipe:cat {shards}/{{name}}"
@@ -527,7 +527,7 @@ def test_caption_dropout_draws_its_rate_and_repeats():
     from diffusers import CogVideoXDPMScheduler
 
     from cogvx_dist.core.shard_format import LATENT_MEAN, PROMPT_EMBEDS
-    from cogvx_dist.train.loss import CAPTION_DROPPED, StepDraws, draw_randomness, drop_captions
+    from cogvx_dist.train.step.loss import CAPTION_DROPPED, StepDraws, draw_randomness, drop_captions
 
     family = FAMILIES["CogVideoX-2b"]
     context = LossContext(family, {}, CogVideoXDPMScheduler(**family.scheduler_config()))
@@ -608,8 +608,8 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
     """Shards with K noised copies of the conditioning frame: each step's generator picks one per sample (all K in
     use over many steps, the same picks for the same step seed), and the loss reads the picked copy."""
     from cogvx_dist.core.shard_format import IMAGE_MEAN, NOISED_IMAGE_MEAN
-    from cogvx_dist.train.loss import StepDraws, image_moments
-    from cogvx_dist.train.reader import collate
+    from cogvx_dist.train.step.loss import StepDraws, image_moments
+    from cogvx_dist.train.data.reader import collate
 
     model = tiny_checkpoint("CogVideoX-5b-I2V")
     write_synthetic_shards(tmp_path / "shards", model, [4], image_noise_samples=3)
@@ -646,8 +646,8 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
 def test_loader_workers_draw_the_same_random_numbers_the_step_would(synthetic_shards):
     """The randomness a loader worker process draws for micro-batch j is, to the bit, what the training process
     draws for its (step, micro-step) from the step's generator, and the loss from it is the same number."""
-    from cogvx_dist.train.loss import StepDraws, step_seed
-    from cogvx_dist.train.reader import make_loader
+    from cogvx_dist.train.step.loss import StepDraws, step_seed
+    from cogvx_dist.train.data.reader import make_loader
 
     model, folder = synthetic_shards([3, 2])
     info = describe_checkpoint(model)

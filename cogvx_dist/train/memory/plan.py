@@ -13,7 +13,7 @@ Per rank, the peak the CUDA caching allocator reports (`torch.cuda.max_memory_al
   ranks at every stage (train/ema.py), on the GPU;
 - DeepSpeed buffers, from the DeepSpeed config: the gradient reduce bucket (two with overlap_comm) in the compute
   dtype for ZeRO-1/2, one for ZeRO-3, and ZeRO-3's prefetch bucket;
-- activations: measured by tracing one real step under fake tensors (train/memory_trace.py), times the micro
+- activations: measured by tracing one real step under fake tensors (train/memory/trace.py), times the micro
   batch.
 On top of that the GPU needs a CUDA context and the allocator's slack, which max_memory_allocated does not show:
 RUNTIME_OVERHEAD_BYTES plus ALLOCATOR_SLACK of the peak (general PyTorch experience, not a measurement here); a
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cogvx_dist.core.units import GIB
-from cogvx_dist.train.memory_trace import StepShape, StepTrace, cached_trace
+from cogvx_dist.train.memory.trace import StepShape, StepTrace, cached_trace
 
 RUNTIME_OVERHEAD_BYTES = int(0.75 * GIB)
 """CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers: outside max_memory_allocated."""

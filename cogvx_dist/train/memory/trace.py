@@ -175,7 +175,7 @@ def trace_step_on_real_tensors(shape: StepShape) -> StepTrace:
 def _meta_model(shape: StepShape, checkpointing: bool = True) -> torch.nn.Module:
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogvx_dist.train.model import enable_gradient_checkpointing
+    from cogvx_dist.train.step.model import enable_gradient_checkpointing
 
     # The adapters on meta too: PEFT builds each on the default device and draws its initial weights there before
     # moving it beside its base layer (for a 5b model at rank 128, 4 s of CPU per model for values never used).
@@ -233,10 +233,10 @@ def _count_flops(model: torch.nn.Module, shape: StepShape) -> tuple[int, int]:
 
 
 def _loss(model: torch.nn.Module, shape: StepShape, batch: dict[str, Any]) -> torch.Tensor:
-    """The project's own training loss (train/loss.py) for this micro-batch (this rank's part of it with sequence
+    """The project's own training loss (train/step/loss.py) for this micro-batch (this rank's part of it with sequence
     parallelism)."""
-    from cogvx_dist.train.loss import LossContext, diffusion_loss
-    from cogvx_dist.train.sequence_parallel import SHAPES_ONLY, enable_sequence_parallel
+    from cogvx_dist.train.step.loss import LossContext, diffusion_loss
+    from cogvx_dist.train.step.sequence_parallel import SHAPES_ONLY, enable_sequence_parallel
 
     sequence = None
     if shape.sequence_parallel > 1:

@@ -19,7 +19,7 @@ import torch
 
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.shard_format import Manifest
-from cogvx_dist.train.reader import SampleStream, ShardIndex
+from cogvx_dist.train.data.reader import SampleStream, ShardIndex
 
 ROUND = 1000
 """Stream positions per round of exact quotas."""

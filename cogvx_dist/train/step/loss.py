@@ -24,7 +24,7 @@ from cogvx_dist.core.shard_format import (
     NOISED_IMAGE_MEAN,
     PROMPT_EMBEDS,
 )
-from cogvx_dist.train.sequence_parallel import SequenceParallel, video_tokens
+from cogvx_dist.train.step.sequence_parallel import SequenceParallel, video_tokens
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def draw_randomness(batch: dict[str, Any], context: LossContext, generator: torc
     """Every random number a micro-batch's loss uses, on the CPU from `generator`, always in this order: caption
     dropout (only when `caption_dropout` > 0), the video posterior's noise, the timesteps (unless given), the
     diffusion noise, then for image-to-video the noised copy of the conditioning frame (where prep made copies)
-    and its posterior's noise. The loader draws them (train/reader.py), so the training process only computes."""
+    and its posterior's noise. The loader draws them (train/data/reader.py), so the training process only computes."""
     family = context.family
     mean = batch[LATENT_MEAN]
     batch_size, channels, frames, height, width = mean.shape

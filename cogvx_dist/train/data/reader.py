@@ -159,7 +159,7 @@ class ShardIndex:
 
 
 class Samples(Protocol):
-    """What micro-batches read from: one dataset (ShardIndex) or a mixture of several (train/mixture.py)."""
+    """What micro-batches read from: one dataset (ShardIndex) or a mixture of several (train/data/mixture.py)."""
 
     def __len__(self) -> int: ...
 
@@ -232,7 +232,7 @@ class MicroBatches(Dataset):
                  ) -> None:
         self.index = index
         self.draws = draws
-        """Draws item j's random numbers (train/loss.py's StepDraws), into the item's "randomness"."""
+        """Draws item j's random numbers (train/step/loss.py's StepDraws), into the item's "randomness"."""
         self.plan = plan
         self.stream = index.stream(seed)
         self.start_position = start_position

@@ -1,4 +1,4 @@
-"""The memory planner applied to a training run (train/memory_plan.py does the arithmetic): the step a run config
+"""The memory planner applied to a training run (train/memory/plan.py does the arithmetic): the step a run config
 trains, the strategy its DeepSpeed config and settings describe and the GPU each rank gets; the pre-flight check,
 which names the cheapest change that fits; and a throughput calibrated from a finished run's metrics."""
 
@@ -19,7 +19,7 @@ from cogvx_dist.core.loading import CheckpointInfo
 from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.units import gib, parse_bytes
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.memory_plan import (
+from cogvx_dist.train.memory.plan import (
     DeepSpeedBuffers,
     MemoryPlan,
     Strategy,
@@ -30,7 +30,7 @@ from cogvx_dist.train.memory_plan import (
     relative_cost,
     strategy_from_ds_config,
 )
-from cogvx_dist.train.memory_trace import StepShape
+from cogvx_dist.train.memory.trace import StepShape
 
 PLAN_CHECKED_ENV = "COGVX_PLAN_CHECKED"
 """Set by `cogvx train` once it has checked the plan, so that rank 0 does not trace the step again."""
@@ -114,8 +114,8 @@ def run_from_family(family_name: str, config: RunConfig, ranks: int,
 def read_manifest(config: RunConfig) -> Manifest:
     """The manifest of the run's shards (local, remote or streamed), or the one standing for its mixture."""
     from cogvx_dist.core.storage import Store
-    from cogvx_dist.train.mixture import combined_manifest
-    from cogvx_dist.train.streaming import read_remote_manifest
+    from cogvx_dist.train.data.mixture import combined_manifest
+    from cogvx_dist.train.data.streaming import read_remote_manifest
 
     if config.data.streaming:
         return read_remote_manifest(config.data.shards)

@@ -15,7 +15,7 @@ from torch.utils.data import IterableDataset
 
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.shard_format import MANIFEST_NAME, Manifest, decode_sample
-from cogvx_dist.train.reader import collate
+from cogvx_dist.train.data.reader import collate
 
 REMOTE_PREFIXES = ("http://", "https://", "pipe:")
 
