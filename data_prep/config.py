@@ -8,13 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cogvx_dist.core.caption_layouts import AUTO, layout_choices, unknown_layout
 from cogvx_dist.core.devices import DTYPE_NAMES
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.families import SIZE_MULTIPLE
 from cogvx_dist.core.units import parse_bytes, parse_size
-
-LAYOUTS = ("auto", "cogvideo", "csv", "jsonl", "folder")
-
 
 PROMPT_SLOT = "{prompt}"
 """Where a caption goes in prep's prompt template."""
@@ -44,9 +42,9 @@ class PrepConfig:
     stage: str = ""
     """With an output URL: the local folder shards are written in before upload (default: one under the system
     temporary folder, named after the URL)."""
-    layout: str = "auto"
-    """Input layout: auto, cogvideo (prompts.txt or prompt.txt + videos.txt [+ images.txt]), csv, jsonl, or
-    folder."""
+    layout: str = AUTO
+    """Input layout: auto (found from the files) or a caption layout's name (the table in
+    cogvx_dist/core/caption_layouts.py, which `cogvx prep --help` prints with each one's files)."""
     caption_file: str | None = None
     """CogVideo layout: the caption list's name in the dataset folder (default: prompts.txt or prompt.txt)."""
     video_file: str | None = None
@@ -145,8 +143,8 @@ class PrepConfig:
             raise CogvxError("prompt_prefix and prompt_template exclude each other: give one")
         if self.prompt_template and PROMPT_SLOT not in self.prompt_template:
             raise CogvxError(f"prompt_template {self.prompt_template!r} has no {PROMPT_SLOT} where the caption goes")
-        if self.layout not in LAYOUTS:
-            raise CogvxError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        if self.layout not in layout_choices():
+            raise CogvxError(unknown_layout(self.layout))
         if self.storage_dtype not in DTYPE_NAMES:
             raise CogvxError(f"storage_dtype must be one of {', '.join(DTYPE_NAMES)}, not {self.storage_dtype!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16"):

@@ -1,4 +1,7 @@
-"""The three dataset layouts, read into one list of records.
+"""The caption layouts (the table in cogvx_dist/core/caption_layouts.py), read into one list of records.
+
+One reader per layout in READERS, keyed by the table's names; `auto` picks the layout from the table's file names
+and suffixes. Today:
 
 - cogvideo: `prompts.txt` (or `prompt.txt`, as CogVideo's launch scripts and finetrainers name it) + `videos.txt`
   (+ `images.txt` for I2V), one entry per line, line i matching line i; other names with `ListFiles`;
@@ -17,19 +20,26 @@ unusable (empty prompt, missing caption file) is returned with `problem` set and
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogvx_dist.core.caption_layouts import (
+    AUTO,
+    COGVIDEO_CAPTIONS,
+    COGVIDEO_IMAGES,
+    COGVIDEO_VIDEOS,
+    LAYOUTS,
+    unknown_layout,
+)
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.shard_format import sample_key
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-METADATA_FILES = ("metadata.jsonl", "metadata.csv")
-CAPTION_FILES = ("prompts.txt", "prompt.txt")
-"""The CogVideo layout's caption list: CogVideo's README says prompts.txt, its launch scripts prompt.txt."""
 
 
 @dataclass(frozen=True)
@@ -42,20 +52,21 @@ class ListFiles:
 
     def resolve(self, root: Path) -> tuple[Path, Path, Path | None]:
         """(videos, captions, images or None): the given names, or the usual ones that exist."""
-        videos = root / (self.videos or "videos.txt")
+        videos = root / (self.videos or COGVIDEO_VIDEOS)
         if self.captions:
             captions = root / self.captions
         else:
-            found = [root / name for name in CAPTION_FILES if (root / name).is_file()]
+            found = [root / name for name in COGVIDEO_CAPTIONS if (root / name).is_file()]
             if len(found) > 1:
                 raise CogvxError(f"{root} holds both {found[0].name} and {found[1].name}; say which holds the "
                                  "captions with --caption-file")
-            captions = found[0] if found else root / CAPTION_FILES[0]
-        images = root / (self.images or "images.txt")
+            captions = found[0] if found else root / COGVIDEO_CAPTIONS[0]
+        images = root / (self.images or COGVIDEO_IMAGES)
         for path in (videos, captions):
             if not path.is_file():
                 raise CogvxError(f"{path} is missing (the CogVideo layout needs a caption list "
-                                 f"({' or '.join(CAPTION_FILES)}, or --caption-file) and videos.txt (or --video-file))")
+                                 f"({' or '.join(COGVIDEO_CAPTIONS)}, or --caption-file) and {COGVIDEO_VIDEOS} "
+                                 "(or --video-file))")
         if self.images and not images.is_file():
             raise CogvxError(f"{images} is missing (--image-file)")
         return videos, captions, images if images.is_file() else None
@@ -90,57 +101,53 @@ class Record:
 
 
 def detect_layout(data: Path) -> str:
-    """The layout of `data` (a folder or a CSV/JSONL file)."""
+    """The layout of `data`: a file by its suffix, a folder by the first layout of the table whose files it holds,
+    else the table's layout without files."""
     if data.is_file():
         suffix = data.suffix.lower()
-        if suffix == ".csv":
-            return "csv"
-        if suffix in (".jsonl", ".json"):
-            return "jsonl"
-        raise CogvxError(f"{data}: a dataset file must be .csv or .jsonl")
+        for name, layout in LAYOUTS.items():
+            if suffix in layout.suffixes:
+                return name
+        suffixes = [suffix for layout in LAYOUTS.values() for suffix in layout.suffixes]
+        raise CogvxError(f"{data}: a dataset file must be {_either(suffixes)}")
     if not data.is_dir():
         raise CogvxError(f"dataset {data} does not exist")
-    if (data / "videos.txt").is_file() or any((data / name).is_file() for name in CAPTION_FILES):
-        return "cogvideo"
-    for name in METADATA_FILES:
-        if (data / name).is_file():
-            return "jsonl" if name.endswith("jsonl") else "csv"
-    return "folder"
+    for name, layout in LAYOUTS.items():
+        if not layout.files or any((data / file).is_file() for file in layout.files):
+            return name
+    raise CogvxError(f"{data} holds none of {_either(_layout_files())} (and no layout reads a bare folder)")
 
 
-def read_records(data: str | Path, layout: str = "auto",
+def read_records(data: str | Path, layout: str = AUTO,
                  lists: ListFiles | None = None) -> tuple[Path, list[Record]]:
-    """(dataset root, records in a deterministic order) for a dataset in any supported layout."""
-    data = Path(data)
-    lists = lists or ListFiles()
-    if layout == "auto":
-        layout = "cogvideo" if lists != ListFiles() and data.is_dir() else detect_layout(data)
-    if layout in ("csv", "jsonl"):
-        path = data
-        if data.is_dir():
-            candidates = [data / n for n in METADATA_FILES if n.endswith(layout)]
-            path = next((p for p in candidates if p.is_file()), candidates[0])
-        if not path.is_file():
-            raise CogvxError(f"{layout} dataset file {path} does not exist")
-        rows = _read_csv(path) if layout == "csv" else _read_jsonl(path)
-        root = path.parent
-    elif layout == "cogvideo":
-        root, rows = data, _read_cogvideo(*lists.resolve(data))
-    elif layout == "folder":
-        if not data.is_dir():
-            raise CogvxError(f"dataset folder {data} does not exist")
-        root, rows = data, _read_folder(data)
-    else:
-        raise CogvxError(f"layout must be one of auto, cogvideo, csv, jsonl, folder, not {layout!r}")
+    """(dataset root, records in a deterministic order) for a dataset in any layout of the table."""
+    data, lists = Path(data), lists or ListFiles()
+    root, rows = READERS[_layout_of(data, layout, lists)](data, lists)
     return root, _unique_sources(rows)
 
 
-def caption_list(data: str | Path, layout: str = "auto", lists: ListFiles | None = None) -> Path | None:
+def caption_list(data: str | Path, layout: str = AUTO, lists: ListFiles | None = None) -> Path | None:
     """The caption file a CogVideo-layout dataset is read from (None for the other layouts)."""
     data, lists = Path(data), lists or ListFiles()
-    if layout == "auto":
-        layout = "cogvideo" if lists != ListFiles() and data.is_dir() else detect_layout(data)
-    return lists.resolve(data)[1] if layout == "cogvideo" else None
+    return lists.resolve(data)[1] if _layout_of(data, layout, lists) == "cogvideo" else None
+
+
+def _layout_of(data: Path, layout: str, lists: ListFiles) -> str:
+    """The layout to read `data` in: the one given, or (auto) the one its files show."""
+    if layout == AUTO:
+        # Naming a list file is saying the folder holds CogVideo lists, whatever their names.
+        return "cogvideo" if lists != ListFiles() and data.is_dir() else detect_layout(data)
+    if layout not in LAYOUTS:
+        raise CogvxError(unknown_layout(layout))
+    return layout
+
+
+def _layout_files() -> list[str]:
+    return [file for layout in LAYOUTS.values() for file in layout.files]
+
+
+def _either(names: list[str]) -> str:
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 _Row = tuple[str, str, "str | None", str, "str | None"]  # video, prompt, image, origin, problem
@@ -269,8 +276,8 @@ def _read_folder(root: Path) -> list[_Row]:
         rows.append((rel, prompt, image_rel, rel, None))
     rows.extend(_folder_images(root, {video.with_suffix("") for video in videos}))
     if not rows:
-        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}), no captioned images and no "
-                         "prompts.txt/videos.txt or metadata file")
+        raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}), no captioned images and none of "
+                         f"{_either(_layout_files())}")
     return rows
 
 
@@ -287,3 +294,39 @@ def _folder_images(root: Path, video_stems: set[Path]) -> list[_Row]:
         except UnicodeDecodeError:
             rows.append((rel, "", None, rel, f"caption file {caption.name} is not valid UTF-8"))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- one reader a layout
+_Reader = Callable[[Path, ListFiles], tuple[Path, list[_Row]]]
+"""(data as given, CogVideo list names) -> (dataset root, rows in the order listed)."""
+
+
+def _cogvideo(data: Path, lists: ListFiles) -> tuple[Path, list[_Row]]:
+    return data, _read_cogvideo(*lists.resolve(data))
+
+
+def _metadata_file(layout: str, parse: Callable[[Path], list[_Row]], data: Path,
+                   lists: ListFiles) -> tuple[Path, list[_Row]]:
+    """A layout of one file: `data` itself, or the first of the layout's files in the folder `data`."""
+    path = data
+    if data.is_dir():
+        candidates = [data / name for name in LAYOUTS[layout].files]
+        path = next((p for p in candidates if p.is_file()), candidates[0])
+    if not path.is_file():
+        raise CogvxError(f"{layout} dataset file {path} does not exist")
+    return path.parent, parse(path)
+
+
+def _folder(data: Path, lists: ListFiles) -> tuple[Path, list[_Row]]:
+    if not data.is_dir():
+        raise CogvxError(f"dataset folder {data} does not exist")
+    return data, _read_folder(data)
+
+
+READERS: dict[str, _Reader] = {
+    "cogvideo": _cogvideo,
+    "jsonl": functools.partial(_metadata_file, "jsonl", _read_jsonl),
+    "csv": functools.partial(_metadata_file, "csv", _read_csv),
+    "folder": _folder,
+}
+"""Layout name (cogvx_dist.core.caption_layouts.LAYOUTS) -> its reader; every layout of the table has one."""

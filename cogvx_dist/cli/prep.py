@@ -9,6 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cogvx_dist.core.caption_layouts import (
+    COGVIDEO_CAPTIONS,
+    COGVIDEO_IMAGES,
+    COGVIDEO_VIDEOS,
+    describe_layouts,
+    layout_choices,
+)
+
 
 def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
     """Arguments and handler of `cogvx prep`."""
@@ -28,11 +36,15 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
                       help="image-to-video: noised copies of each conditioning frame (official I2V recipe; "
                            "default 4, 0: none)")
     prep.add_argument("--stage", help="with an output URL: local folder for shards before upload")
-    prep.add_argument("--layout", choices=("auto", "cogvideo", "csv", "jsonl", "folder"), help="input layout")
+    # argparse %-formats help strings: a % in a layout's description would otherwise break --help.
+    prep.add_argument("--layout", choices=layout_choices(),
+                      help="input layout (default auto). " + describe_layouts().replace("%", "%%"))
     prep.add_argument("--caption-file", dest="caption_file",
-                      help="CogVideo layout: caption list in --data (default: prompts.txt or prompt.txt)")
-    prep.add_argument("--video-file", dest="video_file", help="CogVideo layout: video list (default: videos.txt)")
-    prep.add_argument("--image-file", dest="image_file", help="CogVideo layout: image list (default: images.txt)")
+                      help=f"CogVideo layout: caption list in --data (default: {' or '.join(COGVIDEO_CAPTIONS)})")
+    prep.add_argument("--video-file", dest="video_file",
+                      help=f"CogVideo layout: video list (default: {COGVIDEO_VIDEOS})")
+    prep.add_argument("--image-file", dest="image_file",
+                      help=f"CogVideo layout: image list (default: {COGVIDEO_IMAGES})")
     prep.add_argument("--frames", type=int, help="frames per clip (valid for the family: 8N+1 / 16N+1)")
     prep.add_argument("--resolution", action="append", dest="resolutions", metavar="HxW",
                       help="resolution bucket, repeatable (e.g. --resolution 480x720 --resolution 720x480)")
@@ -103,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     config.check_basic()
 
     from cogvx_dist.core.devices import share_cpu_cores
-    from data_prep.ranks import discover_ranks
     from data_prep.job import run_prep
+    from data_prep.ranks import discover_ranks
 
     ranks = discover_ranks(config.rank, config.world_size)
     share_cpu_cores()

@@ -1,5 +1,6 @@
 """Synthetic video datasets: real mp4 clips of a coloured shape moving over a background, captioned with what moves
-where ("a red square moves left"), plus deliberately broken files. Used by tests, the benchmark and the demo.
+where ("a red square moves left"), plus deliberately broken files, in any caption layout prep reads (one writer a
+layout in WRITERS). Used by tests, the benchmark and the demo.
 """
 
 from __future__ import annotations
@@ -7,10 +8,19 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cogvx_dist.core.caption_layouts import (
+    COGVIDEO_CAPTIONS,
+    COGVIDEO_IMAGES,
+    COGVIDEO_VIDEOS,
+    LAYOUTS,
+    unknown_layout,
+)
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -23,7 +33,8 @@ COLOURS = {
 SHAPES = ("square", "circle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BROKEN_KINDS = ("truncated", "random_bytes", "empty", "too_short", "missing", "empty_prompt")
-LAYOUTS = ("folder", "csv", "jsonl", "cogvideo")
+Entry = tuple[str, str, "str | None"]
+"""(video, prompt, image or None) of one listed input, paths relative to the dataset root."""
 
 
 @dataclass
@@ -103,30 +114,28 @@ def make_synthetic_dataset(
     images: bool = False,
     stills: int = 0,
 ) -> SyntheticDataset:
-    """Write `count` good clips (and, with broken=True, one input of each BROKEN_KIND) in the given layout.
+    """Write `count` good clips (and, with broken=True, one input of each BROKEN_KIND) in the given caption layout
+    (a name in cogvx_dist.core.caption_layouts.LAYOUTS, written by its entry in WRITERS).
 
-    Layouts: folder (name.mp4 + name.txt), csv / jsonl (metadata.csv / metadata.jsonl with video, prompt[, image]),
-    cogvideo (videos.txt + prompts.txt [+ images.txt]). With images=True each clip also gets a PNG conditioning
-    image (its first frame), for image-to-video families. `stills` single images (PNG, JPEG and WebP in turn, a
-    shape on the background, captioned "a red circle") are listed beside the clips as samples of their own.
+    With images=True each clip also gets a PNG conditioning image (its first frame), for image-to-video families.
+    `stills` single images (PNG, JPEG and WebP in turn, a shape on the background, captioned "a red circle") are
+    listed beside the clips as samples of their own.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+        raise ValueError(unknown_layout(layout, auto=False))
+    writer = WRITERS[layout]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    sub = "videos/" if layout != "folder" else ""
-    entries = _good_clips(root, sub, count, frames, height, width, fps, seed, images)
-    entries += _still_images(root, sub, stills, height, width, seed)
+    entries = _good_clips(root, writer.media, count, frames, height, width, fps, seed, images)
+    entries += _still_images(root, writer.media, stills, height, width, seed)
     good = [name for name, _, _ in entries]
-    bad = _broken_inputs(root, sub, frames, height, width, fps, seed) if broken else {}
+    bad = _broken_inputs(root, writer.media, frames, height, width, fps, seed) if broken else {}
     for name, kind in bad.items():
         entries.append((name, "" if kind == "empty_prompt" else f"broken clip {kind.replace('_', ' ')}", None))
-    prompts = {name: text for name, text, _ in entries}
-    data_arg = _write_layout(root, layout, entries, images)
-    if layout == "folder":
-        # A folder lists only files that exist: a missing video cannot be named there.
-        for name in [n for n, kind in bad.items() if kind == "missing"]:
-            del bad[name], prompts[name]
+    data_arg, listed = writer.write(root, entries, images)
+    # A layout that finds its media on disk cannot name a missing file: such an input is not one prep sees.
+    bad = {name: kind for name, kind in bad.items() if name in listed}
+    prompts = {name: text for name, text, _ in entries if name in listed}
     return SyntheticDataset(root, data_arg, good, bad, prompts)
 
 
@@ -194,33 +203,61 @@ def _broken_inputs(root: Path, sub: str, frames: int, height: int, width: int, f
     return bad
 
 
-def _write_layout(root: Path, layout: str, entries: list[tuple[str, str, str | None]], images: bool) -> Path:
-    if layout == "folder":
-        for video, prompt, _ in entries:
-            if (root / video).exists() or prompt:
-                # A missing video cannot be listed in this layout; an empty caption file is an empty prompt.
-                if (root / video).exists():
-                    (root / video).with_suffix(".txt").write_text(prompt + "\n")
-        return root
-    if layout == "csv":
-        path = root / "metadata.csv"
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["video", "prompt", "image"] if images else ["video", "prompt"])
-            for video, prompt, image in entries:
-                writer.writerow([video, prompt, image or ""] if images else [video, prompt])
-        return path
-    if layout == "jsonl":
-        path = root / "metadata.jsonl"
-        with open(path, "w") as handle:
-            for video, prompt, image in entries:
-                item = {"video": video, "prompt": prompt}
-                if image:
-                    item["image"] = image
-                handle.write(json.dumps(item) + "\n")
-        return path
-    (root / "videos.txt").write_text("".join(f"{v}\n" for v, _, _ in entries))
-    (root / "prompts.txt").write_text("".join(f"{p}\n" for _, p, _ in entries))
+# ---------------------------------------------------------------------------------------------- one writer a layout
+@dataclass(frozen=True)
+class LayoutWriter:
+    """How `make_synthetic_dataset` writes one caption layout."""
+
+    write: Callable[[Path, list[Entry], bool], tuple[Path, set[str]]]
+    """(root, entries, whether conditioning images are listed) -> (what to pass as prep's data argument, the
+    sources the files list)."""
+    media: str = "videos/"
+    """Folder under the root the clips and images go in ("": the root itself)."""
+
+
+def _write_folder(root: Path, entries: list[Entry], images: bool) -> tuple[Path, set[str]]:
+    listed = set()
+    for video, prompt, _ in entries:
+        # A missing video cannot be listed in this layout; an empty caption file is an empty prompt.
+        if (root / video).exists():
+            (root / video).with_suffix(".txt").write_text(prompt + "\n")
+            listed.add(video)
+    return root, listed
+
+
+def _write_csv(root: Path, entries: list[Entry], images: bool) -> tuple[Path, set[str]]:
+    path = root / LAYOUTS["csv"].files[0]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "prompt", "image"] if images else ["video", "prompt"])
+        for video, prompt, image in entries:
+            writer.writerow([video, prompt, image or ""] if images else [video, prompt])
+    return path, {video for video, _, _ in entries}
+
+
+def _write_jsonl(root: Path, entries: list[Entry], images: bool) -> tuple[Path, set[str]]:
+    path = root / LAYOUTS["jsonl"].files[0]
+    with open(path, "w") as handle:
+        for video, prompt, image in entries:
+            item = {"video": video, "prompt": prompt}
+            if image:
+                item["image"] = image
+            handle.write(json.dumps(item) + "\n")
+    return path, {video for video, _, _ in entries}
+
+
+def _write_cogvideo(root: Path, entries: list[Entry], images: bool) -> tuple[Path, set[str]]:
+    (root / COGVIDEO_VIDEOS).write_text("".join(f"{v}\n" for v, _, _ in entries))
+    (root / COGVIDEO_CAPTIONS[0]).write_text("".join(f"{p}\n" for _, p, _ in entries))
     if images:
-        (root / "images.txt").write_text("".join(f"{i or ''}\n" for _, _, i in entries))
-    return root
+        (root / COGVIDEO_IMAGES).write_text("".join(f"{i or ''}\n" for _, _, i in entries))
+    return root, {video for video, _, _ in entries}
+
+
+WRITERS: dict[str, LayoutWriter] = {
+    "cogvideo": LayoutWriter(_write_cogvideo),
+    "jsonl": LayoutWriter(_write_jsonl),
+    "csv": LayoutWriter(_write_csv),
+    "folder": LayoutWriter(_write_folder, media=""),
+}
+"""Layout name (caption_layouts.LAYOUTS) -> its writer; every layout of the table has one."""

@@ -17,14 +17,15 @@ import pytest
 import torch
 
 from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core.caption_layouts import LAYOUTS, describe_layouts, layout_choices
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.storage import Store
-from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, render_clip, write_mp4
+from cogvx_dist.core.synthetic_videos import WRITERS, make_synthetic_dataset, render_clip, write_mp4
 from data_prep.config import PrepConfig
 from data_prep.decode import BadInput, choose_bucket, decode_video, frame_indices, to_model_input
-from data_prep.inputs import read_records
-from data_prep.ranks import discover_ranks, under_mpi
+from data_prep.inputs import READERS, read_records
 from data_prep.job import run_prep
+from data_prep.ranks import discover_ranks, under_mpi
 from data_prep.shards import verify
 from tests.helpers import assert_one_line_error, cli, run_cli, shard_keys
 
@@ -75,7 +76,65 @@ def prepped(tiny_checkpoint, dataset, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
-@pytest.mark.parametrize("layout", ["folder", "csv", "jsonl", "cogvideo"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_caption_layout_has_a_reader_and_a_writer(layout):
+    """A row of the layout table is read by prep and written by the synthetic datasets the tests use."""
+    assert layout in READERS, f"caption layout {layout!r} has no reader in data_prep/inputs.py READERS"
+    assert layout in WRITERS, f"caption layout {layout!r} has no writer in cogvx_dist/core/synthetic_videos.py WRITERS"
+
+
+def test_readers_and_writers_are_only_for_layouts_of_the_table():
+    assert set(READERS) - set(LAYOUTS) == set(), "a reader for a layout the table does not list"
+    assert set(WRITERS) - set(LAYOUTS) == set(), "a writer for a layout the table does not list"
+
+
+def test_the_layout_table_describes_its_files_and_ends_with_the_fallback():
+    """Auto detection reads a folder in the first layout whose files it holds: a layout without files matches any
+    folder, so only the last may have none; every file and suffix a layout is known by is in its description."""
+    assert [name for name, layout in LAYOUTS.items() if not layout.files] == [list(LAYOUTS)[-1]]
+    for name, layout in LAYOUTS.items():
+        for word in (*layout.files, *layout.suffixes):
+            assert word in layout.description, f"{name}: {word} is not in its description"
+
+
+def test_config_cli_and_reader_offer_exactly_the_tables_layouts(tmp_path, capsys):
+    assert layout_choices() == ("auto", *LAYOUTS)
+    for name in layout_choices():
+        PrepConfig(model="m", data="d", out="o", layout=name).check_basic()
+    expected = f"layout must be one of {', '.join(layout_choices())}, not 'bogus'"
+    with pytest.raises(CogvxError, match=f"^{re.escape(expected)}$"):
+        PrepConfig(model="m", data="d", out="o", layout="bogus").check_basic()
+    with pytest.raises(CogvxError, match=f"^{re.escape(expected)}$"):
+        read_records(tmp_path, "bogus")
+    with pytest.raises(SystemExit):
+        cli(capsys, "prep", "--model", "m", "--data", "d", "--out", "o", "--layout", "bogus")
+    # Quoted or not depending on the Python version.
+    assert f"choose from {', '.join(layout_choices())}" in capsys.readouterr().err.replace("'", "")
+    with pytest.raises(SystemExit):
+        cli(capsys, "prep", "--help")
+    assert describe_layouts() in " ".join(capsys.readouterr().out.split())
+
+
+def test_auto_detection_order_and_file_suffixes(tmp_path):
+    """Auto detection keeps its precedence: CogVideo lists over a metadata file, JSONL over CSV."""
+    from data_prep.inputs import detect_layout
+
+    (tmp_path / "metadata.csv").write_text("video,prompt\n")
+    assert detect_layout(tmp_path) == "csv"
+    (tmp_path / "metadata.jsonl").write_text("")
+    assert detect_layout(tmp_path) == "jsonl"
+    (tmp_path / "prompt.txt").write_text("")
+    assert detect_layout(tmp_path) == "cogvideo"
+    assert detect_layout(tmp_path / "metadata.csv") == "csv"
+    (tmp_path / "list.json").write_text("")
+    assert detect_layout(tmp_path / "list.json") == "jsonl"
+    with pytest.raises(CogvxError, match=r"prompt\.txt: a dataset file must be \.jsonl, \.json or \.csv$"):
+        detect_layout(tmp_path / "prompt.txt")
+    (tmp_path / "empty").mkdir()
+    assert detect_layout(tmp_path / "empty") == "folder"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_layout_lists_good_and_bad_inputs(tmp_path, layout):
     ds = make_synthetic_dataset(tmp_path / layout, count=2, frames=10, height=32, width=48, layout=layout,
                                 broken=True)
@@ -626,7 +685,7 @@ def test_prompt_and_image_noise_errors_are_one_line(tiny_checkpoint, tmp_path, c
 
 
 # ---------------------------------------------------------------------------------------------------- single images
-@pytest.mark.parametrize("layout", ["folder", "jsonl", "csv", "cogvideo"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_single_images_prep_beside_videos_as_one_frame_samples(tiny_checkpoint, tmp_path, layout):
     """PNG, JPEG and WebP stills listed like videos (or captioned beside them in a folder) become one-frame samples
     in their own frame-count bucket; the shards verify and read with plain webdataset."""
