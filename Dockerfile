@@ -10,7 +10,7 @@ ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 # --- the wheel, built from this checkout ----------------------------------------------------------------------
-FROM python:3.12-slim AS wheel
+FROM python:3.11-slim AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cogvx_dist cogvx_dist
