@@ -166,8 +166,8 @@ def evaluation_loss(model: Path, shards: Path, adapter: dict[str, torch.Tensor] 
     """Loss over every sample with fixed noise and timesteps; with `adapter`, the trained LoRA is applied."""
     from cogvx_dist.core.loading import describe_checkpoint, load_scheduler, load_transformer
     from cogvx_dist.core.lora import LoraSettings, inject_lora, lora_parameters
+    from cogvx_dist.train.data.reader import BatchSplit, MicroBatches, ShardIndex
     from cogvx_dist.train.step.loss import LossContext, diffusion_loss
-    from cogvx_dist.train.data.reader import BatchPlan, MicroBatches, ShardIndex
 
     info = describe_checkpoint(model)
     transformer = load_transformer(model)
@@ -180,7 +180,7 @@ def evaluation_loss(model: Path, shards: Path, adapter: dict[str, torch.Tensor] 
                 params[in_memory].copy_(value)
     context = LossContext(info.family, info.transformer_config, load_scheduler(model))
     index = ShardIndex(shards)
-    batches = MicroBatches(index, BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=len(index))
+    batches = MicroBatches(index, BatchSplit(1, 1, 0, 1), seed=0, start_position=0, steps=len(index))
     total = 0.0
     with torch.no_grad():
         for i in range(len(batches)):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.launch_env import exit_finished
+from cogvx_dist.core.process import exit_finished
 
 DEBUG_ENV = "COGVX_DEBUG"
 

@@ -7,12 +7,12 @@ combinations are checked by each config's `validate`.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
 import yaml
 
 from cogvx_dist.core.errors import CogvxError, first_line

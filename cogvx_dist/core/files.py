@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.errors import CogvxError, first_line
 
 
 def current_umask() -> int:
@@ -81,3 +81,33 @@ def read_json_object(path: str | Path, what: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CogvxError(f"{where}: holds a JSON {type(data).__name__}, not an object of settings")
     return data
+
+
+FULL_BELOW = 16 << 20
+"""Free bytes under which a failed write is put down to a full disk."""
+
+
+def _existing(path: Path) -> Path:
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def disk_is_full(path: str | Path) -> bool:
+    """True when the filesystem holding `path` has almost no space left."""
+    import shutil
+
+    return shutil.disk_usage(_existing(Path(path))).free < FULL_BELOW
+
+
+def describe_io_error(err: Exception, path: str | Path) -> str:
+    """A failed write with the path and, when the disk is the problem, the space left there."""
+    import errno
+    import shutil
+
+    where = _existing(Path(path))
+    free = shutil.disk_usage(where).free
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < FULL_BELOW
+    cause = "the disk is full" if full else (getattr(err, "strerror", None) or first_line(err))
+    return f"{cause} writing {getattr(err, 'filename', None) or path} ({free / 2**20:.1f} MiB free on {where})"

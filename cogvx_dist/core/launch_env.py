@@ -5,11 +5,10 @@ Torch-free, so the prep tier, the train entry point and the distributed module s
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 # Set by mpiexec/mpirun of MPICH (Hydra: PMI_*), Open MPI (OMPI_*, PMIX_*), MVAPICH (MV2_*), Intel MPI (PMI_*).
 MPI_ENV_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_SIZE")
@@ -70,48 +69,3 @@ class RankInfo:
         """Wait for every prep rank (MPI only; other launchers finalize through the part files)."""
         if self.comm is not None:
             self.comm.Barrier()
-
-
-def defer_garbage_collection() -> None:
-    """Pause the cyclic garbage collector for a process's start-up. Importing torch, DeepSpeed, transformers, PEFT
-    and diffusers creates millions of objects that live as long as the process, and CPython's collector walked them
-    all again and again during the imports for nothing: 0.9 of a training rank's 4.5 s of import CPU on a 2-core
-    node. `resume_garbage_collection` ends the pause once set-up is done."""
-    gc.disable()
-
-
-def resume_garbage_collection() -> None:
-    """End of start-up: what exists now lives until the process ends, so it leaves the collector's sight (gc.freeze:
-    later collections walk only what the run allocates) and collection resumes. A no-op where start-up did not
-    pause it (a caller that runs the trainer in its own process keeps its own collector). What set-up left as
-    garbage is frozen with the rest rather than collected first: in a training rank that was 11k small objects
-    (tuples, cells, functions, a few frames; no tensor) among 888k, while the collection would take 0.6 s."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
-
-
-def exit_finished(code: int) -> NoReturn:
-    """End a process whose work is done, skipping the interpreter's teardown: with torch, DeepSpeed and diffusers
-    loaded, freeing their module state took 0.5-1.4 s of CPU per process on a 2-core node, while the launcher or
-    the shell waited. Every file is closed by now; this flushes stdio, shuts logging down and finalizes MPI where
-    it was initialized, as their exit hooks would (a launcher may count a rank that skips MPI_Finalize as failed).
-    Only for success paths: MPI_Finalize waits for peers, which a failing rank must not."""
-    import logging
-    import sys
-
-    logging.shutdown()
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    leave_now(code)
-
-
-def leave_now(code: int) -> NoReturn:
-    """Exit at once with `code`, stdio flushed: no clean-up that could wait on a peer (process-group teardown,
-    loader workers)."""
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -16,7 +16,8 @@ import traceback
 import warnings
 
 from cogvx_dist.core.errors import CogvxError, RankError, first_line
-from cogvx_dist.core.launch_env import defer_garbage_collection, env_rank, exit_finished, leave_now
+from cogvx_dist.core.launch_env import env_rank
+from cogvx_dist.core.process import defer_garbage_collection, exit_finished, leave_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,35 +45,41 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = config.output_dir
         train(config)
     except failures.Preempted:
-        failures.claim_rank_end()  # or wait, if a watchdog thread is already ending this rank
-        leave_now(failures.EXIT_PREEMPTED)
+        end_rank(failures.EXIT_PREEMPTED)
     except CogvxError as err:
-        failures.claim_rank_end()  # or wait, if a watchdog thread is already ending this rank
         # Most checks come out the same on every rank, so one line from rank 0 tells the whole story; a RankError
         # (a bad sample, a checkpoint one node cannot read) may not, and carries the rank.
-        if isinstance(err, RankError):
-            print(f"cogvx train [rank {rank}]: error: {err}", file=sys.stderr)
-        elif rank == 0:
-            print(f"cogvx train: error: {err}", file=sys.stderr)
-        if os.environ.get("COGVX_DEBUG", "") not in ("", "0"):
-            traceback.print_exc()
-        if output_dir:
-            failures.record_failure(output_dir, rank, str(err), failures.EXIT_USER_ERROR)
-        leave_now(failures.EXIT_USER_ERROR)
+        said = (f"cogvx train [rank {rank}]: error: {err}" if isinstance(err, RankError)
+                else f"cogvx train: error: {err}" if rank == 0 else None)
+        end_rank(failures.EXIT_USER_ERROR, said, trace=os.environ.get("COGVX_DEBUG", "") not in ("", "0"),
+                 record=(output_dir, rank, str(err), failures.PRIMARY, ""))
     except BaseException as err:  # a bug, or a peer that vanished: say which, then go
-        failures.claim_rank_end()  # or wait, if a watchdog thread is already ending this rank
         secondary = failures.is_peer_loss(err)
         line = f"{type(err).__name__}: {first_line(err)}"
-        if secondary:
-            print(f"cogvx train [rank {rank}]: stopped: a peer rank is gone ({line})", file=sys.stderr)
-        else:
-            print(f"cogvx train [rank {rank}]: failed: {line}", file=sys.stderr)
-            traceback.print_exc()
-        if output_dir:
-            failures.record_failure(output_dir, rank, line, failures.EXIT_FAILED,
-                                    failures.SECONDARY if secondary else failures.PRIMARY, traceback.format_exc())
-        leave_now(failures.EXIT_FAILED)
+        said = (f"cogvx train [rank {rank}]: stopped: a peer rank is gone ({line})" if secondary
+                else f"cogvx train [rank {rank}]: failed: {line}")
+        end_rank(failures.EXIT_FAILED, said, trace=not secondary,
+                 record=(output_dir, rank, line, failures.SECONDARY if secondary else failures.PRIMARY,
+                         traceback.format_exc()))
     return 0
+
+
+def end_rank(code: int, said: str | None = None, trace: bool = False,
+             record: tuple[str | None, int, str, str, str] | None = None) -> None:
+    """Leave at once with `code`: claim the rank's end (or wait, if a watchdog thread is already ending it), print
+    `said` (and the traceback), and record (output_dir, rank, message, kind, detail) in output_dir/failures/ when
+    the config got that far."""
+    from cogvx_dist.train import failures
+
+    failures.claim_rank_end()
+    if said:
+        print(said, file=sys.stderr)
+    if trace:
+        traceback.print_exc()
+    if record is not None and record[0]:
+        output_dir, rank, message, kind, detail = record
+        failures.record_failure(output_dir, rank, message, code, kind, detail)
+    leave_now(code)
 
 
 if __name__ == "__main__":

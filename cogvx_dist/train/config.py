@@ -81,16 +81,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with warm-up and a constant or cosine schedule."""
+    """The optimizer's settings and the learning-rate schedule (warm-up, then constant or cosine). The optimizer is
+    the DeepSpeed config's (`deepspeed.config`): AdamW by default, Adam, or another DeepSpeed optimizer such as Muon;
+    the run fills the params it takes from here."""
 
     lr: float = 1e-4
     """Peak learning rate."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
+    """Adam/AdamW betas (optimizer.params.betas)."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """Adam/AdamW epsilon (optimizer.params.eps)."""
     weight_decay: float = 1e-4
-    """AdamW decoupled weight decay."""
+    """Weight decay (optimizer.params.weight_decay; decoupled under AdamW)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to `lr` over this many optimizer steps."""
     schedule: Literal["constant", "cosine"] = "constant"
@@ -200,7 +202,8 @@ class LogConfig:
     sample_trace: bool = False
     """Write each rank's sample keys per step to output_dir/trace/ (used to verify ordering and resume)."""
     peak_tflops: float = 0.0
-    """One GPU's dense bf16 peak in TFLOP/s, for the mfu metric; 0: from the GPU's name (train/step/flops.py's table)."""
+    """One GPU's dense bf16 peak in TFLOP/s, for the mfu metric; 0: from the GPU's name (the table in
+    train/step/flops.py)."""
     eval_every_steps: int = 0
     """Every this many optimizer steps (and before the first and after the last), all ranks compute the loss on
     the whole of data.eval_shards at fixed timesteps and fixed noise and log eval/loss; 0: never."""

@@ -236,7 +236,7 @@ MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 def _import_muon_uncompiled() -> None:
     """Import DeepSpeed's Muon optimizer with torch.compile made a no-op. Every engine start imports it (to ask whether
     the optimizer is Muon), and the module compiles a function as it is imported, which imports torch's inductor:
-    0.6-0.7 s of CPU per rank, for a function that a run with another optimizer never calls."""
+    a noticeable share of a rank's start-up, for a function that a run with another optimizer never calls."""
     if MUON_MODULE in sys.modules:
         return
     previous = os.environ.get("TORCHDYNAMO_DISABLE")
@@ -253,9 +253,11 @@ def _import_muon_uncompiled() -> None:
 
 
 class Engine:
-    """A model wrapped by DeepSpeed, whose optimizer (AdamW from the DeepSpeed config, with the LR schedule
-    `lr_lambda`) sees only the trainable (LoRA) parameters; with `sequence_groups`, DeepSpeed reduces gradients the
-    sequence-parallel way (see `SequenceGroups`)."""
+    """A model wrapped by DeepSpeed, whose optimizer (the DeepSpeed config's: AdamW by default, Adam or Muon, with
+    the LR schedule `lr_lambda`) sees only the trainable (LoRA) parameters; with `sequence_groups`, DeepSpeed
+    reduces gradients the sequence-parallel way (see `SequenceGroups`).
+
+    DeepSpeed's calling rules stay in here: `backward` once per micro-batch, `step` once per optimizer step."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float],
                  sequence_groups: SequenceGroups | None = None) -> None:
@@ -298,11 +300,18 @@ class Engine:
         self._engine.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate the gradients of one micro-batch's loss (DeepSpeed scales them by the accumulation steps)."""
+        """Accumulate the gradients of one micro-batch's loss (DeepSpeed scales them by the accumulation steps).
+
+        DeepSpeed wants `step()` after every micro-batch, where all but the last of an optimizer step only count
+        it: those calls are made here, so the caller steps once per optimizer step, after the last backward."""
         self._engine.backward(loss)
+        if not self._engine.is_gradient_accumulation_boundary():
+            self._engine.step()
 
     def step(self) -> None:
-        """End a micro-batch; at the last one of an optimizer step, clip, update and advance the LR schedule."""
+        """The optimizer step, after the last micro-batch's `backward`: clip, update, advance the LR schedule."""
+        if not self._engine.is_gradient_accumulation_boundary():
+            raise RankError("Engine.step() before the last micro-batch of the optimizer step")
         self._engine.step()
 
     def step_applied(self) -> bool:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.train.step.loss import LossContext, diffusion_loss
 from cogvx_dist.train.data.reader import BadSample, ShardIndex, collate
+from cogvx_dist.train.step.loss import LossContext, diffusion_loss
 
 EVAL_KEY = "eval/loss"
 """The metric of the mean held-out loss; `eval/loss_tNNN` holds the mean at timestep NNN."""

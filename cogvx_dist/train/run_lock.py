@@ -19,7 +19,6 @@ from cogvx_dist.core.files import write_atomic
 from cogvx_dist.core.run_folder import RunFolder
 
 STALE_AFTER_S = 30.0
-REFRESH_EVERY_S = 5.0
 
 
 def read_lock(output_dir: str | Path) -> dict[str, Any] | None:

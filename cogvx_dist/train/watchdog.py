@@ -38,13 +38,12 @@ POLL_S = 1.0
 STACK_SIGNAL = signal.SIGUSR2
 
 
-def register_stack_dump(output_dir: str | Path, rank: int) -> Any:
-    """Make SIGUSR2 dump this process's Python stacks to output_dir/stacks/rank-N.txt (returns the open file)."""
+def register_stack_dump(output_dir: str | Path, rank: int) -> None:
+    """Make SIGUSR2 dump this process's Python stacks to output_dir/stacks/rank-N.txt (faulthandler keeps the file
+    open for the process's life)."""
     path = RunFolder(output_dir).stacks(rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a")
-    faulthandler.register(STACK_SIGNAL, file=handle, all_threads=True, chain=False)
-    return handle
+    faulthandler.register(STACK_SIGNAL, file=open(path, "a"), all_threads=True, chain=False)
 
 
 def read_heartbeats(output_dir: str | Path) -> dict[int, dict[str, Any]]:

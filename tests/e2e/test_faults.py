@@ -279,18 +279,18 @@ def test_a_damaged_explicit_resume_checkpoint_is_refused_before_ranks_start(data
 RESTORE_SCRIPT = """
 import sys, torch
 from cogvx_dist.core.config_files import load_config
-from cogvx_dist.core.launch_env import exit_finished
+from cogvx_dist.core.process import exit_finished
 from cogvx_dist.train import checkpoints, engine
 from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.guards import RunGuards
 from cogvx_dist.train.loop import Trainer
 from cogvx_dist.train.preflight import preflight
 
 config = load_config(RunConfig, sys.argv[1], sys.argv[2:])
-trainer = Trainer(config, preflight(config), engine.init_distributed())
-trainer._start_guards()
-trainer._build()
-step, _ = trainer._restore()
-restored, optimizer_step = trainer.engine.gather_moments(trainer.lora_names)
+ranks = engine.init_distributed()
+trainer = Trainer(config, preflight(config), ranks, RunGuards(config, ranks).__enter__())  # builds and restores
+step = trainer.start_step
+restored, optimizer_step = trainer.engine.gather_moments(trainer.parts.lora_names)
 saved, saved_step = checkpoints.read_adam_moments(trainer.run.checkpoint(step))
 assert optimizer_step == saved_step == step, (optimizer_step, saved_step, step)
 assert restored.keys() == saved.keys() and restored

@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 
 from cogvx_dist.core.families import FAMILIES
 from cogvx_dist.core.faults import FAULT_ENV
-from cogvx_dist.core.launch_env import exit_finished
 from cogvx_dist.core.loading import load_scheduler, load_transformer
 from cogvx_dist.core.lora import LoraSettings, inject_lora, lora_parameters
+from cogvx_dist.core.process import exit_finished
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.shard_format import IMAGE_LOGVAR, IMAGE_MEAN, LATENT_LOGVAR, LATENT_MEAN, PROMPT_EMBEDS
 from cogvx_dist.train.step.loss import LossContext, diffusion_loss

@@ -10,7 +10,8 @@ import pytest
 
 from cogvx_dist.core.devices import cpu_threads_per_rank, rank_device, side_device
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.launch_env import defer_garbage_collection, env_local_world_size, resume_garbage_collection
+from cogvx_dist.core.launch_env import env_local_world_size
+from cogvx_dist.core.process import defer_garbage_collection, resume_garbage_collection
 
 
 @pytest.mark.parametrize("visible", [1, 2, 8])

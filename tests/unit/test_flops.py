@@ -7,9 +7,9 @@ import torch
 
 from cogvx_dist.core.families import FAMILIES, get_family
 from cogvx_dist.core.lora import LoraSettings
-from cogvx_dist.train.step.flops import peak_flops, training_flops_per_sample
 from cogvx_dist.train.memory.trace import StepShape, trace_step
 from cogvx_dist.train.metrics import StepMeter
+from cogvx_dist.train.step.flops import peak_flops, training_flops_per_sample
 
 
 @pytest.mark.parametrize("family_name", list(FAMILIES))

@@ -21,10 +21,10 @@ from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.synthetic_shards import write_synthetic_shards
 from cogvx_dist.train import checkpoints as ckpt
 from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.data.reader import BatchSplit, MicroBatches, SampleStream, ShardIndex
 from cogvx_dist.train.ds_config import load_ds_config, resolve_ds_config, run_values
-from cogvx_dist.train.step.loss import LossContext, diffusion_loss
-from cogvx_dist.train.data.reader import BatchPlan, MicroBatches, SampleStream, ShardIndex
 from cogvx_dist.train.schedule import lr_lambda
+from cogvx_dist.train.step.loss import LossContext, diffusion_loss
 from tests.helpers import assert_one_line_error, cli, make_adapter, shard_keys, write_checkpoint, write_config
 
 
@@ -70,7 +70,7 @@ def test_global_batch_must_match_ranks():
 
 @pytest.mark.parametrize("micro, accum, ranks", [(1, 1, 2), (2, 3, 2), (1, 2, 3)])
 def test_batch_plan_covers_each_global_batch_once(micro, accum, ranks):
-    plans = [BatchPlan(micro, accum, rank, ranks) for rank in range(ranks)]
+    plans = [BatchSplit(micro, accum, rank, ranks) for rank in range(ranks)]
     global_batch = plans[0].global_batch
     for step in range(3):
         seen = [p for plan in plans for m in range(accum) for p in plan.positions(10, step * accum + m)]
@@ -97,7 +97,7 @@ def test_loss_trains_only_the_adapter_for_every_family(tiny_checkpoint, tmp_path
             if ".lora_B." in name:
                 param.normal_(std=0.01)  # so gradients reach lora_A too
     context = LossContext(info.family, info.transformer_config, load_scheduler(model))
-    batch = MicroBatches(ShardIndex(tmp_path), BatchPlan(2, 1, 0, 1), seed=0, start_position=0, steps=1)[0]
+    batch = MicroBatches(ShardIndex(tmp_path), BatchSplit(2, 1, 0, 1), seed=0, start_position=0, steps=1)[0]
     loss = diffusion_loss(transformer, batch, context, torch.Generator().manual_seed(0), torch.device("cpu"),
                           torch.float32)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
@@ -477,14 +477,14 @@ def test_the_reader_replaces_bad_samples_deterministically(good_run, tmp_path):
     shards, _, bad_key = damaged_copy(root / "shards", tmp_path, "header")  # the first shard's second sample
     index = ShardIndex(shards)
     bad = next(i for i in range(len(index)) if index.key(i) == bad_key)
-    fail = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3)
-    skip = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3,
+    fail = MicroBatches(ShardIndex(shards), BatchSplit(1, 1, 0, 1), seed=0, start_position=0, steps=3)
+    skip = MicroBatches(ShardIndex(shards), BatchSplit(1, 1, 0, 1), seed=0, start_position=0, steps=3,
                         on_bad="skip")
     first = next(i for i in range(3) if skip.stream.sample_at(i) == bad)
     assert "failure" in fail[first] and bad_key in fail[first]["failure"] and "rank 0" in fail[first]["failure"]
     replaced = skip[first]
     assert replaced["keys"] == [index.key(bad + 1)] and replaced["bad"][0]["key"] == bad_key
-    again = MicroBatches(ShardIndex(shards), BatchPlan(1, 1, 0, 1), seed=0, start_position=0, steps=3,
+    again = MicroBatches(ShardIndex(shards), BatchSplit(1, 1, 0, 1), seed=0, start_position=0, steps=3,
                          on_bad="skip")[first]
     assert again["keys"] == replaced["keys"] and torch.equal(again["latent_mean"], replaced["latent_mean"])
 
@@ -608,8 +608,8 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
     """Shards with K noised copies of the conditioning frame: each step's generator picks one per sample (all K in
     use over many steps, the same picks for the same step seed), and the loss reads the picked copy."""
     from cogvx_dist.core.shard_format import IMAGE_MEAN, NOISED_IMAGE_MEAN
-    from cogvx_dist.train.step.loss import StepDraws, image_moments
     from cogvx_dist.train.data.reader import collate
+    from cogvx_dist.train.step.loss import StepDraws, image_moments
 
     model = tiny_checkpoint("CogVideoX-5b-I2V")
     write_synthetic_shards(tmp_path / "shards", model, [4], image_noise_samples=3)
@@ -646,13 +646,13 @@ def test_image_to_video_training_draws_one_noised_copy_per_sample_from_the_step_
 def test_loader_workers_draw_the_same_random_numbers_the_step_would(synthetic_shards):
     """The randomness a loader worker process draws for micro-batch j is, to the bit, what the training process
     draws for its (step, micro-step) from the step's generator, and the loss from it is the same number."""
-    from cogvx_dist.train.step.loss import StepDraws, step_seed
     from cogvx_dist.train.data.reader import make_loader
+    from cogvx_dist.train.step.loss import StepDraws, step_seed
 
     model, folder = synthetic_shards([3, 2])
     info = describe_checkpoint(model)
     context = LossContext(info.family, info.transformer_config, load_scheduler(model))
-    plan = BatchPlan(micro_batch_size=1, grad_accum_steps=2, dp_rank=1, dp_size=2)
+    plan = BatchSplit(micro_batch_size=1, grad_accum_steps=2, dp_rank=1, dp_size=2)
     draws = StepDraws(context, seed=5, rank=1, grad_accum_steps=2, first_step=4)  # resumed after step 3
     batches = MicroBatches(ShardIndex(folder), plan, seed=5, start_position=3 * 4, steps=3, draws=draws)
     transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)

@@ -193,7 +193,7 @@ class SampleStream:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSplit:
     """Which stream positions a rank reads."""
 
     micro_batch_size: int
@@ -227,13 +227,13 @@ class MicroBatches(Dataset):
     would reach it wrapped in a traceback).
     """
 
-    def __init__(self, index: Samples, plan: BatchPlan, seed: int, start_position: int, steps: int,
+    def __init__(self, index: Samples, split: BatchSplit, seed: int, start_position: int, steps: int,
                  on_bad: str = "fail", draws: Callable[[dict[str, Any], int], dict[str, torch.Tensor]] | None = None
                  ) -> None:
         self.index = index
         self.draws = draws
         """Draws item j's random numbers (train/step/loss.py's StepDraws), into the item's "randomness"."""
-        self.plan = plan
+        self.split = split
         self.stream = index.stream(seed)
         self.start_position = start_position
         self.steps = steps
@@ -242,15 +242,15 @@ class MicroBatches(Dataset):
         """Samples found bad once (they stay bad: no second read)."""
 
     def __len__(self) -> int:
-        return self.steps * self.plan.grad_accum_steps
+        return self.steps * self.split.grad_accum_steps
 
     def __getitem__(self, micro_index: int) -> dict[str, Any]:
         tensors, keys, bad = [], [], []
-        for position in self.plan.positions(self.start_position, micro_index):
+        for position in self.split.positions(self.start_position, micro_index):
             try:
                 index, sample = self._read_or_replace(self.stream.sample_at(position), bad)
             except BadSample as err:
-                return {"failure": f"bad sample on rank {self.plan.dp_rank}: {err} (data.on_bad_sample: skip "
+                return {"failure": f"bad sample on rank {self.split.dp_rank}: {err} (data.on_bad_sample: skip "
                                    "trains on without it)"}
             tensors.append(sample)
             keys.append(self.index.key(index))

@@ -74,10 +74,6 @@ def forbid_encoders() -> None:
         cls.__init__ = refuse
 
 
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-"""model.attention_backend values: torch's scaled-dot-product-attention kernels by name."""
-
-
 def choose_attention(name: str, device_type: str, capability: tuple[int, int] | None,
                      cudnn_available: bool) -> tuple[str, list[str]]:
     """(what runs, kernel names in priority order; empty: torch's own choice) for model.attention_backend `name`.

@@ -1,0 +1,98 @@
+"""What ends a rank other than finishing: the run lock, the preemption signals, the stall and peer-failure watchdog
+and stack dumps on SIGUSR2, started together before a run and stopped together after it.
+
+The watchdog and the preemption deadline run in threads; whichever ends the rank first records why
+(output_dir/failures/), says it with the rank, and leaves at once with the exit code that names the cause
+(train/failures.py lists them). A signal agreed at a step boundary ends the run through `stop_preempted` instead,
+after the checkpoint of that step is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cogvx_dist.core.faults import delay_hook
+from cogvx_dist.core.launch_env import RankInfo
+from cogvx_dist.core.logs import rank_logger
+from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.train import engine, failures
+from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.preemption import PreemptionFlag, exit_now
+from cogvx_dist.train.run_lock import RunLock
+from cogvx_dist.train.watchdog import Watchdog, register_stack_dump
+
+
+class RunGuards:
+    """The guards of one rank's run; `with RunGuards(...) as guards:` holds them for the run's length."""
+
+    def __init__(self, config: RunConfig, ranks: RankInfo) -> None:
+        self.config = config
+        self.ranks = ranks
+        self.run = RunFolder(config.output_dir)
+        self.log = rank_logger("cogvx.train", ranks.rank)
+        self.lock = RunLock(config.output_dir)
+        self.preemption = PreemptionFlag(config.checkpoint.preempt_signals, config.checkpoint.preempt_grace_s,
+                                         self._preempt_deadline)
+        self.watchdog = Watchdog(self.run.root, ranks.rank, ranks.world_size, config.distributed.stall_timeout_s,
+                                 self._stalled, self._peer_failed, tick=self.lock.refresh)
+        self.slow_preemption_record = delay_hook("train.preemption_record_delay_ms")
+
+    def __enter__(self) -> RunGuards:
+        """Take the run lock (rank 0), clear this rank's old failure record, register stack dumps and start the
+        watchdog."""
+        try:
+            if self.ranks.is_main:
+                self.lock.acquire()
+            failures.clear_failures(self.run.root, self.ranks.rank)
+            register_stack_dump(self.run.root, self.ranks.rank)
+            self.watchdog.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.preemption.cancel()
+        self.watchdog.stop()
+        self.lock.release()
+
+    def progress(self, step: int) -> None:
+        """A step (or checkpoint) completed: the watchdog's clock starts again."""
+        self.watchdog.progress(step)
+
+    def stop_preempted(self, step: int) -> None:
+        """Every rank agreed on a preemption and the checkpoint of `step` is committed: record it and end the run."""
+        if self.ranks.is_main:
+            if self.slow_preemption_record:
+                self.slow_preemption_record()
+            failures.record_preemption(self.run.root, step, self.preemption.signal_name)
+        # No rank leaves before the record exists: another node's `cogvx train` reads it as soon as that node's
+        # ranks are gone, and would otherwise report a launcher that died of the signal with no reason.
+        engine.barrier()
+        self.log.info("preempted by %s: checkpoint of step %d committed; rerun the same command to resume",
+                      self.preemption.signal_name, step)
+        raise failures.Preempted(step, self.preemption.signal_name)
+
+    def _preempt_deadline(self, signal_name: str) -> None:
+        message = (f"preempted by {signal_name}, but no checkpoint committed within checkpoint.preempt_grace_s "
+                   f"{self.config.checkpoint.preempt_grace_s:g}; resume takes the last committed one")
+        self._die(message, failures.EXIT_PREEMPT_UNSAVED)
+
+    def _stalled(self, message: str, kill_lagging: Callable[[], None]) -> None:
+        self._die(message, failures.EXIT_STALLED, before_exit=kill_lagging)
+
+    def _peer_failed(self, record: dict[str, Any]) -> None:
+        self._die(f"stopped: rank {record.get('rank')} failed ({record.get('message', '')[:200]})",
+                  failures.EXIT_FAILED, failures.SECONDARY)
+
+    def _die(self, message: str, code: int, kind: str = failures.PRIMARY,
+             before_exit: Callable[[], None] | None = None) -> None:
+        """From a watchdog or timer thread: record why, say it, and leave at once."""
+        failures.claim_rank_end()
+        failures.record_failure(self.run.root, self.ranks.rank, message, code, kind)
+        self.log.error("[rank %d] %s", self.ranks.rank, message)
+        if before_exit is not None:
+            before_exit()
+        self.lock.release()
+        exit_now(code)
