@@ -297,7 +297,7 @@ class Demo:
 
     def train(self) -> str:
         """train with DeepSpeed ZeRO-2 (the trainer exports the LoRA at the end)"""
-        from cogvx_dist.train.metrics import read_metrics
+        from cogvx_dist.core.metric_table import read_metrics
 
         self.run_dir = RunFolder(self.out / "run")
         config = _train_config(self.out / "run.yaml", self.settings, self.model, self.shards, self.run_dir.root,

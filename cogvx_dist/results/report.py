@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.metric_table import PLOTS, plotted, read_metrics
 from cogvx_dist.core.run_folder import RunFolder
 
 
@@ -86,7 +87,7 @@ def _time_weighted(records: list[dict[str, Any]], key: str) -> float:
 
 
 def run_stats(records: list[dict[str, Any]]) -> RunStats:
-    """Summary numbers of metrics records (as `cogvx_dist.train.metrics.read_metrics` returns them)."""
+    """Summary numbers of metrics records (as `cogvx_dist.core.metric_table.read_metrics` returns them)."""
     if not records:
         raise CogvxError("no metrics records to summarise")
     losses = [r["loss"] for r in records]
@@ -206,8 +207,6 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write the plots and the summary of a run into out_dir (default RUN_DIR/report); returns the summary dict."""
-    from cogvx_dist.train.metrics import read_metrics
-
     folder = RunFolder(run_dir)
     run = folder.root
     if not run.is_dir():
@@ -258,15 +257,10 @@ def held_out_losses(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 def write_plots(records: list[dict[str, Any]], out: Path,
                 held_out: list[tuple[int, float]] = ()) -> dict[str, Path]:
-    """The loss, throughput, memory and learning-rate plots as PNGs in `out`."""
-    return {
-        "loss": plot_loss(records, out / "loss.png", held_out=held_out),
-        "throughput": _plot_panels(records, out / "throughput.png",
-                                   [("samples_per_s", "samples/s", "tab:green"),
-                                    ("tokens_per_s", "tokens/s", "tab:purple")], "training throughput (all ranks)"),
-        "memory": _plot_panels(records, out / "memory.png", [("peak_memory_gib", "peak memory (GiB)", "tab:red")],
-                               "peak memory, rank 0 (GPU allocator peak / CPU peak RSS)"),
-        "lr": _plot_panels(records, out / "lr.png",
-                           [("lr", "learning rate", "tab:orange"), ("grad_norm", "grad norm", "tab:gray")],
-                           "learning rate and gradient norm (before clipping)"),
-    }
+    """The loss plot and each panel figure of the metric table (throughput, memory, learning rate) as PNGs in
+    `out`."""
+    plots = {"loss": plot_loss(records, out / "loss.png", held_out=held_out)}
+    for key, (file_name, title) in PLOTS.items():
+        panels = [(row.name, row.label, row.colour) for row in plotted(key)]
+        plots[key] = _plot_panels(records, out / file_name, panels, title)
+    return plots

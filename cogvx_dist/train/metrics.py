@@ -1,5 +1,5 @@
-"""Training metrics: the throughput window between log lines, metrics.jsonl and TensorBoard (rank 0), the
-per-rank sample trace, and reading metrics back."""
+"""Training metrics as a run produces them: the throughput window between log lines, metrics.jsonl and TensorBoard
+(rank 0), and the per-rank sample trace. What each metric is, and reading them back: core/metric_table.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.core.errors import CogvxError
+from cogvx_dist.core.metric_table import metric, tensorboard_tag
 from cogvx_dist.core.run_folder import RunFolder
 
 
@@ -101,7 +101,9 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        """Record `values` for optimizer step `step`."""
+        """Record `values` for optimizer step `step` (every name must have its row in the metric table)."""
+        for name in values:
+            metric(name)
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
@@ -109,7 +111,7 @@ class MetricsWriter:
         if self._tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
-                    self._tb.add_scalar(name if name.startswith("eval/") else f"train/{name}", value, step)
+                    self._tb.add_scalar(tensorboard_tag(name), value, step)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
@@ -130,32 +132,3 @@ class SampleTrace:
 
     def close(self) -> None:
         self._file.close()
-
-
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (the last record wins for a step logged twice after a resume).
-
-    A last line that is not valid JSON is skipped: the run is still writing it, or died while writing it. Any other
-    bad line (undecodable, not a JSON object, no integer "step") raises CogvxError naming the file and line."""
-    path = RunFolder(output_dir).metrics
-    by_step: dict[int, dict[str, Any]] = {}
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if index == last:
-                break  # torn final line: a step being written (or a crash mid-write)
-            raise CogvxError(f"{path} line {index + 1}: not JSON ({err})") from err
-        if not isinstance(record, dict):
-            raise CogvxError(f"{path} line {index + 1}: expected a JSON object, got {type(record).__name__}")
-        step = record.get("step")
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise CogvxError(f"{path} line {index + 1}: no integer \"step\" in the record")
-        by_step[step] = record
-    return [by_step[s] for s in sorted(by_step)]

@@ -274,8 +274,8 @@ def test_report_shows_the_held_out_loss(tmp_path, capsys):
 
 def test_report_skips_a_torn_last_metrics_line(tmp_path):
     """A run still writing (or killed mid-write) leaves half a line at the end: the report uses the whole lines."""
+    from cogvx_dist.core.metric_table import read_metrics
     from cogvx_dist.results.report import write_report
-    from cogvx_dist.train.metrics import read_metrics
 
     run = tmp_path / "run"
     run.mkdir()
@@ -294,8 +294,8 @@ def test_report_skips_a_torn_last_metrics_line(tmp_path):
 ])
 def test_report_names_file_and_line_of_a_bad_metrics_line(tmp_path, bad, message):
     from cogvx_dist.core.errors import CogvxError
+    from cogvx_dist.core.metric_table import read_metrics
     from cogvx_dist.results.report import write_report
-    from cogvx_dist.train.metrics import read_metrics
 
     run = tmp_path / "run"
     run.mkdir()
@@ -325,3 +325,24 @@ def test_report_names_a_broken_run_file(tmp_path, capsys, name, text):
     assert_one_line_error(*cli(capsys, "report", str(run))[::2], str(run / name))
 
 
+
+
+def test_the_metric_table_names_every_logged_metric_and_keeps_tensorboard_tags():
+    """A run's metric names all have a row (the writer refuses others, naming the table), and TensorBoard keeps the
+    tags runs have always had: `train/NAME`, and eval metrics under their own `eval/` section."""
+    import torch
+
+    from cogvx_dist.core.metric_table import METRICS, PLOTS, metric, plotted, tensorboard_tag
+    from cogvx_dist.train.metrics import MetricsWriter, StepMeter
+
+    window = StepMeter(4, 100, torch.device("cpu"))
+    window.step_done(torch.tensor(1.0))
+    for name in window.values(1e-4, 0.5, 4):
+        assert metric(name).name == name
+    assert tensorboard_tag("loss") == "train/loss" and tensorboard_tag("eval/loss") == "eval/loss"
+    assert tensorboard_tag("eval/loss_t500") == "eval/loss_t500"
+    assert tensorboard_tag("samples_seen/clips") == "train/samples_seen/clips"
+    assert {row.kind for row in METRICS} <= {"window", "step", "total", "setting"}
+    assert all(row.plot is None or row.plot in PLOTS for row in METRICS) and all(plotted(key) for key in PLOTS)
+    with pytest.raises(KeyError, match="metric_table.METRICS"):
+        MetricsWriter(".", enabled=False, tensorboard=False).log(1, {"loss_typo": 1.0})

@@ -264,8 +264,8 @@ def calibrate(run_dir: str | Path) -> Calibration:
     (its model and shards must still be where the config says)."""
     from cogvx_dist.core.config_files import from_dict
     from cogvx_dist.core.loading import describe_checkpoint
+    from cogvx_dist.core.metric_table import read_metrics
     from cogvx_dist.core.run_folder import RunFolder
-    from cogvx_dist.train.metrics import read_metrics
 
     folder = RunFolder(run_dir)
     if not (folder.run_config.is_file() and folder.ds_config.is_file()):
