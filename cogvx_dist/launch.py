@@ -1,6 +1,6 @@
-"""Launch plans: hostfiles, where ranks go, and the command each node runs (see launchers/ and docs/CLUSTER.md).
+"""Launching: hostfiles, where ranks go, and the command each node runs (see launchers/ and docs/CLUSTER.md).
 
-`plan_launch` is the dry run behind `cogvx launch check`: it reads the hostfile (or a node count), the run config
+`check_launch` is the dry run behind `cogvx launch check`: it reads the hostfile (or a node count), the run config
 and the shard manifest, checks what would otherwise fail only once every node has started (world size, batch
 arithmetic, samples per global batch, paths, the `.deepspeed_env` format), and builds the exact command each node
 would run. It starts nothing.
@@ -122,7 +122,7 @@ def check_deepspeed_env(path: Path) -> list[str]:
 
 
 @dataclass
-class Plan:
+class LaunchCheck:
     """What `cogvx launch check` found: the world, the batch, and the commands."""
 
     hosts: list[Host]
@@ -223,7 +223,7 @@ def cluster_hosts(request: LaunchRequest) -> list[Host]:
     return hosts
 
 
-def plan_launch(request: LaunchRequest) -> Plan:
+def check_launch(request: LaunchRequest) -> LaunchCheck:
     """Every check of `cogvx launch check`; raises CogvxError at the first problem."""
     # Heavy imports here, so `cogvx --help` stays fast.
     from cogvx_dist.core.config_files import load_config
@@ -247,7 +247,7 @@ def plan_launch(request: LaunchRequest) -> Plan:
     commands = build_commands(request.launcher, hosts, request.hostfile, request.config, list(request.overrides),
                               master_addr, request.master_port,
                               {"nodes": request.nodes, "gpus_per_node": request.gpus_per_node})
-    return Plan(hosts, world, global_batch, samples, notes, commands)
+    return LaunchCheck(hosts, world, global_batch, samples, notes, commands)
 
 
 def _data_notes(config: Any, shards: int, samples: int, world: int, global_batch: int) -> list[str]:

@@ -184,7 +184,7 @@ class PrepJob:
 
     def run(self) -> PrepResult:
         """Encode what this rank's slice still lacks; the result says what was done."""
-        todo = self._plan()
+        todo = self._work_left()
         with open(shard_format.rank_errors_path(self.out, self.rank), "w") as errors:  # earlier errors are retried
             self.errors = errors
             self.bar = self._progress_bar()
@@ -194,7 +194,7 @@ class PrepJob:
             self.bar.close()
         return self._finish()
 
-    def _plan(self) -> list[Record]:
+    def _work_left(self) -> list[Record]:
         """This rank's slice minus what complete shards already hold (of any rank); writes the progress file."""
         published = self.publisher.pull_progress() if self.publisher else None
         parts = shardio.all_parts(self.out)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core import shard_format
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.files import write_atomic
 from cogvx_dist.core.shard_format import (
@@ -64,10 +64,10 @@ class ShardWriter:
             # the same samples byte-identical.
             self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0)
             self._keys, self._digests = [], []
-        sample = schema.encode_sample(key, tensors, meta)
+        sample = shard_format.encode_sample(key, tensors, meta)
         self._tar.write(sample)
         self._keys.append(key)
-        self._digests.append(schema.sample_digest(sample))
+        self._digests.append(shard_format.sample_digest(sample))
         if self._handle.tell() >= self.max_bytes or len(self._keys) >= self.max_samples:
             self.close()
 
@@ -86,8 +86,8 @@ class ShardWriter:
         self._handle.close()
         final = self.out / shard_name(self.rank, self.index)
         self._tmp.replace(final)
-        entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, schema.file_sha256(final), self._keys,
-                           self._digests, schema.member_rows(final, self._keys))
+        entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, shard_format.file_sha256(final),
+                           self._keys, self._digests, shard_format.member_rows(final, self._keys))
         self._tar = self._handle = None
         self.index += 1
         self.bytes_written += entry.bytes
@@ -99,9 +99,9 @@ def shard_entry(path: Path) -> ShardEntry:
     """The manifest entry of a complete shard file, read back from its samples (keys and digests)."""
     samples = list(_tar_samples(path))
     keys = [s["__key__"] for s in samples]
-    digests = [schema.sample_digest(s) for s in samples]
-    return ShardEntry(path.name, len(keys), path.stat().st_size, schema.file_sha256(path), keys, digests,
-                      schema.member_rows(path, keys))
+    digests = [shard_format.sample_digest(s) for s in samples]
+    return ShardEntry(path.name, len(keys), path.stat().st_size, shard_format.file_sha256(path), keys, digests,
+                      shard_format.member_rows(path, keys))
 
 
 def write_part(out: Path, part: dict[str, Any]) -> None:
@@ -212,7 +212,7 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
     errors: dict[str, dict[str, Any]] = {}
     for path in sorted((out / PARTS_DIR).glob("errors-r*.jsonl")):
         for item in read_errors(path):
-            if schema.sample_key(item["source"]) not in seen:
+            if shard_format.sample_key(item["source"]) not in seen:
                 errors[item["source"]] = item
     inputs = sum(parts[r].get("inputs", 0) for r in range(world))
     stats_keys = ("encoded", "failed", "truncated_prompts", "seconds", "decode_s", "decode_wait_s", "t5_s", "vae_s",
@@ -224,7 +224,7 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
         skipped=len(errors),
         extra={"inputs": inputs, "ranks": world, "totals_last_run": totals, "prep": parts[0].get("settings", {})},
     )
-    write_atomic(out / schema.ERRORS_NAME, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors.values()))
+    write_atomic(out / shard_format.ERRORS_NAME, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors.values()))
     manifest.write(out)
     return manifest, inputs
 
@@ -238,7 +238,7 @@ def inspect_text(out: str | Path) -> str:
         f"{out}: {manifest.format} v{manifest.format_version}",
         f"model        {manifest.model} ({manifest.family}{', image-to-video' if manifest.image_to_video else ''})",
         f"samples      {manifest.num_samples} in {len(manifest.shards)} shards, {_human(total_bytes)}",
-        f"skipped      {manifest.skipped} (see {schema.ERRORS_NAME})",
+        f"skipped      {manifest.skipped} (see {shard_format.ERRORS_NAME})",
         f"video        {manifest.frames} frames, {manifest.height}x{manifest.width}, {manifest.fps:g} fps; buckets "
         + ", ".join(f"{h}x{w}" for h, w in buckets),
         f"latents      {manifest.latent_channels} channels, {manifest.latent_frames} frames; scaling factor "
@@ -275,7 +275,7 @@ def verify(out: str | Path) -> tuple[list[str], int]:
             continue
         if path.stat().st_size != entry.bytes:
             problems.append(f"{entry.name}: {path.stat().st_size} bytes, manifest says {entry.bytes}")
-        if schema.file_sha256(path) != entry.sha256:
+        if shard_format.file_sha256(path) != entry.sha256:
             problems.append(f"{entry.name}: sha256 differs from the manifest")
         try:
             samples = list(_tar_samples(path))
@@ -287,12 +287,12 @@ def verify(out: str | Path) -> tuple[list[str], int]:
             problems.append(f"{entry.name}: sample keys differ from the manifest's list")
         elif index.has_offsets(shard_number):
             recorded = index.members[index.shard_indices(shard_number).start:][:len(keys)].tolist()
-            if schema.member_rows(path, keys) != recorded:
-                problems.append(f"{entry.name}: member offsets differ from {schema.INDEX_NAME}")
+            if shard_format.member_rows(path, keys) != recorded:
+                problems.append(f"{entry.name}: member offsets differ from {shard_format.INDEX_NAME}")
         for sample, sample_number in zip(samples, index.shard_indices(shard_number)):
             digest = index.digest(sample_number)
-            whole = schema.TENSORS_EXT in sample and schema.META_EXT in sample
-            if digest and whole and schema.sample_digest(sample) != digest:
+            whole = shard_format.TENSORS_EXT in sample and shard_format.META_EXT in sample
+            if digest and whole and shard_format.sample_digest(sample) != digest:
                 problems.append(f"{entry.name}:{sample['__key__']}: sha256 differs from the manifest")
         if len(samples) != entry.samples:
             problems.append(f"{entry.name}: {len(samples)} samples, manifest says {entry.samples}")
@@ -309,11 +309,11 @@ def verify(out: str | Path) -> tuple[list[str], int]:
 def _sample_problems(where: str, sample: dict[str, Any], manifest: Manifest) -> list[str]:
     """What is wrong with one sample read from a shard: members, decoding, bucket, shapes, dtypes, values."""
     problems = []
-    extra = sorted(set(sample) - {"__key__", schema.TENSORS_EXT, schema.META_EXT})
+    extra = sorted(set(sample) - {"__key__", shard_format.TENSORS_EXT, shard_format.META_EXT})
     if extra:
         problems.append(f"{where}: unexpected members {extra}")
     try:
-        tensors, meta = schema.decode_sample(sample)
+        tensors, meta = shard_format.decode_sample(sample)
     except Exception as err:  # any decode failure is a problem to report, not a crash
         return [*problems, f"{where}: does not decode ({first_line(err)})"]
     size = (meta.get("height", manifest.height), meta.get("width", manifest.width))

@@ -32,7 +32,7 @@ def configure(launch: argparse.ArgumentParser, name: str = "launch") -> None:
     check.add_argument("--master-addr", help="rendezvous address (default: the first host)")
     check.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="rendezvous port")
     check.add_argument("--deepspeed-env", help="the .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)")
-    check.add_argument("--quiet", action="store_true", help="print one line on success instead of the plan")
+    check.add_argument("--quiet", action="store_true", help="print one line on success instead of the report")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides, as passed to the job")
 
     hostfile = sub.add_parser("hostfile", help="parse a hostfile and print hosts, slots and the world size")
@@ -46,24 +46,24 @@ def configure(launch: argparse.ArgumentParser, name: str = "launch") -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from cogvx_dist.launch import LaunchRequest, plan_launch
+    from cogvx_dist.launch import LaunchRequest, check_launch
 
-    plan = plan_launch(LaunchRequest(
+    check = check_launch(LaunchRequest(
         config=args.config, overrides=list(args.overrides), hostfile=args.hostfile, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, launcher=args.launcher, world_size=args.world_size,
         master_addr=args.master_addr, master_port=args.master_port, deepspeed_env=args.deepspeed_env))
     if args.quiet:
-        print(f"cogvx launch check: ok ({len(plan.hosts)} nodes, {plan.world_size} ranks, global batch "
-              f"{plan.global_batch}, {plan.samples} samples)", file=sys.stderr)
+        print(f"cogvx launch check: ok ({len(check.hosts)} nodes, {check.world_size} ranks, global batch "
+              f"{check.global_batch}, {check.samples} samples)", file=sys.stderr)
         return 0
-    print(f"nodes: {len(plan.hosts)}  ranks: {plan.world_size}  global batch: {plan.global_batch}  "
-          f"samples: {plan.samples}")
-    for rank, host in enumerate(plan.hosts):
+    print(f"nodes: {len(check.hosts)}  ranks: {check.world_size}  global batch: {check.global_batch}  "
+          f"samples: {check.samples}")
+    for rank, host in enumerate(check.hosts):
         print(f"  node {rank}: {host.name} slots={host.slots}")
-    for note in plan.notes:
+    for note in check.notes:
         print(f"note: {note}")
     print(f"commands ({args.launcher}):")
-    for where, command in plan.commands:
+    for where, command in check.commands:
         print(f"# {where}")
         print(command)
     return 0

@@ -43,7 +43,8 @@ def configure(plan: argparse.ArgumentParser, name: str = "plan") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cogvx_dist.train.memory import plan as memory_plan, runs as planned_runs
+    from cogvx_dist.train.memory import plan as memory_plan
+    from cogvx_dist.train.memory import runs as planned_runs
 
     planned, memory = _planned_run(args)
     calibration = planned_runs.calibrate(args.calibrate) if args.calibrate else None
@@ -72,8 +73,8 @@ def _planned_run(args: argparse.Namespace) -> tuple[Any, int | None]:
     from cogvx_dist.core.config_files import apply_overrides, from_dict, load_config
     from cogvx_dist.core.errors import CogvxError
     from cogvx_dist.core.units import parse_size
-    from cogvx_dist.train.memory import runs as planned_runs
     from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.memory import runs as planned_runs
 
     if bool(args.config) == bool(args.family):
         raise CogvxError("give either --config (a run config) or --family (a released family), not "
@@ -101,7 +102,8 @@ def _planned_run(args: argparse.Namespace) -> tuple[Any, int | None]:
             return planned_runs.run_from_family(args.family, settings, ranks, (args.frames, height, width))
     memory = planned_runs.gpu_memory(args.gpu_memory or config.plan.gpu_memory, "--gpu-memory", local_rank=0)
     if config.model.gradient_checkpointing == "auto":
-        every, why = planned_runs.pick_checkpointing(lambda k: make_run(planned_runs.with_checkpointing(config, k)), memory)
+        every, why = planned_runs.pick_checkpointing(
+            lambda k: make_run(planned_runs.with_checkpointing(config, k)), memory)
         print(why)
         config = planned_runs.with_checkpointing(config, every)
     return make_run(config), memory

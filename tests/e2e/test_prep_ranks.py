@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core import shard_format
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 from data_prep.config import PrepConfig
@@ -37,18 +37,18 @@ def dataset(tmp_path_factory):
                                   broken=True)
 
 
-def _check_job(out: Path, dataset) -> schema.Manifest:
-    manifest = schema.Manifest.read(out)
+def _check_job(out: Path, dataset) -> shard_format.Manifest:
+    manifest = shard_format.Manifest.read(out)
     by_rank: dict[str, set[str]] = {}
     for name, keys in shard_keys(out).items():
         rank = name.split("-")[1]
         by_rank.setdefault(rank, set()).update(keys)
     assert sorted(by_rank) == ["r00000", "r00001"], "both ranks wrote shards"
     assert not by_rank["r00000"] & by_rank["r00001"], "rank slices overlap"
-    assert by_rank["r00000"] | by_rank["r00001"] == {schema.sample_key(s) for s in dataset.good}
+    assert by_rank["r00000"] | by_rank["r00001"] == {shard_format.sample_key(s) for s in dataset.good}
     assert manifest.num_samples == len(dataset.good) and manifest.skipped == len(dataset.bad)
     assert manifest.extra["ranks"] == 2 and manifest.extra["inputs"] == len(dataset.good) + len(dataset.bad)
-    errors = (out / schema.ERRORS_NAME).read_text().splitlines()
+    errors = (out / shard_format.ERRORS_NAME).read_text().splitlines()
     assert len(errors) == len(dataset.bad)
     assert verify(out)[0] == []
     return manifest
@@ -68,10 +68,10 @@ def test_two_environment_ranks_then_finalize(tiny_checkpoint, dataset, tmp_path)
     assert "[rank 1]" in outputs[1][1], "non-zero ranks label their messages"
     merged = _check_job(out, dataset)
     # The standalone merge gives the same manifest from the part files.
-    (out / schema.MANIFEST_NAME).unlink()
+    (out / shard_format.MANIFEST_NAME).unlink()
     run = run_cli("prep", "finalize", str(out))
     assert run.returncode == 0, run.stderr
-    assert schema.Manifest.read(out) == merged
+    assert shard_format.Manifest.read(out) == merged
 
 
 def test_two_mpi_ranks(tiny_checkpoint, dataset, tmp_path):
@@ -94,7 +94,7 @@ def test_killed_run_resumes_to_the_same_samples(tiny_checkpoint, dataset, tmp_pa
     assert run.returncode == 3, run.stderr
     assert [p.name for p in killed.glob("shard-*.tar")] == ["shard-r00000-000000.tar"]
     assert [p.name for p in killed.glob(".shard-*.tmp")] == [".shard-r00000-000001.tar.tmp"]
-    assert not (killed / schema.MANIFEST_NAME).exists()
+    assert not (killed / shard_format.MANIFEST_NAME).exists()
     again = run_cli(*_prep_args(model, dataset.data, killed), env=_clean_env())
     assert again.returncode == 0, again.stderr
     assert "already done 2 of" in again.stderr and f"encoded {len(dataset.good) - 2}," in again.stderr
@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_same_samples(tiny_checkpoint, dataset, tmp_pa
     config = PrepConfig(model=str(model), data=str(dataset.data), out=str(reference), storage_dtype="float32",
                         progress=False, shard_max_samples=2, max_failed_fraction=0.6)
     run_prep(config)
-    resumed, full = schema.Manifest.read(killed), schema.Manifest.read(reference)
+    resumed, full = shard_format.Manifest.read(killed), shard_format.Manifest.read(reference)
     resumed_keys = [k for keys in shard_keys(killed).values() for k in keys]
     assert len(resumed_keys) == len(set(resumed_keys)) == full.num_samples
     assert set(resumed_keys) == {k for keys in shard_keys(reference).values() for k in keys}
@@ -111,9 +111,9 @@ def test_killed_run_resumes_to_the_same_samples(tiny_checkpoint, dataset, tmp_pa
     # Same samples, same tensors.
     import webdataset as wds
 
-    def tensors(folder: Path, manifest: schema.Manifest) -> dict[str, dict[str, torch.Tensor]]:
+    def tensors(folder: Path, manifest: shard_format.Manifest) -> dict[str, dict[str, torch.Tensor]]:
         urls = [str(folder / s.name) for s in manifest.shards]
-        return {s["__key__"]: schema.decode_sample(s)[0] for s in wds.WebDataset(urls, shardshuffle=False)}
+        return {s["__key__"]: shard_format.decode_sample(s)[0] for s in wds.WebDataset(urls, shardshuffle=False)}
 
     a, b = tensors(killed, resumed), tensors(reference, full)
     for key in a:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogvx_dist.core import shard_format as schema
+from cogvx_dist.core import shard_format
 from cogvx_dist.core.caption_layouts import LAYOUTS, describe_layouts, layout_choices
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.storage import Store
@@ -50,13 +50,13 @@ def _read_shards(out: Path) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
     """Every sample of a shard folder, read with plain webdataset (no decoding of members)."""
     import webdataset as wds
 
-    manifest = schema.Manifest.read(out)
+    manifest = shard_format.Manifest.read(out)
     samples: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
     keys = []
     for entry in manifest.shards:
         for sample in wds.WebDataset(str(out / entry.name), shardshuffle=False, empty_check=False):
             keys.append(sample["__key__"])
-            samples[sample["__key__"]] = schema.decode_sample(sample)
+            samples[sample["__key__"]] = shard_format.decode_sample(sample)
     assert len(keys) == len(set(keys)), "a sample was written twice"
     return samples
 
@@ -190,7 +190,7 @@ def test_repeated_video_gets_distinct_stable_keys(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"video": "a.mp4", "prompt": "x"}\n{"video": "a.mp4", "prompt": "y"}\n')
     _, records = read_records(tmp_path / "m.jsonl")
     assert [r.source for r in records] == ["a.mp4", "a.mp4#2"]
-    assert records[0].key == schema.sample_key("a.mp4") != records[1].key
+    assert records[0].key == shard_format.sample_key("a.mp4") != records[1].key
 
 
 # ----------------------------------------------------------------------------------------------------------- decode
@@ -307,7 +307,7 @@ def test_checkpoint_without_component_config_is_one_line_error(tiny_checkpoint, 
 def test_every_good_video_encoded_once_and_every_bad_one_reported(prepped, dataset):
     out, result = prepped
     samples = _read_shards(out)
-    expected = {schema.sample_key(s): s for s in dataset.good}
+    expected = {shard_format.sample_key(s): s for s in dataset.good}
     assert set(samples) == set(expected)
     for key, (_, meta) in samples.items():
         assert meta["source"] == expected[key] and meta["prompt"] == dataset.prompts[expected[key]]
@@ -322,26 +322,27 @@ def test_every_good_video_encoded_once_and_every_bad_one_reported(prepped, datas
 
 def test_manifest_records_geometry_scaling_and_shards(prepped, dataset):
     out, _ = prepped
-    m = schema.Manifest.read(out)
+    m = shard_format.Manifest.read(out)
     assert (m.family, m.frames, m.height, m.width, m.latent_frames, m.fps) == ("CogVideoX-2b", 9, 32, 48, 3, 8.0)
     assert m.vae_scaling_factor == pytest.approx(1.15258426) and m.invert_scale_latents is False
-    assert m.latent_scaling == schema.LATENT_SCALING and m.latent_channels == 16
+    assert m.latent_scaling == shard_format.LATENT_SCALING and m.latent_channels == 16
     assert (m.text_max_length, m.text_embed_dim) == (226, 32)
-    assert m.dtypes == {schema.LATENT_MEAN: "float32", schema.LATENT_LOGVAR: "float32",
-                        schema.PROMPT_EMBEDS: "float32"}
+    assert m.dtypes == {shard_format.LATENT_MEAN: "float32", shard_format.LATENT_LOGVAR: "float32",
+                        shard_format.PROMPT_EMBEDS: "float32"}
     assert m.num_samples == 7 and m.skipped == 6 and m.extra["inputs"] == 13
     assert [s.samples for s in m.shards] == [3, 3, 1]  # shard_max_samples=3
     index = m.sample_index(Store(out))
     for shard_number, entry in enumerate(m.shards):
         path = out / entry.name
-        assert entry.bytes == path.stat().st_size and entry.sha256 == schema.file_sha256(path)
+        assert entry.bytes == path.stat().st_size and entry.sha256 == shard_format.file_sha256(path)
         with tarfile.open(path) as tar:
             members = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
         keys = index.keys_of(shard_number)
         assert keys == list(dict.fromkeys(name.split(".", 1)[0] for name in members))
         for key, sample in zip(keys, index.shard_indices(shard_number)):  # where a ranged read finds each member
             recorded = index.member(sample)
-            assert recorded == (*members[f"{key}.{schema.TENSORS_EXT}"], *members[f"{key}.{schema.META_EXT}"])
+            assert recorded == (*members[f"{key}.{shard_format.TENSORS_EXT}"],
+                                *members[f"{key}.{shard_format.META_EXT}"])
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
 
@@ -381,19 +382,19 @@ def test_shards_are_plain_tar_without_pickles(prepped, monkeypatch):
                 else:
                     header_len = int.from_bytes(data[:8], "little")
                     assert json.loads(data[8 : 8 + header_len])  # a safetensors header, nothing executable
-    manifest = schema.Manifest.read(out)
+    manifest = shard_format.Manifest.read(out)
     index = ShardIndex(out)
     assert len(index) == manifest.num_samples == 7
     for i in range(len(index)):
         tensors, meta = index.read(i)
-        assert tensors[schema.LATENT_MEAN].shape == (16, 3, 4, 6) and meta["frames"] == 9
+        assert tensors[shard_format.LATENT_MEAN].shape == (16, 3, 4, 6) and meta["frames"] == 9
     assert verify(out) == ([], 7)
     stream = StreamingMicroBatches(f"pipe:cat {out}/{{name}}", manifest, micro_batch_size=1, seed=0, rank=0,
                                    start_step=0)
     batches = list(itertools.islice(iter(stream), 4))
     assert len(batches) == 4
     for batch in batches:
-        assert batch[schema.LATENT_MEAN].shape == (1, 16, 3, 4, 6) and len(batch["keys"]) == 1
+        assert batch[shard_format.LATENT_MEAN].shape == (1, 16, 3, 4, 6) and len(batch["keys"]) == 1
         assert batch["keys"][0] in {key for keys in shard_keys(out).values() for key in keys}
     assert unpickled == []
 
@@ -407,18 +408,19 @@ def test_stored_moments_equal_direct_vae_encode(prepped, dataset, tiny_checkpoin
     vae = load_vae(model, torch.float32)
     tokenizer, t5 = load_tokenizer(model), load_text_encoder(model, torch.float32)
     for source in dataset.good[:2]:
-        tensors, meta = samples[schema.sample_key(source)]
+        tensors, meta = samples[shard_format.sample_key(source)]
         clip = decode_video(dataset.root / source, 9, [(32, 48)], target_fps=8)
         with torch.no_grad():
             dist = vae.encode(to_model_input(clip.frames, "cpu", torch.float32)).latent_dist
             ids = tokenizer([meta["prompt"]], padding="max_length", max_length=226, truncation=True,
                             return_tensors="pt").input_ids
             embeds = t5(ids)[0][0]
-        assert tensors[schema.LATENT_MEAN].shape == (16, 3, 4, 6)
-        torch.testing.assert_close(tensors[schema.LATENT_MEAN], dist.mean[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(tensors[schema.LATENT_LOGVAR], dist.logvar[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(tensors[schema.PROMPT_EMBEDS], embeds, rtol=1e-5, atol=1e-5)
-        assert not torch.equal(tensors[schema.LATENT_MEAN], tensors[schema.LATENT_MEAN] * 1.15258426), "unscaled"
+        assert tensors[shard_format.LATENT_MEAN].shape == (16, 3, 4, 6)
+        torch.testing.assert_close(tensors[shard_format.LATENT_MEAN], dist.mean[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tensors[shard_format.LATENT_LOGVAR], dist.logvar[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tensors[shard_format.PROMPT_EMBEDS], embeds, rtol=1e-5, atol=1e-5)
+        mean = tensors[shard_format.LATENT_MEAN]
+        assert not torch.equal(mean, mean * 1.15258426), "unscaled"
 
 
 def test_channels_last_vae_stores_the_same_moments(prepped, dataset, tiny_checkpoint, tmp_path):
@@ -456,7 +458,7 @@ def test_rerun_encodes_nothing_again_and_failure_limit_sets_exit_code(prepped, t
     assert (result.encoded, result.already_done, result.failed) == (0, 7, 6)
     assert result.exit_code == 1  # 6 of 13 inputs failed > 10%
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before
-    assert schema.Manifest.read(out).num_samples == 7
+    assert shard_format.Manifest.read(out).num_samples == 7
     with pytest.raises(CogvxError, match=r"other settings \(frames, latent_frames differ"):
         run_prep(_config(tiny_checkpoint("CogVideoX-2b"), dataset.data, out, frames=17))
 
@@ -504,43 +506,43 @@ def test_image_to_video_and_buckets(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     result = run_prep(_config(model, ds.data, out, buckets=[(32, 48), (48, 32)], image_noise_samples=3))
     assert (result.encoded, result.failed) == (3, 0)
-    manifest = schema.Manifest.read(out)
+    manifest = shard_format.Manifest.read(out)
     assert manifest.image_to_video and manifest.sizes() == [(32, 48), (48, 32)]
-    assert manifest.image_noise_samples == 3 and manifest.dtypes[schema.IMAGE_NOISE_SIGMAS] == "float32"
+    assert manifest.image_noise_samples == 3 and manifest.dtypes[shard_format.IMAGE_NOISE_SIGMAS] == "float32"
     samples = _read_shards(out)
     assert verify(out)[0] == []
     from cogvx_dist.core.loading import load_vae
     from data_prep.decode import load_image
 
     vae = load_vae(model, torch.float32)
-    tall = samples[schema.sample_key("videos/tall.mp4")]
+    tall = samples[shard_format.sample_key("videos/tall.mp4")]
     assert (tall[1]["height"], tall[1]["width"]) == (48, 32)
-    assert tall[0][schema.IMAGE_MEAN].shape == (16, 1, 6, 4)
+    assert tall[0][shard_format.IMAGE_MEAN].shape == (16, 1, 6, 4)
     clip = decode_video(ds.root / "videos/tall.mp4", 9, [(32, 48), (48, 32)], target_fps=8)
     with torch.no_grad():
         first = vae.encode(to_model_input(clip.frames[:1], "cpu", torch.float32)).latent_dist
-    torch.testing.assert_close(tall[0][schema.IMAGE_MEAN], first.mean[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tall[0][shard_format.IMAGE_MEAN], first.mean[0], rtol=1e-5, atol=1e-5)
 
     # The official I2V recipe at prep: K copies of the frame with pixel noise sigma = exp(N(-3, 0.5)), seeded by
     # the sample's key, each encoded; the sigmas are stored as a tensor and in the sample's JSON.
     from data_prep.encode import noised_copies
 
-    key = schema.sample_key("videos/tall.mp4")
+    key = shard_format.sample_key("videos/tall.mp4")
     sigmas, copies = noised_copies(to_model_input(clip.frames[:1], "cpu", torch.float32)[0], key, 3)
-    assert torch.equal(tall[0][schema.IMAGE_NOISE_SIGMAS], sigmas) and sigmas.shape == (3,)
+    assert torch.equal(tall[0][shard_format.IMAGE_NOISE_SIGMAS], sigmas) and sigmas.shape == (3,)
     assert tall[1]["image_noise_sigmas"] == [round(float(s), 6) for s in sigmas]
     assert all(0.005 < float(s) < 0.5 for s in sigmas) and len(set(sigmas.tolist())) == 3
     with torch.no_grad():
         noised = vae.encode(copies).latent_dist
-    assert tall[0][schema.NOISED_IMAGE_MEAN].shape == (3, 16, 1, 6, 4)
-    torch.testing.assert_close(tall[0][schema.NOISED_IMAGE_MEAN], noised.mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tall[0][schema.NOISED_IMAGE_LOGVAR], noised.logvar, rtol=1e-5, atol=1e-5)
+    assert tall[0][shard_format.NOISED_IMAGE_MEAN].shape == (3, 16, 1, 6, 4)
+    torch.testing.assert_close(tall[0][shard_format.NOISED_IMAGE_MEAN], noised.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tall[0][shard_format.NOISED_IMAGE_LOGVAR], noised.logvar, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(noised.mean[0], first.mean[0], atol=1e-4)  # the noise reached the latents
-    listed = samples[schema.sample_key(ds.good[0])]
+    listed = samples[shard_format.sample_key(ds.good[0])]
     image = load_image(ds.root / ds.good[0].replace(".mp4", ".png"), (32, 48))
     with torch.no_grad():
         cond = vae.encode(to_model_input(image, "cpu", torch.float32)).latent_dist
-    torch.testing.assert_close(listed[0][schema.IMAGE_LOGVAR], cond.logvar[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(listed[0][shard_format.IMAGE_LOGVAR], cond.logvar[0], rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_t5_and_batched_vae_give_the_same_samples(prepped, tiny_checkpoint, dataset, tmp_path):
@@ -643,16 +645,17 @@ def test_a_prompt_prefix_is_what_t5_encodes_and_the_manifest_records(tiny_checkp
     assert plain.keys() == prefixed.keys() and len(plain) == 2
     for key, (tensors, meta) in prefixed.items():
         assert meta["prompt"] == "<sks> " + meta["caption"] and meta["caption"] == plain[key][1]["prompt"]
-        assert torch.equal(tensors[schema.LATENT_MEAN], plain[key][0][schema.LATENT_MEAN])
-        assert not torch.equal(tensors[schema.PROMPT_EMBEDS], plain[key][0][schema.PROMPT_EMBEDS])
-    assert schema.Manifest.read(tmp_path / "prefixed").prompt_template == "<sks> {prompt}"
-    empty = schema.read_empty_prompt(Store(tmp_path / "prefixed"))  # the caption-dropout embedding, once a dataset
-    assert empty.shape == (226, 32) and torch.equal(empty, schema.read_empty_prompt(Store(tmp_path / "plain")))
-    assert not torch.equal(empty, next(iter(plain.values()))[0][schema.PROMPT_EMBEDS])
-    (tmp_path / "plain" / schema.EMPTY_PROMPT_NAME).unlink()  # as prepped before caption dropout existed
+        assert torch.equal(tensors[shard_format.LATENT_MEAN], plain[key][0][shard_format.LATENT_MEAN])
+        assert not torch.equal(tensors[shard_format.PROMPT_EMBEDS], plain[key][0][shard_format.PROMPT_EMBEDS])
+    assert shard_format.Manifest.read(tmp_path / "prefixed").prompt_template == "<sks> {prompt}"
+    # The caption-dropout embedding, once a dataset.
+    empty = shard_format.read_empty_prompt(Store(tmp_path / "prefixed"))
+    assert empty.shape == (226, 32) and torch.equal(empty, shard_format.read_empty_prompt(Store(tmp_path / "plain")))
+    assert not torch.equal(empty, next(iter(plain.values()))[0][shard_format.PROMPT_EMBEDS])
+    (tmp_path / "plain" / shard_format.EMPTY_PROMPT_NAME).unlink()  # as prepped before caption dropout existed
     again = run_prep(_config(model, data, tmp_path / "plain"))
-    assert again.encoded == 0 and torch.equal(schema.read_empty_prompt(Store(tmp_path / "plain")), empty)
-    assert schema.Manifest.read(tmp_path / "plain").prompt_template == "{prompt}"
+    assert again.encoded == 0 and torch.equal(shard_format.read_empty_prompt(Store(tmp_path / "plain")), empty)
+    assert shard_format.Manifest.read(tmp_path / "plain").prompt_template == "{prompt}"
 
 
 def test_prompts_past_the_text_length_are_counted_and_their_tokens_recorded(tiny_checkpoint, tmp_path):
@@ -666,7 +669,7 @@ def test_prompts_past_the_text_length_are_counted_and_their_tokens_recorded(tiny
     tokenizer = load_tokenizer(model)
     for result, folder, cut in ((short, "short", False), (long, "long", True)):
         assert result.truncated_prompts == (2 if cut else 0)
-        totals = schema.Manifest.read(tmp_path / folder).extra["totals_last_run"]
+        totals = shard_format.Manifest.read(tmp_path / folder).extra["totals_last_run"]
         assert totals["truncated_prompts"] == result.truncated_prompts
         for _, meta in _read_shards(tmp_path / folder).values():
             assert meta["prompt_tokens"] == len(tokenizer(meta["prompt"]).input_ids)
@@ -696,7 +699,7 @@ def test_single_images_prep_beside_videos_as_one_frame_samples(tiny_checkpoint, 
     out = tmp_path / "out"
     result = run_prep(_config(model, ds.data, out))
     assert (result.encoded, result.failed) == (5, 0)
-    manifest = schema.Manifest.read(out)
+    manifest = shard_format.Manifest.read(out)
     assert manifest.frame_counts == [9, 1] and manifest.all_frame_counts() == [9, 1]
     assert verify(out)[0] == []
     samples = _read_shards(out)
@@ -706,15 +709,16 @@ def test_single_images_prep_beside_videos_as_one_frame_samples(tiny_checkpoint, 
 
     vae = load_vae(model, torch.float32)
     for name in stills:
-        tensors, meta = samples[schema.sample_key(name)]
+        tensors, meta = samples[shard_format.sample_key(name)]
         assert meta["frames"] == 1 and meta["video"] == name and meta["caption"].startswith("a ")
-        assert tensors[schema.LATENT_MEAN].shape == (16, 1, 4, 6)
+        assert tensors[shard_format.LATENT_MEAN].shape == (16, 1, 4, 6)
         with torch.no_grad():
             encoded = vae.encode(to_model_input(decode_image(ds.root / name, [(32, 48)]).frames, "cpu",
                                                 torch.float32)).latent_dist
-        torch.testing.assert_close(tensors[schema.LATENT_MEAN], encoded.mean[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tensors[shard_format.LATENT_MEAN], encoded.mean[0], rtol=1e-5, atol=1e-5)
     videos = [name for name in ds.good if name.endswith(".mp4")]
-    assert all(samples[schema.sample_key(name)][0][schema.LATENT_MEAN].shape == (16, 3, 4, 6) for name in videos)
+    assert all(samples[shard_format.sample_key(name)][0][shard_format.LATENT_MEAN].shape == (16, 3, 4, 6)
+               for name in videos)
 
 
 def test_single_images_are_refused_where_the_family_cannot_take_them(tiny_checkpoint, tmp_path, capsys):
@@ -731,7 +735,7 @@ def test_single_images_are_refused_where_the_family_cannot_take_them(tiny_checkp
     t2v = tiny_checkpoint("CogVideoX1.5-5b")
     i2v = describe_checkpoint(tiny_checkpoint("CogVideoX1.5-5b-I2V"))
     run_prep(_config(t2v, ds.data, tmp_path / "t2v"))
-    manifest = schema.Manifest.read(tmp_path / "t2v")
+    manifest = shard_format.Manifest.read(tmp_path / "t2v")
     assert manifest.frame_counts == [17, 1]
     with pytest.raises(CogvxError, match="single images among the clips .*is image-to-video: it is conditioned"):
         check_manifest(manifest, i2v, where="data.shards")
