@@ -10,9 +10,10 @@ weights) or a tiny one, synthetic latent shards of the model's geometry, and a r
 (r=128, alpha=64 on to_q/to_k/to_v/to_out.0), gradient checkpointing and a DeepSpeed ZeRO config; then it launches
 `cogvx train` as a user would and reads `metrics.jsonl`: step_time_s per step, the first --warmup steps left out.
 
-Reference, measured on one H200 with a diffusers-example-style loop (same LoRA, bf16, batch 1, 49x480x720):
-2b with checkpointing under DeepSpeed ZeRO-2 on one rank 1.303 s/step and 8.3 GiB (1.271 s and 7.0 GiB without
-DeepSpeed); 5b with checkpointing 3.385 s/step and 17.7 GiB.
+Reference, measured on one H200 with a diffusers-example-style loop (same LoRA, bf16, batch 1, 49x480x720;
+docs/BENCHMARKS.md): 2b with checkpointing under DeepSpeed ZeRO-2 on one rank 1.303 s/step and 8.3 GiB (1.271 s and
+7.0 GiB without DeepSpeed); 5b with checkpointing 3.385 s/step and 17.7 GiB. With --full-size the report divides
+this run's step time by the reference's (vs_reference).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ REFERENCE = {
     "CogVideoX-2b": {"s_per_step": 1.303, "peak_gib": 8.3, "case": "diffusers-style loop, ZeRO-2 single rank"},
     "CogVideoX-5b": {"s_per_step": 3.385, "peak_gib": 17.7, "case": "diffusers-style loop, no DeepSpeed"},
 }
-"""H200 figures for the same work (../shared/ENVIRONMENT.md), with gradient checkpointing."""
+"""H200 figures of a diffusers-example-style loop doing the same work, with gradient checkpointing
+(docs/BENCHMARKS.md; tests/unit/test_benchmarks.py holds them to its table)."""
 
 
 def write_train_checkpoint(out: Path, family_name: str, device: str, num_layers: int | None = None) -> Path:

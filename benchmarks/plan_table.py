@@ -2,11 +2,12 @@
 and 141 GB GPUs, its accuracy against the H200 measurements, and the configurations users reported running out of
 memory with.
 
-    python benchmarks/plan_table.py                  # rewrite docs/MEMORY.md (about 3 minutes on 2 CPU cores)
+    python benchmarks/plan_table.py                  # rewrite docs/MEMORY.md (minutes: a trace per case)
     python benchmarks/plan_table.py --out /tmp/m.md  # somewhere else
 
-Everything comes from `cogvx plan`'s own functions (train/memory/plan.py): one fake-tensor trace per family,
-geometry and checkpointing setting, nothing measured on a GPU here except the reference figures it compares with.
+Everything comes from `cogvx plan`'s own functions (cogvx_dist/train/memory/plan.py): one fake-tensor trace per
+family, geometry and checkpointing setting, on the CPU. The only measured figures are the H200 reference peaks it
+compares with (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def page() -> str:
         "",
         "## Accuracy against an H200",
         "",
-        "A diffusers-example-style bf16 LoRA step at 49x480x720 on one H200 (../shared/ENVIRONMENT.md); the "
+        "A diffusers-example-style bf16 LoRA step at 49x480x720 on one H200 (docs/BENCHMARKS.md); the "
         "prediction is the peak allocated, without the runtime overhead.",
         "",
         *accuracy_rows(),

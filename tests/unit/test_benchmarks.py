@@ -53,3 +53,63 @@ def test_full_size_train_checkpoint_passes_the_trainer_preflight(tmp_path):
     write_synthetic_shards(tmp_path / "shards", model, [1])
     checks = preflight(load_config(RunConfig, None, [f"model.path={model}", f"data.shards={tmp_path / 'shards'}"]))
     assert checks.manifest.latent_frames == 13 and checks.manifest.sizes() == [(480, 720)]
+
+
+BENCHMARKS_DOC = REPO / "docs" / "BENCHMARKS.md"
+REFERENCE_CASES = {
+    ("CogVideoX-2b", 1, "none"): "2b, gradient checkpointing",
+    ("CogVideoX-2b", 0, "none"): "2b, no checkpointing",
+    ("CogVideoX-2b", 1, "zero2"): "2b, checkpointing, DeepSpeed ZeRO-2 single rank",
+    ("CogVideoX-5b", 1, "none"): "5b, gradient checkpointing",
+    ("CogVideoX-5b", 0, "none"): "5b, no checkpointing",
+}
+"""H200_MEASURED_PEAKS_GIB's keys -> the rows of docs/BENCHMARKS.md's H200 reference table."""
+
+
+def documented_reference() -> dict[str, tuple[float, float]]:
+    """docs/BENCHMARKS.md's H200 reference table: case -> (s/step, peak GiB)."""
+    rows = {}
+    for line in BENCHMARKS_DOC.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0][:3] in ("2b,", "5b,"):
+            rows[cells[0]] = (float(cells[1]), float(cells[2]))
+    return rows
+
+
+def test_reference_figures_in_the_code_are_the_documented_ones():
+    """The planner's H200 peaks and bench_train's reference are the figures docs/BENCHMARKS.md records."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_prep import TARGET_S_PER_VIDEO
+    from bench_train import REFERENCE
+
+    from cogvx_dist.train.memory.plan import H200_MEASURED_PEAKS_GIB
+
+    table = documented_reference()
+    assert set(table) == set(REFERENCE_CASES.values())
+    assert {(f, c, z) for f, c, z, _ in H200_MEASURED_PEAKS_GIB} == set(REFERENCE_CASES)
+    for family, checkpointing, zero, gib in H200_MEASURED_PEAKS_GIB:
+        assert table[REFERENCE_CASES[family, checkpointing, zero]][1] == gib, family
+    for family, zero in (("CogVideoX-2b", "zero2"), ("CogVideoX-5b", "none")):
+        reference = REFERENCE[family]
+        assert (reference["s_per_step"], reference["peak_gib"]) == table[REFERENCE_CASES[family, 1, zero]], family
+    assert f"at most {TARGET_S_PER_VIDEO:g} s/clip" in BENCHMARKS_DOC.read_text()
+
+
+def test_the_kept_data_report_is_the_documented_one():
+    report = json.loads((BENCH.parent / "results" / "bench_data-1M-2cpu.json").read_text())
+    text = BENCHMARKS_DOC.read_text()
+    for rate in (report["ranged_samples_per_s"], report["webdataset_samples_per_s"],
+                 report["s3"]["ranged_samples_per_s"], report["s3"]["webdataset_samples_per_s"]):
+        assert f"{int(rate + 0.5):,} samples/s" in text, rate  # rounded half up, as written
+
+
+def test_nothing_refers_to_files_outside_the_repository():
+    """Docs, code, tests and scripts cite what the repository holds (measured figures: docs/BENCHMARKS.md)."""
+    outside = ("../" + "shared/", "ENVIRONMENT" + ".md")
+    tracked = [REPO / name for name in ("README.md", "Makefile", "Dockerfile", "pyproject.toml")]
+    for folder in ("benchmarks", "cogvx_dist", "data_prep", "docs", "ds_configs", "launchers", "tests", ".ci"):
+        tracked += [p for p in (REPO / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                    and p.suffix not in (".gz", ".pyc")]
+    found = [f"{path.relative_to(REPO)}: {text}" for path in tracked for text in outside
+             if text in path.read_text(errors="replace")]
+    assert not found, found

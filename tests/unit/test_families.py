@@ -26,7 +26,7 @@ def test_full_size_config_is_detected_as_its_family(family):
 
 
 @pytest.mark.parametrize("family, frames, height, width, latent, tokens", [
-    # 13x60x90 latents, 2x2 patches: 17,550 video tokens + 226 text tokens (../shared/ENVIRONMENT.md's 17,776).
+    # 13x60x90 latents, 2x2 patches: 17,550 video tokens + 226 text tokens (docs/BENCHMARKS.md's 17,776).
     ("CogVideoX-2b", 49, 480, 720, (16, 13, 60, 90), 17_776),
     ("CogVideoX-5b-I2V", 49, 480, 720, (16, 13, 60, 90), 17_776),
     # 21 latent frames padded to 22 for 2-frame temporal patches: 11 x 48 x 85 + 226 = 45,106.

@@ -1,5 +1,5 @@
-"""The memory planner: its predictions against H200 measurements, its tracing against real tensors, its arithmetic
-per ZeRO stage, the search and the pre-flight advice, and `cogvx plan`'s errors."""
+"""The memory planner: its predictions against the H200 peaks in docs/BENCHMARKS.md, its tracing against real
+tensors, its arithmetic per ZeRO stage, the search and the pre-flight advice, and `cogvx plan`'s errors."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from cogvx_dist.train.memory.plan import (
     search,
     strategy_from_ds_config,
 )
-from cogvx_dist.train.memory.trace import StepShape, StepTrace, trace_step, trace_step_on_real_tensors
 from cogvx_dist.train.memory.runs import PlannedRun, cheapest_change, run_from_family
+from cogvx_dist.train.memory.trace import StepShape, StepTrace, trace_step, trace_step_on_real_tensors
 from tests.helpers import assert_one_line_error, cli
 
 

@@ -19,7 +19,7 @@ On top of that the GPU needs a CUDA context and the allocator's slack, which max
 RUNTIME_OVERHEAD_BYTES plus ALLOCATOR_SLACK of the peak (general PyTorch experience, not a measurement here); a
 configuration fits when peak + overhead stays within the GPU's memory.
 
-Checked against the H200 measurements in ../shared/ENVIRONMENT.md (tests/unit/test_memory_plan.py).
+Checked against peaks measured on one H200 (docs/BENCHMARKS.md; tests/unit/test_memory_plan.py).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ H200_MEASURED_PEAKS_GIB = [
     ("CogVideoX-5b", 1, "none", 17.7),
     ("CogVideoX-5b", 0, "none", 73.2),
 ]
-"""(family, gradient checkpointing, strategy, GiB): ../shared/ENVIRONMENT.md's torch.cuda.max_memory_allocated of
-a diffusers-example-style bf16 LoRA step (PEFT r=128 on to_q/to_k/to_v/to_out.0, AdamW, batch 1, 49x480x720) on
-one H200: what the planner is checked against (tests/unit/test_memory_plan.py, docs/MEMORY.md)."""
+"""(family, gradient checkpointing, strategy, GiB): torch.cuda.max_memory_allocated of a diffusers-example-style
+bf16 LoRA step (PEFT r=128 on to_q/to_k/to_v/to_out.0, AdamW, batch 1, 49x480x720) on one H200, as docs/BENCHMARKS.md
+records it: what the planner is checked against (tests/unit/test_memory_plan.py, docs/MEMORY.md)."""
 
 
 @dataclass(frozen=True)
