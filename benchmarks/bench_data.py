@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 TARGETS = {"startup_s": 10.0, "index_mb": 200.0, "ranged_vs_webdataset": 0.5}
-"""Issue 14's targets: start-up under 10 s, index under 200 MB a rank, ranged reads within 2x of WebDataset."""
+"""What the train-side reader is held to: start-up under 10 s, index under 200 MB a rank, ranged reads within 2x of
+WebDataset (the last report: benchmarks/results/, docs/BENCHMARKS.md)."""
 
 
 def write_shard(args: tuple[str, int, int, int]) -> dict:

@@ -71,7 +71,8 @@ def bench_tiny(args: argparse.Namespace) -> dict:
 
 
 TARGET_S_PER_VIDEO = 0.6
-"""Issue 3's target on one H200 for a 49x480x720 clip with the full-size VAE (T5 included)."""
+"""The prep target: seconds per 49x480x720 clip on one H200 with the full-size VAE, T5 included
+(docs/BENCHMARKS.md; not measured yet)."""
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_heads": 64,
           "feed_forward_proj": "gated-gelu"}
 """The CogVideoX text encoder's config (google t5-v1_1-xxl), less its layer count (--t5-layers)."""

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks in one device call, most precious first, each with its own time limit inside one budget so that a
+# The GPU checks in one run, most important first, each with its own time limit inside one budget so that a
 # slow case cannot starve the rest:
 #   1. training, full-size (49x480x720, LoRA r=128, 1 rank, ZeRO-2): 2b baseline (flash attention, loader in the
 #      training process, every block checkpointed, eager), 2b and 5b with everything on, then each switch alone on
 #      2b (loader worker, cuDNN attention, compiled blocks, gradient_checkpointing auto), then the 5b baseline;
 #   2. prep with the time left: T5-XXL first, the eager VAE variants, compiled variants last.
-# Targets (issue 16): 2b <= 0.75 s/step where memory allows and <= 1.0 s/step within 24 GiB, 5b <= 2.0 s/step,
-# VAE <= 0.6 s/clip with T5. The summary (and each case's JSON) is rewritten after every case.
+# Targets (docs/BENCHMARKS.md): 2b <= 0.75 s/step where memory allows and <= 1.0 s/step within 24 GiB,
+# 5b <= 2.0 s/step, VAE <= 0.6 s/clip with T5. The summary (and each case's JSON) is rewritten after every case.
 #
-# Here, once:  bash benchmarks/fetch_device_wheels.sh     (diffusers, webdataset, PyAV, DeepSpeed, peft wheels into .whl/)
-# Then:        device run, command "bash benchmarks/device_h200.sh", carry [".whl"], timeout_s 600
-#              (PART=train or PART=prep runs one half: with 15 minutes of device time, train in a first call and
-#              prep in a second gets both; the default runs train, then prep in whatever the budget leaves)
+# Offline GPU: first, where there is network access, bash benchmarks/fetch_device_wheels.sh (diffusers, webdataset,
+#              PyAV and DeepSpeed wheels into .whl/), and copy the repository with .whl/ to the GPU machine.
+# Run:         bash benchmarks/device_h200.sh     (installs .whl/*.whl when present; OUT=bench_out, BUDGET_S=540)
+#              PART=train or PART=prep runs one half: when one run cannot fit both, train in a first run and prep
+#              in a second gets both; the default runs train, then prep in whatever the budget leaves.
 # CPU dry run: FULL= BUDGET_S=400 OUT=/tmp/dry PREP_ARGS="--device cpu --clip 9x64x96 --t5-layers 1 --count 2" \
 #              bash benchmarks/device_h200.sh     (tiny models; checks the script, not the speed)
 set -uo pipefail

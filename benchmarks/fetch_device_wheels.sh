@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Wheels the GPU machine lacks for the benchmarks (its python3 is 3.12 with torch, transformers, peft, safetensors,
-# sentencepiece, pyyaml, tqdm, ninja and psutil, but no diffusers, webdataset, PyAV or DeepSpeed), into .whl/ (keep
-# it out of git: echo /.whl/ >> .git/info/exclude). Then run benchmarks/device_h200.sh there with .whl carried.
+# Wheels a GPU machine without network access lacks for the benchmarks, into .whl/ (keep it out of git:
+# echo /.whl/ >> .git/info/exclude). Written for a python3 3.12 that has torch, transformers, peft, safetensors,
+# sentencepiece, pyyaml, tqdm, ninja and psutil but no diffusers, webdataset, PyAV or DeepSpeed. Copy the repository
+# with .whl/ to that machine and run benchmarks/device_h200.sh there: it installs them first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl && mkdir -p .whl

@@ -49,8 +49,8 @@ def visible_gpus() -> int:
 
 def cpu_threads_per_rank(cores: int, local_ranks: int) -> int:
     """Intra-op threads for each of `local_ranks` CPU processes sharing `cores` cores: an equal share, at least one.
-    More threads than cores in all make each process's spinning OpenMP threads take time from the others (a
-    2-rank run on 2 cores took 1.5x as long with torch's default of a thread per core in each rank)."""
+    More threads than cores in all make each process's spinning OpenMP threads take time from the others, so torch's
+    default of a thread per core in each rank slows every rank down when several share a node."""
     return max(1, cores // max(1, local_ranks))
 
 
