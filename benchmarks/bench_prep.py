@@ -261,7 +261,7 @@ def bench_vae_variant(spec: dict, first_clip: Clip, paths: list[Path], decode: C
     import webdataset as wds
     from diffusers import AutoencoderKLCogVideoX
 
-    from cogvx_dist.core import shard_format as schema
+    from cogvx_dist.core import shard_format
     from data_prep.encode import Encoders
 
     cuda = device.startswith("cuda")
@@ -298,9 +298,9 @@ def bench_vae_variant(spec: dict, first_clip: Clip, paths: list[Path], decode: C
             _sync(device)
             t1 = time.perf_counter()
             for j in range(len(batch)):
-                writer.write(schema.encode_sample(f"k{i:06d}-{j}", {
-                    schema.LATENT_MEAN: means[j].bfloat16(), schema.LATENT_LOGVAR: logvars[j].bfloat16(),
-                    schema.PROMPT_EMBEDS: embeds}, {"i": i}))
+                writer.write(shard_format.encode_sample(f"k{i:06d}-{j}", {
+                    shard_format.LATENT_MEAN: means[j].bfloat16(), shard_format.LATENT_LOGVAR: logvars[j].bfloat16(),
+                    shard_format.PROMPT_EMBEDS: embeds}, {"i": i}))
             vae_s += t1 - t0
             write_s += time.perf_counter() - t1
             batch = []
