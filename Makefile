@@ -2,8 +2,8 @@
 #   make demo   - the whole pipeline on the embedded default (tiny model, synthetic videos)
 #   make test   - the full test suite (make test-quick skips the slow multi-process end-to-end tests)
 #   make lint   - ruff over the tree (configured in pyproject.toml)
-# TORCH_SPEC picks the torch build: the default is the CPU wheel this machine type carries; on a GPU machine use
-# e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# TORCH_SPEC picks the torch build: the default, torch==2.13.0, is a CPU wheel where pip finds one locally; on a GPU
+# machine use e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -116,7 +116,7 @@ def _held_out(config: RunConfig, checkpoint: CheckpointInfo) -> ShardIndex | Non
     if index.damaged:
         location, why = sorted(index.damaged.items())[0]
         raise CogvxError(f"data.eval_shards: shard {location}: {why}; a held-out set must be whole")
-    # The config, not the scheduler: loading it imports diffusers, 2 s of CPU in `cogvx train` before any rank.
+    # The config, not the scheduler: loading it imports diffusers, which `cogvx train` would pay before any rank.
     steps = read_component_config(config.model.path, "scheduler").get("num_train_timesteps", 1000)
     beyond = [t for t in config.log.eval_timesteps if t >= steps]
     if beyond:

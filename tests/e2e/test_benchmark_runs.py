@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end and report every field (their numbers are not judged: no wall-clock limits).
 
 The full-size prep path normally needs a GPU; its CPU smoke run (full-size VAE config at a small clip size, one
-T5-XXL-width layer) keeps the code that the GPU session will run from rotting between sessions that have one.
+T5-XXL-width layer) runs the code a GPU machine runs, so it cannot rot where no GPU is at hand.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_auto_checkpointing_takes_the_least_recomputation_that_fits(synthetic_sh
     assert cramped.model.gradient_checkpointing == 1 and "even that is predicted" in why
 
 
-@pytest.mark.slow  # two real inductor compilations on the CPU, about 20 s each
+@pytest.mark.slow  # two real inductor compilations on the CPU
 def test_compiled_blocks_train_like_eager_and_compile_once_per_clip_size(tiny_checkpoint):
     """10 steps over two clip sizes (5 steps each): the same losses as eager within 1e-4, and torch compiles when
     a size first comes, never again for a step of a size it has seen."""

@@ -279,7 +279,7 @@ print("compile works:", torch.compile(double) is not double)
 def test_deepspeeds_muon_module_is_imported_without_compiling_and_compile_still_works():
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "0"}  # the user's own setting, which leaves compile on
     out = subprocess.run([sys.executable, "-c", MUON_SCRIPT], env=env, capture_output=True, text=True, check=True)
-    assert "inductor loaded: False" in out.stdout  # 0.6-0.7 s of CPU per rank not spent
+    assert "inductor loaded: False" in out.stdout  # inductor's import is not paid by every rank
     assert "dynamo disabled: 0" in out.stdout  # the user's setting is as it was
     assert "compile works: True" in out.stdout  # model.compile is not turned off by it
 

@@ -178,7 +178,7 @@ def _meta_model(shape: StepShape, checkpointing: bool = True) -> torch.nn.Module
     from cogvx_dist.train.step.model import enable_gradient_checkpointing
 
     # The adapters on meta too: PEFT builds each on the default device and draws its initial weights there before
-    # moving it beside its base layer (for a 5b model at rank 128, 4 s of CPU per model for values never used).
+    # moving it beside its base layer (for a 5b model at rank 128, hundreds of millions of values drawn and never used).
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel(**_constructor_args(shape.transformer_config))
         inject_lora(model, shape.lora, seed=0)
