@@ -3,7 +3,10 @@ one node with one line (`cogvx train` and `cogvx launch check` run it before sta
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core import run_folder
@@ -44,6 +47,7 @@ def preflight(config: RunConfig) -> Preflight:
     """Check model, shards and their match, and resolve the DeepSpeed config; no deepspeed, no weights loaded."""
     import torch
 
+    check_output_dir(config.output_dir)
     checkpoint = describe_checkpoint(config.model.path)
     if config.data.streaming and not is_remote(config.data.shards):
         raise CogvxError(f"data.streaming is on but data.shards {config.data.shards!r} is a local folder: streaming "
@@ -87,6 +91,23 @@ def preflight(config: RunConfig) -> Preflight:
             raise CogvxError(f"train.caption_dropout: {err}") from err
     return Preflight(checkpoint, manifest, index, resolved, warnings, empty_prompt,
                      _initial_adapter(config, checkpoint), _held_out(config, checkpoint))
+
+
+def check_output_dir(output_dir: str) -> None:
+    """output_dir must be a folder this process can create and write; else the ranks start and die at their first
+    write with a traceback. Asking os.access is not enough: root is told yes for any mode, and for folders made
+    immutable, so a temporary folder is made (and removed at once) where the run will write."""
+    output = Path(output_dir)
+    existing = next((p for p in (output, *output.parents) if p.exists()), Path.cwd())
+    if not existing.is_dir():
+        what = "is a file" if existing == output else f"cannot be created: {existing} is a file"
+        raise CogvxError(f"output_dir {output} {what}, not a folder; pick another output_dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cogvx-write-check-", dir=existing))
+    except OSError as err:
+        what = "cannot be written" if existing == output else f"cannot be created in {existing}"
+        raise CogvxError(f"output_dir {output} {what} ({err.strerror or err}); pick another output_dir or fix "
+                         "its permissions") from err
 
 
 def _sequence_parallel(config: RunConfig, checkpoint: CheckpointInfo, resolved: dict[str, Any]) -> list[str]:

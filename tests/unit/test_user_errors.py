@@ -1,0 +1,61 @@
+"""User mistakes found before any rank starts, each reported as one line (exit 2) rather than a traceback or a long
+wait: an output_dir that cannot be written, a config file that does not parse, more CPU ranks than cores, a hub id
+while the hub cannot be reached; and a Docker build context without the virtual environment and run outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_one_line_error, cli, write_config
+
+
+# ------------------------------------------------------------------------------------------ an unwritable output_dir
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody running the tests can write: mode 0555 for a normal user; for root (who ignores modes and
+    for whom os.access says yes) the immutable attribute, which binds root too."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = ["chmod", "755", str(folder)]
+    else:
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("running as root, and this filesystem does not take chattr +i: no folder here is unwritable")
+        undo = [chattr, "-i", str(folder)]
+    try:
+        try:
+            (folder / "probe").mkdir()
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"{folder} was made read-only but is still writable here (CAP_DAC_OVERRIDE?)")
+        yield folder
+    finally:
+        subprocess.run(undo, check=True)  # else pytest cannot remove its temporary folder
+
+
+@pytest.mark.parametrize("where", ["below", "itself", "under-a-file"])
+def test_train_refuses_an_output_dir_it_cannot_write_before_any_rank_starts(synthetic_shards, read_only_folder,
+                                                                            tmp_path, capsys, monkeypatch, where):
+    """Before, the pre-flight passed and the ranks started, to die with a traceback at their first write."""
+    import cogvx_dist.cli.train as train_cli
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(train_cli, "_launch", lambda command, *rest: launched.append(command) or 0)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    output = {"below": read_only_folder / "run", "itself": read_only_folder, "under-a-file": a_file / "run"}[where]
+    model, shards = synthetic_shards((2, 1))
+    config = write_config(tmp_path / "run.yaml", model, shards, output)
+    code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "1")
+    assert_one_line_error(code, err, f"output_dir {output}")
+    assert launched == []
+    assert sorted(p.name for p in read_only_folder.iterdir()) == []  # the check left nothing behind
