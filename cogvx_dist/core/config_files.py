@@ -7,6 +7,7 @@ combinations are checked by each config's `validate`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -101,13 +102,43 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise CogvxError(f"{path}: not UTF-8 text") from err
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise CogvxError(f"{path}: cannot parse ({first_line(err)})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise CogvxError(_syntax_error(path, "TOML", *_toml_error_place(err))) from err
+    except yaml.MarkedYAMLError as err:
+        # PyYAML's message spans five lines with a caret drawing; its marks hold the place (counted from 0).
+        mark = err.problem_mark
+        problem = err.problem or first_line(err)
+        if err.context and err.context_mark is not None:
+            problem += f" ({err.context} at line {err.context_mark.line + 1}, column {err.context_mark.column + 1})"
+        raise CogvxError(_syntax_error(path, "YAML", problem, mark.line + 1 if mark else None,
+                                       mark.column + 1 if mark else None)) from err
+    except yaml.YAMLError as err:
+        raise CogvxError(_syntax_error(path, "YAML", first_line(err), None, None)) from err
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CogvxError(f"{path}: the top level must be a mapping")
     return data
+
+
+_TOML_PLACE = re.compile(r"^(?P<problem>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+
+
+def _toml_error_place(err: tomllib.TOMLDecodeError) -> tuple[str, int | None, int | None]:
+    """(problem, line, column) of a TOML error: Python 3.14 gives them as attributes, earlier versions only inside
+    the message ("Invalid value (at line 3, column 7)")."""
+    message = first_line(err)
+    found = _TOML_PLACE.match(message)
+    problem = found["problem"] if found else message
+    line = getattr(err, "lineno", None) or (int(found["line"]) if found else None)
+    column = getattr(err, "colno", None) or (int(found["column"]) if found else None)
+    return getattr(err, "msg", None) or problem, line, column
+
+
+def _syntax_error(path: Path, language: str, problem: str, line: int | None, column: int | None) -> str:
+    """One line: the file, and where in it, first (as compilers print it, so editors and terminals can jump there)."""
+    place = f"{path}:{line}:{column}" if line is not None and column is not None else str(path)
+    return f"{place}: {language} syntax error: {problem}"
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

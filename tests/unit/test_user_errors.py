@@ -59,3 +59,19 @@ def test_train_refuses_an_output_dir_it_cannot_write_before_any_rank_starts(synt
     assert_one_line_error(code, err, f"output_dir {output}")
     assert launched == []
     assert sorted(p.name for p in read_only_folder.iterdir()) == []  # the check left nothing behind
+
+
+# ------------------------------------------------------------------------------------------------ config syntax errors
+@pytest.mark.parametrize("name, text, place, problem", [
+    ("run.yaml", "model:\n  path: x\ndata: {shards: [a, b}\n", "3:21",
+     "expected ',' or ']', but got '}' (while parsing a flow sequence at line 3, column 16)"),
+    ("run.yml", "model:\n  path: x\n   dtype: float32\n", "3:9", "mapping values are not allowed here"),
+    ("run.toml", '[model]\npath = "x"\ndtype = \n', "3:9", "Invalid value"),
+])
+def test_a_config_syntax_error_names_file_line_and_column_in_one_line(tmp_path, capsys, name, text, place, problem):
+    """Before, a YAML error said only PyYAML's first line ("while parsing a flow sequence"), with no place."""
+    config = tmp_path / name
+    config.write_text(text)
+    code, _, err = cli(capsys, "train", "--config", str(config))
+    language = "TOML" if name.endswith(".toml") else "YAML"
+    assert_one_line_error(code, err, f"{config}:{place}: {language} syntax error: {problem}")
