@@ -1,4 +1,5 @@
-"""Video decoding with PyAV: frame selection by stride or target fps, bucket choice, resize + center crop.
+"""Video decoding with PyAV: display rotation, frame selection by stride or target fps (by presentation time for
+variable frame rate clips), bucket choice, resize + center crop.
 
 Decoding returns uint8 frames [F, H, W, 3]; `to_model_input` moves them to the encoder's device and scales them to
 [-1, 1] there (uint8 is 4x less to copy to a GPU than float32).
@@ -6,8 +7,11 @@ Decoding returns uint8 frames [F, H, W, 3]; `to_model_input` moves them to the e
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,17 @@ class Clip:
     frames: np.ndarray
     """uint8 [F, H, W, 3]."""
     fps: float
-    """Effective frame rate of the selected frames."""
+    """Effective frame rate of the selected frames (source_fps / stride; for frames chosen by time, measured from
+    their timestamps: (F - 1) / (last time - first time))."""
     source_fps: float
-    """Frame rate of the source stream."""
+    """Frame rate of the source stream (its average rate)."""
     stride: float
-    """Source frames per selected frame."""
+    """Source frames per selected frame (for frames chosen by time, on average)."""
     source_size: tuple[int, int]
-    """(height, width) of the source video."""
+    """(height, width) of the source video as displayed: upright, after `rotation`."""
+    rotation: int = 0
+    """Degrees (0, 90, 180, 270) the source frames were turned clockwise to stand upright, from the stream's display
+    matrix: phones store portrait video as landscape frames with one."""
 
 
 def choose_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -69,6 +77,183 @@ def frame_indices(frames: int, source_fps: float, target_fps: float | None,
     return [int(round(i * step)) for i in range(frames)], step
 
 
+class NearestFrames:
+    """Frame choice by presentation time, fed one frame time at a time (in order, strictly increasing).
+
+    Target i is at t_0 + i / target_fps (t_0: the first frame's time) and takes the frame whose time is nearest, ties
+    going to the earlier frame. Fed frame by frame so that decoding keeps one frame back, not the whole clip. Times
+    are exact Fractions (pts x time_base), so a tie is a tie.
+    """
+
+    def __init__(self, count: int, target_fps: float) -> None:
+        self.count = count
+        self.period = 1 / Fraction(target_fps)
+        self.chosen: list[int] = []
+        """Frame numbers (0-based, in the order offered) chosen for targets 0, 1, ...; a frame may serve twice where
+        the source has a gap longer than a target period (the frame on screen then is the one shown twice)."""
+        self.times: list[Fraction] = []
+        """The chosen frames' times."""
+        self.start: Fraction | None = None
+        self.previous: Fraction | None = None
+        self.frame = -1
+
+    @property
+    def done(self) -> bool:
+        return len(self.chosen) == self.count
+
+    def target(self, i: int) -> Fraction:
+        assert self.start is not None
+        return self.start + i * self.period
+
+    def offer(self, time: Fraction) -> None:
+        """The next frame's time: resolves every target up to it (the previous frame or this one)."""
+        self.frame += 1
+        if self.start is None:
+            self.start = time
+        while not self.done and time >= (target := self.target(len(self.chosen))):
+            if self.previous is not None and target - self.previous <= time - target:
+                self.chosen.append(self.frame - 1)
+                self.times.append(self.previous)
+            else:
+                self.chosen.append(self.frame)
+                self.times.append(time)
+        self.previous = time
+
+    def end(self, time: Fraction) -> None:
+        """No frame follows the last one offered, which is shown until `time`: a target nearer to the last frame than
+        to `time` (as if a frame came then) takes the last frame, like the index rule's rounding does at the end."""
+        while (not self.done and self.previous is not None
+               and (target := self.target(len(self.chosen))) - self.previous <= time - target):
+            self.chosen.append(self.frame)
+            self.times.append(self.previous)
+
+    def needed_seconds(self, last_duration: Fraction) -> float:
+        """Seconds of video (first frame's start to last frame's end) the targets need when the last frame is shown
+        for `last_duration`: the end rule above takes the last target when it is within half that of the last frame."""
+        return float((self.count - 1) * self.period + last_duration / 2)
+
+
+def nearest_frames(times: list[Fraction], count: int, target_fps: float,
+                   end: Fraction | None = None) -> list[int]:
+    """Indices into `times` (strictly increasing) that NearestFrames chooses; fewer than `count` when too short."""
+    chooser = NearestFrames(count, target_fps)
+    for time in times:
+        if chooser.done:
+            break
+        chooser.offer(time)
+    if end is not None:
+        chooser.end(end)
+    return chooser.chosen
+
+
+def display_rotation(frame: Any) -> int:
+    """Clockwise degrees (0, 90, 180 or 270) that turn a decoded frame upright, from its display matrix.
+
+    PyAV's frame.rotation is the matrix's counterclockwise angle (0 without one); phones' "rotate=90" (portrait
+    shot with the phone upright) is a matrix of -90 there. Angles between multiples of 90 go to the nearest one, and a
+    mirroring in the matrix is not applied.
+    """
+    counterclockwise = getattr(frame, "rotation", 0) or 0
+    return round(-counterclockwise / 90) % 4 * 90
+
+
+_UPRIGHT: dict[int, tuple[tuple[str, str | None], ...]] = {
+    90: (("transpose", "clock"),),
+    180: (("hflip", None), ("vflip", None)),
+    270: (("transpose", "cclock"),),
+}
+"""libavfilter filters that turn a frame clockwise by the key's degrees: what ffmpeg's own autorotation inserts.
+They move pixels in the decoded format (chroma planes too), so a clip with a rotation tag decodes to exactly the
+frames of the same clip turned by ffmpeg and stored losslessly."""
+
+
+class _Pictures:
+    """Decoded frames -> uint8 [H, W, 3] of the bucket: turned upright first, then resized and center-cropped."""
+
+    def __init__(self, rotation: int, bucket: tuple[int, int], resized: tuple[int, int]) -> None:
+        self.rotation, self.bucket, self.resized = rotation, bucket, resized
+        self.graph: Any = None
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        if self.rotation:
+            frame = self._upright(frame)
+        # swscale does resize + RGB conversion in one pass; area averaging avoids aliasing on downscale.
+        rgb = frame.reformat(width=self.resized[1], height=self.resized[0], format="rgb24",
+                             interpolation="AREA").to_ndarray()
+        return center_crop(rgb, self.bucket)
+
+    def _upright(self, frame: Any) -> Any:
+        import av
+
+        if self.graph is None:  # built from the first frame: its pixel format is known only once decoded
+            self.graph = av.filter.Graph()
+            nodes = [self.graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
+                                           time_base=frame.time_base or Fraction(1, 1000))]
+            nodes += [self.graph.add(name, args) for name, args in _UPRIGHT[self.rotation]]
+            nodes.append(self.graph.add("buffersink"))
+            self.graph.link_nodes(*nodes).configure()
+        self.graph.vpush(frame)
+        return self.graph.vpull()
+
+
+class _Decoded:
+    """A stream's frames in presentation order, counted; a decoder error ends them and is kept in `error`."""
+
+    def __init__(self, container: Any, stream: Any) -> None:
+        self.frames = container.decode(stream)
+        self.time_base = stream.time_base
+        self.seen = 0
+        self.error: BaseException | None = None
+        self.last: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        import av
+
+        while True:
+            try:
+                frame = next(self.frames)
+            except StopIteration:
+                return
+            except (av.FFmpegError, OSError, ValueError) as err:
+                self.error = err
+                return
+            self.seen += 1
+            self.last = frame
+            yield frame
+
+    def time(self, frame: Any) -> Fraction | None:
+        """A frame's presentation time in seconds, exact; None without a pts."""
+        base = frame.time_base or self.time_base
+        return None if frame.pts is None or base is None else frame.pts * Fraction(base)
+
+
+class _Gaps:
+    """Whether frame timestamps so far are unevenly spaced: two gaps differ by more than one tick (muxers that round
+    times to their time base, e.g. 30 fps in 1 ms ticks as 33, 33, 34, stay even). Missing or non-increasing
+    timestamps cannot time anything and never count as uneven (the index rule stays)."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+        self.gaps: tuple[int, int] | None = None
+        """(smallest, largest) gap so far, in ticks."""
+        self.usable = True
+
+    def add(self, pts: int | None) -> None:
+        if not self.usable:
+            return
+        if pts is None or (self.last is not None and pts <= self.last):
+            self.usable = False
+            return
+        if self.last is not None:
+            gap = pts - self.last
+            self.gaps = (gap, gap) if self.gaps is None else (min(self.gaps[0], gap), max(self.gaps[1], gap))
+        self.last = pts
+
+    @property
+    def uneven(self) -> bool:
+        return self.usable and self.gaps is not None and self.gaps[1] - self.gaps[0] > 1
+
+
 def decode_video(
     path: str | Path,
     frames: int,
@@ -77,12 +262,14 @@ def decode_video(
     stride: int | None = None,
     default_fps: float = 8.0,
 ) -> Clip:
-    """Decode `frames` frames of a video, resized and center-cropped to the best bucket.
+    """Decode `frames` frames of a video, turned upright, resized and center-cropped to the best bucket.
 
+    A display rotation (phones' portrait video) is applied first and the bucket is chosen by the upright shape.
+    Frames are taken by index (source_fps / target_fps apart, or `stride` apart). With a target fps, a clip whose
+    timestamps are uneven (variable frame rate) is decoded again and its frames chosen by presentation time instead
+    (NearestFrames): the index rule stays for even clips, where it chooses exactly what it always chose.
     Raises BadInput (missing, empty, unreadable, no video stream, too short) with the reason.
     """
-    import av
-
     path = Path(path)
     if not path.exists():
         raise BadInput("missing file")
@@ -90,52 +277,158 @@ def decode_video(
         raise BadInput("is a folder, not a video file")
     if path.stat().st_size == 0:
         raise BadInput("empty file (0 bytes)")
+    container = _open(path)
     try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
-        raise BadInput(f"unreadable video ({_reason(err, path)})") from err
-    try:
-        if not container.streams.video:
-            raise BadInput("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container)
         source_fps = float(stream.average_rate) if stream.average_rate else float(default_fps)
         height, width = stream.codec_context.height, stream.codec_context.width
         if not height or not width:
             raise BadInput("video stream has no frame size")
-        bucket = choose_bucket(height, width, buckets)
+        decoded = _Decoded(container, stream)
+        frames_in = iter(decoded)
+        first = next(frames_in, None)
+        rotation = display_rotation(first) if first is not None else 0
+        upright = (width, height) if rotation in (90, 270) else (height, width)
+        bucket = choose_bucket(*upright, buckets)
+        pictures = _Pictures(rotation, bucket, resized_size(*upright, bucket))
         wanted, step = frame_indices(frames, source_fps, target_fps, stride)
-        array = _selected_frames(container, stream, wanted, step, bucket, resized_size(height, width, bucket), path)
+        # Only a target fps that skips frames asks for timing; a stride is by index whatever the timestamps.
+        by_time = target_fps is not None and stride is None and step > 1.0
+        array = _by_index(itertools.chain([first] if first is not None else [], frames_in), decoded, wanted, step,
+                          source_fps, pictures, path, stop_if_uneven=by_time)
     finally:
         container.close()
-    return Clip(array, source_fps / step, source_fps, step, (height, width))
+    if array is not None:
+        return Clip(array, source_fps / step, source_fps, step, upright, rotation)
+    assert target_fps is not None
+    pictures = _Pictures(rotation, bucket, pictures.resized)  # a fresh filter graph: times restart at the start
+    container = _open(path)
+    try:
+        stream = _video_stream(container)
+        array, chosen, times = _by_time(container, stream, frames, target_fps, pictures, path)
+    finally:
+        container.close()
+    span = float(times[-1] - times[0])
+    fps = (len(times) - 1) / span if span > 0 else float(target_fps)
+    frame_step = (chosen[-1] - chosen[0]) / (len(chosen) - 1) if len(chosen) > 1 else step
+    return Clip(array, fps, source_fps, frame_step, upright, rotation)
 
 
-def _selected_frames(container: Any, stream: Any, wanted: list[int], step: float, bucket: tuple[int, int],
-                     resized: tuple[int, int], path: Path) -> np.ndarray:
-    """The wanted frame indices of the stream, resized and cropped to the bucket, as uint8 [F, H, W, 3]."""
+def _open(path: Path) -> Any:
     import av
 
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
+        raise BadInput(f"unreadable video ({_reason(err, path)})") from err
+
+
+def _video_stream(container: Any) -> Any:
+    if not container.streams.video:
+        raise BadInput("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _by_index(frames: Iterator[Any], decoded: _Decoded, wanted: list[int], step: float, source_fps: float,
+              pictures: _Pictures, path: Path, stop_if_uneven: bool) -> np.ndarray | None:
+    """The wanted frame indices as uint8 [F, H, W, 3]; None (having stopped early) if `stop_if_uneven` and the
+    timestamps up to the last wanted frame are uneven."""
     wanted_set, last = set(wanted), wanted[-1]
     picked: dict[int, np.ndarray] = {}
-    seen = 0
-    try:
-        for index, frame in enumerate(container.decode(stream)):
-            seen = index + 1
-            if index in wanted_set:
-                # swscale does resize + RGB conversion in one pass; area averaging avoids aliasing on downscale.
-                rgb = frame.reformat(width=resized[1], height=resized[0], format="rgb24",
-                                     interpolation="AREA").to_ndarray()
-                picked[index] = center_crop(rgb, bucket)
-            if index >= last:
-                break
-    except (av.FFmpegError, OSError, ValueError) as err:
-        if len(picked) < len(wanted):
-            raise BadInput(f"corrupt video: decoding failed after {seen} frames ({_reason(err, path)})") from err
+    gaps = _Gaps()
+    for index, frame in enumerate(frames):
+        gaps.add(frame.pts)
+        if stop_if_uneven and gaps.uneven:
+            return None
+        if index in wanted_set:
+            picked[index] = pictures(frame)
+        if index >= last:
+            break
     if len(picked) < len(wanted):
-        raise BadInput(f"too short: {seen} decodable frames, need {last + 1} ({len(wanted)} frames at stride "
-                       f"{step:g})")
+        _raise_corrupt(decoded, path)
+        rate = source_fps / step
+        # The frames fit when source_fps / fps <= (seen - 1) / (count - 1): at least this fps.
+        min_fps = source_fps * (len(wanted) - 1) / max(1, decoded.seen - 1)
+        how = f"{len(wanted)} frames at {rate:.4g} fps" + (f" (stride {step:g})" if step > 1.0 else "")
+        raise BadInput(f"too short: {decoded.seen} decodable frames, need {last + 1}: the clip lasts "
+                       f"{decoded.seen / source_fps:.2f} s at {source_fps:.4g} fps, {how} need "
+                       f"{(last + 1) / source_fps:.2f} s; {_remedies(decoded.seen, len(wanted), min_fps)}")
     return np.stack([picked[i] for i in wanted])
+
+
+def _by_time(container: Any, stream: Any, count: int, target_fps: float, pictures: _Pictures,
+             path: Path) -> tuple[np.ndarray, list[int], list[Fraction]]:
+    """`count` frames chosen by presentation time (NearestFrames) as uint8 [F, H, W, 3], with the chosen frame
+    numbers and times. Frames without a timestamp, or not after the one before, are passed over."""
+    decoded = _Decoded(container, stream)
+    chooser = NearestFrames(count, target_fps)
+    previous: tuple[Any, np.ndarray | None] | None = None  # the frame before, and its picture once made
+    picked: list[np.ndarray] = []
+    times: list[Fraction] = []
+    last_gap = Fraction(0)
+    for frame in decoded:
+        time = decoded.time(frame)
+        if time is None or (times and time <= times[-1]):
+            continue
+        if times:
+            last_gap = time - times[-1]
+        times.append(time)
+        before = len(chooser.chosen)
+        chooser.offer(time)
+        current: np.ndarray | None = None
+        for number in chooser.chosen[before:]:
+            if number < chooser.frame:
+                assert previous is not None
+                if previous[1] is None:
+                    previous = (previous[0], pictures(previous[0]))
+                picked.append(previous[1])
+            else:
+                current = pictures(frame) if current is None else current
+                picked.append(current)
+        if chooser.done:
+            break
+        previous = (frame, current)
+    if not chooser.done and previous is not None:
+        last = previous[0]
+        shown = Fraction(last.duration) * Fraction(last.time_base or stream.time_base) if last.duration else last_gap
+        before = len(chooser.chosen)
+        chooser.end(times[-1] + shown)
+        for _ in chooser.chosen[before:]:
+            if previous[1] is None:
+                previous = (previous[0], pictures(previous[0]))
+            picked.append(previous[1])
+        if not chooser.done:
+            _raise_corrupt(decoded, path)
+            # The last target is taken when (count - 1) / fps <= the frames' span + half the last one's showing.
+            reach = float(times[-1] - times[0] + shown / 2)
+            min_fps = (count - 1) / reach if reach > 0 else math.inf
+            raise BadInput(f"too short: {decoded.seen} decodable frames with uneven timestamps: the clip lasts "
+                           f"{float(times[-1] - times[0] + shown):.2f} s, {count} frames at {target_fps:.4g} fps need "
+                           f"{chooser.needed_seconds(shown):.2f} s; {_remedies(len(times), count, min_fps)}")
+    if not chooser.done:
+        _raise_corrupt(decoded, path)
+        raise BadInput(f"too short: {decoded.seen} decodable frames, no timestamps to time them by")
+    return np.stack(picked), chooser.chosen, chooser.times
+
+
+def _raise_corrupt(decoded: _Decoded, path: Path) -> None:
+    """A decoder error that cut the frames short is the reason, not the length."""
+    if decoded.error is not None:
+        raise BadInput(f"corrupt video: decoding failed after {decoded.seen} frames "
+                       f"({_reason(decoded.error, path)})") from decoded.error
+
+
+def _remedies(have: int, need: int, min_fps: float) -> str:
+    """What would make a clip of `have` frames give `need` (the CLI's options by name); `min_fps` is the lowest target
+    rate at which the clip is long enough."""
+    if have < need:
+        return f"the clip has fewer frames than {need} at any rate: use fewer --frames"
+    # By index, `need` frames fit in `have` when they are at most (have - 1) / (need - 1) source frames apart.
+    apart = (have - 1) // (need - 1) if need > 1 else 1
+    return (f"use a higher --fps (at least {math.ceil(min_fps * 100) / 100:g}), a --frame-stride of at most "
+            f"{max(1, apart)}, or fewer --frames")
 
 
 def _reason(err: BaseException, path: Path) -> str:

@@ -459,7 +459,7 @@ def _settings(config: PrepConfig) -> dict[str, Any]:
 def _sample_meta(record: Record, prompt: str, prompt_tokens: int, clip: Clip) -> dict[str, Any]:
     """The JSON member of a sample: what it is (the prompt T5 encoded, its token count before the cut at the text
     length, and the caption it was made from) and where it came from."""
-    return {
+    meta = {
         "prompt": prompt, "prompt_tokens": prompt_tokens, "caption": record.prompt, "source": record.source,
         "video": record.video,
         "image": record.image,
@@ -467,6 +467,10 @@ def _sample_meta(record: Record, prompt: str, prompt_tokens: int, clip: Clip) ->
         "fps": round(clip.fps, 4), "source_fps": round(clip.source_fps, 4), "stride": round(clip.stride, 4),
         "source_size": list(clip.source_size),
     }
+    if clip.rotation:
+        # Only when turned: the JSON (and so the shards' bytes and digests) of an upright clip stays as it was.
+        meta["rotation_degrees"] = clip.rotation
+    return meta
 
 
 def summary_line(result: PrepResult) -> str:
