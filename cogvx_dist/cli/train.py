@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.node_rank:  # on other nodes, node 0's rank 0 may hold the lock already: it is this job's
         check_free(config.output_dir)
         _check_memory(config, checks, world)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    sharing = core_sharing_warning(nproc, torch.cuda.device_count(), cores, os.environ.get("OMP_NUM_THREADS"))
+    if sharing:
+        print(sharing, file=sys.stderr, flush=True)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", *_node_args(args), "--num_gpus", str(nproc),
                "--master_port", str(args.master_port or (29500 if args.node_rank is not None else _free_port())),
                "--module", "cogvx_dist.train"]
@@ -61,6 +65,18 @@ def run(args: argparse.Namespace) -> int:
         command += ["--config", args.config]
     command += list(args.overrides)
     return _launch(command, config.output_dir, config.checkpoint.preempt_grace_s)
+
+
+def core_sharing_warning(nproc: int, gpus: int, cores: int, omp_threads: str | None) -> str | None:
+    """The warning line when this node's CPU ranks outnumber the cores this process may use (its affinity, which
+    a container or Slurm narrows), else None. Not refused: it runs, only each step is slower, and a small test run
+    may mean it. Each rank then keeps one torch thread (cpu_threads_per_rank) unless OMP_NUM_THREADS says more."""
+    if gpus > 0 or nproc <= cores:
+        return None
+    threads = f"{omp_threads} torch thread{'' if omp_threads == '1' else 's'} (OMP_NUM_THREADS)" if omp_threads \
+        else "1 torch thread"
+    return (f"cogvx train: WARNING: --nproc {nproc} CPU ranks on {cores} usable core{'s' if cores > 1 else ''}: "
+            f"ranks will share cores, each with {threads}; starting anyway")
 
 
 def _check_memory(config: Any, checks: Any, world: int) -> None:

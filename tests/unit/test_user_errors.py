@@ -75,3 +75,40 @@ def test_a_config_syntax_error_names_file_line_and_column_in_one_line(tmp_path, 
     code, _, err = cli(capsys, "train", "--config", str(config))
     language = "TOML" if name.endswith(".toml") else "YAML"
     assert_one_line_error(code, err, f"{config}:{place}: {language} syntax error: {problem}")
+
+
+# ------------------------------------------------------------------------------------------- more CPU ranks than cores
+@pytest.mark.parametrize("nproc, gpus, cores, omp, expected", [
+    (3, 0, 2, None, "--nproc 3 CPU ranks on 2 usable cores: ranks will share cores, each with 1 torch thread"),
+    (3, 0, 2, "2", "--nproc 3 CPU ranks on 2 usable cores: ranks will share cores, each with 2 torch threads "
+                   "(OMP_NUM_THREADS)"),
+    (2, 0, 2, None, None),  # a rank per core
+    (1, 0, 1, None, None),
+    (8, 8, 2, None, None),  # GPU ranks: the cores only feed them
+])
+def test_more_cpu_ranks_than_cores_is_said_in_one_line(nproc, gpus, cores, omp, expected):
+    """Before, cogvx train started the ranks without a word, and each step was slower than on fewer ranks."""
+    from cogvx_dist.cli.train import core_sharing_warning
+
+    warning = core_sharing_warning(nproc, gpus, cores, omp)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None and "\n" not in warning and warning.startswith("cogvx train: WARNING: ")
+        assert expected in warning
+
+
+def test_train_says_it_before_launching_and_still_launches(synthetic_shards, tmp_path, capsys, monkeypatch):
+    import cogvx_dist.cli.train as train_cli
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(train_cli, "_launch", lambda command, *rest: launched.append(command) or 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one usable core
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    model, shards = synthetic_shards((2, 1))
+    config = write_config(tmp_path / "run.yaml", model, shards, tmp_path / "out", train={"grad_accum_steps": 1})
+    code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "2")
+    assert code == 0 and len(launched) == 1 and launched[0][launched[0].index("--num_gpus") + 1] == "2"
+    assert [line for line in err.splitlines() if "WARNING" in line] == [
+        "cogvx train: WARNING: --nproc 2 CPU ranks on 1 usable core: ranks will share cores, each with 1 torch "
+        "thread; starting anyway"]
