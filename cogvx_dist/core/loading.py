@@ -33,6 +33,9 @@ _CONFIG_FILE = {
     "vae": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
+HUB_PROBE_TIMEOUT_S = 3.0
+"""Seconds to wait for the hub's answer before taking a hub id from the local cache (huggingface_hub's own default,
+10 s, then retries)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -84,13 +87,41 @@ def read_component_config(source: str | os.PathLike, subfolder: str) -> dict[str
     if _is_local(source):
         _check_local_folder(Path(source), (subfolder,))
         return read_json_object(Path(source) / subfolder / _CONFIG_FILE[subfolder][0])
-    from huggingface_hub import hf_hub_download
-
-    try:
-        path = hf_hub_download(source, f"{subfolder}/{_CONFIG_FILE[subfolder][0]}")
-    except Exception as err:  # network, auth, missing repo: all one user-facing line
-        raise CogvxError(f"cannot fetch {subfolder} config of {source!r} from the hub: {first_line(err)}") from err
+    path = _hub_file(source, f"{subfolder}/{_CONFIG_FILE[subfolder][0]}", f"{subfolder} config")
     return read_json_object(path, f"{source}'s {subfolder} config")
+
+
+def _hub_file(repo_id: str, filename: str, what: str) -> str:
+    """A file of a hub repository: downloaded, or from huggingface_hub's cache when the hub cannot be reached (or
+    HF_HUB_OFFLINE is set). hf_hub_download alone, on a file it has not cached, retries an unreachable hub five
+    times with backoff (~25 s, a warning line each) before failing; one HEAD request without retries asks first."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import HfHubHTTPError
+
+    why_not: str | None = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    advice = "download it where the hub is reachable, or set model.path to a local folder"
+    if why_not is None:
+        try:  # retries are off by default here; a short timeout bounds a hub that does not answer
+            get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=HUB_PROBE_TIMEOUT_S)
+        except HfHubHTTPError as err:  # missing repo or file, gated, rate limit: the cache may still hold it
+            why_not = f"the hub at {constants.ENDPOINT} answered {_two_lines(err)}"
+            advice = "check the id and your access to it (HF_TOKEN), or set model.path to a local folder"
+        except Exception as err:  # network errors of whichever HTTP client this huggingface_hub uses
+            why_not = f"the hub at {constants.ENDPOINT} cannot be reached ({first_line(err)})"
+    try:
+        return hf_hub_download(repo_id, filename, local_files_only=why_not is not None)
+    except Exception as err:  # network, auth, missing repo: all one user-facing line
+        if why_not is None:
+            raise CogvxError(f"cannot fetch {what} of {repo_id!r} from the hub: {first_line(err)}") from err
+        raise CogvxError(f"cannot fetch {what} of {repo_id!r}: {why_not}, and huggingface_hub's cache "
+                         f"({constants.HF_HUB_CACHE}) has no copy; {advice}") from err
+
+
+def _two_lines(err: BaseException) -> str:
+    """The first two non-empty lines of an error, in one: the hub's errors put the status on the first ("404 Client
+    Error. (Request ID: ...)") and what it means on the next ("Repository Not Found for url: ...")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]
+    return ": ".join(lines) or type(err).__name__
 
 
 def describe_checkpoint(source: str | os.PathLike) -> CheckpointInfo:

@@ -112,3 +112,64 @@ def test_train_says_it_before_launching_and_still_launches(synthetic_shards, tmp
     assert [line for line in err.splitlines() if "WARNING" in line] == [
         "cogvx train: WARNING: --nproc 2 CPU ranks on 1 usable core: ranks will share cores, each with 1 torch "
         "thread; starting anyway"]
+
+
+# ---------------------------------------------------------------------------------------- a hub id, the hub unreachable
+CLOSED_PORT = "http://127.0.0.1:9"
+"""The discard port, closed on any test machine: a connection is refused at once, and the real hub is never asked."""
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """huggingface_hub pointed at a closed port, with an empty cache of its own (returned). Its constants are read
+    when it is first imported, which other tests may have done already: they are set as well as the variables."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", CLOSED_PORT)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        CLOSED_PORT + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return cache
+
+
+def test_an_unreachable_hub_fails_fast_with_one_line(unreachable_hub, tmp_path, capsys, caplog):
+    """Before, huggingface_hub retried 5 times with backoff: ~25 s and 11 warning lines, then the error."""
+    import time
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nmodel: {{path: nobody-here/no-such-model}}\n"
+                      f"data: {{shards: {tmp_path / 'shards'}}}\n")
+    started = time.monotonic()
+    code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "1")
+    took = time.monotonic() - started
+    assert_one_line_error(code, err, "'nobody-here/no-such-model'", CLOSED_PORT, "cannot be reached")
+    assert took < 5, f"took {took:.1f} s"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelname == "WARNING"
+            ] == []  # each would be a line more on the user's terminal
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_cached_hub_snapshot_still_loads_without_the_hub(unreachable_hub, tiny_checkpoint, monkeypatch, offline):
+    import time
+
+    from huggingface_hub import constants
+
+    from cogvx_dist.core.loading import describe_checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = unreachable_hub / "models--someone--cached-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit / "transformer"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint("CogVideoX-2b") / "transformer" / "config.json", snapshot / "config.json")
+    started = time.monotonic()
+    checkpoint = describe_checkpoint("someone/cached-model")
+    assert checkpoint.family.name == "CogVideoX-2b"
+    assert time.monotonic() - started < 5
