@@ -173,3 +173,74 @@ def test_a_cached_hub_snapshot_still_loads_without_the_hub(unreachable_hub, tiny
     checkpoint = describe_checkpoint("someone/cached-model")
     assert checkpoint.family.name == "CogVideoX-2b"
     assert time.monotonic() - started < 5
+
+
+# ------------------------------------------------------------------------------------------ the Docker build context
+ARTIFACTS = (".venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so", ".venv/bin/python", "demo_out/run/x.pt",
+             "runs/cogvx/checkpoints/step-00000004/lora/adapter.safetensors", ".pytest_cache/v/cache/nodeids",
+             ".ruff_cache/0.6/123", "cogvx_dist.egg-info/PKG-INFO", "cogvx_dist/__pycache__/cli.cpython-311.pyc",
+             "data_prep/sub/__pycache__/job.cpython-311.pyc", "cogvx_dist/core/loading.pyc", ".git/HEAD",
+             "build/lib/cogvx_dist/__init__.py", "dist/cogvx_dist-0.1.0-py3-none-any.whl")
+"""What a working checkout holds that `docker build .` must not send: the virtual environment (GBs), run outputs,
+caches, bytecode, build outputs and git history."""
+
+
+def _copied_sources() -> list[str]:
+    """What the Dockerfile COPYs (or ADDs) from the build context, as test_dockerfile reads it with Docker's parser."""
+    from tests.unit.test_dockerfile import instructions_of, stages
+
+    return [source for stage in stages() for command in instructions_of("COPY", stage) + instructions_of("ADD", stage)
+            if not any(flag.startswith("--from=") for flag in command.flags) for source in command.value[:-1]]
+
+
+def _context(root: Path) -> set[str]:
+    """The files and folders `docker build` sends from `root`, by docker-py's implementation of Docker's
+    .dockerignore rules (it also keeps the Dockerfile whatever the patterns say, as Docker does)."""
+    from docker.utils.build import exclude_paths
+
+    ignore = root / ".dockerignore"
+    patterns = [line.strip() for line in ignore.read_text().splitlines()] if ignore.is_file() else []
+    return exclude_paths(str(root), [p for p in patterns if p and not p.startswith("#")])
+
+
+def test_the_build_context_leaves_out_the_venv_run_outputs_and_caches_but_not_what_the_image_copies(tmp_path):
+    """Before there was no .dockerignore: `docker build .` sent the 2 GB .venv, run outputs and caches."""
+    from tests.helpers import REPO
+
+    root = tmp_path / "checkout"
+    needed = []
+    for source in _copied_sources():  # the copied sources as they are in this checkout, without bytecode
+        for path in [REPO / source, *(sorted((REPO / source).rglob("*")) if (REPO / source).is_dir() else [])]:
+            relative = path.relative_to(REPO)
+            if "__pycache__" in relative.parts or path.suffix == ".pyc":
+                continue
+            target = root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_symlink():
+                target.symlink_to(os.readlink(path))  # cogvx_dist/ds_configs -> ../ds_configs: the wheel needs it
+            elif path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                target.write_bytes(b"")
+            needed.append(str(relative))
+    for artifact in ARTIFACTS:
+        (root / artifact).parent.mkdir(parents=True, exist_ok=True)
+        (root / artifact).write_bytes(b"")
+    if (REPO / ".dockerignore").is_file():
+        shutil.copy(REPO / ".dockerignore", root / ".dockerignore")
+    shutil.copy(REPO / "Dockerfile", root / "Dockerfile")
+    sent = _context(root)
+    assert {"cogvx_dist/ds_configs", "ds_configs/zero2.json", "launchers", "pyproject.toml"} <= set(needed)
+    assert [path for path in needed if path not in sent] == []
+    artifact_folders = {artifact.split("/")[0] for artifact in ARTIFACTS} - set(_copied_sources())
+    assert sorted(path for path in sent if path in ARTIFACTS or path.split("/")[0] in artifact_folders
+                  or "__pycache__" in path.split("/")) == []
+
+
+def test_this_checkouts_build_context_is_small():
+    from tests.helpers import REPO
+
+    sent = _context(REPO)
+    assert not [path for path in sent if path.split("/")[0] in (".venv", ".git")]
+    size = sum((REPO / path).stat().st_size for path in sent if (REPO / path).is_file())
+    assert size < 20 * 2**20, f"{size / 2**20:.0f} MiB"
