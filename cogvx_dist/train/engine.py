@@ -36,8 +36,26 @@ def extensions_dir(prefix: str = sys.prefix) -> Path:
 
 
 def use_environment_extensions_dir() -> None:
-    """Point torch's extension builds at this environment's folder unless the user chose one."""
+    """Point torch's extension builds at this environment's folder unless the user chose one, built by this
+    environment's ninja (`use_environment_ninja`)."""
     os.environ.setdefault(EXTENSIONS_ENV, str(extensions_dir()))
+    use_environment_ninja()
+
+
+def use_environment_ninja(prefix: str = sys.prefix) -> None:
+    """Put this environment's bin folder first on PATH when it holds ninja (pip's `ninja` package installs it there).
+
+    torch runs the first `ninja` on PATH. A venv's commands called without activating it (`.venv/bin/cogvx`, as
+    scripts and schedulers do) find the system's ninja instead, and two ninja versions rewrite each other's build
+    log in their own format: every switch rebuilt DeepSpeed's ops from scratch. Activation puts the same folder
+    first, so an activated shell is unchanged."""
+    folder = Path(prefix) / "bin"
+    if not (folder / "ninja").is_file():
+        return
+    entries = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
+    if entries and Path(entries[0]) == folder:
+        return
+    os.environ["PATH"] = os.pathsep.join([str(folder), *(entry for entry in entries if Path(entry) != folder)])
 
 
 def build_ops() -> list[str]:
