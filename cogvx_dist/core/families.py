@@ -128,18 +128,50 @@ class ModelFamily:
         return (transformer_config["sample_height"] * VAE_SPATIAL_COMPRESSION,
                 transformer_config["sample_width"] * VAE_SPATIAL_COMPRESSION)
 
+    def position_grid_limit(self, transformer_config: dict[str, Any]) -> tuple[int, int] | None:
+        """The largest pixel (height, width) the transformer has rotary positions for, or None where any size works.
+
+        CogVideoX 1.5 (rotary with temporal patches) builds its 3D rotary embeddings with diffusers'
+        get_3d_rotary_pos_embed(grid_type="slice", max_size=(sample_height // patch_size, sample_width // patch_size)):
+        it makes frequencies for that many patch rows and columns and slices the clip's grid from them, so a clip of
+        more rows or columns fails there ("Sizes of tensors must match"). CogVideoX 1.0 has no such bound: 5b
+        interpolates its rotary grid over the base grid (linspace crop), 2b recomputes its sin-cos table for any size,
+        and 5b-I2V's learned positions fix one size exactly (checked in resolution_problem)."""
+        if not (self.use_rotary_positional_embeddings and self.patch_size_t is not None):
+            return None
+        patch = transformer_config.get("patch_size", PATCH_SIZE)
+        pixels_per_patch = patch * VAE_SPATIAL_COMPRESSION
+        return (transformer_config["sample_height"] // patch * pixels_per_patch,
+                transformer_config["sample_width"] // patch * pixels_per_patch)
+
+    def resolution_problem(self, height: int, width: int, transformer_config: dict[str, Any]) -> str | None:
+        """Why the transformer of `transformer_config` cannot take clips of this pixel size, in one line, or None."""
+        if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            return (f"resolution {height}x{width} is not a positive multiple of {SIZE_MULTIPLE} in both sides "
+                    "(8x VAE compression times the 2x2 patch)")
+        if self.use_learned_positional_embeddings and (height, width) != self.native_pixel_size(transformer_config):
+            native = self.native_pixel_size(transformer_config)
+            return f"{self.name} learns its positions for {native[0]}x{native[1]} only, not {height}x{width}"
+        limit = self.position_grid_limit(transformer_config)
+        if limit is not None and (height > limit[0] or width > limit[1]):
+            patch = transformer_config.get("patch_size", PATCH_SIZE)
+            rows, columns = (transformer_config[key] // patch for key in ("sample_height", "sample_width"))
+            return (f"resolution {height}x{width} is past the {limit[0]}x{limit[1]} pixels (largest height, largest "
+                    f"width) {self.name} has rotary positions for: the transformer config's sample_height "
+                    f"{transformer_config['sample_height']} and sample_width {transformer_config['sample_width']} "
+                    f"latents make {rows}x{columns} patches of patch_size {patch} "
+                    f"({patch * VAE_SPATIAL_COMPRESSION} pixels each); use a smaller resolution")
+        return None
+
     def check_geometry(self, frames: int, height: int, width: int, transformer_config: dict[str, Any]) -> None:
-        """Refuse a clip geometry the family cannot train on, naming what is wrong."""
+        """Refuse a clip geometry the family cannot train on or draw, naming what is wrong."""
         if not self.is_valid_frame_count(frames):
             valid = self.valid_frame_counts()
             raise CogvxError(f"{frames} frames is not valid for {self.name} (valid: {valid[0]}, {valid[1]}, ..., "
                              f"{valid[-1]}; {self.frame_multiple}N+1)")
-        if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-            raise CogvxError(f"resolution {height}x{width} is not a positive multiple of {SIZE_MULTIPLE} in both sides "
-                             "(8x VAE compression times the 2x2 patch)")
-        if self.use_learned_positional_embeddings and (height, width) != self.native_pixel_size(transformer_config):
-            native = self.native_pixel_size(transformer_config)
-            raise CogvxError(f"{self.name} learns its positions for {native[0]}x{native[1]} only, not {height}x{width}")
+        problem = self.resolution_problem(height, width, transformer_config)
+        if problem:
+            raise CogvxError(problem)
 
     def single_image_problem(self) -> str | None:
         """Why this family cannot train on single images (one-frame clips), or None when it can."""
