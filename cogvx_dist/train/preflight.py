@@ -19,7 +19,7 @@ from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.data.mixture import MixedIndex, combined_manifest
-from cogvx_dist.train.data.reader import ShardIndex
+from cogvx_dist.train.data.reader import ShardIndex, listed_buckets
 from cogvx_dist.train.data.streaming import is_remote, read_remote_manifest
 
 
@@ -64,11 +64,7 @@ def preflight(config: RunConfig) -> Preflight:
         manifest, index = _open_dataset(config, checkpoint, config.data.shards, "data.shards")
     warnings = _damaged_shards(config, index)
     _check_resume_fits(config, checkpoint)
-    buckets = len(manifest.sizes()) * len(manifest.all_frame_counts())
-    if config.train.micro_batch_size > 1 and buckets > 1:
-        raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} needs samples of one size, but the "
-                         f"shards hold {buckets} buckets (resolutions x frame counts); use micro_batch_size 1 with "
-                         "grad_accum_steps for a larger batch, or prep one bucket per dataset")
+    warnings += _bucketed_batches(config, manifest, index)
     if config.train.micro_batch_size > manifest.num_samples:
         raise CogvxError(f"train.micro_batch_size {config.train.micro_batch_size} exceeds the "
                          f"{manifest.num_samples} samples")
@@ -211,6 +207,46 @@ def _damaged_shards(config: RunConfig, index: ShardIndex | MixedIndex | None) ->
         raise CogvxError(f"data.shards: {problems[0]}{more}; run `cogvx shards verify`, or train on without its "
                          "unreadable samples with data.on_bad_sample: skip")
     return [f"{problem}; its unreadable samples will be skipped" for problem in problems]
+
+
+def _bucketed_batches(config: RunConfig, manifest: Manifest, index: ShardIndex | MixedIndex | None) -> list[str]:
+    """micro_batch_size > 1 over samples of several shapes: every micro-batch is one bucket's (reader.BucketedStream).
+    Refuses what cannot be batched so, in one line; returns what the run goes on despite."""
+    micro = config.train.micro_batch_size
+    listed = listed_buckets(manifest)
+    if micro == 1 or listed == 1:
+        return []
+    advice = "use micro_batch_size 1 with grad_accum_steps for a larger batch"
+    if not isinstance(index, ShardIndex):
+        where = "data.sources (a mixture)" if config.data.sources else "data.streaming"
+        raise CogvxError(f"train.micro_batch_size {micro} with {where} over {listed} buckets (resolutions x frame "
+                         f"counts): micro-batches of one bucket each are made for one dataset read in exact order, not "
+                         f"yet for {'mixtures' if config.data.sources else 'streaming'}; {advice}")
+    buckets = index.buckets()  # reads every sample's tensors header (its shape), once
+    if len(buckets) < 2:
+        return []  # the samples fill one bucket: the plain order, which reads (or skips) bad samples as it always did
+    warnings = []
+    if index.unshaped:
+        first, why = min(index.unshaped.items())
+        more = f" (and {len(index.unshaped) - 1} more)" if len(index.unshaped) > 1 else ""
+        sample = f"shard {index.store.url(index.shard_of(first))}, sample {index.key(first)}: {why}{more}"
+        if config.data.on_bad_sample == "fail":
+            raise CogvxError(f"data.shards: {sample}, so its bucket is unknown; run `cogvx shards verify`, or train on "
+                             "without it with data.on_bad_sample: skip")
+        warnings.append(f"{sample}; with train.micro_batch_size {micro} such samples are in no bucket and never read")
+    small = [bucket for bucket in buckets if len(bucket.samples) < micro]
+    if small:
+        bucket, largest = small[0], min(len(b.samples) for b in buckets)
+        raise CogvxError(f"train.micro_batch_size {micro}: the {bucket.name} bucket holds {len(bucket.samples)} "
+                         f"sample(s), fewer than one micro-batch, so they could never be trained on; use "
+                         f"micro_batch_size {largest} or less, or prep more samples of that shape, or leave them out")
+    left = [(bucket, len(bucket.samples) % micro) for bucket in buckets if len(bucket.samples) % micro]
+    if left:
+        total, samples = sum(n for _, n in left), sum(len(bucket.samples) for bucket in buckets)
+        warnings.append(f"train.micro_batch_size {micro}: {total} of the {samples} samples are left out of each epoch, "
+                        "a different draw each epoch (a bucket's samples short of a whole micro-batch: "
+                        + ", ".join(f"{n} of {len(bucket.samples)} in {bucket.name}" for bucket, n in left) + ")")
+    return warnings
 
 
 def check_batch_fits(config: RunConfig, manifest: Manifest, world_size: int) -> int:

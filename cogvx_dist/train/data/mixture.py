@@ -131,7 +131,9 @@ class MixedIndex:
         """The first source's empty-prompt embedding (every source was encoded by the same text encoder)."""
         return self.sources[0].empty_prompt()
 
-    def stream(self, seed: int) -> MixtureStream:
+    def stream(self, seed: int, micro_batch_size: int = 1) -> MixtureStream:
+        """The mixture's order. micro_batch_size does not change it: micro-batches of one bucket each are not made
+        for mixtures yet, and the pre-flight refuses micro_batch_size > 1 where the sources hold several buckets."""
         return MixtureStream([len(s) for s in self.sources], self.weights, seed)
 
     def seen(self, positions: int, seed: int) -> dict[str, int]:

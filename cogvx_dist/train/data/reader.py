@@ -5,11 +5,21 @@ Optimizer step s consumes stream positions [s*G, (s+1)*G) for a global batch of 
 of data-parallel rank r reads the `micro_batch_size` positions starting at m*micro*dp + r*micro. So every rank
 runs the same number of steps whatever the shard sizes, and a run resumes at any step, with any number of ranks,
 from the stream position alone.
+
+Seen in micro-batches, the stream is a sequence of batch units of `micro_batch_size` samples: rank r's micro-batch
+at (step s, micro-step m) is unit k = s*accum*dp + m*dp + r (the positions above divided by micro_batch_size), so the
+units of a step do not depend on how the step is split over ranks. A dataset whose samples come in several shapes
+(resolution x frame count buckets) read with micro_batch_size > 1 needs every unit to be one bucket's; its units
+come from BucketedStream instead (positions stay counted in samples: unit k starts at position k*micro_batch_size).
+With one bucket, or micro_batch_size 1, the units are consecutive chunks of SampleStream, the order it always had.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.sample_index import UNKNOWN, member_row, tar_members
 from cogvx_dist.core.shard_format import (
+    LATENT_MEAN,
     MANIFEST_NAME,
     META_EXT,
     TENSORS_EXT,
@@ -59,6 +70,9 @@ class ShardIndex:
         self.verify = verify
         self.damaged: dict[str, str] = {}
         """Shard location -> why its file does not match the manifest."""
+        self.unshaped: dict[int, str] = {}
+        """Global index -> why its shape could not be read (found by `buckets`; those samples are in no bucket)."""
+        self._buckets: list[Bucket] | None = None
         shards = self.manifest.shards
         sizes = self.store.sizes([shard.name for shard in shards])
         for shard_number, shard in enumerate(shards):
@@ -149,13 +163,123 @@ class ShardIndex:
         """File name of the shard holding global index `index`."""
         return self.manifest.shards[self.samples.shard_of(index)].name
 
-    def stream(self, seed: int) -> SampleStream:
-        """The run's sample order over this dataset."""
+    def stream(self, seed: int, micro_batch_size: int = 1) -> SampleStream | BucketedStream:
+        """The run's sample order over this dataset: with micro_batch_size > 1 and samples of several shapes, in
+        units of one bucket each (BucketedStream); else SampleStream, whose order one-bucket datasets always had."""
+        if micro_batch_size > 1 and listed_buckets(self.manifest) > 1:
+            buckets = self.buckets()
+            if len(buckets) > 1:
+                return BucketedStream(buckets, micro_batch_size, seed)
         return SampleStream(len(self), seed)
+
+    def buckets(self) -> list[Bucket]:
+        """The samples grouped by shape (resolution x frame count), ordered by shape. The sample index records no
+        shapes, so each sample's comes from its tensors member's safetensors header: one small read a sample, the
+        JSON header only (no tensor data, nothing unpickled), once per process. A sample whose header cannot be read
+        is in no bucket but in `unshaped`."""
+        if self._buckets is None:
+            shapes = self._read_shapes()
+            names = bucket_names(self.manifest)
+            known = shapes[:, 0] != UNKNOWN
+            found = sorted({tuple(row) for row in shapes[known].tolist()})
+            self._buckets = []
+            for shape in found:
+                members = (shapes == torch.tensor(shape)).all(dim=1).nonzero().flatten()
+                name = names.get(shape, "latents " + "x".join(map(str, shape)))
+                self._buckets.append(Bucket(shape, name, members))
+        return self._buckets
+
+    def _read_shapes(self) -> torch.Tensor:
+        """int64 [N, 4]: each sample's latent_mean shape (UNKNOWN rows where it cannot be read, in `unshaped`)."""
+        shapes = torch.full((len(self), 4), UNKNOWN, dtype=torch.long)
+
+        def read_shard(shard_number: int) -> None:
+            indices = self.samples.shard_indices(shard_number)
+            if not len(indices):
+                return
+            self._locate(shard_number)
+            name = self.manifest.shards[shard_number].name
+            try:
+                handle = self.store.open(name)
+            except (CogvxError, OSError) as err:
+                self.unshaped.update(dict.fromkeys(indices, f"its shard cannot be opened ({first_line(err)})"))
+                return
+            with handle:
+                for index in indices:
+                    at, size = self.samples.member(index)[:2]
+                    try:
+                        if at == UNKNOWN:
+                            raise ValueError(f"no {TENSORS_EXT} member (the shard ends early or was rewritten)")
+                        shapes[index] = torch.tensor(latent_shape(handle, at, size))
+                    except (ValueError, OSError, CogvxError) as err:
+                        self.unshaped[index] = f"its shape cannot be read ({first_line(err)})"
+
+        shard_numbers = range(len(self.manifest.shards))
+        if self.store.remote:  # one request a sample: keep several in flight
+            with ThreadPoolExecutor(max_workers=min(16, len(shard_numbers)) or 1) as pool:
+                list(pool.map(read_shard, shard_numbers))
+        else:
+            for shard_number in shard_numbers:
+                read_shard(shard_number)
+        return shapes
 
     def empty_prompt(self) -> torch.Tensor:
         """The dataset's empty-prompt embedding (caption dropout)."""
         return read_empty_prompt(self.store)
+
+
+TENSORS_HEAD_BYTES = 4096
+"""What is read of a sample's tensors member to learn its shapes: the safetensors length word and JSON header (about
+100 bytes a tensor; a longer header is read on), never the tensor data."""
+
+
+def latent_shape(handle: Any, at: int, size: int) -> tuple[int, int, int, int]:
+    """The latent_mean shape of the safetensors member of `size` bytes at offset `at` of an open shard, from its JSON
+    header alone; ValueError when the header is not a readable one."""
+    handle.seek(at)
+    head = handle.read(min(size, TENSORS_HEAD_BYTES))
+    if len(head) < 8:
+        raise ValueError("tensors member cut short (the shard ends early)")
+    length = int.from_bytes(head[:8], "little")
+    if length > size - 8:
+        raise ValueError(f"safetensors header of {length} bytes in a member of {size}")
+    if len(head) < 8 + length:
+        head += handle.read(8 + length - len(head))
+    try:
+        shape = json.loads(head[8:8 + length])[LATENT_MEAN]["shape"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"no readable {LATENT_MEAN} entry in its safetensors header ({first_line(err)})") from err
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"{LATENT_MEAN} has shape {shape}, not [C, F, H, W]")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def listed_buckets(manifest: Manifest) -> int:
+    """How many shapes the manifest says samples may have: resolutions x frame counts (an upper bound: the samples
+    may fill fewer)."""
+    return len(manifest.sizes()) * len(manifest.all_frame_counts())
+
+
+def bucket_names(manifest: Manifest) -> dict[tuple[int, ...], str]:
+    """latent_mean shape -> the bucket's name in pixels ("32x48, 9 frames"), for every bucket the manifest lists."""
+    names: dict[tuple[int, ...], str] = {}
+    for frames in manifest.all_frame_counts():
+        for height, width in manifest.sizes():
+            shape = tuple(manifest.expected_shapes(height, width, frames)[LATENT_MEAN])
+            names.setdefault(shape, f"{height}x{width}, {frames} frame{'' if frames == 1 else 's'}")
+    return names
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Samples that stack into one micro-batch: one resolution and frame count."""
+
+    shape: tuple[int, ...]
+    """The latent_mean shape [C, F_latent, H/8, W/8] its samples share (every other tensor's shape follows)."""
+    name: str
+    """Its name in messages: "32x48, 9 frames" (the latent shape where the manifest lists no such bucket)."""
+    samples: torch.Tensor
+    """int64 [n]: its samples' global indices, ascending."""
 
 
 class Samples(Protocol):
@@ -169,7 +293,7 @@ class Samples(Protocol):
 
     def shard_of(self, index: int) -> str: ...
 
-    def stream(self, seed: int) -> Any: ...
+    def stream(self, seed: int, micro_batch_size: int = 1) -> Any: ...
 
 
 class SampleStream:
@@ -190,6 +314,95 @@ class SampleStream:
             self._perm = torch.randperm(self.num_samples, generator=generator)
             self._epoch = epoch
         return int(self._perm[offset])
+
+
+def _generator(*parts: Any) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (its sha256, so no two tuples share a seed in practice)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+class BucketedStream:
+    """Batch unit -> its samples, every unit one bucket's: the order of micro_batch_size > 1 over several buckets.
+
+    Epoch e: each bucket's samples in a permutation seeded by (seed, e, the bucket's shape), cut into units of
+    micro_batch_size; then all the epoch's units in one permutation seeded by (seed, e), so the buckets come in
+    proportion to their sizes, mixed. A bucket's last n % micro_batch_size samples of each epoch's permutation
+    (fewer than a unit) are left out of that epoch, not carried on: every epoch then holds the same number of
+    units, so unit k is in epoch k // units_per_epoch (position -> sample in O(1) from any resume point, on any
+    rank), no unit holds a sample twice, and since each epoch draws afresh no sample is left out for good
+    (`left_out` counts them). Unit k covers stream positions [k*micro_batch_size, (k+1)*micro_batch_size).
+    """
+
+    def __init__(self, buckets: list[Bucket], micro_batch_size: int, seed: int) -> None:
+        self.buckets = buckets
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        units = torch.tensor([len(bucket.samples) // micro_batch_size for bucket in buckets])
+        self.units_per_epoch = int(units.sum())
+        """Units of every epoch (the buckets' whole units)."""
+        if not self.units_per_epoch:
+            raise CogvxError(f"train.micro_batch_size {micro_batch_size}: no bucket holds a whole micro-batch")
+        self.left_out = {bucket.name: len(bucket.samples) % micro_batch_size for bucket in buckets}
+        """Bucket name -> its samples left out of each epoch (a different draw each epoch)."""
+        self._unit_bucket = torch.repeat_interleave(torch.arange(len(buckets)), units)
+        """Bucket of each of an epoch's units before the shuffle (the buckets' units in bucket order)."""
+        self._unit_number = torch.arange(self.units_per_epoch) - (units.cumsum(0) - units)[self._unit_bucket]
+        """The unit's number within its bucket, in the same order."""
+        self._epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+        self._perms: dict[int, torch.Tensor] = {}
+        """This epoch's permutation of each bucket drawn so far."""
+        size = max(int(bucket.samples.max()) for bucket in buckets if len(bucket.samples)) + 1
+        self._bucket_of = torch.full((size,), -1, dtype=torch.int32)
+        """Global index -> bucket number (-1: in none), 4 bytes a sample."""
+        for number, bucket in enumerate(buckets):
+            self._bucket_of[bucket.samples] = number
+
+    @property
+    def left_out_per_epoch(self) -> int:
+        """Samples in no unit of an epoch."""
+        return sum(self.left_out.values())
+
+    def _enter(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._order = torch.randperm(self.units_per_epoch, generator=_generator(self.seed, epoch))
+            self._perms = {}
+            self._epoch = epoch
+
+    def _locate(self, unit: int) -> tuple[int, int]:
+        """(bucket number, unit number within the bucket's permutation of its epoch) of unit `unit`."""
+        epoch, offset = divmod(unit, self.units_per_epoch)
+        self._enter(epoch)
+        slot = int(self._order[offset])
+        return int(self._unit_bucket[slot]), int(self._unit_number[slot])
+
+    def bucket_at(self, unit: int) -> Bucket:
+        """The bucket of unit `unit`."""
+        return self.buckets[self._locate(unit)[0]]
+
+    def unit(self, unit: int) -> list[int]:
+        """The global sample indices of unit `unit`."""
+        number, within = self._locate(unit)
+        bucket = self.buckets[number]
+        if number not in self._perms:
+            self._perms[number] = torch.randperm(len(bucket.samples),
+                                                 generator=_generator(self.seed, self._epoch, bucket.shape))
+        chosen = self._perms[number][within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
+        return bucket.samples[chosen].tolist()
+
+    def sample_at(self, position: int) -> int:
+        """The sample index at a stream position."""
+        unit, offset = divmod(position, self.micro_batch_size)
+        return self.unit(unit)[offset]
+
+    def same_bucket_from(self, index: int) -> Iterator[int]:
+        """The samples of `index`'s bucket from it on, cyclically by global index: where a bad sample's stand-in is
+        looked for, so the micro-batch stays one bucket's."""
+        samples = self.buckets[int(self._bucket_of[index])].samples
+        start = int(torch.searchsorted(samples, index))
+        for attempt in range(len(samples)):
+            yield int(samples[(start + attempt) % len(samples)])
 
 
 @dataclass(frozen=True)
@@ -217,6 +430,12 @@ class BatchSplit:
         )
         return list(range(first, first + self.micro_batch_size))
 
+    def unit(self, start_position: int, micro_index: int) -> int:
+        """The batch unit of this rank's `micro_index`-th micro-batch: step*accum*dp + micro_step*dp + rank counted
+        from `start_position`'s unit. A start that is not a whole number of units (a resume under another
+        micro_batch_size) goes on from the next whole unit."""
+        return -(-self.positions(start_position, micro_index)[0] // self.micro_batch_size)
+
 
 class MicroBatches(Dataset):
     """Map-style dataset: item j is this rank's j-th micro-batch after `start_position`, already collated.
@@ -234,7 +453,7 @@ class MicroBatches(Dataset):
         self.draws = draws
         """Draws item j's random numbers (train/step/loss.py's StepDraws), into the item's "randomness"."""
         self.split = split
-        self.stream = index.stream(seed)
+        self.stream = index.stream(seed, split.micro_batch_size)
         self.start_position = start_position
         self.steps = steps
         self.on_bad = on_bad
@@ -246,9 +465,9 @@ class MicroBatches(Dataset):
 
     def __getitem__(self, micro_index: int) -> dict[str, Any]:
         tensors, keys, bad = [], [], []
-        for position in self.split.positions(self.start_position, micro_index):
+        for chosen in self.samples_of(micro_index):
             try:
-                index, sample = self._read_or_replace(self.stream.sample_at(position), bad)
+                index, sample = self._read_or_replace(chosen, bad)
             except BadSample as err:
                 return {"failure": f"bad sample on rank {self.split.dp_rank}: {err} (data.on_bad_sample: skip "
                                    "trains on without it)"}
@@ -260,11 +479,25 @@ class MicroBatches(Dataset):
             batch["randomness"] = self.draws(batch, micro_index)
         return batch
 
-    def _read_or_replace(self, index: int, bad: list[dict[str, str]]) -> tuple[int, dict[str, torch.Tensor]]:
-        """(index, tensors) of `index`, or with on_bad "skip" of the first readable index after it; the skipped
-        samples are appended to `bad`."""
+    def samples_of(self, micro_index: int) -> list[int]:
+        """The global sample indices item `micro_index` reads (before bad ones are replaced)."""
+        if isinstance(self.stream, BucketedStream):
+            return self.stream.unit(self.split.unit(self.start_position, micro_index))
+        return [self.stream.sample_at(p) for p in self.split.positions(self.start_position, micro_index)]
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """`index`, then the samples that may stand in for it: the next by global index, or in bucketed order the
+        next of its bucket (so the micro-batch still stacks)."""
+        if isinstance(self.stream, BucketedStream):
+            yield from self.stream.same_bucket_from(index)
+            return
         for attempt in range(len(self.index)):
-            candidate = (index + attempt) % len(self.index)
+            yield (index + attempt) % len(self.index)
+
+    def _read_or_replace(self, index: int, bad: list[dict[str, str]]) -> tuple[int, dict[str, torch.Tensor]]:
+        """(index, tensors) of `index`, or with on_bad "skip" of the first readable index after it (of its bucket,
+        in bucketed order); the skipped samples are appended to `bad`."""
+        for candidate in self._candidates(index):
             if candidate not in self._bad:
                 try:
                     return candidate, self.index.read(candidate)[0]
@@ -274,7 +507,8 @@ class MicroBatches(Dataset):
             if self.on_bad != "skip":
                 raise problem
             bad.append({"shard": problem.shard, "key": problem.key, "reason": problem.reason})
-        raise BadSample(self.index.shard_of(index), self.index.key(index), "no readable sample in the dataset")
+        where = "its bucket" if isinstance(self.stream, BucketedStream) else "the dataset"
+        raise BadSample(self.index.shard_of(index), self.index.key(index), f"no readable sample in {where}")
 
 
 def collate(tensors: list[dict[str, torch.Tensor]], keys: list[str]) -> dict[str, Any]:
