@@ -31,12 +31,15 @@ def is_url(location: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
-def check_storage_options(options: dict[str, Any], where: str) -> None:
-    """Refuse credentials in storage options, naming the key."""
-    for name in options:
-        if name.lower() in SECRET_OPTIONS:
+def check_storage_options(options: Any, where: str) -> None:
+    """Refuse credentials in storage options at any depth (fsspec passes nested dicts on, e.g. s3fs's
+    `client_kwargs` to boto), naming the key."""
+    items = options.items() if isinstance(options, dict) else enumerate(options) if isinstance(options, list) else ()
+    for name, value in items:
+        if str(name).lower() in SECRET_OPTIONS:
             raise CogvxError(f"{where}.{name}: credentials do not go in the config (they would be copied into the run "
                              "folder); use the store's environment variables or profile")
+        check_storage_options(value, f"{where}.{name}")
 
 
 class Store:

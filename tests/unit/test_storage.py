@@ -125,6 +125,19 @@ def test_credentials_in_storage_options_are_refused(synthetic_shards, tmp_path, 
     assert_one_line_error(code, err, "data.storage_options.secret: credentials do not go in the config")
 
 
+@pytest.mark.parametrize("key", ["aws_secret_access_key", "aws_session_token"])
+def test_credentials_nested_in_storage_options_are_refused_and_never_reach_the_run_folder(synthetic_shards, tmp_path,
+                                                                                           capsys, key):
+    """s3fs hands `client_kwargs` on to boto, so a secret one level down is as much a credential as one at the top
+    (the pre-flight used to check only the top level and wrote the secret to run_config.json)."""
+    model, folder = synthetic_shards([3, 2])
+    config = write_config(tmp_path / "run.yaml", model, folder, tmp_path / "out",
+                          data={"storage_options": {"anon": False, "client_kwargs": {"region_name": "x", key: "abc"}}})
+    code, _, err = cli(capsys, "train", "--config", str(config))
+    assert_one_line_error(code, err, f"data.storage_options.client_kwargs.{key}: credentials do not go in the config")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prep_refuses_an_http_output(synthetic_shards, tmp_path, capsys):
     model, folder = synthetic_shards([3, 2])
     code, _, err = cli(capsys, "prep", "--model", str(model), "--data", str(folder), "--out", "https://host/set")
