@@ -10,6 +10,7 @@ pipeline loading the exported adapter.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -197,24 +198,153 @@ def _train_config(path: Path, settings: DemoSettings, model: Path, shards: Path,
     return path
 
 
-def _comparison_png(without: Any, with_lora: Any, path: Path) -> Path:
-    """Two rows of frames: without the LoRA on top, with it below."""
+COMPARISON_ROWS = ("without LoRA", "with LoRA", "difference")
+"""The comparison picture's rows, top to bottom."""
+_CELL_TARGET_PX = 160
+"""Frames are enlarged by a whole factor to at least this height: the tiny model's 32-pixel frames become readable."""
+_AMPLIFY_STEPS = (1, 2, 4, 8, 16, 32, 64)
+"""Factors the difference row may be amplified by: round numbers a reader can undo in their head."""
+_HEAT_MAP = "magma"
+_TITLE_PX, _TEXT_PX, _SMALL_PX = 30, 22, 18
+"""Type sizes of the title, the row labels and subtitle, the frame labels and notes."""
+_PAPER, _INK, _MUTED = (250, 250, 250), (20, 20, 20), (90, 90, 90)
+
+
+@dataclass
+class ComparisonLayout:
+    """Where things are in the comparison picture, so a reader (or a test) need not guess from its pixels."""
+
+    path: Path
+    size: tuple[int, int]
+    """(width, height) of the whole picture."""
+    scale: int
+    """Each frame pixel is drawn as a scale x scale block (nearest neighbour: no invented detail)."""
+    cell: tuple[int, int]
+    """(width, height) of one enlarged frame."""
+    rows: list[str]
+    """Row labels, top to bottom."""
+    columns: list[str]
+    """Column labels, left to right (frame index and time)."""
+    origins: list[list[tuple[int, int]]]
+    """(x, y) of the top-left pixel of each cell, by row then column."""
+    amplify: int
+    """The difference row shows |with - without| multiplied by this factor (clipped at the top of the colour scale)."""
+
+
+def _amplification(difference: Any) -> int:
+    """The smallest listed factor that lifts the difference's 99th percentile to at least half brightness: strong
+    enough to see, small enough that most of it is not clipped."""
     import numpy as np
+
+    high = float(np.percentile(difference, 99))
+    for factor in _AMPLIFY_STEPS:
+        if high * factor >= 0.5:
+            return factor
+    return _AMPLIFY_STEPS[-1]
+
+
+@functools.cache
+def _font(size: int) -> Any:
+    """DejaVu Sans, which matplotlib ships, so the labels look the same on every machine (PIL's built-in bitmap font
+    is 11 px and cannot be scaled before Pillow 10.1)."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def _wrapped(text: str, font: Any, width: int) -> list[str]:
+    """`text` broken at spaces into lines no wider than `width` pixels (a long word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def comparison_png(without: Any, with_lora: Any, path: Path, *, title: str, subtitle: str = "",
+                   fps: float = 0.0) -> ComparisonLayout:
+    """A picture of the two clips frame by frame: without the LoRA, with it, and |with - without| amplified, each
+    frame enlarged by nearest neighbour, labelled by row and by frame (index and time at `fps`), under a title.
+
+    Only draws: numbers quoted in `subtitle` come from the caller's arrays, never from these enlarged pixels."""
+    import numpy as np
+    from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    from cogvx_dist.results.sample import frame_grid
-
-    top = np.asarray(frame_grid(without, columns=len(without)))
-    bottom = np.asarray(frame_grid(with_lora, columns=len(with_lora)))
-    label_w = 70
-    canvas = Image.new("RGB", (top.shape[1] + label_w, top.shape[0] + bottom.shape[0]), (24, 24, 24))
-    canvas.paste(Image.fromarray(top), (label_w, 0))
-    canvas.paste(Image.fromarray(bottom), (label_w, top.shape[0]))
+    frames, height, width = without.shape[:3]
+    difference = np.abs(with_lora.astype(np.float32) - without.astype(np.float32)).mean(axis=-1)
+    amplify = _amplification(difference)
+    # The difference as a heat map (dark: equal, bright: different): small changes stand out more than in grey.
+    heat = colormaps[_HEAT_MAP](np.clip(difference * amplify, 0.0, 1.0))[..., :3]
+    scale = max(1, -(-_CELL_TARGET_PX // height))
+    cell_w, cell_h = width * scale, height * scale
+    gap, margin, label_w = max(4, scale), 24, 200
+    grid_w = frames * cell_w + (frames - 1) * gap
+    canvas_w = margin + label_w + grid_w + margin
+    title_lines = _wrapped(title, _font(_TITLE_PX), canvas_w - 2 * margin)
+    subtitle_lines = _wrapped(subtitle, _font(_TEXT_PX), canvas_w - 2 * margin) if subtitle else []
+    grid_top = margin + _line(_TITLE_PX) * len(title_lines) + _line(_TEXT_PX) * len(subtitle_lines) + 14 + \
+        _line(_SMALL_PX) * (2 if fps else 1) + 12
+    canvas_h = grid_top + 3 * cell_h + 2 * gap + 48 + margin
+    canvas = Image.new("RGB", (canvas_w, canvas_h), _PAPER)
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, top.shape[0] // 2 - 6), "base", fill=(230, 230, 230))
-    draw.text((4, top.shape[0] + bottom.shape[0] // 2 - 6), "+ LoRA", fill=(230, 230, 230))
+    _draw_lines(draw, (margin, margin), [(line, _TITLE_PX, _INK) for line in title_lines] +
+                [(line, _TEXT_PX, _MUTED) for line in subtitle_lines])
+
+    left = margin + label_w
+    origins = [[(left + c * (cell_w + gap), grid_top + r * (cell_h + gap)) for c in range(frames)] for r in range(3)]
+    columns = [f"frame {i}" + (f"\n{i / fps:.3f} s" if fps else "") for i in range(frames)]
+    for c, label in enumerate(columns):
+        draw.multiline_text((origins[0][c][0] + cell_w // 2, grid_top - 6), label, font=_font(_SMALL_PX),
+                            fill=_MUTED, anchor="md", align="center")
+    notes = [[], [], ["|with − without|", f"amplified ×{amplify}"]]
+    for r, clip in enumerate([without, with_lora, heat]):
+        pixels = (np.clip(clip, 0, 1) * 255).round().astype(np.uint8)
+        for c in range(frames):
+            # Nearest neighbour keeps each generated pixel a sharp block: the picture shows what the model drew.
+            canvas.paste(Image.fromarray(pixels[c]).resize((cell_w, cell_h), Image.Resampling.NEAREST), origins[r][c])
+        # The row's name, vertically centred on its frames, with any notes smaller beneath it.
+        lines = [(COMPARISON_ROWS[r], _TEXT_PX, _INK), *[(note, _SMALL_PX, _MUTED) for note in notes[r]]]
+        block = sum(_line(size) for _, size, _ in lines)
+        _draw_lines(draw, (margin, origins[r][0][1] + (cell_h - block) // 2), lines)
+    _draw_legend(canvas, (left, grid_top + 3 * cell_h + 2 * gap + 16), min(360, grid_w), amplify)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
-    return path
+    return ComparisonLayout(path=path, size=canvas.size, scale=scale, cell=(cell_w, cell_h),
+                            rows=list(COMPARISON_ROWS), columns=columns, origins=origins, amplify=amplify)
+
+
+def _line(size: int) -> int:
+    """Height of a line of text in `size`-pixel type, with leading."""
+    return round(size * 1.3)
+
+
+def _draw_lines(draw: Any, at: tuple[int, int], lines: list[tuple[str, int, tuple[int, int, int]]]) -> None:
+    """(text, size, colour) lines one under the other from the top-left corner `at`."""
+    x, y = at
+    for text, size, colour in lines:
+        draw.text((x, y), text, font=_font(size), fill=colour)
+        y += _line(size)
+
+
+def _draw_legend(canvas: Any, at: tuple[int, int], width: int, amplify: int) -> None:
+    """The heat map's colours from "equal" to the point where the amplified difference saturates, in 0-255."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    x, y = at
+    bar_h = 14
+    ramp = colormaps[_HEAT_MAP](np.linspace(0.0, 1.0, width))[:, :3]
+    canvas.paste(Image.fromarray((np.repeat(ramp[None], bar_h, axis=0) * 255).round().astype(np.uint8)), (x, y))
+    draw, font = ImageDraw.Draw(canvas), _font(_SMALL_PX)
+    draw.text((x - 8, y + bar_h // 2), "0", font=font, fill=_MUTED, anchor="rm")
+    draw.text((x + width + 8, y + bar_h // 2), f"≥ {255 / amplify:.0f} of 255 (the difference ×{amplify} fills the "
+              "scale)", font=font, fill=_MUTED, anchor="lm")
 
 
 class Demo:
@@ -340,8 +470,13 @@ class Demo:
         samples = self.out / "samples"
         without_mp4, without_grid = save_clip(without, samples / "without_lora.mp4", sampler.family.fps)
         with_mp4, with_grid = save_clip(with_lora, samples / "with_lora.mp4", sampler.family.fps)
-        comparison = _comparison_png(without, with_lora, samples / "comparison.png")
         difference = float(np.abs(with_lora - without).mean())
+        comparison = comparison_png(
+            without, with_lora, samples / "comparison.png", title=f"“{prompt}”", fps=sampler.family.fps,
+            subtitle=f"seed {settings.seed} · {settings.inference_steps} denoising steps · tiny "
+                     f"{DEMO_FAMILY} · LoRA rank {settings.rank}, alpha {settings.alpha:g}, trained "
+                     f"{settings.steps} steps · mean |with − without| = {difference:.4f} "
+                     f"({difference * 255:.2f} of 255)").path
         self.result.numbers["sample"] = {
             "prompt": prompt, "inference_steps": settings.inference_steps, "seed": settings.seed,
             "frames": int(without.shape[0]), "height": int(without.shape[1]), "width": int(without.shape[2]),

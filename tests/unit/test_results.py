@@ -346,3 +346,37 @@ def test_the_metric_table_names_every_logged_metric_and_keeps_tensorboard_tags()
     assert all(row.plot is None or row.plot in PLOTS for row in METRICS) and all(plotted(key) for key in PLOTS)
     with pytest.raises(KeyError, match="metric_table.METRICS"):
         MetricsWriter(".", enabled=False, tensorboard=False).log(1, {"loss_typo": 1.0})
+
+
+def test_the_demo_comparison_picture_shows_each_frame_large_in_three_labelled_rows(tmp_path):
+    """The demo's comparison.png: the tiny 32x48 frames enlarged by whole-pixel blocks (not smoothed) to at least 128
+    px tall, in the rows without LoRA, with LoRA and their amplified difference, a column per frame with its time."""
+    from PIL import Image
+
+    from cogvx_dist.results.demo import COMPARISON_ROWS, comparison_png
+
+    generator = np.random.default_rng(0)
+    without = generator.random((9, 32, 48, 3), dtype=np.float32) * 0.8
+    with_lora = without + 0.1  # an exact, even difference: 0.1 x 8 is the first listed factor reaching half scale
+    layout = comparison_png(without, with_lora, tmp_path / "comparison.png", title="a red square", fps=8,
+                            subtitle="seed 0")
+
+    assert layout.rows == list(COMPARISON_ROWS) == ["without LoRA", "with LoRA", "difference"]
+    assert len(layout.origins) == 3 and all(len(row) == 9 for row in layout.origins)
+    assert layout.cell == (48 * layout.scale, 32 * layout.scale) and layout.cell[1] >= 128
+    assert layout.columns[0] == "frame 0\n0.000 s" and layout.columns[8] == "frame 8\n1.000 s"
+    assert layout.amplify == 8
+    picture = np.asarray(Image.open(layout.path).convert("RGB"))
+    assert (picture.shape[1], picture.shape[0]) == layout.size and layout.size[0] >= 9 * layout.cell[0]
+    cell_w, cell_h = layout.cell
+    for row, clip in enumerate((without, with_lora)):
+        for column in (0, 8):
+            x, y = layout.origins[row][column]
+            expected = (np.clip(clip[column], 0, 1) * 255).round().astype(np.uint8)
+            enlarged = expected.repeat(layout.scale, axis=0).repeat(layout.scale, axis=1)
+            assert np.array_equal(picture[y : y + cell_h, x : x + cell_w], enlarged), (row, column)
+    # Cells neither overlap nor leave the picture.
+    corners = [origin for row in layout.origins for origin in row]
+    assert len(set(corners)) == 27 and max(x for x, _ in corners) + cell_w <= layout.size[0]
+    assert layout.origins[2][0][1] >= layout.origins[1][0][1] + cell_h and \
+        layout.origins[2][0][1] + cell_h <= layout.size[1]
