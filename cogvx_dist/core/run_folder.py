@@ -13,6 +13,7 @@ a run (sample --watch, report, demo, launch check).
         lora/                        the adapter in the diffusers format
         lora_ema/                    its moving average (train.ema_decay), in the same format
     RUN/lora/                    the final adapter
+    RUN/lora/README.md           its model card (Hugging Face convention: YAML header, then how to load it)
     RUN/lora_ema/                the final moving average of the adapter (train.ema_decay)
     RUN/train_summary.json       written once training finished
     RUN/train.lock               held by the live run (host, pid): a second run refuses the folder
@@ -38,6 +39,8 @@ TRACE = "trace"
 CHECKPOINTS = "checkpoints"
 LORA = "lora"
 """The adapter folder, in a run and in each checkpoint."""
+MODEL_CARD = "README.md"
+"""The final adapter's model card in RUN/lora/: the name the Hub shows as a repository's page."""
 LORA_EMA = "lora_ema"
 """The adapter's moving average (train.ema_decay), beside LORA."""
 SUMMARY = "train_summary.json"

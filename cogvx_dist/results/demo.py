@@ -24,7 +24,7 @@ from typing import Any
 from cogvx_dist.core import shard_format
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.lora import LORA_WEIGHTS_NAME
-from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.core.run_folder import MODEL_CARD, RunFolder
 
 DEMO_MARKER = ".cogvx-demo"
 """File marking a folder as a demo output, which a later `cogvx demo --out` may replace."""
@@ -439,7 +439,8 @@ class Demo:
         self.train_summary = json.loads(self.run_dir.summary.read_text())
         run = self.run_dir
         self.result.paths.update({"run": str(run.root), "run_config": str(config),
-                                  "lora": str(run.lora / LORA_WEIGHTS_NAME), "metrics": str(run.metrics),
+                                  "lora": str(run.lora / LORA_WEIGHTS_NAME),
+                                  "model_card": str(run.lora / MODEL_CARD), "metrics": str(run.metrics),
                                   "tensorboard": str(run.tensorboard)})
         return (f"{len(self.records)} steps on {self.ranks} rank(s) ({self.device}), loss "
                 f"{self.records[0]['loss']:.4f} -> {self.records[-1]['loss']:.4f}, LoRA exported to {run.lora}")

@@ -19,6 +19,7 @@ from cogvx_dist.core.files import describe_io_error, disk_is_full, write_atomic
 from cogvx_dist.core.launch_env import RankInfo
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.lora import adapter_checksum, export_lora, load_exported_lora, memory_names, state_dict_names
+from cogvx_dist.core.model_card import run_card_facts, write_model_card
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train import checkpoints, engine, records
 from cogvx_dist.train.config import RunConfig
@@ -186,10 +187,21 @@ class Checkpointer:
         average = state_dict_names(self.ema.gather()) if self.ema is not None else None
         if not self.ranks.is_main:
             return
+        config = self.config
         try:
-            export_lora(final, self.config.lora, self.run.lora, self.family_name)
+            export_lora(final, config.lora, self.run.lora, self.family_name)
             if average is not None:
-                export_lora(average, self.config.lora, self.run.lora_ema, self.family_name)
+                export_lora(average, config.lora, self.run.lora_ema, self.family_name)
+            # The card travels with the adapter folder: what it is, how it trained and how to load it.
+            datasets = [config.data.shards] if config.data.shards else [s.shards for s in config.data.sources]
+            training = {"learning rate": f"{config.optim.lr:g} ({config.optim.schedule}, {config.optim.warmup_steps} "
+                                         "warm-up steps)",
+                        "batch": f"{config.train.micro_batch_size} per rank x {config.train.grad_accum_steps} "
+                                 f"accumulation x {summary['world_size']} ranks (ZeRO-{summary['zero_stage']})",
+                        "seed": str(config.train.seed)}
+            write_model_card(self.run.lora, run_card_facts(
+                self.run, config.model.path, config.lora, summary, datasets, config.model.dtype, training,
+                has_average=average is not None))
             write_atomic(self.run.summary, json.dumps(summary, indent=2) + "\n")
         except OSError as err:
             raise RankError(f"exporting the adapter failed: {describe_io_error(err, self.run.lora)}") from err
