@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
-from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.files import current_umask, write_atomic
 from cogvx_dist.core.run_folder import ADAM_MOMENTS, COMMIT_MARKER, MASTER_WEIGHTS, RunFolder, is_committed
 
 HASHED_BELOW = 64 << 20
@@ -107,6 +107,7 @@ def write_master_weights(folder: Path, tensors: dict, info: dict[str, Any]) -> P
 
     path = folder / MASTER_WEIGHTS
     save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in info.items()})
+    follow_umask(path)
     return path
 
 
@@ -116,7 +117,14 @@ def write_adam_moments(folder: Path, moments: dict[str, Any], optimizer_step: in
 
     path = folder / ADAM_MOMENTS
     save_file(moments, str(path), metadata={"optimizer_step": str(optimizer_step)})
+    follow_umask(path)
     return path
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the mode a plain open() would (0666 less the umask): safetensors writes 0600 whatever the umask,
+    so a watcher or a resume under another user of a shared run folder could not read the copies."""
+    path.chmod(0o666 & ~current_umask())
 
 
 def read_adam_moments(folder: Path) -> tuple[dict, int] | None:

@@ -194,6 +194,19 @@ def test_resume_auto_takes_newest_committed_and_prune_keeps_last(tmp_path):
     assert not run.checkpoint(3).exists()  # an abandoned save older than a commit goes
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_the_whole_tensor_copies_follow_the_umask(tmp_path, umask):
+    """The weight and moment copies a resume reads are as readable as every other run file: safetensors wrote them
+    0600 whatever the umask, so a watcher or a resume under another user of a shared run folder failed on them."""
+    previous = os.umask(umask)
+    try:
+        weights = ckpt.write_master_weights(tmp_path, {"w": torch.ones(2)}, {"step": 1, "position": 2})
+        moments = ckpt.write_adam_moments(tmp_path, {"exp_avg/w": torch.ones(2), "exp_avg_sq/w": torch.ones(2)}, 1)
+    finally:
+        os.umask(previous)
+    assert [oct(path.stat().st_mode & 0o777) for path in (weights, moments)] == [oct(0o666 & ~umask)] * 2
+
+
 def test_commit_marker_records_files_and_resume_passes_over_a_damaged_checkpoint(tmp_path):
     run = RunFolder(tmp_path)
     for step in (4, 8):
