@@ -204,15 +204,19 @@ class ShardIndex:
             except (CogvxError, OSError) as err:
                 self.unshaped.update(dict.fromkeys(indices, f"its shard cannot be opened ({first_line(err)})"))
                 return
+            rows = self.samples.members[indices.start:indices.stop, :2].tolist()
+            found = []
+            parsed: dict[bytes, tuple[int, int, int, int]] = {}  # a bucket's samples share their header bytes
             with handle:
-                for index in indices:
-                    at, size = self.samples.member(index)[:2]
+                for index, (at, size) in zip(indices, rows):
                     try:
                         if at == UNKNOWN:
                             raise ValueError(f"no {TENSORS_EXT} member (the shard ends early or was rewritten)")
-                        shapes[index] = torch.tensor(latent_shape(handle, at, size))
+                        found.append(latent_shape(handle, at, size, parsed))
                     except (ValueError, OSError, CogvxError) as err:
                         self.unshaped[index] = f"its shape cannot be read ({first_line(err)})"
+                        found.append((UNKNOWN,) * 4)
+            shapes[indices.start:indices.stop] = torch.tensor(found, dtype=torch.long)
 
         shard_numbers = range(len(self.manifest.shards))
         if self.store.remote:  # one request a sample: keep several in flight
@@ -233,9 +237,10 @@ TENSORS_HEAD_BYTES = 4096
 100 bytes a tensor; a longer header is read on), never the tensor data."""
 
 
-def latent_shape(handle: Any, at: int, size: int) -> tuple[int, int, int, int]:
+def latent_shape(handle: Any, at: int, size: int,
+                 parsed: dict[bytes, tuple[int, int, int, int]] | None = None) -> tuple[int, int, int, int]:
     """The latent_mean shape of the safetensors member of `size` bytes at offset `at` of an open shard, from its JSON
-    header alone; ValueError when the header is not a readable one."""
+    header alone; ValueError when the header is not a readable one. `parsed` remembers headers already parsed."""
     handle.seek(at)
     head = handle.read(min(size, TENSORS_HEAD_BYTES))
     if len(head) < 8:
@@ -245,12 +250,17 @@ def latent_shape(handle: Any, at: int, size: int) -> tuple[int, int, int, int]:
         raise ValueError(f"safetensors header of {length} bytes in a member of {size}")
     if len(head) < 8 + length:
         head += handle.read(8 + length - len(head))
+    header = head[8:8 + length]
+    if parsed is not None and header in parsed:
+        return parsed[header]
     try:
-        shape = json.loads(head[8:8 + length])[LATENT_MEAN]["shape"]
+        shape = json.loads(header)[LATENT_MEAN]["shape"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"no readable {LATENT_MEAN} entry in its safetensors header ({first_line(err)})") from err
     if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(n, int) and n > 0 for n in shape)):
         raise ValueError(f"{LATENT_MEAN} has shape {shape}, not [C, F, H, W]")
+    if parsed is not None:
+        parsed[header] = tuple(shape)  # type: ignore[assignment]
     return tuple(shape)  # type: ignore[return-value]
 
 
