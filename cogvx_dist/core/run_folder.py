@@ -57,6 +57,18 @@ HEARTBEATS = "heartbeats"
 STACKS = "stacks"
 BAD_SAMPLES = "bad_samples.jsonl"
 _STEP_FOLDER = re.compile(r"^step-(\d{8})$")
+RUN_OUTPUTS = (DS_CONFIG, METRICS, TENSORBOARD, TRACE, CHECKPOINTS, LORA, LORA_EMA, SUMMARY, VALIDATION, REPORT,
+               PREEMPTED, BAD_SAMPLES)
+"""What a run writes, prunes or truncates beside RUN_CONFIG: in a folder without RUN_CONFIG they are someone else's.
+(The lock, failures/, heartbeats/ and stacks/ are left out: a run that died before writing RUN_CONFIG leaves them.)"""
+
+
+def foreign_outputs(root: str | Path) -> list[str]:
+    """The names in `root` a run would overwrite or delete although no run wrote them (no RUN_CONFIG), sorted."""
+    root = Path(root)
+    if not root.is_dir() or (root / RUN_CONFIG).is_file():
+        return []
+    return sorted(name for name in RUN_OUTPUTS if (root / name).exists())
 
 
 def step_folder_name(step: int) -> str:

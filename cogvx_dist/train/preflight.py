@@ -98,6 +98,10 @@ def check_output_dir(output_dir: str) -> None:
     if not existing.is_dir():
         what = "is a file" if existing == output else f"cannot be created: {existing} is a file"
         raise CogvxError(f"output_dir {output} {what}, not a folder; pick another output_dir")
+    foreign = run_folder.foreign_outputs(output)
+    if foreign:
+        raise CogvxError(f"output_dir {output} is not a cogvx run folder (no {run_folder.RUN_CONFIG}) but holds "
+                         f"{', '.join(foreign)}, which a run would overwrite or prune; pick a new or empty folder")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".cogvx-write-check-", dir=existing))
     except OSError as err:

@@ -244,3 +244,28 @@ def test_this_checkouts_build_context_is_small():
     assert not [path for path in sent if path.split("/")[0] in (".venv", ".git")]
     size = sum((REPO / path).stat().st_size for path in sent if (REPO / path).is_file())
     assert size < 20 * 2**20, f"{size / 2**20:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------- an output_dir that is not a run
+def test_train_refuses_an_output_dir_holding_what_a_run_would_overwrite(synthetic_shards, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A folder of the user's with a checkpoints/step-00000001/ and a metrics.jsonl of its own, but no run_config.json:
+    before, the run used it, pruning deleted the user's step folder and metrics.jsonl was rewritten (exit 0)."""
+    import cogvx_dist.cli.train as train_cli
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(train_cli, "_launch", lambda command, *rest: launched.append(command) or 0)
+    output = tmp_path / "mine"
+    (output / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (output / "metrics.jsonl").write_text('{"step": 1, "mine": true}\n')
+    model, shards = synthetic_shards((2, 1))
+    config = write_config(tmp_path / "run.yaml", model, shards, output)
+    code, _, err = cli(capsys, "train", "--config", str(config), "--nproc", "1")
+    assert_one_line_error(code, err, f"output_dir {output} is not a cogvx run folder")
+    assert "checkpoints, metrics.jsonl" in err and launched == []
+    assert (output / "checkpoints" / "step-00000001").is_dir()
+    # A folder holding only the user's own notes and config, or a run's folder, is used as before.
+    shutil.rmtree(output / "checkpoints")
+    (output / "metrics.jsonl").unlink()
+    (output / "run.yaml").write_text("notes\n")
+    assert cli(capsys, "train", "--config", str(config), "--nproc", "1")[0] == 0 and len(launched) == 1
