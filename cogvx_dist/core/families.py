@@ -152,16 +152,20 @@ class ModelFamily:
         if self.use_learned_positional_embeddings and (height, width) != self.native_pixel_size(transformer_config):
             native = self.native_pixel_size(transformer_config)
             return f"{self.name} learns its positions for {native[0]}x{native[1]} only, not {height}x{width}"
+        return self.position_grid_problem(height, width, transformer_config)
+
+    def position_grid_problem(self, height: int, width: int, transformer_config: dict[str, Any]) -> str | None:
+        """The line saying a clip is taller or wider than position_grid_limit allows, or None where it fits."""
         limit = self.position_grid_limit(transformer_config)
-        if limit is not None and (height > limit[0] or width > limit[1]):
-            patch = transformer_config.get("patch_size", PATCH_SIZE)
-            rows, columns = (transformer_config[key] // patch for key in ("sample_height", "sample_width"))
-            return (f"resolution {height}x{width} is past the {limit[0]}x{limit[1]} pixels (largest height, largest "
-                    f"width) {self.name} has rotary positions for: the transformer config's sample_height "
-                    f"{transformer_config['sample_height']} and sample_width {transformer_config['sample_width']} "
-                    f"latents make {rows}x{columns} patches of patch_size {patch} "
-                    f"({patch * VAE_SPATIAL_COMPRESSION} pixels each); use a smaller resolution")
-        return None
+        if limit is None or (height <= limit[0] and width <= limit[1]):
+            return None
+        patch = transformer_config.get("patch_size", PATCH_SIZE)
+        rows, columns = (transformer_config[key] // patch for key in ("sample_height", "sample_width"))
+        return (f"resolution {height}x{width} is past the {limit[0]}x{limit[1]} pixels (largest height, largest "
+                f"width) {self.name} has rotary positions for: the transformer config's sample_height "
+                f"{transformer_config['sample_height']} and sample_width {transformer_config['sample_width']} "
+                f"latents make {rows}x{columns} patches of patch_size {patch} "
+                f"({patch * VAE_SPATIAL_COMPRESSION} pixels each); use a smaller resolution")
 
     def check_geometry(self, frames: int, height: int, width: int, transformer_config: dict[str, Any]) -> None:
         """Refuse a clip geometry the family cannot train on or draw, naming what is wrong."""
