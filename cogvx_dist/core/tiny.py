@@ -72,8 +72,31 @@ def _make_tokenizer(seed: int) -> Any:
         return AutoTokenizer.from_pretrained(folder), model.getvalue()
 
 
+def tiny_sample_size(family: ModelFamily) -> tuple[int, int]:
+    """The tiny transformer's (sample_height, sample_width) in latents.
+
+    CogVideoX 1.5 slices its rotary positions from a grid of sample_height x sample_width latents, which caps the clip
+    size (ModelFamily.position_grid_limit). The released 1.5 configs give 300x300 latents (2400x2400 pixels) to
+    768x1360 clips: square, so either orientation fits, and about 1.76x their long side. The tiny 1.5 checkpoints
+    keep that ratio to their 32x48 clips (6 latents on the long side -> 10x10), so portrait and larger buckets take
+    the path a real checkpoint takes instead of failing inside diffusers. Other families keep the clip's own size:
+    their position embeddings take any size (or, with learned ones, exactly this one), and their checkpoints are
+    pinned by checksums elsewhere."""
+    clip = (TINY_HEIGHT // VAE_SPATIAL_COMPRESSION, TINY_WIDTH // VAE_SPATIAL_COMPRESSION)
+    if family.position_grid_limit(family.full_size_transformer) is None:
+        return clip
+    released = family.full_size_transformer
+    long_side = max(family.default_height, family.default_width) // VAE_SPATIAL_COMPRESSION
+    # Each side's room over the released clips' long side, on the tiny clips' long side, in whole patches (the
+    # rotary grid counts patches).
+    height, width = (PATCH_SIZE * max(1, round(released[key] / long_side * max(clip) / PATCH_SIZE))
+                     for key in ("sample_height", "sample_width"))
+    return height, width
+
+
 def _tiny_transformer_config(family: ModelFamily, frames: int) -> dict[str, Any]:
     channels = 16
+    sample_height, sample_width = tiny_sample_size(family)
     return {
         "num_attention_heads": 2,
         "attention_head_dim": 16,  # rotary embeddings need a multiple of 16
@@ -84,8 +107,8 @@ def _tiny_transformer_config(family: ModelFamily, frames: int) -> dict[str, Any]
         "time_embed_dim": 32,
         "ofs_embed_dim": 32 if family.ofs_embed_dim is not None else None,  # added to the time embedding
         "sample_frames": frames,
-        "sample_height": TINY_HEIGHT // VAE_SPATIAL_COMPRESSION,
-        "sample_width": TINY_WIDTH // VAE_SPATIAL_COMPRESSION,
+        "sample_height": sample_height,
+        "sample_width": sample_width,
         "patch_size": PATCH_SIZE,
         "patch_size_t": family.patch_size_t,
         "patch_bias": family.full_size_transformer.get("patch_bias", True),

@@ -76,3 +76,14 @@ def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
     target = tmp_path / "a-file" / "model"
     assert_one_line_error(*cli(capsys, "make-tiny-model", str(target))[::2], "cogvx make-tiny-model: error:",
                           str(tmp_path / "a-file"))
+
+
+def test_only_the_15_tiny_transformers_get_room_above_their_clips():
+    """CogVideoX 1.5's rotary grid caps the clip size, so its tiny transformers keep the released configs' room
+    (300x300 latents for 768x1360 clips -> 10x10 for 32x48); the others keep the clip's size, so their tiny
+    checkpoints stay byte for byte what they were."""
+    from cogvx_dist.core.tiny import TINY_HEIGHT, TINY_WIDTH, tiny_sample_size
+
+    for name, family in FAMILIES.items():
+        expected = (10, 10) if family.patch_size_t else (TINY_HEIGHT // 8, TINY_WIDTH // 8)
+        assert tiny_sample_size(family) == expected, name
