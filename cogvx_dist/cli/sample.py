@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cogvx_dist.core.errors import CogvxError
+
+if TYPE_CHECKING:
+    from cogvx_dist.results.sample import SampleSettings
 
 
 def configure(sample: argparse.ArgumentParser, name: str = "sample") -> None:
@@ -105,6 +109,7 @@ def _one_clip(args: argparse.Namespace, prompts: list[str], settings) -> int:
     if out.suffix.lower() != ".mp4":
         raise CogvxError(f"--out {out}: the clip is written as an mp4, name it *.mp4")
     lora = lora_folder(args.lora) if args.lora else None  # fail on a bad path before loading the model
+    _check_clip_geometry(args.model, settings)
     sampler = Sampler(args.model, device=args.device, dtype=args.dtype, allow_other_family=args.allow_other_family)
     sampler.set_lora(lora)
     frames = sampler.generate(prompts[0], settings, image=args.image)
@@ -123,6 +128,17 @@ def _one_clip(args: argparse.Namespace, prompts: list[str], settings) -> int:
     print(f"wrote {clip} ({frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]}){adapter}; "
           f"preview {grid}{gif_note}")
     return 0
+
+
+def _check_clip_geometry(model: str, settings: SampleSettings) -> None:
+    """Refuse a clip the model cannot draw from its configs alone, before minutes of loading a real checkpoint's
+    weights (Sampler.geometry checks again, for --watch and library callers)."""
+    from cogvx_dist.core.loading import describe_checkpoint
+
+    info = describe_checkpoint(model)
+    info.family.check_geometry(info.frames if settings.frames is None else settings.frames,
+                               info.height if settings.height is None else settings.height,
+                               info.width if settings.width is None else settings.width, info.transformer_config)
 
 
 def _write_gif(frames, path: Path, fps: int) -> None:
