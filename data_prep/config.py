@@ -180,8 +180,9 @@ class PrepConfig:
         if self.rank is not None and not 0 <= self.rank < (self.world_size or 0):
             raise CogvxError(f"rank must be within [0, world_size), not {self.rank} of {self.world_size}")
 
-    def check_family(self, family: Any, default_frames: int) -> int:
-        """Checks against the model family; returns the frame count to use."""
+    def check_family(self, family: Any, default_frames: int, transformer_config: dict[str, Any] | None = None) -> int:
+        """Checks against the model family (and, given the checkpoint's transformer config, each bucket against the
+        largest size its rotary grid takes); returns the frame count to use."""
         frames = self.frames if self.frames is not None else default_frames
         if not family.is_valid_frame_count(frames):
             valid = family.valid_frame_counts()
@@ -192,4 +193,12 @@ class PrepConfig:
         if family.use_learned_positional_embeddings and frames != default_frames:
             raise CogvxError(f"frames: {family.name} learned its position embeddings for {default_frames} frames, "
                              f"not {frames}")
+        if transformer_config is not None:
+            # Prep itself never runs the transformer: without this a bucket past CogVideoX 1.5's rotary grid is only
+            # found when training starts. (Other sizes 5b-I2V's learned positions refuse stay allowed here, as before:
+            # the training pre-flight refuses those shards.)
+            for height, width in self.buckets:
+                problem = family.position_grid_problem(height, width, transformer_config)
+                if problem:
+                    raise CogvxError(f"buckets: {problem}")
         return frames
