@@ -156,7 +156,13 @@ class SampleIndex:
             raise CogvxError(f"{where}: samples are not in shard order")
         if len(tensors["shard"]) and int(tensors["shard"].max()) >= shards:
             raise CogvxError(f"{where}: names shard {int(tensors['shard'].max())} of a manifest with {shards}")
-        index = cls(tensors["shard"], tensors["members"], tensors["keys"], tensors["digests"], shards)
+        keys = tensors["keys"]
+        try:  # one pass over all keys: a bad byte would otherwise surface as a bare UnicodeDecodeError mid-run
+            bytes(keys.numpy()).decode()
+        except UnicodeDecodeError as err:
+            raise CogvxError(f"{where}: sample key {err.start // max(1, keys.shape[1])} is not UTF-8 (the index is "
+                             "damaged; rerun prep)") from err
+        index = cls(tensors["shard"], tensors["members"], keys, tensors["digests"], shards)
         if len(index) != samples:
             raise CogvxError(f"{where}: holds {len(index)} samples, the manifest says {samples}")
         return index

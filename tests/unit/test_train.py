@@ -683,3 +683,28 @@ def test_loader_workers_draw_the_same_random_numbers_the_step_would(synthetic_sh
                                             torch.float32)
         assert torch.equal(from_loader, from_generator)
     assert micro_index == 5
+
+
+def test_a_corrupt_index_that_matches_its_manifest_is_one_line_naming_it(synthetic_shards, tmp_path, capsys):
+    """Someone rewrote bytes inside the keys of index.safetensors and updated the manifest's size and sha256 to match:
+    the pre-flight failed with a bare UnicodeDecodeError (exit 1) naming no file. Now it is one line naming it."""
+    import hashlib
+    import shutil
+
+    from cogvx_dist.core.shard_format import INDEX_NAME, MANIFEST_NAME, Manifest
+    from cogvx_dist.core.storage import Store
+
+    model, folder = synthetic_shards([3, 2])
+    shards = tmp_path / "shards"
+    shutil.copytree(folder, shards)
+    index = shards / INDEX_NAME
+    data = bytearray(index.read_bytes())
+    start = bytes(data).index(Manifest.read(folder).sample_index(Store(folder)).key(0).encode())
+    data[start:start + 2] = b"\xff\xfe"  # not UTF-8
+    index.write_bytes(bytes(data))
+    manifest = json.loads((shards / MANIFEST_NAME).read_text())
+    manifest["index"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (shards / MANIFEST_NAME).write_text(json.dumps(manifest))
+    config = write_config(tmp_path / "run.yaml", model, shards, tmp_path / "out")
+    code, _, err = cli(capsys, "train", "--config", str(config))
+    assert_one_line_error(code, err, f"{INDEX_NAME}: sample key 0 is not UTF-8")
