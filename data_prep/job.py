@@ -154,7 +154,7 @@ class PrepJob:
         config.check_basic()
         info = describe_checkpoint(config.model)
         self.family = info.family
-        self.frames = config.check_family(self.family, info.frames)
+        self.frames = config.check_family(self.family, info.frames, info.transformer_config)
         self.buckets = list(config.buckets) or [(info.height, info.width)]
         if config.target_fps is None and config.frame_stride is None:
             config = config.replace(target_fps=float(self.family.fps))

@@ -292,6 +292,9 @@ def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -
             expected = family.native_pixel_size(config)
             if (height, width) != expected:
                 problems.append(f"resolution {height}x{width} (learned positions fix {expected[0]}x{expected[1]})")
+        beyond = family.position_grid_problem(height, width, config)
+        if beyond:
+            problems.append(beyond)
     if family.use_learned_positional_embeddings and manifest.frames != config.get("sample_frames", manifest.frames):
         problems.append(f"{manifest.frames} frames (learned positions fix {config['sample_frames']})")
     if 1 in manifest.all_frame_counts() and family.single_image_problem():

@@ -191,8 +191,6 @@ def test_the_prep_config_check_refuses_a_bucket_past_the_grid(tiny_checkpoint, f
     assert config.check_family(info.family, info.frames) == info.frames
 
 
-@pytest.mark.xfail(strict=True, reason="data_prep/job.py (PrepJob.__init__) does not yet pass "
-                                       "info.transformer_config to PrepConfig.check_family")
 def test_cogvx_prep_refuses_a_bucket_past_the_grid(tiny_checkpoint, tmp_path, capsys):
     """Refused before any input is read (the data folder does not even exist)."""
     code, _, err = cli(capsys, "prep", "--model", str(tiny_checkpoint("CogVideoX1.5-5b")), "--data",
@@ -200,8 +198,6 @@ def test_cogvx_prep_refuses_a_bucket_past_the_grid(tiny_checkpoint, tmp_path, ca
     assert_one_line_error(code, err, "buckets: resolution 96x32", "80x80")
 
 
-@pytest.mark.xfail(strict=True, reason="cogvx_dist/train/preflight.py check_manifest does not yet ask "
-                                       "family.position_grid_problem for each of the manifest's sizes")
 def test_the_training_preflight_refuses_shards_past_the_grid(tiny_checkpoint):
     from cogvx_dist.core.shard_format import Manifest, manifest_header
     from cogvx_dist.train.preflight import check_manifest
