@@ -185,7 +185,10 @@ class PrepJob:
     def run(self) -> PrepResult:
         """Encode what this rank's slice still lacks; the result says what was done."""
         todo = self._work_left()
-        with open(shard_format.rank_errors_path(self.out, self.rank), "w") as errors:  # earlier errors are retried
+        errors_path = shard_format.rank_errors_path(self.out, self.rank)
+        with shardio.writing(errors_path):
+            errors = open(errors_path, "w")  # earlier errors are retried
+        with errors:
             self.errors = errors
             self.bar = self._progress_bar()
             usable = [r for r in todo if not r.problem or self._fail(r, r.problem)]
@@ -237,8 +240,9 @@ class PrepJob:
         self.failed += 1
         item = {"source": record.source, "video": record.video, "origin": record.origin, "reason": reason,
                 "rank": self.rank}
-        self.errors.write(json.dumps(item, sort_keys=True) + "\n")
-        self.errors.flush()
+        with shardio.writing(Path(self.errors.name)):
+            self.errors.write(json.dumps(item, sort_keys=True) + "\n")
+            self.errors.flush()
         self.bar.update(1)
         return False
 
@@ -310,7 +314,8 @@ class PrepJob:
         t0 = time.perf_counter()
         embedding = self.encoders.encode_prompts([""], self.family.text_max_length, 1, self.storage)[0][0]
         self.timings["t5_s"] += time.perf_counter() - t0
-        shard_format.write_empty_prompt(self.out, embedding)
+        with shardio.writing(self.out / name):
+            shard_format.write_empty_prompt(self.out, embedding)
         if self.publisher:
             self.publisher.file(name)
 

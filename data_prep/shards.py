@@ -6,19 +6,20 @@ temporary shard is deleted on resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from cogvx_dist.core import shard_format
 from cogvx_dist.core.errors import CogvxError, first_line
-from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.files import describe_io_error, write_atomic
 from cogvx_dist.core.shard_format import (
     PARTS_DIR,
     SHARD_RE,
@@ -55,37 +56,48 @@ class ShardWriter:
         return self.out / temporary_shard_name(self.rank, self.index)
 
     def write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Append one sample; closes the shard once it reaches the size or sample limit."""
+        """Append one sample; closes the shard once it reaches the size or sample limit. A failed write (a full disk)
+        deletes the open shard's temporary file and is a one-line CogvxError naming the shard and the space left."""
         import webdataset as wds
 
-        if self._tar is None:
-            self._handle = open(self._tmp, "wb")
-            # encoder=False: members are written as the bytes we give (never pickled); fixed mtime makes shards of
-            # the same samples byte-identical.
-            self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0)
-            self._keys, self._digests = [], []
         sample = shard_format.encode_sample(key, tensors, meta)
-        self._tar.write(sample)
+        try:
+            if self._tar is None:
+                self._handle = open(self._tmp, "wb")
+                # encoder=False: members are written as the bytes we give (never pickled); fixed mtime makes shards
+                # of the same samples byte-identical.
+                self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0)
+                self._keys, self._digests = [], []
+            self._tar.write(sample)
+            full = self._handle.tell() >= self.max_bytes
+        except OSError as err:
+            self._abandon(err)
         self._keys.append(key)
         self._digests.append(shard_format.sample_digest(sample))
-        if self._handle.tell() >= self.max_bytes or len(self._keys) >= self.max_samples:
+        if full or len(self._keys) >= self.max_samples:
             self.close()
 
     def flush(self) -> None:
         """Push buffered bytes of the open shard to its temporary file (it stays temporary until closed)."""
         if self._handle is not None:
-            self._handle.flush()
+            try:
+                self._handle.flush()
+            except OSError as err:
+                self._abandon(err)
 
     def close(self) -> None:
         """Finish the open shard: close, fsync, rename to the final name, report its entry."""
         if self._tar is None:
             return
-        self._tar.close()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
         final = self.out / shard_name(self.rank, self.index)
-        self._tmp.replace(final)
+        try:
+            self._tar.close()
+            self._handle.flush()
+            os.fsync(self._handle.fileno())  # a network filesystem may report a full disk only here
+            self._handle.close()
+            self._tmp.replace(final)
+        except OSError as err:
+            self._abandon(err)
         entry = ShardEntry(final.name, len(self._keys), final.stat().st_size, shard_format.file_sha256(final),
                            self._keys, self._digests, shard_format.member_rows(final, self._keys))
         self._tar = self._handle = None
@@ -93,6 +105,21 @@ class ShardWriter:
         self.bytes_written += entry.bytes
         self.shards_written += 1
         self.on_shard(entry)
+
+    def _abandon(self, err: OSError) -> NoReturn:
+        """After a failed write: drop the open shard (its samples are encoded again by a rerun) and its temporary
+        file, so that a full disk is not left fuller, then raise the failure as one line naming the shard."""
+        final = self.out / shard_name(self.rank, self.index)
+        # Closing flushes what is buffered, which fails again on a full disk. The tar stream is closed first even so:
+        # that marks it closed, else its finalizer writes to the closed file later and prints a traceback.
+        for closable in (self._tar, self._handle):
+            with contextlib.suppress(OSError, ValueError):
+                if closable is not None:
+                    closable.close()
+        self._tmp.unlink(missing_ok=True)
+        self._tar = self._handle = None
+        self._keys, self._digests = [], []
+        raise CogvxError(describe_io_error(err, final)) from err
 
 
 def shard_entry(path: Path) -> ShardEntry:
@@ -104,12 +131,23 @@ def shard_entry(path: Path) -> ShardEntry:
                       shard_format.member_rows(path, keys))
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write in the block (a full disk, a read-only folder) becomes a one-line CogvxError naming `path` and
+    the space left there; write_atomic has already deleted its temporary file."""
+    try:
+        yield
+    except OSError as err:
+        raise CogvxError(describe_io_error(err, path)) from err
+
+
 def write_part(out: Path, part: dict[str, Any]) -> None:
     """Save a rank's progress file atomically."""
     data = {**part, "shards": [asdict(s) for s in part["shards"]]}
     path = part_path(out, part["rank"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(data, indent=1) + "\n")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def all_parts(out: Path) -> dict[int, dict[str, Any]]:
@@ -224,8 +262,11 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
         skipped=len(errors),
         extra={"inputs": inputs, "ranks": world, "totals_last_run": totals, "prep": parts[0].get("settings", {})},
     )
-    write_atomic(out / shard_format.ERRORS_NAME, "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors.values()))
-    manifest.write(out)
+    with writing(out / shard_format.ERRORS_NAME):
+        write_atomic(out / shard_format.ERRORS_NAME,
+                     "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors.values()))
+    with writing(out / shard_format.MANIFEST_NAME):  # the index, then the manifest
+        manifest.write(out)
     return manifest, inputs
 
 
