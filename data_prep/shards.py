@@ -1,7 +1,7 @@
 """Shard writing (temporary name, then rename), per-rank progress files, resume, the final manifest merge, and the
 inspect/verify checks. The folder layout is the shard format's (cogvx_dist/core/shard_format.py): a rank's
-progress file is rewritten atomically after every shard and marked complete at the end of the rank's slice; a
-temporary shard is deleted on resume.
+progress file is rewritten atomically after every shard and marked complete at the end of the rank's slice; the
+rank's temporary shards and temporary progress files are deleted on resume.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -164,12 +165,12 @@ def all_parts(out: Path) -> dict[int, dict[str, Any]]:
 def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry],
                         published: dict[str, int] | None = None) -> list[ShardEntry]:
     """The complete shards of a rank at start-up: those its progress file lists and still exist unchanged, plus
-    finished shards it renamed but did not yet record (a crash between rename and progress write). Leftover
-    temporary shards are deleted: their samples are encoded again. With an output URL, `published` (the store's
-    shards and sizes) says what exists; a shard uploaded but not yet recorded is encoded again."""
+    finished shards it renamed but did not yet record (a crash between rename and progress write). The rank's
+    leftover temporary files are deleted (remove_temporaries): the samples of a temporary shard are encoded again.
+    With an output URL, `published` (the store's shards and sizes) says what exists; a shard uploaded but not yet
+    recorded is encoded again."""
     out = Path(out)
-    for tmp in out.glob(f".shard-r{rank:05d}-*.tar.tmp"):
-        tmp.unlink()
+    remove_temporaries(out, rank)
     present = _local_shards(out) if published is None else published
     kept = [entry for entry in listed if present.get(entry.name) == entry.bytes]
     known = {e.name for e in kept}
@@ -181,6 +182,20 @@ def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry],
         except (tarfile.TarError, OSError, KeyError):
             path.unlink()  # cannot happen through rename, but never keep an unreadable shard
     return sorted(kept, key=lambda e: e.name)
+
+
+def remove_temporaries(out: Path, rank: int) -> None:
+    """Delete what a killed run of this rank left half-written: its temporary shards and the temporary files of its
+    progress file (write_atomic's `.rank-RRRRR.json.XXXXXXXX.tmp`). Only this rank's: another rank may be writing its
+    own right now, and each name holds its writer's rank."""
+    for tmp in out.glob(f".shard-r{rank:05d}-*.tar.tmp"):
+        tmp.unlink(missing_ok=True)
+    progress = part_path(out, rank)
+    mine = re.compile(rf"\.{re.escape(progress.name)}\.\w+\.tmp")  # the prefix and suffix write_atomic gives
+    if progress.parent.is_dir():
+        for tmp in progress.parent.iterdir():
+            if mine.fullmatch(tmp.name):
+                tmp.unlink(missing_ok=True)
 
 
 def _local_shards(out: Path) -> dict[str, int]:

@@ -5,16 +5,20 @@ and a shard changed after prep wrote it. Real files, real processes, the tiny ch
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cogvx_dist.core import shard_format
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
-from tests.helpers import run_cli
+from tests.helpers import REPO, clean_env, run_cli
 
 
 def _prep_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -64,3 +68,74 @@ def test_a_full_disk_is_one_line_naming_the_shard_and_leaves_no_temporary_file(t
         assert sorted(p.name for p in disk.rglob("*") if p.name.endswith(".tmp")) == []
         # What was written whole stays: a rerun with space resumes from it.
         assert (out / "empty_prompt.safetensors").is_file() and (out / "parts/rank-00000.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- killed rank
+KILLED_BEFORE_RENAME = """
+import os, signal, sys
+
+# Prep as `cogvx` runs it, killed (SIGKILL: no clean-up) when it is about to rename the N-th temporary file it wrote
+# for TARGET: the point a crash leaves that temporary file behind. Nothing of prep is replaced.
+target, count, replace, seen = sys.argv[1], int(sys.argv[2]), os.replace, []
+
+
+def replace_or_die(src, dst, *args, **kwargs):
+    if os.fspath(dst) == target:
+        seen.append(os.fspath(src))
+        if len(seen) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace_or_die
+from cogvx_dist.cli import main
+
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _without_run_stats(files: dict[str, bytes]) -> dict[str, object]:
+    """The folder's files with the run's own timings and counts taken out of the manifest and progress file."""
+    comparable: dict[str, object] = dict(files)
+    manifest = json.loads(files[shard_format.MANIFEST_NAME])
+    del manifest["extra"]["totals_last_run"]
+    comparable[shard_format.MANIFEST_NAME] = manifest
+    part = json.loads(files["parts/rank-00000.json"])
+    del part["stats"]
+    comparable["parts/rank-00000.json"] = part
+    return comparable
+
+
+def test_a_rerun_removes_the_progress_temporary_a_killed_rank_left_and_only_its_own(tiny_checkpoint, clips,
+                                                                                     tmp_path):
+    model = tiny_checkpoint("CogVideoX-2b")
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    progress = killed / "parts/rank-00000.json"
+    # The second progress write comes after the first shard is renamed: killed there, the rank leaves that shard
+    # unrecorded and its new progress file under the temporary name write_atomic gave it.
+    run = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAME, str(progress), "2",
+                          *_prep_args(model, clips.data, killed)], cwd=REPO, env=clean_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    left = sorted(p.name for p in progress.parent.glob(".rank-00000.json.*.tmp"))
+    assert len(left) == 1 and re.fullmatch(r"\.rank-00000\.json\.\w+\.tmp", left[0]), left
+    assert [p.name for p in killed.glob("shard-*.tar")] == ["shard-r00000-000000.tar"]
+    # Another rank's temporary progress file: that rank may be writing it right now, so a rerun of rank 0 keeps it.
+    other = progress.parent / ".rank-00001.json.k2j4h6g8.tmp"
+    other.write_text("{}")
+
+    again = run_cli(*_prep_args(model, clips.data, killed), env=clean_env())
+    assert again.returncode == 0, again.stderr
+    assert "already done 2 of 4" in again.stderr
+    assert sorted(p.name for p in progress.parent.iterdir()) == [other.name, "errors-r00000.jsonl", progress.name]
+    other.unlink()
+
+    clean = run_cli(*_prep_args(model, clips.data, reference), env=clean_env())
+    assert clean.returncode == 0, clean.stderr
+    resumed, full = _files(killed), _files(reference)
+    assert sorted(resumed) == sorted(full)
+    assert _without_run_stats(resumed) == _without_run_stats(full)
