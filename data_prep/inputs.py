@@ -23,6 +23,8 @@ import csv
 import functools
 import io
 import json
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,26 @@ from cogvx_dist.core.shard_format import sample_key
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                  (stat.S_ISBLK, "block device"))
+
+
+def special_kind(path: Path) -> str | None:
+    """"FIFO", "socket", "character device" or "block device" when `path` (or what a link at it points to) is one;
+    None for a regular file, a folder or nothing there. It is stat'ed, never opened: opening a FIFO waits for a
+    writer, forever when none comes, and a device may stream without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), None)
+
+
+def not_regular(kind: str) -> str:
+    """The reason errors.jsonl gives for an input that is a special file of this kind."""
+    return f"not a regular file ({kind})"
 
 
 @dataclass(frozen=True)
@@ -258,6 +280,7 @@ def _read_jsonl(path: Path) -> list[_Row]:
 
 
 def _read_folder(root: Path) -> list[_Row]:
+    specials = _special_files(root)
     rows = []
     videos = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
     for video in videos:
@@ -265,6 +288,10 @@ def _read_folder(root: Path) -> list[_Row]:
         caption = video.with_suffix(".txt")
         image = next((video.with_suffix(e) for e in IMAGE_EXTENSIONS if video.with_suffix(e).is_file()), None)
         image_rel = image.relative_to(root).as_posix() if image else None
+        if caption in specials:
+            reason = f"caption file {caption.name} is {not_regular(specials.pop(caption))}"
+            rows.append((rel, "", image_rel, rel, reason))
+            continue
         if not caption.is_file():
             rows.append((rel, "", image_rel, rel, f"no caption file {caption.name}"))
             continue
@@ -274,21 +301,49 @@ def _read_folder(root: Path) -> list[_Row]:
             rows.append((rel, "", image_rel, rel, f"caption file {caption.name} is not valid UTF-8"))
             continue
         rows.append((rel, prompt, image_rel, rel, None))
-    rows.extend(_folder_images(root, {video.with_suffix("") for video in videos}))
+    rows.extend(_folder_images(root, {video.with_suffix("") for video in videos}, specials))
+    # Every other special file is an input prep cannot use, whatever its name: listed with its reason, never opened.
+    for path, kind in sorted(specials.items()):
+        rel = path.relative_to(root).as_posix()
+        rows.append((rel, "", None, rel, not_regular(kind)))
     if not rows:
         raise CogvxError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}), no captioned images and none of "
                          f"{_either(_layout_files())}")
     return rows
 
 
-def _folder_images(root: Path, video_stems: set[Path]) -> list[_Row]:
-    """Images with a caption file of their name and no video of their name (those condition the video instead)."""
+def _special_files(root: Path) -> dict[Path, str]:
+    """The FIFOs, sockets and devices under `root`, by kind. The folder listing's own entry types tell regular files
+    and folders apart without a stat each, so only the rest is stat'ed; folders linked to are not entered, as rglob
+    does not enter them."""
+    found: dict[Path, str] = {}
+    folders = [root]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                elif not entry.is_file() and not entry.is_dir():
+                    kind = special_kind(Path(entry.path))
+                    if kind:
+                        found[Path(entry.path)] = kind
+    return found
+
+
+def _folder_images(root: Path, video_stems: set[Path], specials: dict[Path, str]) -> list[_Row]:
+    """Images with a caption file of their name and no video of their name (those condition the video instead). A
+    special file as the caption is the image's reason (and taken out of `specials`)."""
     rows = []
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         caption = image.with_suffix(".txt")
-        if image.with_suffix("") in video_stems or not caption.is_file():
+        if image.with_suffix("") in video_stems:
             continue
         rel = image.relative_to(root).as_posix()
+        if caption in specials:
+            rows.append((rel, "", None, rel, f"caption file {caption.name} is {not_regular(specials.pop(caption))}"))
+            continue
+        if not caption.is_file():
+            continue
         try:
             rows.append((rel, caption.read_text(encoding="utf-8").strip(), None, rel, None))
         except UnicodeDecodeError:

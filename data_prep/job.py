@@ -28,7 +28,7 @@ from cogvx_dist.core.storage import is_url
 from data_prep import shards as shardio
 from data_prep.config import PROMPT_SLOT, PrepConfig
 from data_prep.decode import BadInput, Clip, decode_image, decode_video, load_image
-from data_prep.inputs import ListFiles, Record, caption_list, read_records
+from data_prep.inputs import ListFiles, Record, caption_list, not_regular, read_records, special_kind
 from data_prep.publish import Publisher, default_stage, local_input
 from data_prep.ranks import discover_ranks
 
@@ -110,6 +110,7 @@ def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[in
     """Decode one record (runs in a worker thread); returns the clip, the I2V conditioning image and its seconds."""
     start = time.perf_counter()
     with local_input(root, record.video) as media:  # a listed URL is downloaded here, in the decode pool
+        _refuse_special(media, "")
         if record.is_image:
             return decode_image(media, buckets), None, time.perf_counter() - start
         clip = decode_video(media, frames, buckets, target_fps=config.target_fps, stride=config.frame_stride,
@@ -120,10 +121,18 @@ def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[in
         # The conditioning frame is the listed image where there is one, else the clip's own first frame.
         if record.image:
             with local_input(root, record.image) as path:
+                _refuse_special(path, f"conditioning image {path.name} is ")
                 image = load_image(path, bucket)
         else:
             image = clip.frames[:1]
     return clip, image, time.perf_counter() - start
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """BadInput for a FIFO, socket or device listed as an input, before anything opens it (a FIFO would block)."""
+    kind = special_kind(path)
+    if kind:
+        raise BadInput(what + not_regular(kind))
 
 
 def _ordered_prefetch(pool: ThreadPoolExecutor, items: list[Record], fn: Callable[[Record], Any],

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +20,9 @@ import pytest
 
 from cogvx_dist.core import shard_format
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
+from data_prep.config import PrepConfig
+from data_prep.job import run_prep
+from data_prep.shards import read_errors
 from tests.helpers import REPO, clean_env, run_cli
 
 
@@ -139,3 +144,63 @@ def test_a_rerun_removes_the_progress_temporary_a_killed_rank_left_and_only_its_
     resumed, full = _files(killed), _files(reference)
     assert sorted(resumed) == sorted(full)
     assert _without_run_stats(resumed) == _without_run_stats(full)
+
+
+# ------------------------------------------------------------------------------------------------ special files
+@contextlib.contextmanager
+def readers_of(fifos: list[Path]) -> Iterator[list[str]]:
+    """The names of the FIFOs someone opened for reading meanwhile. A watcher opens each as a writer without waiting,
+    which succeeds only while a reader holds it open (and lets a reader blocked in open() go on to an empty read),
+    so a prep that opened one is seen instead of hanging."""
+    opened: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for fifo in fifos:
+                try:
+                    handle = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # ENXIO: no reader
+                    continue
+                opened.append(fifo.name)
+                os.close(handle)
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        watcher.join()
+
+
+@pytest.mark.parametrize("layout", ["folder", "jsonl"])
+def test_fifos_among_the_inputs_are_reported_by_reason_and_never_opened(tiny_checkpoint, tmp_path, layout):
+    data = make_synthetic_dataset(tmp_path / layout, count=1, frames=10, height=32, width=48, layout=layout)
+    root = data.root
+    fifos = [root / "pipe.mp4", root / "still.png"]
+    if layout == "folder":
+        # A FIFO named like a video (captioned), one as another clip's caption, one of any name in a subfolder.
+        (root / "pipe.txt").write_text("a pipe")
+        shutil.copy(root / data.good[0], root / "piped_caption.mp4")
+        (root / "sub").mkdir()
+        fifos = [root / "pipe.mp4", root / "piped_caption.txt", root / "sub/stray"]
+        expected = {"pipe.mp4": "not a regular file (FIFO)", "sub/stray": "not a regular file (FIFO)",
+                    "piped_caption.mp4": "caption file piped_caption.txt is not a regular file (FIFO)"}
+    else:
+        # Listed where a video and where a single image goes.
+        with open(data.data, "a") as handle:
+            for fifo in fifos:
+                handle.write(json.dumps({"video": fifo.name, "prompt": "a pipe"}) + "\n")
+        expected = {fifo.name: "not a regular file (FIFO)" for fifo in fifos}
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    out = tmp_path / "out"
+    config = PrepConfig(model=str(tiny_checkpoint("CogVideoX-2b")), data=str(data.data), out=str(out),
+                        storage_dtype="float32", progress=False, decode_workers=2, max_failed_fraction=0.9)
+    with readers_of(fifos) as opened:
+        result = run_prep(config)
+    assert opened == [], "prep opened a FIFO (a real one blocks until a writer comes)"
+    assert (result.encoded, result.failed) == (len(data.good), len(expected))
+    assert {e["source"]: e["reason"] for e in read_errors(out / shard_format.ERRORS_NAME)} == expected
