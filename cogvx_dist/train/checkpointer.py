@@ -88,10 +88,7 @@ class Checkpointer:
         # Checkpoints from before a layout key was recorded were saved in the layout of their time: taken as this one.
         changed = {key: (committed.get(key, now), now) for key, now in self.layout.items()
                    if committed.get(key, now) != now}
-        if not changed:
-            self.engine.load(resume_from)
-        else:
-            self._restore_elsewhere(resume_from, point.step, changed)
+        self._restore_from_copies(resume_from, point.step, changed)
         self._start_ema(resume_from)
         records.truncate(self.run, self.ranks, point.step)
         self.saved_step = point.step
@@ -118,21 +115,28 @@ class Checkpointer:
             raise RankError(f"{saved}: the saved average does not hold this run's adapter layers")
         self.ema.restore(whole, chunks)
 
-    def _restore_elsewhere(self, folder: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
-        """Another layout: DeepSpeed's files do not fit, the whole-tensor copies do. Adam's moments carry over unless
-        the optimizer changed to or from one that keeps none."""
-        saved_type, new_type = changed.get("optimizer", (ADAM_TYPES[0], ADAM_TYPES[0]))
+    def _restore_from_copies(self, folder: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
+        """Weights, LR schedule and Adam's moments from the checkpoint's safetensors copies, in any layout.
+
+        DeepSpeed's own files are never read on resume: its loader unpickles them (torch.load with weights_only
+        off), and a run folder is often shared, so a planted file would run code in every rank. They fit only the
+        layout that wrote them anyway. Adam's moments carry over unless the optimizer changed to or from one that
+        keeps none; another optimizer's state (Muon's momentum) starts fresh."""
+        saved_type, new_type = changed.get("optimizer", (self.layout["optimizer"], self.layout["optimizer"]))
         keeps_moments = saved_type in ADAM_TYPES and new_type in ADAM_TYPES
         moments = checkpoints.read_adam_moments(folder) if keeps_moments else None
         if moments is not None and moments[0]:
             self.engine.restore_moments(*moments)
         weights, _ = checkpoints.read_master_weights(folder)
         self.engine.restore_weights(weights, step)
-        restarted = " (the new optimizer's state starts fresh)" if not keeps_moments else \
-            " (no Adam moments saved: they restart)"
-        self.log.warning("%s: weights, LR schedule, sample position%s restored from whole-tensor copies",
-                         " and ".join(f"{LAYOUT_NAMES[key]} changed ({before} -> {now})"
-                                      for key, (before, now) in changed.items()),
+        if not changed and keeps_moments and moments:
+            return
+        restarted = (" (no Adam moments saved: they restart)" if keeps_moments
+                     else " (the new optimizer's state starts fresh)" if "optimizer" in changed
+                     else f" ({new_type}'s state starts fresh: only Adam's moments are kept)")
+        what = " and ".join(f"{LAYOUT_NAMES[key]} changed ({before} -> {now})"
+                            for key, (before, now) in changed.items()) or "resumed"
+        self.log.warning("%s: weights, LR schedule, sample position%s restored from whole-tensor copies", what,
                          " and Adam moments" if moments else restarted)
 
     def save(self, step: int, position: int, bad_samples: int, skipped_steps: int) -> bool:

@@ -346,18 +346,11 @@ class Engine:
         return float(norm) if norm is not None else None
 
     def save(self, folder: Path, client_state: dict[str, Any]) -> None:
-        """Collective: write LoRA weights, optimizer and scheduler state (no frozen weights) into `folder`."""
+        """Collective: write DeepSpeed's own checkpoint (LoRA weights, optimizer and scheduler state, no frozen
+        weights) into `folder`. Nothing of this project reads it back: its files are pickles (see
+        train/checkpointer.py), kept for DeepSpeed's own tools (zero_to_fp32) and for inspection."""
         self._engine.save_checkpoint(str(folder.parent), tag=folder.name, client_state=client_state,
                                      exclude_frozen_parameters=True)
-
-    def load(self, folder: Path) -> dict[str, Any]:
-        """Collective: restore what `save` wrote; returns its client state."""
-        load_path, client_state = self._engine.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RankError(f"cannot load checkpoint {folder}")
-        return client_state or {}
 
     def gather_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Collective: whole fp32 master copies of the named parameters (ZeRO partitions gathered), on the CPU."""
