@@ -45,6 +45,37 @@ class Clip:
     matrix: phones store portrait video as landscape frames with one."""
 
 
+MAX_FRAME_SIDE = 8192
+"""The longest side, in pixels, of a frame (or single image) prep decodes: 8K UHD (7680x4320) and DCI 8K
+(8192x4320) are in; larger cinema formats (12K and up, recorded as RAW) must be scaled down first."""
+MAX_FRAME_PIXELS = 8192 * 4352
+"""The most pixels a frame (or single image) prep decodes may have: 35,651,584, the largest picture the highest
+levels of H.264 (139,264 macroblocks), HEVC, VP9 and AV1 allow, so every video a conforming encoder wrote at any
+level is in, 8K included. A decoded frame of that size is 53 MB (yuv420), 107 MB as RGB; several are in flight per
+decode worker. Without the bound a 0.75 MB file of two 16000x16000 frames took prep from 490 MiB to 1.7 GiB (3.3
+GiB with more frames)."""
+
+
+def frame_size_problem(height: int, width: int, buckets: list[tuple[int, int]]) -> str | None:
+    """Why a source frame (or image) of this size is refused before anything is decoded, or None. Over
+    MAX_FRAME_SIDE / MAX_FRAME_PIXELS; or so far from the aspect ratio of its bucket that the frame scaled to cover
+    the bucket (as _Pictures does, before the crop) would be over MAX_FRAME_PIXELS: a 16-row strip is scaled 30 times
+    for a 480x720 bucket. Both orientations are checked, as the display rotation is known only from a decoded
+    frame."""
+    size = f"frame size {width}x{height} (width x height)"
+    if max(height, width) > MAX_FRAME_SIDE or height * width > MAX_FRAME_PIXELS:
+        return (f"{size} is over prep's limit of {MAX_FRAME_SIDE} pixels a side and {MAX_FRAME_PIXELS:,} pixels a "
+                "frame; scale it down first")
+    for upright in ((height, width), (width, height)):
+        bucket = choose_bucket(*upright, buckets)
+        covering = resized_size(*upright, bucket)
+        if covering[0] * covering[1] > MAX_FRAME_PIXELS:
+            return (f"{size} is too far from the aspect ratio of the {bucket[0]}x{bucket[1]} (HxW) bucket: covering "
+                    f"it takes {covering[1]}x{covering[0]} pixels, over prep's limit of {MAX_FRAME_PIXELS:,}; crop "
+                    "it first or add a bucket of its shape")
+    return None
+
+
 def choose_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest to height x width (log ratio; ties go to the earlier bucket)."""
     aspect = math.log(width / height)
@@ -284,6 +315,9 @@ def decode_video(
         height, width = stream.codec_context.height, stream.codec_context.width
         if not height or not width:
             raise BadInput("video stream has no frame size")
+        problem = frame_size_problem(height, width, buckets)  # from the stream's header: nothing decoded yet
+        if problem:
+            raise BadInput(problem)
         decoded = _Decoded(container, stream)
         frames_in = iter(decoded)
         first = next(frames_in, None)
@@ -314,11 +348,18 @@ def decode_video(
     return Clip(array, fps, source_fps, frame_step, upright, rotation)
 
 
+_DECODER_MAX_PIXELS = {"max_pixels": str(2 * MAX_FRAME_PIXELS)}
+"""FFmpeg's own bound on the frames a decoder allocates (its check rounds the width up to the stride alignment, hence
+the room above MAX_FRAME_PIXELS). Opening a file decodes its first frame to probe the stream, before prep can read
+the size (a 16000x16000 frame: 600 MiB); and a stream whose coded size is larger than its header says fails to
+decode instead of growing."""
+
+
 def _open(path: Path) -> Any:
     import av
 
     try:
-        return av.open(str(path))
+        return av.open(str(path), options=_DECODER_MAX_PIXELS)  # options reach the probing decoders
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as err:
         raise BadInput(f"unreadable video ({_reason(err, path)})") from err
 
@@ -328,6 +369,7 @@ def _video_stream(container: Any) -> Any:
         raise BadInput("no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
+    stream.codec_context.options = dict(_DECODER_MAX_PIXELS)
     return stream
 
 
@@ -444,11 +486,22 @@ def decode_image(path: str | Path, buckets: list[tuple[int, int]]) -> Clip:
     if not path.is_file():
         raise BadInput("missing file")
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
             size = (image.height, image.width)
+    except Image.DecompressionBombError as err:  # PIL's own bound, above ours (before, it ended the whole job)
+        raise BadInput(_pil_bomb(err)) from err
     except (UnidentifiedImageError, OSError) as err:
         raise BadInput(f"unreadable image ({first_line(err)[:200]})") from err
+    problem = frame_size_problem(*size, buckets)
+    if problem:
+        raise BadInput(problem)
     return Clip(load_image(path, choose_bucket(*size, buckets), what="image"), 0.0, 0.0, 1.0, size)
+
+
+def _pil_bomb(err: Exception) -> str:
+    """The reason for an image PIL will not even open (more than twice its MAX_IMAGE_PIXELS)."""
+    return (f"image too large to open ({first_line(err)[:200]}); prep's limit is {MAX_FRAME_SIDE} pixels a side and "
+            f"{MAX_FRAME_PIXELS:,} pixels a frame; scale it down first")
 
 
 def load_image(path: str | Path, bucket: tuple[int, int], what: str = "conditioning image") -> np.ndarray:
@@ -460,10 +513,15 @@ def load_image(path: str | Path, bucket: tuple[int, int], what: str = "condition
         raise BadInput(f"missing {what} {path.name}")
     try:
         with Image.open(path) as image:
+            problem = frame_size_problem(image.height, image.width, [bucket])  # before the pixels are read
+            if problem:
+                raise BadInput(problem if what == "image" else f"{what} {path.name}: {problem}")
             image = image.convert("RGB")
             rh, rw = resized_size(image.height, image.width, bucket)
             image = image.resize((rw, rh), Image.Resampling.BOX if rh <= image.height else Image.Resampling.BICUBIC)
             array = np.array(image)  # a writable copy (torch warns on read-only arrays)
+    except Image.DecompressionBombError as err:
+        raise BadInput(f"{what} {path.name}: {_pil_bomb(err)}") from err
     except (UnidentifiedImageError, OSError) as err:
         raise BadInput(f"unreadable {what} {path.name} ({first_line(err)[:200]})") from err
     return center_crop(array, bucket)[None]

@@ -16,10 +16,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cogvx_dist.core import shard_format
-from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
+from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, write_mp4
 from data_prep.config import PrepConfig
 from data_prep.job import run_prep
 from data_prep.shards import read_errors
@@ -204,3 +205,47 @@ def test_fifos_among_the_inputs_are_reported_by_reason_and_never_opened(tiny_che
     assert opened == [], "prep opened a FIFO (a real one blocks until a writer comes)"
     assert (result.encoded, result.failed) == (len(data.good), len(expected))
     assert {e["source"]: e["reason"] for e in read_errors(out / shard_format.ERRORS_NAME)} == expected
+
+
+# ------------------------------------------------------------------------------------------------------ huge frames
+def _blank_mp4(path: Path, height: int, width: int, frames: int = 10) -> Path:
+    """A real H.264 file of black frames: a few KB whatever its frame size (a thin frame encodes in milliseconds)."""
+    return write_mp4(path, np.zeros((frames, height, width, 3), np.uint8), fps=8)
+
+
+def test_frames_over_the_size_limit_are_refused_by_reason_before_decoding(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from data_prep.decode import MAX_FRAME_PIXELS, MAX_FRAME_SIDE, BadInput, decode_video
+
+    data = make_synthetic_dataset(tmp_path / "set", count=1, frames=10, height=32, width=48, layout="folder")
+    root = data.root
+    _blank_mp4(root / "wide.mp4", 16, MAX_FRAME_SIDE + 8)  # 8200x16: one side over
+    # 1-bit pictures compress to almost nothing: 6016x6016 is 36.2 Mpixel, over the pixel limit with both sides in.
+    Image.new("1", (6016, 6016)).save(root / "huge.png")
+    Image.new("1", (16, MAX_FRAME_SIDE + 8)).save(root / "tall.png")  # 16x8200
+    Image.new("1", (14000, 14000)).save(root / "bomb.png")  # 196 Mpixel: more than PIL itself opens
+    for name in ("wide", "huge", "tall", "bomb"):
+        (root / f"{name}.txt").write_text(f"a {name} picture")
+    assert (root / "huge.png").stat().st_size < 100_000
+    out = tmp_path / "out"
+    config = PrepConfig(model=str(tiny_checkpoint("CogVideoX-2b")), data=str(data.data), out=str(out),
+                        storage_dtype="float32", progress=False, max_failed_fraction=0.9)
+    result = run_prep(config)
+    assert (result.encoded, result.failed) == (1, 4)
+    reasons = {e["source"]: e["reason"] for e in read_errors(out / shard_format.ERRORS_NAME)}
+    limit = f"over prep's limit of {MAX_FRAME_SIDE} pixels a side and {MAX_FRAME_PIXELS:,} pixels a frame"
+    # PIL refuses to open the bomb itself (before, its DecompressionBombError ended the whole prep job).
+    assert re.fullmatch(r"image too large to open \(Image size \(196000000 pixels\) exceeds limit of \d+ pixels.*\); "
+                        rf"prep's limit is {MAX_FRAME_SIDE} pixels a side and {MAX_FRAME_PIXELS:,} pixels a frame; "
+                        "scale it down first", reasons.pop("bomb.png"))
+    assert reasons == {"wide.mp4": f"frame size 8200x16 (width x height) is {limit}; scale it down first",
+                       "huge.png": f"frame size 6016x6016 (width x height) is {limit}; scale it down first",
+                       "tall.png": f"frame size 16x8200 (width x height) is {limit}; scale it down first"}
+    # 8K (7680x4320) is in. A frame inside the limit whose aspect ratio is so far from the bucket's that covering the
+    # bucket would make a frame over the limit (a 16-row strip scaled 30 times for 480x720) is refused too.
+    assert 7680 <= MAX_FRAME_SIDE and 7680 * 4320 <= MAX_FRAME_PIXELS
+    strip = _blank_mp4(tmp_path / "strip.mp4", 16, 8000)
+    with pytest.raises(BadInput, match=r"^frame size 8000x16 \(width x height\) is too far from the aspect ratio of "
+                                       r"the 480x720 \(HxW\) bucket: covering it takes 240000x480 pixels, over"):
+        decode_video(strip, 9, [(480, 720)], target_fps=8)
