@@ -164,15 +164,20 @@ def all_parts(out: Path) -> dict[int, dict[str, Any]]:
 
 def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry],
                         published: dict[str, int] | None = None) -> list[ShardEntry]:
-    """The complete shards of a rank at start-up: those its progress file lists and still exist unchanged, plus
-    finished shards it renamed but did not yet record (a crash between rename and progress write). The rank's
-    leftover temporary files are deleted (remove_temporaries): the samples of a temporary shard are encoded again.
-    With an output URL, `published` (the store's shards and sizes) says what exists; a shard uploaded but not yet
-    recorded is encoded again."""
+    """The complete shards of a rank at start-up: those its progress file lists and still exist, plus finished
+    shards it renamed but did not yet record (a crash between rename and progress write). The rank's leftover
+    temporary files are deleted (remove_temporaries): the samples of a temporary shard are encoded again, and so are
+    those of a listed shard that is gone. A listed shard that is there but not as the rank wrote it (another size,
+    another sha256: a member appended by `tar --append`, an edit) is a CogvxError naming it: its entry would be
+    false, and deleting what someone changed on purpose is not prep's call. Each local shard is read once for its
+    sha256 (about a second a GB). With an output URL, `published` (the store's shards and sizes) says what exists,
+    and sizes are what is compared; a shard uploaded but not yet recorded is encoded again."""
     out = Path(out)
     remove_temporaries(out, rank)
     present = _local_shards(out) if published is None else published
-    kept = [entry for entry in listed if present.get(entry.name) == entry.bytes]
+    kept = [entry for entry in listed if entry.name in present]
+    for entry in kept:
+        _check_unchanged(out, rank, entry, present[entry.name], hash_it=published is None)
     known = {e.name for e in kept}
     for path in sorted(out.glob(f"shard-r{rank:05d}-*.tar")):
         if path.name in known:
@@ -182,6 +187,18 @@ def recover_rank_shards(out: Path, rank: int, listed: list[ShardEntry],
         except (tarfile.TarError, OSError, KeyError):
             path.unlink()  # cannot happen through rename, but never keep an unreadable shard
     return sorted(kept, key=lambda e: e.name)
+
+
+def _check_unchanged(out: Path, rank: int, entry: ShardEntry, size: int, hash_it: bool) -> None:
+    """CogvxError naming the shard when its size (and, with `hash_it`, its sha256) is not what `rank` recorded."""
+    path = out / entry.name
+    sha256 = shard_format.file_sha256(path) if hash_it else None
+    if size == entry.bytes and sha256 in (None, entry.sha256):
+        return
+    now = f"{size} bytes" + (f", sha256 {sha256[:16]}" if sha256 else "")
+    then = f"{entry.bytes} bytes" + (f", sha256 {entry.sha256[:16]}" if sha256 else "")
+    raise CogvxError(f"{path}: {now}, but rank {rank} recorded {then}: it changed after prep wrote it; restore it, "
+                     f"or delete it and rerun prep, which encodes its {entry.samples} samples again")
 
 
 def remove_temporaries(out: Path, rank: int) -> None:
@@ -250,14 +267,18 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
             diff = sorted(k for k in set(header) | set(other) if header.get(k) != other.get(k))
             raise CogvxError(f"{out}: rank {rank} encoded with different settings ({', '.join(diff)})")
     shards: list[ShardEntry] = []
-    for part in parts.values():  # ranks of an earlier run with a larger world keep their finished shards
+    writer: dict[str, int] = {}
+    for rank, part in parts.items():  # ranks of an earlier run with a larger world keep their finished shards
         shards.extend(part["shards"])
+        writer.update((entry.name, rank) for entry in part["shards"])
     shards.sort(key=lambda e: e.name)
     seen: set[str] = set()
     present = _local_shards(out) if published is None else published
     for entry in shards:
         if entry.name not in present:
             raise CogvxError(f"{out}: shard {entry.name} is listed by rank progress but missing on disk")
+        if present[entry.name] != entry.bytes:  # the manifest never records a size that is not the file's
+            raise CogvxError(_changed_since_recorded(out, entry, present[entry.name], writer[entry.name]))
         dup = seen.intersection(entry.keys)
         if dup:
             raise CogvxError(f"{out}: sample {sorted(dup)[0]} appears in more than one shard")
@@ -283,6 +304,14 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
     with writing(out / shard_format.MANIFEST_NAME):  # the index, then the manifest
         manifest.write(out)
     return manifest, inputs
+
+
+def _changed_since_recorded(out: Path, entry: ShardEntry, size: int, rank: int) -> str:
+    """Why the merge refuses a shard whose size is not what its rank recorded: it changed after it was recorded (a
+    rank checks only its own shards at start-up, so the merge sees another rank's)."""
+    return (f"{out}: {entry.name} is {size} bytes, but rank {rank} recorded {entry.bytes}: it changed after prep "
+            f"wrote it; restore it, or delete it and rerun rank {rank}, which encodes its {entry.samples} samples "
+            "again")
 
 
 def inspect_text(out: str | Path) -> str:

@@ -5,6 +5,7 @@ and a shard changed after prep wrote it. Real files, real processes, the tiny ch
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,12 @@ import numpy as np
 import pytest
 
 from cogvx_dist.core import shard_format
+from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, write_mp4
 from data_prep.config import PrepConfig
 from data_prep.job import run_prep
 from data_prep.shards import read_errors
-from tests.helpers import REPO, clean_env, run_cli
+from tests.helpers import REPO, assert_one_line_error, clean_env, cli, run_cli
 
 
 def _prep_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -249,3 +252,66 @@ def test_frames_over_the_size_limit_are_refused_by_reason_before_decoding(tiny_c
     with pytest.raises(BadInput, match=r"^frame size 8000x16 \(width x height\) is too far from the aspect ratio of "
                                        r"the 480x720 \(HxW\) bucket: covering it takes 240000x480 pixels, over"):
         decode_video(strip, 9, [(480, 720)], target_fps=8)
+
+
+# ------------------------------------------------------------------------------------------------- changed shards
+@pytest.fixture(scope="module")
+def two_ranks(tiny_checkpoint, clips, tmp_path_factory) -> tuple[PrepConfig, Path]:
+    """The four clips prepped by ranks 0 and 1 (one shard of two samples each; rank 1 merged the manifest)."""
+    out = tmp_path_factory.mktemp("changed") / "out"
+    config = PrepConfig(model=str(tiny_checkpoint("CogVideoX-2b")), data=str(clips.data), out=str(out),
+                        storage_dtype="float32", progress=False, shard_max_samples=2, world_size=2)
+    for rank in (0, 1):
+        run_prep(config.replace(rank=rank))
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-r00000-000000.tar", "shard-r00001-000000.tar"]
+    return config, out
+
+
+def _append_member(shard: Path, size: int) -> None:
+    """Append a member to a finished shard in place, as `tar --append` does."""
+    with tarfile.open(shard, "a") as tar:
+        info = tarfile.TarInfo("notes.txt")
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+
+
+def _manifest_sizes(out: Path) -> dict[str, int]:
+    return {s.name: s.bytes for s in shard_format.Manifest.read(out).shards}
+
+
+def test_a_shard_changed_after_prep_is_refused_by_name_never_recorded_stale(two_ranks, tmp_path, capsys):
+    config, prepped = two_ranks
+    # Rank 0's own shard, one empty member more: the tar's end padding takes it, the size stays, the sha256 changes.
+    out = shutil.copytree(prepped, tmp_path / "same-size")
+    own = out / "shard-r00000-000000.tar"
+    size = own.stat().st_size
+    _append_member(own, 0)
+    assert own.stat().st_size == size, "the appended member should fit in the tar's padding"
+    with pytest.raises(CogvxError) as refused:
+        run_prep(config.replace(out=str(out), rank=0))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{own}: {size} bytes, sha256 "), message
+    assert f"but rank 0 recorded {size} bytes, sha256 " in message and "changed after prep wrote it" in message
+
+    # Rank 1's shard grows by a member; rank 0 reruns and, finding every rank complete, merges the manifest.
+    out = shutil.copytree(prepped, tmp_path / "other-rank")
+    other = out / "shard-r00001-000000.tar"
+    recorded = other.stat().st_size
+    _append_member(other, 30_000)
+    grown = other.stat().st_size
+    assert grown > recorded
+    with pytest.raises(CogvxError, match=rf"^{re.escape(str(out))}: shard-r00001-000000.tar is {grown} bytes, but "
+                                         rf"rank 1 recorded {recorded}: it changed after prep wrote it"):
+        run_prep(config.replace(out=str(out), rank=0))
+    assert _manifest_sizes(out)["shard-r00001-000000.tar"] == recorded  # the manifest of before, never rewritten
+    code, _, err = cli(capsys, "prep", "finalize", str(out))
+    assert_one_line_error(code, err, "shard-r00001-000000.tar is", f"{grown} bytes", f"rank 1 recorded {recorded}")
+
+    # Rank 0's own shard grows: refused by name, not deleted.
+    out = shutil.copytree(prepped, tmp_path / "own-grown")
+    own = out / "shard-r00000-000000.tar"
+    _append_member(own, 30_000)
+    grown = own.stat().st_size
+    with pytest.raises(CogvxError, match=rf"^{re.escape(str(own))}: {grown} bytes, sha256 \w+, but rank 0 recorded "):
+        run_prep(config.replace(out=str(out), rank=0))
+    assert own.stat().st_size == grown
