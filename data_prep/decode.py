@@ -76,6 +76,13 @@ def frame_size_problem(height: int, width: int, buckets: list[tuple[int, int]]) 
     return None
 
 
+def _refuse_frame_size(height: int, width: int, buckets: list[tuple[int, int]]) -> None:
+    """BadInput with the reason when frame_size_problem refuses the size."""
+    problem = frame_size_problem(height, width, buckets)
+    if problem:
+        raise BadInput(problem)
+
+
 def choose_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
     """The bucket whose aspect ratio is closest to height x width (log ratio; ties go to the earlier bucket)."""
     aspect = math.log(width / height)
@@ -315,9 +322,7 @@ def decode_video(
         height, width = stream.codec_context.height, stream.codec_context.width
         if not height or not width:
             raise BadInput("video stream has no frame size")
-        problem = frame_size_problem(height, width, buckets)  # from the stream's header: nothing decoded yet
-        if problem:
-            raise BadInput(problem)
+        _refuse_frame_size(height, width, buckets)  # from the stream's header: nothing is decoded yet
         decoded = _Decoded(container, stream)
         frames_in = iter(decoded)
         first = next(frames_in, None)
@@ -492,9 +497,7 @@ def decode_image(path: str | Path, buckets: list[tuple[int, int]]) -> Clip:
         raise BadInput(_pil_bomb(err)) from err
     except (UnidentifiedImageError, OSError) as err:
         raise BadInput(f"unreadable image ({first_line(err)[:200]})") from err
-    problem = frame_size_problem(*size, buckets)
-    if problem:
-        raise BadInput(problem)
+    _refuse_frame_size(*size, buckets)
     return Clip(load_image(path, choose_bucket(*size, buckets), what="image"), 0.0, 0.0, 1.0, size)
 
 
