@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 def end_rank(code: int, said: str | None = None, trace: bool = False,
              record: tuple[str | None, int, str, str, str] | None = None) -> None:
     """Leave at once with `code`: claim the rank's end (or wait, if a watchdog thread is already ending it), print
-    `said` (and the traceback), and record (output_dir, rank, message, kind, detail) in output_dir/failures/ when
-    the config got that far."""
+    `said` (and the traceback), and record (output_dir, rank, message, kind, detail) when the config got that far:
+    in output_dir/failures/ once this run holds the folder, or while no other live run does; else only on this host
+    (the holder's ranks read failures/ and would take the record for one of their own)."""
     from cogvx_dist.train import failures
+    from cogvx_dist.train.run_lock import held_by_another
 
     failures.claim_rank_end()
     if said:
@@ -78,7 +80,8 @@ def end_rank(code: int, said: str | None = None, trace: bool = False,
         traceback.print_exc()
     if record is not None and record[0]:
         output_dir, rank, message, kind, detail = record
-        failures.record_failure(output_dir, rank, message, code, kind, detail)
+        shared = failures.run_folder_held() or not held_by_another(output_dir)
+        failures.record_failure(output_dir, rank, message, code, kind, detail, in_run_folder=shared)
     leave_now(code)
 
 

@@ -61,6 +61,20 @@ class Preempted(Exception):
         self.signal_name = signal_name
 
 
+_RUN_FOLDER_HELD = False
+
+
+def hold_run_folder() -> None:
+    """This rank's run holds its output_dir (rank 0 took the lock and every rank has heard so): its records go there."""
+    global _RUN_FOLDER_HELD
+    _RUN_FOLDER_HELD = True
+
+
+def run_folder_held() -> bool:
+    """Whether `hold_run_folder` was called in this process."""
+    return _RUN_FOLDER_HELD
+
+
 def local_failures(launch_id: str | None) -> Path:
     """Where a rank leaves its record when the run folder cannot take it (a full disk): this host's temp folder,
     where `cogvx train` on the same node finds it."""
@@ -68,13 +82,15 @@ def local_failures(launch_id: str | None) -> Path:
 
 
 def record_failure(output_dir: str | Path, rank: int, message: str, exit_code: int, kind: str = PRIMARY,
-                   detail: str = "") -> None:
-    """Leave this rank's failure record (never raises: the run folder may be the thing that failed)."""
+                   detail: str = "", in_run_folder: bool = True) -> None:
+    """Leave this rank's failure record (never raises: the run folder may be the thing that failed). Without
+    `in_run_folder` only this host's local record is written: the folder belongs to another run."""
     launch_id = os.environ.get(LAUNCH_ID_ENV)
     record = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
               "launch_id": launch_id, "exit_code": exit_code, "kind": kind, "message": message, "detail": detail}
     text = json.dumps(record, indent=2) + "\n"
-    for path in (RunFolder(output_dir).failure(rank), local_failures(launch_id) / f"rank-{rank:05d}.json"):
+    shared = [RunFolder(output_dir).failure(rank)] if in_run_folder else []
+    for path in (*shared, local_failures(launch_id) / f"rank-{rank:05d}.json"):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, text)

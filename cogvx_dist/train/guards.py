@@ -44,6 +44,10 @@ class RunGuards:
         try:
             if self.ranks.is_main:
                 self.lock.acquire()
+            # No rank touches the folder (failure records, heartbeats, stacks) before rank 0 holds its lock: when
+            # another run holds it, rank 0 leaves and the launcher ends the ones waiting here.
+            engine.barrier()
+            failures.hold_run_folder()
             failures.clear_failures(self.run.root, self.ranks.rank)
             register_stack_dump(self.run.root, self.ranks.rank)
             self.watchdog.start()

@@ -48,6 +48,14 @@ def describe(lock: dict[str, Any]) -> str:
     return f"pid {lock.get('pid')} on {lock.get('host')}, started {age:.0f} s ago"
 
 
+def held_by_another(output_dir: str | Path) -> bool:
+    """Whether a live process other than this one holds the folder's lock."""
+    lock = read_lock(output_dir)
+    if lock is None or not holder_alive(lock):
+        return False
+    return lock.get("pid") != os.getpid() or lock.get("host") != socket.gethostname()
+
+
 def check_free(output_dir: str | Path) -> None:
     """Raise the one-line error a second run gets when a live run holds the folder."""
     lock = read_lock(output_dir)

@@ -21,7 +21,7 @@ import torch
 
 from cogvx_dist.core import shard_format
 from cogvx_dist.core.faults import FAULT_ENV
-from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.core.run_folder import COMMIT_MARKER, RunFolder
 from cogvx_dist.train import checkpoints
 from cogvx_dist.train.failures import EXIT_PREEMPTED, EXIT_STALLED, EXIT_USER_ERROR, read_failures
 from tests.helpers import (
@@ -262,6 +262,47 @@ def test_resume_falls_back_from_a_truncated_checkpoint_file(data, uninterrupted,
     assert read_trace(run.root) == read_trace(uninterrupted)
 
 
+class _Planted:
+    """Unpickling this makes a folder: the proof that a loader ran code from the run folder."""
+
+    def __init__(self, proof: Path) -> None:
+        self.proof = proof
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.proof),)
+
+
+def test_a_resume_never_unpickles_what_is_planted_in_the_run_folder(data, uninterrupted, killed_after_step_8,
+                                                                    tmp_path):
+    """Every pickle-format file of the committed step-8 checkpoint (DeepSpeed's model, optimizer and scheduler
+    states) is replaced by a payload that makes a folder when unpickled, and the commit marker is rewritten to match,
+    as someone who can write a shared run folder would. `resume: auto` takes step 8, no payload runs, and the run
+    ends bit-identical to the uninterrupted one: resume reads only the safetensors copies and JSON."""
+    import pickle
+
+    shutil.copytree(killed_after_step_8, tmp_path / "run")
+    run = RunFolder(tmp_path / "run")
+    folder = run.checkpoint(8)
+    proofs = []
+    for number, victim in enumerate(sorted(p for p in folder.rglob("*") if p.is_file()
+                                           and p.suffix not in (".safetensors", ".json"))):
+        proofs.append(tmp_path / f"payload-ran-{number}")
+        victim.write_bytes(pickle.dumps(_Planted(proofs[-1])))
+    assert len(proofs) >= 2, sorted(p.name for p in folder.rglob("*"))
+    marker = checkpoints.read_commit(folder)
+    marker["files"] = checkpoints.file_record(folder)
+    (folder / COMMIT_MARKER).write_text(json.dumps(marker))
+    assert checkpoints.verify(folder) == []
+
+    resumed = launch(config_for(tmp_path, data, "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [proof for proof in proofs if proof.exists()] == []
+    assert summary_of(run.root)["resumed_from_step"] == 8
+    assert_same_adapter(run.root, uninterrupted)
+
+
 def test_a_damaged_explicit_resume_checkpoint_is_refused_before_ranks_start(data, uninterrupted, tmp_path):
     """`checkpoint.resume` naming a damaged checkpoint (here a copy of the uninterrupted run's last one, with a file
     cut to 10 bytes) is refused in one line before any rank starts."""
@@ -390,6 +431,23 @@ def test_a_full_disk_during_a_save_names_it_and_keeps_the_previous_checkpoint(da
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
+def test_a_killed_deepspeed_runner_under_a_finished_run_is_no_failure(data, uninterrupted, tmp_path):
+    """SIGKILL of DeepSpeed's runner mid-run: its per-node launcher and the ranks go on in the job's process group,
+    which `cogvx train` waits for; all steps ran and the adapter is right. Before, `cogvx train` then exited 1,
+    "launcher exited with code -9 and no rank recorded why"; now the summary this launch wrote says the run finished,
+    and the exit code tells the truth."""
+    config = config_for(tmp_path, data, "run")
+    job = Job(config, env=SLOW)
+    job.wait_for_step(2)
+    runner = next(p for p in job.tree if "deepspeed.launcher.runner" in " ".join(p.cmdline()))
+    runner.send_signal(signal.SIGKILL)
+    code, _ = job.end()
+    assert code == 0, job.output_text()[-3000:]
+    assert "every rank finished first: the run is complete" in job.output_text()
+    assert summary_of(tmp_path / "run")["steps"] == STEPS
+    assert_same_adapter(tmp_path / "run", uninterrupted)
+
+
 # ------------------------------------------------------------------------------------------------------ two runs
 def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(data, tmp_path):
     config = config_for(tmp_path, data, "run", train={"max_steps": 200})
@@ -404,3 +462,19 @@ def test_a_second_run_on_the_same_output_dir_is_refused_naming_the_holder(data, 
         first.process.send_signal(signal.SIGTERM)
         first.end()
     assert not RunFolder(tmp_path / "run").lock.exists()  # released on the way out
+
+
+def test_two_runs_started_together_on_one_output_dir_leave_the_winner_untouched(data, uninterrupted, tmp_path):
+    """Both pass `cogvx train`'s check before either holds the lock. Before, the loser's rank 0 wrote its "in use"
+    record into the shared failures/ folder, where the winner's rank 1 took it for its peer's: both runs ended with
+    exit 1 and a message about a closed connection. Now the loser alone is refused (exit 2, the lock named) without
+    touching the folder, and the winner trains to the end, bit-identical to a run that was alone."""
+    config = config_for(tmp_path, data, "run")
+    jobs = [Job(config, env=SLOW, log=tmp_path / f"job-{number}.log") for number in range(2)]
+    codes = sorted((job.end(timeout=600)[0], number) for number, job in enumerate(jobs))
+    assert [code for code, _ in codes] == [0, EXIT_USER_ERROR], [job.output_text()[-2000:] for job in jobs]
+    loser = jobs[codes[1][1]].output_text()
+    assert "in use by another training run" in failure_line(loser), loser[-3000:]
+    assert summary_of(tmp_path / "run")["steps"] == STEPS
+    assert_same_adapter(tmp_path / "run", uninterrupted)
+    assert read_failures(tmp_path / "run") == []
