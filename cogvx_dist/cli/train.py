@@ -156,9 +156,27 @@ def _outcome(output_dir: str, launch_id: str, started: float, code: int) -> int:
         print(f"cogvx train: rank {first['rank']} ({first['host']}) ended the job: {first['message']}",
               file=sys.stderr)
         return int(first["exit_code"]) or failures.EXIT_FAILED
+    if _finished_since(output_dir, started):
+        from cogvx_dist.core.run_folder import RunFolder
+
+        print(f"cogvx train: the launcher exited with code {code}, but every rank finished first: the run is complete "
+              f"({RunFolder(output_dir).summary})", file=sys.stderr)
+        return 0
     print(f"cogvx train: the launcher exited with code {code} and no rank recorded why (see the output above)",
           file=sys.stderr)
     return code if code > 0 else failures.EXIT_FAILED
+
+
+def _finished_since(output_dir: str, started: float) -> bool:
+    """True when this launch's run wrote its summary: rank 0 writes it last, once every rank holds the same final
+    adapter, so the run finished even if its launcher was killed afterwards or ended with a signal."""
+    from cogvx_dist.core.run_folder import RunFolder
+
+    summary = RunFolder(output_dir).summary
+    try:
+        return summary.stat().st_mtime >= started
+    except OSError:
+        return False
 
 
 def _signal_group(group: int, signum: int) -> None:
