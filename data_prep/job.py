@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -193,6 +195,26 @@ class PrepJob:
 
     def run(self) -> PrepResult:
         """Encode what this rank's slice still lacks; the result says what was done."""
+        try:
+            return self._run()
+        except CogvxError as err:
+            self._end_mpi_job(err)
+            raise
+
+    def _end_mpi_job(self, err: CogvxError) -> None:
+        """Under MPI, end the whole job on this rank's own error (a full disk, a changed shard): the other ranks would
+        wait for it at the final barrier forever. `cogvx prep` aborts the MPI job for unexpected errors only, since
+        a CogvxError raised before the job starts (settings, inputs) is every rank's; one raised here may be this
+        rank's alone. The error line is printed here: Abort may end the process before the command line prints it
+        (Open MPI), or return while its launcher does so (MPICH), so the process then leaves at once."""
+        if self.ranks.comm is None or self.world < 2:
+            return
+        print(f"cogvx prep: error: {err} (rank {self.rank} of {self.world}: ending the MPI job)", file=sys.stderr,
+              flush=True)
+        self.ranks.comm.Abort(2)
+        os._exit(2)
+
+    def _run(self) -> PrepResult:
         todo = self._work_left()
         errors_path = shard_format.rank_errors_path(self.out, self.rank)
         with shardio.writing(errors_path):

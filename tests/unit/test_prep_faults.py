@@ -27,7 +27,7 @@ from cogvx_dist.core.synthetic_videos import make_synthetic_dataset, write_mp4
 from data_prep.config import PrepConfig
 from data_prep.job import run_prep
 from data_prep.shards import read_errors
-from tests.helpers import REPO, assert_one_line_error, clean_env, cli, run_cli
+from tests.helpers import REPO, assert_one_line_error, clean_env, cli, communicate_all, run_cli
 
 
 def _prep_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -315,3 +315,23 @@ def test_a_shard_changed_after_prep_is_refused_by_name_never_recorded_stale(two_
     with pytest.raises(CogvxError, match=rf"^{re.escape(str(own))}: {grown} bytes, sha256 \w+, but rank 0 recorded "):
         run_prep(config.replace(out=str(out), rank=0))
     assert own.stat().st_size == grown
+
+
+def test_under_mpi_a_rank_refusing_its_changed_shard_ends_the_job(tiny_checkpoint, clips, two_ranks, tmp_path):
+    """The other rank finishes and waits at the final barrier: the refusing rank must end the MPI job, not leave."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec next to the interpreter (pip install mpich)")
+    out = shutil.copytree(two_ranks[1], tmp_path / "out")
+    _append_member(out / "shard-r00000-000000.tar", 30_000)
+    proc = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, "-m", "cogvx_dist",
+                             *_prep_args(tiny_checkpoint("CogVideoX-2b"), clips.data, out)], cwd=REPO,
+                            env=clean_env(MASTER_ADDR="127.0.0.1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = communicate_all([proc], timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the MPI job hung: rank 1 waited at the final barrier for rank 0, which had refused its shard")
+    assert proc.returncode != 0, err
+    assert re.search(rf"cogvx prep: error: {re.escape(str(out))}/shard-r00000-000000.tar: \d+ bytes, .* changed "
+                     r"after prep wrote it.*\(rank 0 of 2: ending the MPI job\)", err), err
