@@ -59,7 +59,8 @@ def test_start_up_pauses_the_collector_and_its_end_freezes_what_was_built():
         assert gc.isenabled() and gc.get_freeze_count() >= len(built)
         frozen = gc.get_freeze_count()
         resume_garbage_collection()  # not paused: nothing to resume, nothing more frozen
-        assert gc.get_freeze_count() == frozen
+        # Not "==": frozen objects that other threads of the test process drop (xdist's, tqdm's) leave the count.
+        assert gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
         gc.enable()
