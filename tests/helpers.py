@@ -356,6 +356,10 @@ def write_checkpoint(run: Path, model: Path, step: int, seed: int) -> Path:
     from cogvx_dist.train.checkpoints import commit
 
     folder = RunFolder(run).checkpoint(step)
+    run_config = RunFolder(run).run_config
+    if not run_config.exists():  # a run writes it before any checkpoint: the folder is a run's
+        run_config.parent.mkdir(parents=True, exist_ok=True)
+        run_config.write_text("{}\n")
     make_adapter(model, folder / "lora", seed)
     commit(folder, {"step": step})
     return folder

@@ -582,6 +582,7 @@ def test_launch_check_reports_resume_point(shards, tmp_path, capsys):
     config, output = short_run_config(tmp_path, *shards)
     folder = RunFolder(output).checkpoint(2)
     folder.mkdir(parents=True)
+    RunFolder(output).run_config.write_text("{}\n")  # a run's folder: it writes this before any checkpoint
     (folder / COMMIT_MARKER).write_text(json.dumps({"step": 2, "position": 8, "world_size": 2}))
     code, out, err = launch_check(capsys, "--config", str(config), "--nodes", "2", "--launcher", "no-ssh")
     assert code == 0, err
