@@ -8,7 +8,6 @@ would run. It starts nothing.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -275,7 +274,7 @@ def _sequence_parallel_notes(parts: int, hosts: list[Host], data_ranks: int) -> 
 
 
 def _path_notes(config: Any, config_path: str) -> list[str]:
-    """Relative paths, an output folder that cannot be written, and where a restarted job resumes."""
+    """Relative paths, and where a restarted job resumes."""
     from cogvx_dist.train import checkpoints
 
     notes = []
@@ -283,10 +282,7 @@ def _path_notes(config: Any, config_path: str) -> list[str]:
                        ("output_dir", config.output_dir), ("config", config_path)):
         if value and not Path(value).is_absolute() and Path(value).exists():
             notes.append(f"{key} {value} is relative: every node must start in the same directory ({Path.cwd()})")
-    output = Path(config.output_dir)
-    existing = output if output.exists() else next((p for p in output.parents if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        raise CogvxError(f"output_dir {output}: cannot create or write it (nearest existing folder: {existing})")
+    output = Path(config.output_dir)  # whether it can be written: the pre-flight's check_output_dir, run before
     fresh = config.checkpoint.resume == "auto" and not output.exists()
     resume, passed_over = (None, []) if fresh else checkpoints.find_resume_point(config.output_dir,
                                                                                    config.checkpoint.resume)
