@@ -125,7 +125,7 @@ class ShardIndex:
         sample = self._raw(index)
         digest = self.samples.digest(index)
         if self.verify == "sha256" and digest and sample_digest(sample) != digest:
-            raise BadSample(shard, key, "sha256 differs from the manifest (damaged bytes)")
+            raise BadSample(shard, key, "sha256 differs from the manifest (damaged, or replaced since prep)")
         try:
             tensors, meta = decode_sample(sample)
         except Exception as err:  # any decode failure of stored bytes is a bad sample, never a crash
