@@ -231,9 +231,8 @@ def check_launch(request: LaunchRequest) -> LaunchCheck:
 
     hosts = cluster_hosts(request)
     world = sum(h.slots for h in hosts)
-    config = load_config(RunConfig, request.config, request.overrides)
+    config = load_config(RunConfig, request.config, request.overrides).at_world(world)
     data_ranks = config.data_parallel_size(world)
-    config.check_world(data_ranks)
     checks = preflight(config)  # includes the DeepSpeed JSON: a broken one fails here, not on every rank
     global_batch = check_batch_fits(config, checks.manifest, world)
     samples = checks.manifest.num_samples

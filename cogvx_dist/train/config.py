@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,8 +119,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     global_batch_size: int = 0
-    """Samples per optimizer step over all ranks; 0 derives it. If set, it must equal
-    micro_batch_size * grad_accum_steps * data-parallel ranks."""
+    """Samples per optimizer step over all ranks; 0 derives it (micro_batch_size x grad_accum_steps x data-parallel
+    ranks). If set, grad_accum_steps follows the world size: global_batch_size / (micro_batch_size x data-parallel
+    ranks), which must be whole; so a restart on more or fewer nodes (elastic training) trains the same batch."""
     on_nonfinite: Literal["fail", "skip_step"] = "fail"
     """A step whose loss is not finite on any rank: "fail" stops naming the samples and rank; "skip_step" applies no
     update on any rank (DeepSpeed skips it), counts it and goes on."""
@@ -158,6 +160,15 @@ class CheckpointConfig:
     preempt_grace_s: float = 20.0
     """Seconds from the signal within which the checkpoint must commit; past it the rank exits anyway (code 77).
     Keep it below the scheduler's notice (Kubernetes terminationGracePeriodSeconds, Slurm --signal lead time)."""
+    every_minutes: float = 0.0
+    """Also save once this many minutes have passed since the last save (or the launch), whatever every_steps says:
+    bounds the work a lost node costs an elastic run. Rank 0's clock decides, carried in the step's one all-reduce,
+    so all ranks save at the same step. 0: off."""
+
+    def validate(self) -> None:
+        """every_minutes is a duration or 0."""
+        if not self.every_minutes >= 0:
+            raise CogvxError(f"checkpoint.every_minutes must be 0 (off) or positive, got {self.every_minutes}")
 
 
 @dataclass
@@ -297,6 +308,7 @@ class RunConfig:
             parse_bytes(self.plan.gpu_memory, "plan.gpu_memory")
         if self.distributed.timeout_s <= 0 or self.distributed.stall_timeout_s < 0:
             raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
+        self.checkpoint.validate()
 
     def _check_evaluation(self) -> None:
         if self.log.peak_tflops < 0:
@@ -340,12 +352,22 @@ class RunConfig:
         return world_size // parts
 
     def check_world(self, data_parallel_size: int) -> int:
-        """The global batch size for `data_parallel_size` ranks; rejects an indivisible global_batch_size."""
-        derived = self.train.micro_batch_size * self.train.grad_accum_steps * data_parallel_size
-        if self.train.global_batch_size and self.train.global_batch_size != derived:
-            raise CogvxError(
-                f"train.global_batch_size={self.train.global_batch_size} is not micro_batch_size "
-                f"({self.train.micro_batch_size}) x grad_accum_steps ({self.train.grad_accum_steps}) x "
-                f"{data_parallel_size} ranks = {derived}"
-            )
-        return derived
+        """The global batch size for `data_parallel_size` ranks; rejects a global_batch_size no whole number of
+        accumulation steps gives."""
+        micro = self.train.micro_batch_size
+        if self.train.global_batch_size:
+            if self.train.global_batch_size % (micro * data_parallel_size):
+                raise CogvxError(
+                    f"train.global_batch_size={self.train.global_batch_size} is not micro_batch_size ({micro}) x "
+                    f"{data_parallel_size} data-parallel ranks x a whole number of grad_accum_steps")
+            return self.train.global_batch_size
+        return micro * self.train.grad_accum_steps * data_parallel_size
+
+    def at_world(self, world_size: int) -> RunConfig:
+        """This config as `world_size` ranks run it: with train.global_batch_size, grad_accum_steps follows."""
+        data_ranks = self.data_parallel_size(world_size)
+        global_batch = self.check_world(data_ranks)
+        if not self.train.global_batch_size:
+            return self
+        accum = global_batch // (self.train.micro_batch_size * data_ranks)
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, grad_accum_steps=accum))

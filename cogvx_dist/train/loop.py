@@ -53,6 +53,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     if threads and env_rank() == 0:
         rank_logger("cogvx.train", 0).info("CPU ranks: %d torch threads each (the node's cores shared; "
                                            "OMP_NUM_THREADS chooses)", threads)
+    config = config.at_world(env_world_size())  # an elastic restart may bring another world size
     checks = preflight(config)
     config, why = resolve_checkpointing(config, checks.checkpoint, checks.manifest, checks.ds_config,
                                         env_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
@@ -299,7 +300,7 @@ class Trainer:
         config = self.config
         dropout = config.train.caption_dropout if self.checks.empty_prompt is not None else 0.0
         draws = StepDraws(self.parts.context, config.train.seed, self.data.rank, config.train.grad_accum_steps,
-                          self.start_step + 1, dropout)
+                          self.start_step + 1, dropout, self.data.size)
         if self.checks.index is not None:
             split = BatchSplit(config.train.micro_batch_size, config.train.grad_accum_steps, self.data.rank,
                                self.data.size)

@@ -609,7 +609,8 @@ def test_launch_check_counts_data_parallel_ranks_with_sequence_parallelism(shard
 @pytest.mark.parametrize("setup,message", [
     ("bad-hostfile", "line 2: expected \"HOSTNAME slots=N\", got 'node-b slots=x'"),
     ("too-few-samples", "data.shards has 7 samples, fewer than one global batch of 8"),
-    ("indivisible", "train.global_batch_size=6 is not micro_batch_size (1) x grad_accum_steps (2) x 2 ranks = 4"),
+    ("indivisible", "train.global_batch_size=5 is not micro_batch_size (1) x 2 data-parallel ranks x a whole number "
+                    "of grad_accum_steps"),
     ("missing-shards", "data.shards"),
     ("bad-deepspeed-env", "line 2: '# tuning' is not NAME=VALUE"),
     ("no-cluster", "give --hostfile, or --nodes"),
@@ -627,7 +628,7 @@ def test_launch_check_errors_are_one_line(shards, tmp_path, capsys, monkeypatch,
     elif setup == "too-few-samples":
         args += ["--gpus-per-node", "2"]
     elif setup == "indivisible":
-        args += ["train.global_batch_size=6"]
+        args += ["train.global_batch_size=5"]
     elif setup == "missing-shards":
         args += [f"data.shards={tmp_path / 'nowhere'}"]
     elif setup == "bad-deepspeed-env":

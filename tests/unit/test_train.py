@@ -60,12 +60,15 @@ def test_config_file_that_is_not_text_is_one_error(tmp_path):
         load_config(RunConfig, path)
 
 
-def test_global_batch_must_match_ranks():
+def test_global_batch_sets_the_accumulation_at_each_world_size():
     config = load_config(RunConfig, None, ["model.path=m", "data.shards=s", "train.global_batch_size=6",
                                            "train.grad_accum_steps=2"])
     assert config.check_world(3) == 6
-    with pytest.raises(CogvxError, match="train.global_batch_size=6 is not"):
-        config.check_world(2)
+    assert [config.at_world(ranks).train.grad_accum_steps for ranks in (1, 2, 3, 6)] == [6, 3, 2, 1]
+    with pytest.raises(CogvxError, match="train.global_batch_size=6 is not micro_batch_size .1. x 4 data-parallel"):
+        config.check_world(4)
+    plain = load_config(RunConfig, None, ["model.path=m", "data.shards=s", "train.grad_accum_steps=2"])
+    assert plain.at_world(3).train.grad_accum_steps == 2 and plain.check_world(3) == 6
 
 
 @pytest.mark.parametrize("micro, accum, ranks", [(1, 1, 2), (2, 3, 2), (1, 2, 3)])
@@ -666,12 +669,12 @@ def test_loader_workers_draw_the_same_random_numbers_the_step_would(synthetic_sh
     info = describe_checkpoint(model)
     context = LossContext(info.family, info.transformer_config, load_scheduler(model))
     plan = BatchSplit(micro_batch_size=1, grad_accum_steps=2, dp_rank=1, dp_size=2)
-    draws = StepDraws(context, seed=5, rank=1, grad_accum_steps=2, first_step=4)  # resumed after step 3
+    draws = StepDraws(context, seed=5, rank=1, grad_accum_steps=2, first_step=4, dp_size=2)  # resumed after step 3
     batches = MicroBatches(ShardIndex(folder), plan, seed=5, start_position=3 * 4, steps=3, draws=draws)
     transformer = inject_lora(load_transformer(model), LoraSettings(rank=4, alpha=4.0), seed=0)
     for micro_index, batch in enumerate(make_loader(batches, num_workers=1)):
         step, micro_step = 4 + micro_index // 2, micro_index % 2
-        generator = torch.Generator().manual_seed(step_seed(5, step, micro_step, 1))
+        generator = torch.Generator().manual_seed(step_seed(5, step, micro_step * 2 + 1))  # the unit in the step
         plain = {name: value for name, value in batch.items() if name != "randomness"}
         here = draws.for_step(plain, step, micro_step)
         assert here.keys() == batch["randomness"].keys()
@@ -683,6 +686,41 @@ def test_loader_workers_draw_the_same_random_numbers_the_step_would(synthetic_sh
                                             torch.float32)
         assert torch.equal(from_loader, from_generator)
     assert micro_index == 5
+
+
+def test_a_unit_draws_the_same_random_numbers_at_any_world_size(synthetic_shards):
+    """Elastic restarts change the world size with the global batch fixed: each of a step's units (its samples by
+    position in the step) must get the same noise, timesteps and caption dropout whether 1, 2 or 4 ranks read
+    it with 4, 2 or 1 accumulation steps."""
+    from cogvx_dist.train.step.loss import StepDraws
+
+    model, folder = synthetic_shards([5, 3])
+    info = describe_checkpoint(model)
+    context = LossContext(info.family, info.transformer_config, load_scheduler(model))
+    index = ShardIndex(folder)
+    by_world = []
+    for ranks in (1, 2, 4):
+        accum = 4 // ranks
+        units: dict[tuple[int, tuple[str, ...]], dict[str, torch.Tensor]] = {}
+        for rank in range(ranks):
+            draws = StepDraws(context, seed=7, rank=rank, grad_accum_steps=accum, first_step=3, caption_dropout=0.5,
+                              dp_size=ranks)
+            batches = MicroBatches(index, BatchSplit(1, accum, rank, ranks), seed=7, start_position=2 * 4, steps=2,
+                                   draws=draws)
+            for micro_index in range(len(batches)):
+                batch = batches[micro_index]
+                step, micro_step = divmod(micro_index, accum)
+                units[(step, micro_step * ranks + rank)] = (tuple(batch["keys"]), batch["randomness"])
+        by_world.append(units)
+    assert len(by_world[0]) == 8
+    for units in by_world[1:]:
+        assert units.keys() == by_world[0].keys()
+        for unit, (keys, drawn) in units.items():
+            assert keys == by_world[0][unit][0]
+            assert all(torch.equal(drawn[name], by_world[0][unit][1][name]) for name in drawn)
+    steps = {unit[0] for unit in by_world[0]}
+    noises = [by_world[0][(step, 0)][1]["noise"] for step in sorted(steps)]
+    assert not torch.equal(noises[0], noises[1])  # each step draws anew
 
 
 def test_a_corrupt_index_that_matches_its_manifest_is_one_line_naming_it(synthetic_shards, tmp_path, capsys):

@@ -74,10 +74,12 @@ def rotary_embeddings(
     )
 
 
-def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+def step_seed(seed: int, step: int, unit: int) -> int:
     """The seed of the generator that draws a micro-batch's caption dropout, posterior sample, noise and
-    timesteps."""
-    return (seed * 1_000_003 + step * 10_007 + micro_step * 101 + rank) % (2**63 - 1)
+    timesteps: keyed by the micro-batch's unit number within its step (micro_step * data-parallel size + data rank,
+    the unit it reads; train/data/reader.py), not by rank, so a unit gets the same draws at any world size with the
+    global batch fixed (elastic restarts, resumes on another node count)."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + unit) % (2**63 - 1)
 
 
 CAPTION_DROPPED = "caption_dropped"
@@ -126,13 +128,17 @@ class StepDraws:
     context: LossContext
     seed: int
     rank: int
+    """The data-parallel rank (a sequence-parallel group's number)."""
     grad_accum_steps: int
     first_step: int
     """The optimizer step the loader's micro-batch 0 belongs to."""
     caption_dropout: float = 0.0
+    dp_size: int = 1
+    """Data-parallel ranks: with the rank, which of the step's units a micro-step reads."""
 
     def for_step(self, batch: dict[str, Any], step: int, micro_step: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(step_seed(self.seed, step, micro_step, self.rank))
+        unit = micro_step * self.dp_size + self.rank
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, unit))
         return draw_randomness(batch, self.context, generator, self.caption_dropout)
 
     def __call__(self, batch: dict[str, Any], micro_index: int) -> dict[str, torch.Tensor]:
