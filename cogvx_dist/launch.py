@@ -16,7 +16,7 @@ from typing import Any
 
 from cogvx_dist.core.errors import CogvxError
 
-LAUNCHERS = ("pdsh", "no-ssh", "mpi", "slurm")
+LAUNCHERS = ("pdsh", "no-ssh", "mpi", "slurm", "torchrun")
 DEFAULT_PORT = 29500
 # DeepSpeed's own hostfile rule (`^(\S+)\s+slots=(\d+)`), tightened: only a comment may follow the slots.
 _HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
@@ -171,6 +171,13 @@ def build_commands(launcher: str, hosts: list[Host], hostfile: str | None, confi
         return [(f"{hosts[0].name} (mpiexec starts all {world} ranks)",
                  _quote(["env", f"MASTER_ADDR={master_addr}", f"MASTER_PORT={master_port}", "mpiexec", "-n",
                          str(world), *place, "python", "-m", "cogvx_dist.train", *_train_args(config, overrides)]))]
+    if launcher == "torchrun":  # what launchers/train_torchrun.sh runs: torchrun's elastic agent on every node
+        nodes = limits.get("elastic") or str(nnodes)
+        return [(f"every node ({', '.join(h.name for h in hosts)})",
+                 _quote(["torchrun", "--nnodes", nodes, "--nproc-per-node", str(hosts[0].slots), "--max-restarts",
+                         str(limits.get("max_restarts") or 0), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                         f"{master_addr}:{master_port}", "--rdzv-id", "cogvx", "-m", "cogvx_dist.train",
+                         *_train_args(config, overrides)]))]
     if launcher == "slurm":
         gpus = hosts[0].slots
         return [("login node",
@@ -203,6 +210,22 @@ class LaunchRequest:
     """Rendezvous port."""
     deepspeed_env: str | None = None
     """The .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)."""
+    elastic: str | None = None
+    """MIN:MAX nodes of an elastic job (launcher torchrun): the global batch must be kept at every count."""
+    max_restarts: int = 3
+    """Worker-group restarts torchrun's agent makes after failures (a lost node costs one)."""
+
+
+def parse_node_range(text: str) -> tuple[int, int]:
+    """torchrun's --nnodes: N or MIN:MAX."""
+    low, _, high = text.partition(":")
+    try:
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise CogvxError(f"node range {text!r}: expected N or MIN:MAX (torchrun --nnodes)") from None
+    if not 1 <= lo <= hi:
+        raise CogvxError(f"node range {text!r}: expected MIN:MAX with 1 <= MIN <= MAX")
+    return lo, hi
 
 
 def cluster_hosts(request: LaunchRequest) -> list[Host]:
@@ -227,11 +250,14 @@ def check_launch(request: LaunchRequest) -> LaunchCheck:
     # Heavy imports here, so `cogvx --help` stays fast.
     from cogvx_dist.core.config_files import load_config
     from cogvx_dist.train.config import RunConfig
-    from cogvx_dist.train.preflight import check_batch_fits, preflight
+    from cogvx_dist.train.preflight import check_batch_fits, check_elastic_range, preflight
 
     hosts = cluster_hosts(request)
     world = sum(h.slots for h in hosts)
-    config = load_config(RunConfig, request.config, request.overrides).at_world(world)
+    config = load_config(RunConfig, request.config, request.overrides)
+    if request.elastic:
+        check_elastic_range(config, *parse_node_range(request.elastic), hosts[0].slots)
+    config = config.at_world(world)
     data_ranks = config.data_parallel_size(world)
     checks = preflight(config)  # includes the DeepSpeed JSON: a broken one fails here, not on every rank
     global_batch = check_batch_fits(config, checks.manifest, world)
@@ -244,7 +270,8 @@ def check_launch(request: LaunchRequest) -> LaunchCheck:
     master_addr = request.master_addr or hosts[0].name
     commands = build_commands(request.launcher, hosts, request.hostfile, request.config, list(request.overrides),
                               master_addr, request.master_port,
-                              {"nodes": request.nodes, "gpus_per_node": request.gpus_per_node})
+                              {"nodes": request.nodes, "gpus_per_node": request.gpus_per_node,
+                               "elastic": request.elastic, "max_restarts": request.max_restarts})
     return LaunchCheck(hosts, world, global_batch, samples, notes, commands)
 
 

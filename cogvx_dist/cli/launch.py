@@ -25,12 +25,17 @@ def configure(launch: argparse.ArgumentParser, name: str = "launch") -> None:
     check.add_argument("--gpus-per-node", type=int, help="ranks per node (default: the hostfile's slots, else 1)")
     check.add_argument("--launcher", choices=LAUNCHERS, default="pdsh",
                        help="how the job starts: pdsh (deepspeed --hostfile over ssh), no-ssh (per-node "
-                            "deepspeed --no_ssh), mpi (mpiexec + MPI discovery), slurm (sbatch)")
+                            "deepspeed --no_ssh), mpi (mpiexec + MPI discovery), slurm (sbatch), torchrun "
+                            "(torchrun's elastic agent on every node, c10d rendezvous)")
     check.add_argument("--world-size", type=int,
                        help="ranks the job starts (mpiexec -n N; --launcher mpi only): they fill the hosts' slots "
                             "in order (default: every slot)")
     check.add_argument("--master-addr", help="rendezvous address (default: the first host)")
     check.add_argument("--master-port", type=int, default=DEFAULT_PORT, help="rendezvous port")
+    check.add_argument("--elastic", metavar="MIN:MAX",
+                       help="an elastic job's node range (torchrun --nnodes MIN:MAX): refused unless the global batch "
+                            "is kept at every node count in it")
+    check.add_argument("--max-restarts", type=int, default=3, help="torchrun --max-restarts (launcher torchrun)")
     check.add_argument("--deepspeed-env", help="the .deepspeed_env to check (default: ./ and ~/ as DeepSpeed does)")
     check.add_argument("--quiet", action="store_true", help="print one line on success instead of the report")
     check.add_argument("overrides", nargs="*", help="section.key=value overrides, as passed to the job")
@@ -51,7 +56,8 @@ def run_check(args: argparse.Namespace) -> int:
     check = check_launch(LaunchRequest(
         config=args.config, overrides=list(args.overrides), hostfile=args.hostfile, nodes=args.nodes,
         gpus_per_node=args.gpus_per_node, launcher=args.launcher, world_size=args.world_size,
-        master_addr=args.master_addr, master_port=args.master_port, deepspeed_env=args.deepspeed_env))
+        master_addr=args.master_addr, master_port=args.master_port, deepspeed_env=args.deepspeed_env,
+        elastic=args.elastic, max_restarts=args.max_restarts))
     if args.quiet:
         print(f"cogvx launch check: ok ({len(check.hosts)} nodes, {check.world_size} ranks, global batch "
               f"{check.global_batch}, {check.samples} samples)", file=sys.stderr)

@@ -269,6 +269,41 @@ def check_batch_fits(config: RunConfig, manifest: Manifest, world_size: int) -> 
 
 def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -> None:
     """Refuse shards made for another family, VAE, text encoder or resolution, saying what differs."""
+def check_elastic_range(config: RunConfig, min_nodes: int, max_nodes: int, ranks_per_node: int) -> None:
+    """An elastic job (torchrun --nnodes MIN:MAX) must train the same global batch at every node count it may run
+    at: refuse, in one line naming the ranges that work, a range where no whole grad_accum_steps keeps it.
+    (DeepSpeed's own elasticity rules were removed from DeepSpeed; this is the same divisibility test.)"""
+    if not 1 <= min_nodes <= max_nodes:
+        raise CogvxError(f"elastic node range {min_nodes}:{max_nodes}: expected MIN:MAX with 1 <= MIN <= MAX")
+    if min_nodes == max_nodes:
+        return
+    if not config.train.global_batch_size:
+        raise CogvxError(f"elastic node range {min_nodes}:{max_nodes} needs train.global_batch_size: without it the "
+                         "global batch is micro_batch_size x grad_accum_steps x ranks and changes with the node count")
+
+    def keeps(nodes: int) -> bool:
+        try:
+            config.check_world(config.data_parallel_size(nodes * ranks_per_node))
+        except CogvxError:
+            return False
+        return True
+
+    bad = [nodes for nodes in range(min_nodes, max_nodes + 1) if not keeps(nodes)]
+    if not bad:
+        return
+    runs: list[list[int]] = []
+    for nodes in range(1, max(max_nodes, config.train.global_batch_size) + 1):
+        if keeps(nodes):
+            if runs and runs[-1][1] == nodes - 1:
+                runs[-1][1] = nodes
+            else:
+                runs.append([nodes, nodes])
+    working = ", ".join(f"{lo}:{hi}" for lo, hi in runs) or "none"
+    raise CogvxError(f"elastic node range {min_nodes}:{max_nodes}: train.global_batch_size "
+                     f"{config.train.global_batch_size} cannot be kept at {bad[0]} node(s) x {ranks_per_node} ranks "
+                     f"(micro_batch_size {config.train.micro_batch_size}); node ranges that keep it: {working}")
+
+
     family = checkpoint.family
     config = checkpoint.transformer_config
     problems = []

@@ -327,9 +327,24 @@ def test_train_torchrun_dry_run():
     result = dry_run("train_torchrun.sh", "run.yaml", "train.max_steps=5", NNODES="2", GPUS_PER_NODE="4",
                      MASTER_ADDR="node0", RDZV_ID="job9", CHECK="0")
     assert result.returncode == 0, result.stderr
-    assert command_lines(result.stdout) == [["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-backend",
-                                             "c10d", "--rdzv-endpoint", "node0:29500", "--rdzv-id", "job9", "-m",
-                                             "cogvx_dist.train", "--config", "run.yaml", "train.max_steps=5"]]
+    assert command_lines(result.stdout) == [["torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--max-restarts",
+                                             "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29500",
+                                             "--rdzv-id", "job9", "--rdzv-conf", "join_timeout=600,last_call_timeout=5",
+                                             "-m", "cogvx_dist.train", "--config", "run.yaml", "train.max_steps=5"]]
+
+
+def test_train_torchrun_elastic_dry_run():
+    """NNODES=MIN:MAX: the check is asked about the range (--elastic) and torchrun gets it with restarts."""
+    result = dry_run("train_torchrun.sh", "run.yaml", NNODES="2:4", GPUS_PER_NODE="1", MASTER_ADDR="node0",
+                     RDZV_ID="job9")
+    assert result.returncode == 0, result.stderr
+    check, launch = command_lines(result.stdout)
+    assert check[check.index("--elastic") + 1] == "2:4" and check[check.index("--nodes") + 1] == "4"
+    assert check[check.index("--launcher") + 1] == "torchrun"
+    assert launch[:6] == ["torchrun", "--nnodes", "2:4", "--nproc-per-node", "1", "--max-restarts"]
+    assert launch[6] == "3"
+    bad = dry_run("train_torchrun.sh", "run.yaml", NNODES="2:x", CHECK="0")
+    assert bad.returncode == 2 and "NNODES must be N or MIN:MAX, got '2:x'" in bad.stderr
 
 
 def test_train_pdsh_dry_run(tmp_path):
@@ -656,3 +671,23 @@ def test_deepspeed_env_example_is_what_deepspeed_accepts():
     assert "NCCL_SOCKET_IFNAME" in names and len(names) == len(set(names))
     hosts = parse_hostfile((LAUNCHERS / "hostfile.example").read_text())
     assert len(hosts) == 2 and all(h.slots == 8 for h in hosts)
+
+
+def test_launch_check_refuses_an_elastic_range_that_cannot_keep_the_global_batch(shards, tmp_path, capsys):
+    """The pre-flight of an elastic job: at 4 nodes x 1 rank no whole accumulation gives 6 samples a step, so
+    2:4 is refused in one line that says which ranges work; 2:3 passes and torchrun gets the range."""
+    config, _ = short_run_config(tmp_path, *shards)
+    args = ["--config", str(config), "--launcher", "torchrun", "train.global_batch_size=6"]
+    code, out, err = launch_check(capsys, *args, "--nodes", "4", "--elastic", "2:4")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and out == "" and len(lines) == 1
+    assert ("elastic node range 2:4: train.global_batch_size 6 cannot be kept at 4 node(s) x 1 ranks "
+            "(micro_batch_size 1); node ranges that keep it: 1:3, 6:6") in lines[0]
+    code, out, err = launch_check(capsys, *args, "--nodes", "3", "--elastic", "2:3", "--max-restarts", "5")
+    assert code == 0, err
+    assert "nodes: 3  ranks: 3  global batch: 6" in out
+    assert "torchrun --nnodes 2:3 --nproc-per-node 1 --max-restarts 5 --rdzv-backend c10d" in out
+    code, _, err = launch_check(capsys, "--config", str(config), "--nodes", "3", "--elastic", "2:3")
+    assert code == 2 and "elastic node range 2:3 needs train.global_batch_size" in err
+    code, _, err = launch_check(capsys, *args, "--nodes", "3", "--elastic", "3:2")
+    assert code == 2 and "expected MIN:MAX with 1 <= MIN <= MAX" in err
