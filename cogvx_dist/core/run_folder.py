@@ -5,6 +5,8 @@ a run (sample --watch, report, demo, launch check).
     RUN/ds_config.json           the resolved DeepSpeed config
     RUN/metrics.jsonl            one JSON object per logged optimizer step
     RUN/tensorboard/             TensorBoard events (validation/ below it for `cogvx sample --watch`)
+    RUN/wandb/, RUN/mlflow/      Weights & Biases' offline runs, MLflow's SQLite store (log.trackers; train/trackers.py)
+    RUN/trackers.json            those trackers' run ids, for a resume to continue them
     RUN/trace/rank-RRRRR.jsonl   sample keys per step and rank (log.sample_trace)
     RUN/checkpoints/step-SSSSSSSS/   one checkpoint; counts only once COMMITTED.json exists
         COMMITTED.json               the commit marker, written last: step, position, every file's size

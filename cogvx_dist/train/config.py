@@ -208,8 +208,21 @@ class LogConfig:
 
     every_steps: int = 1
     """Log metrics every this many optimizer steps."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files under output_dir/tensorboard."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 sends what metrics.jsonl records (under the TensorBoard tags, e.g. train/loss) and, except
+    TensorBoard, the run config: tensorboard (output_dir/tensorboard), wandb (Weights & Biases, output_dir/wandb,
+    see log.wandb_mode), mlflow (MLFLOW_TRACKING_URI, else a SQLite store in output_dir/mlflow). wandb and mlflow
+    need `pip install 'cogvx-dist[trackers]'`."""
+    tensorboard: bool | None = None
+    """The older TensorBoard switch, kept so existing configs mean what they meant: false leaves tensorboard out of
+    log.trackers, true adds it; unset (null): log.trackers alone decides."""
+    project: str = "cogvx"
+    """The wandb project and the MLflow experiment the run is filed under."""
+    run_name: str = ""
+    """The run's name in wandb and MLflow; empty: the output_dir folder's name."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: wandb writes output_dir/wandb/ and nothing else (`wandb sync output_dir/wandb/offline-run-*`
+    uploads it later); online: it also streams to the W&B server (rank 0's node needs `wandb login` and network)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
     sample_trace: bool = False
@@ -222,6 +235,15 @@ class LogConfig:
     the whole of data.eval_shards at fixed timesteps and fixed noise and log eval/loss; 0: never."""
     eval_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     """The timesteps every held-out sample is evaluated at (eval/loss_tNNN logs each one's mean)."""
+
+    def tracker_names(self) -> list[str]:
+        """The trackers in use: log.trackers, each once, with log.tensorboard applied."""
+        names = list(dict.fromkeys(self.trackers))
+        if self.tensorboard is False and "tensorboard" in names:
+            names.remove("tensorboard")
+        if self.tensorboard and "tensorboard" not in names:
+            names.insert(0, "tensorboard")
+        return names
 
 
 @dataclass

@@ -133,8 +133,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the resume point to train.max_steps; returns the run summary (Preempted on a signal)."""
         config = self.config
-        metrics = MetricsWriter(self.run.root, enabled=self.ranks.is_main, tensorboard=config.log.tensorboard,
-                                resume_step=self.start_step)
+        metrics = MetricsWriter.for_run(config, enabled=self.ranks.is_main, resume_step=self.start_step)
         trace = SampleTrace(self.run.root, self.ranks.rank) if config.log.sample_trace else None
         progress = self._progress_bar()
         resume_garbage_collection()

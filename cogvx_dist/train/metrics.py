@@ -1,5 +1,6 @@
-"""Training metrics as a run produces them: the throughput window between log lines, metrics.jsonl and TensorBoard
-(rank 0), and the per-rank sample trace. What each metric is, and reading them back: core/metric_table.py."""
+"""Training metrics as a run produces them: the throughput window between log lines, metrics.jsonl, TensorBoard and
+the other trackers (rank 0), and the per-rank sample trace. What each metric is, and reading them back:
+core/metric_table.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from typing import Any
 
 import torch
 
+from cogvx_dist.core.config_files import to_dict
+from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.metric_table import metric, tensorboard_tag
 from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.trackers import Tracker, open_trackers
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -87,9 +92,11 @@ class StepMeter:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to output_dir/metrics.jsonl, mirrored to TensorBoard."""
+    """Appends one JSON object per logged step to output_dir/metrics.jsonl, mirrored to TensorBoard and the other
+    trackers of log.trackers (train/trackers.py) under the same TensorBoard tags."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int = 0) -> None:
+    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool, resume_step: int = 0,
+                 trackers: list[Tracker] | None = None) -> None:
         run = RunFolder(output_dir)
         self.enabled = enabled
         self.path = run.metrics
@@ -99,6 +106,15 @@ class MetricsWriter:
 
             # purge_step hides the events an earlier run logged after the step this run resumes from.
             self._tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1 if resume_step else None)
+        self._trackers = list(trackers or []) if enabled else []
+
+    @classmethod
+    def for_run(cls, config: RunConfig, enabled: bool, resume_step: int = 0) -> MetricsWriter:
+        """The writer of a training run: log.trackers opened (on the rank that writes, `enabled`), the run config
+        given to each as its config."""
+        names = config.log.tracker_names()
+        trackers = open_trackers(config.output_dir, config.log, to_dict(config), resume_step) if enabled else []
+        return cls(config.output_dir, enabled, "tensorboard" in names, resume_step, trackers)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record `values` for optimizer step `step` (every name must have its row in the metric table)."""
@@ -108,15 +124,28 @@ class MetricsWriter:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
+        scalars = {tensorboard_tag(name): value for name, value in values.items()
+                   if isinstance(value, (int, float))}
         if self._tb is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(tensorboard_tag(name), value, step)
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
+        texts = {tensorboard_tag(name): value for name, value in values.items() if isinstance(value, str)}
+        for tracker in list(self._trackers):
+            try:
+                tracker.log(step, scalars, texts)
+            except Exception as err:  # a tracker's outage must not end a run: metrics.jsonl goes on
+                rank_logger("cogvx.train", 0).warning(
+                    "log.trackers: %s failed at step %d (%s: %s); it gets no more metrics in this run, "
+                    "metrics.jsonl has them all", tracker.name, step, type(err).__name__, err)
+                self._trackers.remove(tracker)
 
     def close(self) -> None:
-        """Flush and close TensorBoard."""
+        """Flush and close TensorBoard; end each tracker's run."""
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 class SampleTrace:

@@ -21,6 +21,7 @@ from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.data.mixture import MixedIndex, combined_manifest
 from cogvx_dist.train.data.reader import ShardIndex, listed_buckets
 from cogvx_dist.train.data.streaming import is_remote, read_remote_manifest
+from cogvx_dist.train.trackers import check_trackers
 
 
 @dataclass
@@ -48,6 +49,7 @@ def preflight(config: RunConfig) -> Preflight:
     import torch
 
     check_output_dir(config.output_dir)
+    check_trackers(config.log)
     checkpoint = describe_checkpoint(config.model.path)
     if config.data.streaming and not is_remote(config.data.shards):
         raise CogvxError(f"data.streaming is on but data.shards {config.data.shards!r} is a local folder: streaming "
