@@ -53,8 +53,14 @@ class PrepConfig:
     """CogVideo layout: the conditioning-image list's name (default: images.txt, when present)."""
     model_id: str | None = None
     """Name recorded in the manifest as the model (e.g. the hub id); defaults to `model`."""
-    frames: int | None = None
-    """Pixel frames per sample; must be valid for the family (8N+1 / 16N+1). Default: the checkpoint's."""
+    frames: int | list[int] | None = None
+    """Pixel frames per sample, or several (frame buckets: a list, or "49,25"); each must be valid for the family
+    (8N+1 / 16N+1). A clip goes to the longest frame bucket it fills at the target rate; one shorter than the
+    shortest is refused. Default: the checkpoint's."""
+    clips_per_video: int = 1
+    """Up to this many clips from one video: non-overlapping windows of the clip length, spread evenly from the
+    video's start to its end (the same ones on every run), each its own sample keyed KEY-w01, KEY-w02, ... 1: one
+    clip from the start, keyed KEY (as before)."""
     buckets: list[tuple[int, int]] = field(default_factory=list)
     """Resolution buckets as (height, width); each clip goes to the bucket closest in aspect ratio. Default: the
     checkpoint's resolution. The first bucket is the manifest's height/width."""
@@ -103,7 +109,7 @@ class PrepConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "prep config") -> PrepConfig:
         """Build from a mapping with the shared config loader (unknown keys and wrong types are rejected by name);
-        `buckets` may be given as "HxW" strings and `shard_max_bytes` as "512MiB"."""
+        `buckets` may be given as "HxW" strings, `frames` as "49,25" and `shard_max_bytes` as "512MiB"."""
         from cogvx_dist.core.config_files import from_dict
 
         values = dict(values)
@@ -111,6 +117,8 @@ class PrepConfig:
             buckets = values.get("buckets")
             if isinstance(buckets, (list, tuple)):
                 values["buckets"] = [parse_size(b, "buckets") for b in buckets]
+            if isinstance(values.get("frames"), str):
+                values["frames"] = parse_frame_counts([values["frames"]], "frames")
             if isinstance(values.get("shard_max_bytes"), str):
                 values["shard_max_bytes"] = parse_bytes(values["shard_max_bytes"], "shard_max_bytes")
             return from_dict(cls, values)
@@ -131,6 +139,13 @@ class PrepConfig:
     def template(self) -> str:
         """The prompt template in effect ({prompt} alone when none is given)."""
         return self.prompt_template or f"{self.prompt_prefix}{PROMPT_SLOT}"
+
+    def frame_counts(self) -> list[int]:
+        """The frame buckets given, longest first (empty: the checkpoint's default)."""
+        if self.frames is None:
+            return []
+        counts = [self.frames] if isinstance(self.frames, int) else list(self.frames)
+        return sorted(counts, reverse=True)
 
     def check_basic(self) -> None:
         """Checks that need no checkpoint; each error names the key."""
@@ -157,6 +172,17 @@ class PrepConfig:
             raise CogvxError(f"target_fps must be > 0, not {self.target_fps}")
         if self.frame_stride is not None and self.frame_stride < 1:
             raise CogvxError(f"frame_stride must be >= 1, not {self.frame_stride}")
+        counts = [] if self.frames is None else [self.frames] if isinstance(self.frames, int) else list(self.frames)
+        if isinstance(self.frames, list) and not counts:
+            raise CogvxError("frames: an empty list; give one frame count or several, e.g. 49,25")
+        for count in counts:
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise CogvxError(f"frames must be whole numbers >= 1, not {count!r}")
+        if len(set(counts)) != len(counts):
+            raise CogvxError("frames: a frame count is listed twice")
+        if self.clips_per_video < 1:
+            raise CogvxError(f"clips_per_video must be >= 1 (1: one clip from each video's start), not "
+                             f"{self.clips_per_video}")
         if self.image_noise_samples < 0:
             raise CogvxError(f"image_noise_samples must be >= 0 (0: none), not {self.image_noise_samples}")
         for key in ("text_batch_size", "vae_batch_size", "decode_workers", "text_chunk", "shard_max_bytes",
@@ -182,17 +208,23 @@ class PrepConfig:
 
     def check_family(self, family: Any, default_frames: int, transformer_config: dict[str, Any] | None = None) -> int:
         """Checks against the model family (and, given the checkpoint's transformer config, each bucket against the
-        largest size its rotary grid takes); returns the frame count to use."""
-        frames = self.frames if self.frames is not None else default_frames
-        if not family.is_valid_frame_count(frames):
-            valid = family.valid_frame_counts()
-            raise CogvxError(
-                f"frames: {frames} is not valid for {family.name} (valid: {valid[0]}, {valid[1]}, ..., {valid[-1]}; "
-                f"{family.frame_multiple}N+1)"
-            )
-        if family.use_learned_positional_embeddings and frames != default_frames:
-            raise CogvxError(f"frames: {family.name} learned its position embeddings for {default_frames} frames, "
-                             f"not {frames}")
+        largest size its rotary grid takes); returns the longest frame count (see frame_buckets)."""
+        return self.frame_buckets(family, default_frames, transformer_config)[0]
+
+    def frame_buckets(self, family: Any, default_frames: int,
+                      transformer_config: dict[str, Any] | None = None) -> list[int]:
+        """The frame counts to prep, longest first, each checked against the family (as check_family)."""
+        counts = self.frame_counts() or [default_frames]
+        for frames in counts:
+            if not family.is_valid_frame_count(frames):
+                valid = family.valid_frame_counts()
+                raise CogvxError(
+                    f"frames: {frames} is not valid for {family.name} (valid: {valid[0]}, {valid[1]}, ..., "
+                    f"{valid[-1]}; {family.frame_multiple}N+1)"
+                )
+            if family.use_learned_positional_embeddings and frames != default_frames:
+                raise CogvxError(f"frames: {family.name} learned its position embeddings for {default_frames} "
+                                 f"frames, not {frames}")
         if transformer_config is not None:
             # Prep itself never runs the transformer: without this a bucket past CogVideoX 1.5's rotary grid is only
             # found when training starts. (Other sizes 5b-I2V's learned positions refuse stay allowed here, as before:
@@ -201,4 +233,17 @@ class PrepConfig:
                 problem = family.position_grid_problem(height, width, transformer_config)
                 if problem:
                     raise CogvxError(f"buckets: {problem}")
-        return frames
+        return counts
+
+
+def parse_frame_counts(values: list[Any], key: str = "--frames") -> list[int]:
+    """Frame counts from repeated flags and/or comma lists ("49,25"), in the order given; a one-line error naming
+    `key` for anything that is not a whole number."""
+    counts = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part.isdigit():
+                raise CogvxError(f"{key}: {value!r} is not a frame count or a comma list of them (e.g. 49 or 49,25)")
+            counts.append(int(part))
+    return counts

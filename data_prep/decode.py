@@ -1,5 +1,6 @@
 """Video decoding with PyAV: display rotation, frame selection by stride or target fps (by presentation time for
-variable frame rate clips), bucket choice, resize + center crop.
+variable frame rate clips), frame buckets (the longest clip length a video fills), several clips from one long video
+(`decode_windows`), bucket choice, resize + center crop.
 
 Decoding returns uint8 frames [F, H, W, 3]; `to_model_input` moves them to the encoder's device and scales them to
 [-1, 1] there (uint8 is 4x less to copy to a GPU than float32).
@@ -7,9 +8,10 @@ Decoding returns uint8 frames [F, H, W, 3]; `to_model_input` moves them to the e
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -43,6 +45,22 @@ class Clip:
     rotation: int = 0
     """Degrees (0, 90, 180, 270) the source frames were turned clockwise to stand upright, from the stream's display
     matrix: phones store portrait video as landscape frames with one."""
+    window: int = 0
+    """Which of the video's clips this is (0-based; decode_windows)."""
+    windows: int = 1
+    """How many clips the video gives (decode_windows; 1 for decode_video)."""
+    start: float = 0.0
+    """Seconds from the video's first frame to this clip's first frame."""
+
+    @property
+    def seconds(self) -> float:
+        """How long the clip lasts at its effective rate (0 for a single image)."""
+        return self.frames.shape[0] / self.fps if self.fps > 0 else 0.0
+
+    @property
+    def crop_fraction(self) -> float:
+        """The fraction of each upright source frame cut off to fit the bucket."""
+        return crop_fraction(self.source_size, (self.frames.shape[1], self.frames.shape[2]))
 
 
 MAX_FRAME_SIDE = 8192
@@ -94,6 +112,21 @@ def resized_size(height: int, width: int, bucket: tuple[int, int]) -> tuple[int,
     bh, bw = bucket
     scale = max(bh / height, bw / width)
     return max(bh, round(height * scale)), max(bw, round(width * scale))
+
+
+def crop_fraction(source_size: Sequence[int], bucket: Sequence[int]) -> float:
+    """The fraction of a frame of `source_size` (height, width) that the center crop to `bucket` cuts off, after the
+    frame is scaled to cover the bucket (resized_size): 0 for a frame of the bucket's shape."""
+    height, width = int(source_size[0]), int(source_size[1])
+    if height <= 0 or width <= 0:
+        return 0.0
+    covering = resized_size(height, width, (int(bucket[0]), int(bucket[1])))
+    return max(0.0, 1.0 - (bucket[0] * bucket[1]) / (covering[0] * covering[1]))
+
+
+def frame_buckets(frames: int | Sequence[int]) -> list[int]:
+    """A frame count or several as frame buckets, longest first."""
+    return [int(frames)] if isinstance(frames, (int, np.integer)) else sorted(map(int, frames), reverse=True)
 
 
 def center_crop(array: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
@@ -294,13 +327,14 @@ class _Gaps:
 
 def decode_video(
     path: str | Path,
-    frames: int,
+    frames: int | Sequence[int],
     buckets: list[tuple[int, int]],
     target_fps: float | None = None,
     stride: int | None = None,
     default_fps: float = 8.0,
 ) -> Clip:
-    """Decode `frames` frames of a video, turned upright, resized and center-cropped to the best bucket.
+    """Decode `frames` frames of a video, turned upright, resized and center-cropped to the best bucket. With several
+    frame counts (frame buckets), as many as the longest of them the video fills.
 
     A display rotation (phones' portrait video) is applied first and the bucket is chosen by the upright shape.
     Frames are taken by index (source_fps / target_fps apart, or `stride` apart). With a target fps, a clip whose
@@ -308,6 +342,208 @@ def decode_video(
     (NearestFrames): the index rule stays for even clips, where it chooses exactly what it always chose.
     Raises BadInput (missing, empty, unreadable, no video stream, too short) with the reason.
     """
+    counts = frame_buckets(frames)
+    path = _check_file(path)
+    container = _open(path)
+    try:
+        stream = _video_stream(container)
+        source_fps = _stream_rate(stream, default_fps, buckets)
+        decoded = _Decoded(container, stream)
+        frames_in = iter(decoded)
+        first = next(frames_in, None)
+        rotation, upright, pictures = _upright_pictures(first, stream, buckets)
+        wanted, step = frame_indices(counts[0], source_fps, target_fps, stride)
+        # Only a target fps that skips frames asks for timing; a stride is by index whatever the timestamps.
+        by_time = target_fps is not None and stride is None and step > 1.0
+        array = _by_index(itertools.chain([first] if first is not None else [], frames_in), decoded, wanted, step,
+                          source_fps, pictures, path, stop_if_uneven=by_time, counts=counts)
+    finally:
+        container.close()
+    if array is not None:
+        return Clip(array, source_fps / step, source_fps, step, upright, rotation)
+    assert target_fps is not None
+    pictures = _Pictures(rotation, pictures.bucket, pictures.resized)  # a fresh filter graph: times restart
+    container = _open(path)
+    try:
+        stream = _video_stream(container)
+        array, chosen, times = _by_time(container, stream, counts, target_fps, pictures, path)
+    finally:
+        container.close()
+    span = float(times[-1] - times[0])
+    fps = (len(times) - 1) / span if span > 0 else float(target_fps)
+    frame_step = (chosen[-1] - chosen[0]) / (len(chosen) - 1) if len(chosen) > 1 else step
+    return Clip(array, fps, source_fps, frame_step, upright, rotation)
+
+
+def decode_windows(
+    path: str | Path,
+    frames: int | Sequence[int],
+    buckets: list[tuple[int, int]],
+    target_fps: float | None = None,
+    stride: int | None = None,
+    default_fps: float = 8.0,
+    windows: int = 1,
+    skip: Collection[int] = (),
+) -> tuple[int, list[Clip]]:
+    """Up to `windows` clips of one video: (how many it gives, the clips but those numbered in `skip`).
+
+    The clips are of the longest frame bucket the video fills once, non-overlapping, the first at the video's start,
+    the last as near its end as the last one fits, the others evenly between; the same on every run. With
+    `windows` 1 this is decode_video's one clip. The frame count and timestamps come from the container's packets
+    (read without decoding), then one decoding pass takes every clip's frames; a clip whose timestamps are uneven
+    (variable frame rate, by the whole video's packets) is timed as decode_video times it. A video too short for one
+    clip, or whose packets do not say, is decode_video's (one clip, or its reason). Every clip is held until the
+    video is decoded: a process holds up to `windows` clips per video in flight.
+    """
+    if windows == 1:
+        return 1, ([] if 0 in skip else [decode_video(path, frames, buckets, target_fps, stride, default_fps)])
+    counts = frame_buckets(frames)
+    path = _check_file(path)
+    container = _open(path)
+    try:
+        stream = _video_stream(container)
+        source_fps = _stream_rate(stream, default_fps, buckets)
+        packets = _packet_times(container, stream)
+    finally:
+        container.close()
+    _, step = frame_indices(1, source_fps, target_fps, stride)
+    by_time = target_fps is not None and stride is None and step > 1.0 and packets.uneven
+    plan = (_plan_by_time(packets, counts, target_fps, windows) if by_time
+            else _plan_by_index(packets.count, counts, source_fps, target_fps, stride, windows))
+    if plan is None:
+        return 1, ([] if 0 in skip else [decode_video(path, frames, buckets, target_fps, stride, default_fps)])
+    starts, chosen = plan
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for window, numbers in enumerate(chosen):
+        if window not in skip:
+            for position, number in enumerate(numbers):
+                wanted.setdefault(number, []).append((window, position))
+    clips: dict[int, list[np.ndarray | None]] = {w: [None] * len(chosen[w]) for w in range(len(chosen))
+                                                 if w not in skip}
+    if not wanted:
+        return len(chosen), []
+    container = _open(path)
+    try:
+        stream = _video_stream(container)
+        decoded = _Decoded(container, stream)
+        frames_in = iter(decoded)
+        first = next(frames_in, None)
+        rotation, upright, pictures = _upright_pictures(first, stream, buckets)
+        last, number, previous = max(wanted), -1, None
+        for frame in itertools.chain([first] if first is not None else [], frames_in):
+            if by_time:  # numbered as _packet_times numbers them: by time, passing over frames it cannot time
+                time = decoded.time(frame)
+                if time is None or (previous is not None and time <= previous):
+                    continue
+                previous = time
+            number += 1
+            if number in wanted:
+                picture = pictures(frame)
+                for window, position in wanted[number]:
+                    clips[window][position] = picture
+            if number >= last:
+                break
+    finally:
+        container.close()
+    if number < last:
+        _raise_corrupt(decoded, path)
+        raise BadInput(f"decoded {number + 1} frames where its packets promise {packets.count}: clip "
+                       f"{min(w for n, ws in wanted.items() if n > number for w, _ in ws) + 1} of {len(chosen)} "
+                       "cannot be made")
+    result = []
+    for window, pictured in clips.items():
+        numbers = chosen[window]
+        if by_time:
+            span = float(packets.times[numbers[-1]] - packets.times[numbers[0]])
+            fps = (len(numbers) - 1) / span if span > 0 else float(target_fps or 0)
+            frame_step = (numbers[-1] - numbers[0]) / (len(numbers) - 1) if len(numbers) > 1 else step
+        else:
+            fps, frame_step = source_fps / step, step
+        result.append(Clip(np.stack(pictured), fps, source_fps, frame_step, upright, rotation, window, len(chosen),
+                           round(starts[window], 6)))
+    return len(chosen), result
+
+
+@dataclass
+class _Packets:
+    """What a video's packets say without decoding: how many frames, and their presentation times in order."""
+
+    count: int
+    """Packets holding a frame."""
+    times: list[Fraction]
+    """Their times in seconds, sorted (empty when a packet has no timestamp, or two share one)."""
+    end: Fraction | None
+    """When the last frame stops showing (its time plus its duration, else plus the last gap)."""
+    uneven: bool
+    """The timestamps are uneven (as _Gaps judges them)."""
+
+
+def _packet_times(container: Any, stream: Any) -> _Packets:
+    count, ticks, durations = 0, [], {}
+    for packet in container.demux(stream):
+        if not packet.size:  # the demuxer's flush packet
+            continue
+        count += 1
+        ticks.append(packet.pts)
+        durations[packet.pts] = packet.duration
+    if None in ticks or len(set(ticks)) != len(ticks) or stream.time_base is None:
+        return _Packets(count, [], None, False)
+    ticks.sort()
+    gaps = _Gaps()
+    for tick in ticks:
+        gaps.add(tick)
+    base = Fraction(stream.time_base)
+    times = [tick * base for tick in ticks]
+    shown = (durations[ticks[-1]] or 0) * base or (times[-1] - times[-2] if len(times) > 1 else Fraction(0))
+    return _Packets(count, times, times[-1] + shown if times else None, gaps.uneven)
+
+
+def _spread(room: float, windows: int) -> list[float]:
+    """Offsets of `windows` clips spread evenly over `room` (the first at 0, the last at `room`)."""
+    return [0.0] if windows == 1 else [i * room / (windows - 1) for i in range(windows)]
+
+
+def _plan_by_index(count: int, counts: list[int], source_fps: float, target_fps: float | None, stride: int | None,
+                   windows: int) -> tuple[list[float], list[list[int]]] | None:
+    """(start seconds, frame numbers) of each clip for the longest frame bucket that fits once in `count` frames;
+    None when none does."""
+    for frames in counts:
+        wanted, _ = frame_indices(frames, source_fps, target_fps, stride)
+        need = wanted[-1] + 1
+        fit = min(windows, count // need)
+        if fit:
+            # Rounding an offset never brings two clips closer than `need`: the spacing is at least `need`, whole.
+            starts = [round(offset) for offset in _spread(count - need, fit)]
+            return [start / source_fps for start in starts], [[start + i for i in wanted] for start in starts]
+    return None
+
+
+def _plan_by_time(packets: _Packets, counts: list[int], target_fps: float | None,
+                  windows: int) -> tuple[list[float], list[list[int]]] | None:
+    """(start seconds, frame numbers) of each clip, chosen by time (NearestFrames from each clip's first frame), for
+    the longest frame bucket that fits once; as many clips as fit without sharing a frame. None when none fits."""
+    assert target_fps is not None and packets.end is not None
+    times, period = packets.times, 1 / Fraction(target_fps)
+    total = packets.end - times[0]
+    for frames in counts:
+        span = frames * period  # a clip's frames show for about this long
+        for fit in range(min(windows, int(total / span)), 0, -1):
+            firsts = [bisect.bisect_left(times, times[0] + Fraction(offset))
+                      for offset in _spread(float(total - span), fit)]
+            chosen = []
+            for i, first in enumerate(firsts):
+                numbers = [first + n for n in nearest_frames(times[first:], frames, target_fps, packets.end)]
+                limit = firsts[i + 1] if i + 1 < len(firsts) else len(times)
+                if len(numbers) < frames or numbers[-1] >= limit:
+                    break
+                chosen.append(numbers)
+            if len(chosen) == fit:
+                return [float(times[first] - times[0]) for first in firsts], chosen
+    return None
+
+
+def _check_file(path: str | Path) -> Path:
+    """BadInput for a path that cannot be a video file, before anything opens it."""
     path = Path(path)
     if not path.exists():
         raise BadInput("missing file")
@@ -315,42 +551,26 @@ def decode_video(
         raise BadInput("is a folder, not a video file")
     if path.stat().st_size == 0:
         raise BadInput("empty file (0 bytes)")
-    container = _open(path)
-    try:
-        stream = _video_stream(container)
-        source_fps = float(stream.average_rate) if stream.average_rate else float(default_fps)
-        height, width = stream.codec_context.height, stream.codec_context.width
-        if not height or not width:
-            raise BadInput("video stream has no frame size")
-        _refuse_frame_size(height, width, buckets)  # from the stream's header: nothing is decoded yet
-        decoded = _Decoded(container, stream)
-        frames_in = iter(decoded)
-        first = next(frames_in, None)
-        rotation = display_rotation(first) if first is not None else 0
-        upright = (width, height) if rotation in (90, 270) else (height, width)
-        bucket = choose_bucket(*upright, buckets)
-        pictures = _Pictures(rotation, bucket, resized_size(*upright, bucket))
-        wanted, step = frame_indices(frames, source_fps, target_fps, stride)
-        # Only a target fps that skips frames asks for timing; a stride is by index whatever the timestamps.
-        by_time = target_fps is not None and stride is None and step > 1.0
-        array = _by_index(itertools.chain([first] if first is not None else [], frames_in), decoded, wanted, step,
-                          source_fps, pictures, path, stop_if_uneven=by_time)
-    finally:
-        container.close()
-    if array is not None:
-        return Clip(array, source_fps / step, source_fps, step, upright, rotation)
-    assert target_fps is not None
-    pictures = _Pictures(rotation, bucket, pictures.resized)  # a fresh filter graph: times restart at the start
-    container = _open(path)
-    try:
-        stream = _video_stream(container)
-        array, chosen, times = _by_time(container, stream, frames, target_fps, pictures, path)
-    finally:
-        container.close()
-    span = float(times[-1] - times[0])
-    fps = (len(times) - 1) / span if span > 0 else float(target_fps)
-    frame_step = (chosen[-1] - chosen[0]) / (len(chosen) - 1) if len(chosen) > 1 else step
-    return Clip(array, fps, source_fps, frame_step, upright, rotation)
+    return path
+
+
+def _stream_rate(stream: Any, default_fps: float, buckets: list[tuple[int, int]]) -> float:
+    """The stream's average frame rate (default_fps without one), after refusing its frame size from its header."""
+    height, width = stream.codec_context.height, stream.codec_context.width
+    if not height or not width:
+        raise BadInput("video stream has no frame size")
+    _refuse_frame_size(height, width, buckets)  # from the stream's header: nothing is decoded yet
+    return float(stream.average_rate) if stream.average_rate else float(default_fps)
+
+
+def _upright_pictures(first: Any, stream: Any,
+                      buckets: list[tuple[int, int]]) -> tuple[int, tuple[int, int], _Pictures]:
+    """(rotation, upright (height, width), frame -> bucket picture), from the first decoded frame's display matrix."""
+    height, width = stream.codec_context.height, stream.codec_context.width
+    rotation = display_rotation(first) if first is not None else 0
+    upright = (width, height) if rotation in (90, 270) else (height, width)
+    bucket = choose_bucket(*upright, buckets)
+    return rotation, upright, _Pictures(rotation, bucket, resized_size(*upright, bucket))
 
 
 _DECODER_MAX_PIXELS = {"max_pixels": str(2 * MAX_FRAME_PIXELS)}
@@ -379,9 +599,10 @@ def _video_stream(container: Any) -> Any:
 
 
 def _by_index(frames: Iterator[Any], decoded: _Decoded, wanted: list[int], step: float, source_fps: float,
-              pictures: _Pictures, path: Path, stop_if_uneven: bool) -> np.ndarray | None:
-    """The wanted frame indices as uint8 [F, H, W, 3]; None (having stopped early) if `stop_if_uneven` and the
-    timestamps up to the last wanted frame are uneven."""
+              pictures: _Pictures, path: Path, stop_if_uneven: bool, counts: list[int]) -> np.ndarray | None:
+    """The wanted frame indices (those of the longest of `counts`) as uint8 [F, H, W, 3], or the first F of them for
+    the longest count F the video fills; None (having stopped early) if `stop_if_uneven` and the timestamps up to the
+    last wanted frame are uneven."""
     wanted_set, last = set(wanted), wanted[-1]
     picked: dict[int, np.ndarray] = {}
     gaps = _Gaps()
@@ -395,20 +616,28 @@ def _by_index(frames: Iterator[Any], decoded: _Decoded, wanted: list[int], step:
             break
     if len(picked) < len(wanted):
         _raise_corrupt(decoded, path)
+        # Frames come in order, so what was picked is the first len(picked) wanted: the shorter counts' indices.
+        fits = [count for count in counts if count <= len(picked)]
+        if fits:
+            return np.stack([picked[i] for i in wanted[:fits[0]]])
+        shortest = wanted[:counts[-1]]
         rate = source_fps / step
         # The frames fit when source_fps / fps <= (seen - 1) / (count - 1): at least this fps.
-        min_fps = source_fps * (len(wanted) - 1) / max(1, decoded.seen - 1)
-        how = f"{len(wanted)} frames at {rate:.4g} fps" + (f" (stride {step:g})" if step > 1.0 else "")
-        raise BadInput(f"too short: {decoded.seen} decodable frames, need {last + 1}: the clip lasts "
+        min_fps = source_fps * (len(shortest) - 1) / max(1, decoded.seen - 1)
+        how = (f"{len(shortest)} frames at {rate:.4g} fps" + (f" (stride {step:g})" if step > 1.0 else "")
+               + (" (the shortest frame bucket)" if len(counts) > 1 else ""))
+        raise BadInput(f"too short: {decoded.seen} decodable frames, need {shortest[-1] + 1}: the clip lasts "
                        f"{decoded.seen / source_fps:.2f} s at {source_fps:.4g} fps, {how} need "
-                       f"{(last + 1) / source_fps:.2f} s; {_remedies(decoded.seen, len(wanted), min_fps)}")
+                       f"{(shortest[-1] + 1) / source_fps:.2f} s; {_remedies(decoded.seen, len(shortest), min_fps)}")
     return np.stack([picked[i] for i in wanted])
 
 
-def _by_time(container: Any, stream: Any, count: int, target_fps: float, pictures: _Pictures,
+def _by_time(container: Any, stream: Any, counts: list[int], target_fps: float, pictures: _Pictures,
              path: Path) -> tuple[np.ndarray, list[int], list[Fraction]]:
-    """`count` frames chosen by presentation time (NearestFrames) as uint8 [F, H, W, 3], with the chosen frame
-    numbers and times. Frames without a timestamp, or not after the one before, are passed over."""
+    """The longest of `counts` that the clip fills, in frames chosen by presentation time (NearestFrames), as uint8
+    [F, H, W, 3], with the chosen frame numbers and times. Frames without a timestamp, or not after the one before,
+    are passed over."""
+    count = counts[0]
     decoded = _Decoded(container, stream)
     chooser = NearestFrames(count, target_fps)
     previous: tuple[Any, np.ndarray | None] | None = None  # the frame before, and its picture once made
@@ -448,12 +677,19 @@ def _by_time(container: Any, stream: Any, count: int, target_fps: float, picture
             picked.append(previous[1])
         if not chooser.done:
             _raise_corrupt(decoded, path)
+            # A target's choice does not depend on the count, so a shorter count's frames are the first ones chosen.
+            fits = [c for c in counts if c <= len(chooser.chosen)]
+            if fits:
+                return np.stack(picked[:fits[0]]), chooser.chosen[:fits[0]], chooser.times[:fits[0]]
+            shortest = counts[-1]
             # The last target is taken when (count - 1) / fps <= the frames' span + half the last one's showing.
             reach = float(times[-1] - times[0] + shown / 2)
-            min_fps = (count - 1) / reach if reach > 0 else math.inf
+            min_fps = (shortest - 1) / reach if reach > 0 else math.inf
+            which = " (the shortest frame bucket)" if len(counts) > 1 else ""
             raise BadInput(f"too short: {decoded.seen} decodable frames with uneven timestamps: the clip lasts "
-                           f"{float(times[-1] - times[0] + shown):.2f} s, {count} frames at {target_fps:.4g} fps need "
-                           f"{chooser.needed_seconds(shown):.2f} s; {_remedies(len(times), count, min_fps)}")
+                           f"{float(times[-1] - times[0] + shown):.2f} s, {shortest} frames at {target_fps:.4g} fps"
+                           f"{which} need {NearestFrames(shortest, target_fps).needed_seconds(shown):.2f} s; "
+                           f"{_remedies(len(times), shortest, min_fps)}")
     if not chooser.done:
         _raise_corrupt(decoded, path)
         raise BadInput(f"too short: {decoded.seen} decodable frames, no timestamps to time them by")
@@ -471,11 +707,11 @@ def _remedies(have: int, need: int, min_fps: float) -> str:
     """What would make a clip of `have` frames give `need` (the CLI's options by name); `min_fps` is the lowest target
     rate at which the clip is long enough."""
     if have < need:
-        return f"the clip has fewer frames than {need} at any rate: use fewer --frames"
+        return f"the clip has fewer frames than {need} at any rate: use a shorter frame bucket (--frames)"
     # By index, `need` frames fit in `have` when they are at most (have - 1) / (need - 1) source frames apart.
     apart = (have - 1) // (need - 1) if need > 1 else 1
     return (f"use a higher --fps (at least {math.ceil(min_fps * 100) / 100:g}), a --frame-stride of at most "
-            f"{max(1, apart)}, or fewer --frames")
+            f"{max(1, apart)}, or a shorter frame bucket (--frames)")
 
 
 def _reason(err: BaseException, path: Path) -> str:

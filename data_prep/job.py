@@ -2,7 +2,9 @@
 
 Per chunk of records (config.text_chunk): T5 embeds every prompt, T5 is freed, then the VAE encodes the clips that
 decode workers prepare ahead of it, and samples are written as they finish. Everything is keyed by
-`shard_format.sample_key(source)`, so a rerun skips samples already in complete shards and encodes nothing twice.
+`shard_format.sample_key(source)` (and, with clips_per_video > 1, the clip's number: `shard_format.window_key`), so
+a rerun skips samples already in complete shards and encodes nothing twice. How many clips a video gave is kept in
+the progress file (`windows`), so a rerun knows a video whose clips are all written without decoding it again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.storage import is_url
 from data_prep import shards as shardio
 from data_prep.config import PROMPT_SLOT, PrepConfig
-from data_prep.decode import BadInput, Clip, decode_image, decode_video, load_image
+from data_prep.decode import BadInput, Clip, decode_image, decode_windows, load_image
 from data_prep.inputs import ListFiles, Record, caption_list, not_regular, read_records, special_kind
 from data_prep.publish import Publisher, default_stage, local_input
 from data_prep.ranks import discover_ranks
@@ -74,7 +76,7 @@ class PrepResult:
         return self.encoded / self.seconds if self.seconds > 0 else 0.0
 
 
-def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[int, int]],
+def _header(config: PrepConfig, family: Any, frames: list[int], buckets: list[tuple[int, int]],
             fps: float, single_images: bool = False) -> dict[str, Any]:
     """The manifest fields every rank must agree on, from the family and the VAE's and T5's configs."""
     from cogvx_dist.core.loading import read_component_config
@@ -87,9 +89,9 @@ def _header(config: PrepConfig, family: Any, frames: int, buckets: list[tuple[in
                                           whole=False),
         latent_channels=_config_number(config, "vae", vae, "latent_channels", default=16),
         text_embed_dim=_config_number(config, "text_encoder", text_encoder, "d_model"),
-        frames=frames, buckets=buckets, fps=fps, storage_dtype=config.storage_dtype,
+        frames=frames[0], buckets=buckets, fps=fps, storage_dtype=config.storage_dtype,
         prompt_template=config.template(), image_noise_samples=config.image_noise_samples,
-        single_images=single_images)
+        single_images=single_images, frame_counts=frames, clips_per_video=config.clips_per_video)
 
 
 def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], key: str,
@@ -107,27 +109,33 @@ def _config_number(config: PrepConfig, subfolder: str, values: dict[str, Any], k
     return int(value) if whole else float(value)
 
 
-def _decode_task(root: Path, record: Record, frames: int, buckets: list[tuple[int, int]], config: PrepConfig,
-                 family_fps: float, image_to_video: bool) -> tuple[Clip, np.ndarray | None, float]:
-    """Decode one record (runs in a worker thread); returns the clip, the I2V conditioning image and its seconds."""
+Decoded = tuple[int, list[tuple[Clip, "np.ndarray | None"]], float]
+"""What a decode task gives: the clips the video gives in all, those to encode with their I2V conditioning images,
+and the seconds it took."""
+
+
+def _decode_task(root: Path, record: Record, frames: list[int], buckets: list[tuple[int, int]], config: PrepConfig,
+                 family_fps: float, image_to_video: bool, skip: frozenset[int] = frozenset()) -> Decoded:
+    """Decode one record (runs in a worker thread): its clips but the windows numbered in `skip` (already written)."""
     start = time.perf_counter()
     with local_input(root, record.video) as media:  # a listed URL is downloaded here, in the decode pool
         _refuse_special(media, "")
         if record.is_image:
-            return decode_image(media, buckets), None, time.perf_counter() - start
-        clip = decode_video(media, frames, buckets, target_fps=config.target_fps, stride=config.frame_stride,
-                            default_fps=family_fps)
-    image = None
-    if image_to_video:
-        bucket = (clip.frames.shape[1], clip.frames.shape[2])
+            return 1, [(decode_image(media, buckets), None)], time.perf_counter() - start
+        count, clips = decode_windows(media, frames, buckets, target_fps=config.target_fps,
+                                      stride=config.frame_stride, default_fps=family_fps,
+                                      windows=config.clips_per_video, skip=skip)
+    images: list[np.ndarray | None] = [None] * len(clips)
+    if image_to_video and clips:
         # The conditioning frame is the listed image where there is one, else the clip's own first frame.
         if record.image:
             with local_input(root, record.image) as path:
                 _refuse_special(path, f"conditioning image {path.name} is ")
-                image = load_image(path, bucket)
+                listed = load_image(path, (clips[0].frames.shape[1], clips[0].frames.shape[2]))
+            images = [listed] * len(clips)
         else:
-            image = clip.frames[:1]
-    return clip, image, time.perf_counter() - start
+            images = [clip.frames[:1] for clip in clips]
+    return count, list(zip(clips, images)), time.perf_counter() - start
 
 
 def _refuse_special(path: Path, what: str) -> None:
@@ -165,7 +173,8 @@ class PrepJob:
         config.check_basic()
         info = describe_checkpoint(config.model)
         self.family = info.family
-        self.frames = config.check_family(self.family, info.frames, info.transformer_config)
+        self.frame_counts = config.frame_buckets(self.family, info.frames, info.transformer_config)
+        self.frames = self.frame_counts[0]
         self.buckets = list(config.buckets) or [(info.height, info.width)]
         if config.target_fps is None and config.frame_stride is None:
             config = config.replace(target_fps=float(self.family.fps))
@@ -187,8 +196,8 @@ class PrepJob:
         self.out = self.publisher.stage if self.publisher else Path(config.out)
         """Where this process writes: the output folder, or the staging folder mirrored to the output URL."""
         # Before anything is written: building the header checks the component configs.
-        self.header = _header(config, self.family, self.frames, self.buckets, config.target_fps or self.family.fps,
-                              single_images=bool(images))
+        self.header = _header(config, self.family, self.frame_counts, self.buckets,
+                              config.target_fps or self.family.fps, single_images=bool(images))
         self.failed = self.encoded = self.truncated_prompts = 0
         self.timings = {"decode_s": 0.0, "decode_wait_s": 0.0, "t5_s": 0.0, "vae_s": 0.0, "write_s": 0.0}
         self.written_fault = fault_hook("prep.written")
@@ -247,12 +256,30 @@ class PrepJob:
         done = {k for r, p in parts.items() if r != self.rank for e in p["shards"] for k in e.keys}
         done.update(k for e in own_shards for k in e.keys)
         self.mine = self.records[self.rank::self.world]  # disjoint, deterministic, balanced
-        todo = [r for r in self.mine if r.key not in done]
+        self.done_windows: dict[str, frozenset[int]] = {}
+        """Records some of whose clips (by number) are already written (clips_per_video > 1)."""
+        windows: dict[str, int] = {}
+        if self.config.clips_per_video > 1:
+            known = {k: n for p in parts.values() for k, n in p.get("windows", {}).items()}
+            for record in self.mine:
+                written = frozenset(w for w in range(known.get(record.key, self.config.clips_per_video))
+                                    if shard_format.window_key(record.key, w) in done)
+                if record.key in known:
+                    windows[record.key] = known[record.key]
+                if written:
+                    self.done_windows[record.key] = written
+            todo = [r for r in self.mine if len(self.done_windows.get(r.key, ())) != windows.get(r.key, -1)]
+        else:
+            todo = [r for r in self.mine if r.key not in done]
         self.already = len(self.mine) - len(todo)
+        summaries = {name: summary for p in parts.values() for name, summary in p.get("summaries", {}).items()}
         self.part: dict[str, Any] = {
             "rank": self.rank, "world_size": self.world, "complete": False, "header": self.header,
             "settings": _settings(self.config), "inputs": len(self.mine), "shards": own_shards, "stats": {},
+            "summaries": {e.name: summaries[e.name] for e in own_shards if e.name in summaries},
         }
+        if self.config.clips_per_video > 1:
+            self.part["windows"] = windows
         self._save_part()
         if self.already:
             self.log.info("resuming: %d of %d inputs of rank %d are already in complete shards", self.already,
@@ -296,9 +323,11 @@ class PrepJob:
         self.writer = shardio.ShardWriter(self.out, self.rank, first_index, config.shard_max_bytes,
                                           config.shard_max_samples, self._on_shard)
         if usable:
-            self.log.info("rank %d/%d (%s): %d to encode on %s (%s), %d frames, buckets %s", self.rank, self.world,
-                          self.ranks.source, len(usable), self.device, compute, self.frames,
-                          ", ".join(f"{h}x{w}" for h, w in self.buckets))
+            clips = f", up to {config.clips_per_video} clips a video" if config.clips_per_video > 1 else ""
+            self.log.info("rank %d/%d (%s): %d to encode on %s (%s), %s frames, buckets %s%s", self.rank,
+                          self.world, self.ranks.source, len(usable), self.device, compute,
+                          " or ".join(map(str, self.frame_counts)), ", ".join(f"{h}x{w}" for h, w in self.buckets),
+                          clips)
 
     def _republish(self, own_shards: list[shard_format.ShardEntry], published: dict[str, int]) -> None:
         """Output URL: upload this rank's shards finished locally but not yet uploaded (a crash in between), and
@@ -316,10 +345,11 @@ class PrepJob:
         if self.publisher:
             self.publisher.file(shard_format.part_path(self.out, self.rank))
 
-    def _on_shard(self, entry: shard_format.ShardEntry) -> None:
+    def _on_shard(self, entry: shard_format.ShardEntry, summary: shardio.Summary) -> None:
         if self.publisher:
             self.publisher.shard(entry.name)
         self.part["shards"].append(entry)
+        self.part["summaries"][entry.name] = summary
         self._save_part()
 
     def _encode(self, usable: list[Record]) -> None:
@@ -358,22 +388,29 @@ class PrepJob:
         self.timings["t5_s"] += time.perf_counter() - t0
         # The VAE batches hold clips of one bucket (and one frame count).
         embed_of = {r.key: (e, n) for r, e, n in zip(chunk, embeds, tokens)}
-        pending: dict[tuple[int, int], list] = {}
+        pending: dict[tuple[int, int, int], list] = {}
         window = 2 * self.config.decode_workers + self.config.vae_batch_size
+        several = self.config.clips_per_video > 1
         for record, future in _ordered_prefetch(pool, chunk, self._decode, window):
             t0 = time.perf_counter()
             try:
-                clip, image, seconds = future.result()
+                count, clips, seconds = future.result()
             except BadInput as err:
                 self.timings["decode_wait_s"] += time.perf_counter() - t0
                 self._fail(record, str(err))
                 continue
             self.timings["decode_wait_s"] += time.perf_counter() - t0
             self.timings["decode_s"] += seconds
-            bucket = tuple(clip.frames.shape[:3])  # frames (a single image: 1), height, width
-            pending.setdefault(bucket, []).append((record, clip, image, embed_of.pop(record.key)))
-            if len(pending[bucket]) >= self.config.vae_batch_size:
-                self._encode_batch(pending.pop(bucket))
+            if several:  # saved with the next shard, before which none of these clips is in a complete shard
+                self.part["windows"][record.key] = count
+            embedding = embed_of.pop(record.key)
+            for clip, image in clips:
+                key = shard_format.window_key(record.key, clip.window) if several else record.key
+                bucket = tuple(clip.frames.shape[:3])  # frames (a single image: 1), height, width
+                pending.setdefault(bucket, []).append((record, key, clip, image, embedding))
+                if len(pending[bucket]) >= self.config.vae_batch_size:
+                    self._encode_batch(pending.pop(bucket))
+            self.bar.update(1)
         for bucket in list(pending):
             self._encode_batch(pending.pop(bucket))
 
@@ -381,27 +418,28 @@ class PrepJob:
         """What T5 encodes for a record: its caption in the prompt template."""
         return self.config.template().replace(PROMPT_SLOT, record.prompt)
 
-    def _decode(self, record: Record) -> tuple[Clip, np.ndarray | None, float]:
-        return _decode_task(self.root, record, self.frames, self.buckets, self.config, self.family.fps,
-                            self.family.image_to_video)
+    def _decode(self, record: Record) -> Decoded:
+        return _decode_task(self.root, record, self.frame_counts, self.buckets, self.config, self.family.fps,
+                            self.family.image_to_video, self.done_windows.get(record.key, frozenset()))
 
-    def _encode_batch(self, batch: list[tuple[Record, Clip, np.ndarray | None, Any]]) -> None:
+    def _encode_batch(self, batch: list[tuple[Record, str, Clip, np.ndarray | None, Any]]) -> None:
         import torch
 
         t0 = time.perf_counter()
-        mean, logvar = self.encoders.encode_clips([clip.frames for _, clip, _, _ in batch])
+        mean, logvar = self.encoders.encode_clips([clip.frames for _, _, clip, _, _ in batch])
         noised = self.family.image_to_video and self.config.image_noise_samples
         if self.family.image_to_video:
-            image_mean, image_logvar = self.encoders.encode_clips([image for _, _, image, _ in batch])
+            image_mean, image_logvar = self.encoders.encode_clips([image for _, _, _, image, _ in batch])
         if noised:
+            # Seeded by the sample's key: each clip of a video gets its own noise.
             noised_mean, noised_logvar, sigmas = self.encoders.encode_noised_images(
-                [image for _, _, image, _ in batch], [record.key for record, _, _, _ in batch],
+                [image for _, _, _, image, _ in batch], [key for _, key, _, _, _ in batch],
                 self.config.image_noise_samples)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
         self.timings["vae_s"] += t1 - t0
-        for i, (record, clip, _, (embeds, tokens)) in enumerate(batch):
+        for i, (record, key, clip, _, (embeds, tokens)) in enumerate(batch):
             tensors = {
                 shard_format.LATENT_MEAN: mean[i].to(self.storage),
                 shard_format.LATENT_LOGVAR: logvar[i].to(self.storage),
@@ -411,15 +449,14 @@ class PrepJob:
             if self.family.image_to_video:
                 tensors[shard_format.IMAGE_MEAN] = image_mean[i].to(self.storage)
                 tensors[shard_format.IMAGE_LOGVAR] = image_logvar[i].to(self.storage)
-            meta = _sample_meta(record, self._prompt(record), tokens, clip)
+            meta = _sample_meta(record, self._prompt(record), tokens, clip, self.config.clips_per_video > 1)
             if noised:
                 tensors[shard_format.NOISED_IMAGE_MEAN] = noised_mean[i].to(self.storage)
                 tensors[shard_format.NOISED_IMAGE_LOGVAR] = noised_logvar[i].to(self.storage)
                 tensors[shard_format.IMAGE_NOISE_SIGMAS] = sigmas[i]
                 meta["image_noise_sigmas"] = [round(float(sigma), 6) for sigma in sigmas[i]]
-            self.writer.write(record.key, tensors, meta)
+            self.writer.write(key, tensors, meta)
             self.encoded += 1
-            self.bar.update(1)
             if self.written_fault:
                 self.writer.flush()
                 self.written_fault(self.encoded)
@@ -473,6 +510,9 @@ class PrepJob:
         result.manifest = f"{str(self.config.out).rstrip('/')}/{shard_format.MANIFEST_NAME}"
         result.job_inputs, result.job_skipped = inputs, manifest.skipped
         self.log.info(finalize_line(self.config.out, manifest, inputs))
+        cropped = shardio.crop_line(manifest)
+        if cropped:
+            self.log.warning(cropped)
         if inputs and manifest.skipped / inputs > self.config.max_failed_fraction:
             result.exit_code = 1
             self.log.info("%d of %d inputs failed, more than max_failed_fraction %g (reasons in %s)",
@@ -492,9 +532,10 @@ def _settings(config: PrepConfig) -> dict[str, Any]:
     return {**{k: v for k, v in asdict(config).items() if k in keys}, "data": str(config.data)}
 
 
-def _sample_meta(record: Record, prompt: str, prompt_tokens: int, clip: Clip) -> dict[str, Any]:
+def _sample_meta(record: Record, prompt: str, prompt_tokens: int, clip: Clip, several: bool = False) -> dict[str, Any]:
     """The JSON member of a sample: what it is (the prompt T5 encoded, its token count before the cut at the text
-    length, and the caption it was made from) and where it came from."""
+    length, and the caption it was made from) and where it came from (with `several` clips a video: which clip, of
+    how many, from which second)."""
     meta = {
         "prompt": prompt, "prompt_tokens": prompt_tokens, "caption": record.prompt, "source": record.source,
         "video": record.video,
@@ -506,6 +547,8 @@ def _sample_meta(record: Record, prompt: str, prompt_tokens: int, clip: Clip) ->
     if clip.rotation:
         # Only when turned: the JSON (and so the shards' bytes and digests) of an upright clip stays as it was.
         meta["rotation_degrees"] = clip.rotation
+    if several:
+        meta.update(window=clip.window + 1, windows=clip.windows, start_seconds=clip.start)
     return meta
 
 

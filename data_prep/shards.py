@@ -1,7 +1,9 @@
 """Shard writing (temporary name, then rename), per-rank progress files, resume, the final manifest merge, and the
 inspect/verify checks. The folder layout is the shard format's (cogvx_dist/core/shard_format.py): a rank's
 progress file is rewritten atomically after every shard and marked complete at the end of the rank's slice; the
-rank's temporary shards and temporary progress files are deleted on resume.
+rank's temporary shards and temporary progress files are deleted on resume. Beside each shard a rank's progress
+file keeps the shard's summary (samples, seconds and crop per bucket, from the samples' JSON), which the merge adds
+up into the manifest's stats.
 """
 
 from __future__ import annotations
@@ -33,12 +35,46 @@ from cogvx_dist.core.shard_format import (
 )
 from cogvx_dist.core.storage import Store
 
+Summary = dict[str, list[float]]
+"""A shard's samples by bucket: "FRAMESxHEIGHTxWIDTH" -> [samples, seconds, sum of crop fractions, samples cropped
+by more than CROP_WARN] (JSON in the progress files' `summaries`, by shard name)."""
+
+
+def sample_summary(meta: dict[str, Any]) -> tuple[str, float, float]:
+    """(bucket, seconds, crop fraction) of one sample from its JSON: every prep has recorded frames, fps, size and
+    source_size, so older shards are counted the same way."""
+    from data_prep.decode import crop_fraction
+
+    frames, height, width = int(meta.get("frames", 0)), int(meta.get("height", 0)), int(meta.get("width", 0))
+    fps = float(meta.get("fps") or 0)
+    source = meta.get("source_size")
+    crop = crop_fraction(source, (height, width)) if source and height and width else 0.0
+    return f"{frames}x{height}x{width}", frames / fps if fps > 0 else 0.0, crop
+
+
+def add_to_summary(summary: Summary, meta: dict[str, Any]) -> None:
+    """Count one sample into a shard's summary."""
+    bucket, seconds, crop = sample_summary(meta)
+    row = summary.setdefault(bucket, [0, 0.0, 0.0, 0])
+    row[0] += 1
+    row[1] += seconds
+    row[2] += crop
+    row[3] += crop > shard_format.CROP_WARN
+
+
+def shard_summary(path: Path) -> Summary:
+    """The summary of a shard file, from its samples' JSON members (for shards whose rank recorded none)."""
+    summary: Summary = {}
+    for sample in _tar_samples(path, only=shard_format.META_EXT):
+        add_to_summary(summary, json.loads(sample[shard_format.META_EXT]))
+    return summary
+
 
 class ShardWriter:
     """Writes one rank's samples into shards of bounded size; each shard appears under its final name only whole."""
 
     def __init__(self, out: Path, rank: int, next_index: int, max_bytes: int, max_samples: int,
-                 on_shard: Callable[[ShardEntry], None]):
+                 on_shard: Callable[[ShardEntry, Summary], None]):
         self.out = Path(out)
         self.rank = rank
         self.index = next_index
@@ -49,6 +85,7 @@ class ShardWriter:
         self._tar: Any = None
         self._keys: list[str] = []
         self._digests: list[str] = []
+        self._summary: Summary = {}
         self.bytes_written = 0
         self.shards_written = 0
 
@@ -68,13 +105,14 @@ class ShardWriter:
                 # encoder=False: members are written as the bytes we give (never pickled); fixed mtime makes shards
                 # of the same samples byte-identical.
                 self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0)
-                self._keys, self._digests = [], []
+                self._keys, self._digests, self._summary = [], [], {}
             self._tar.write(sample)
             full = self._handle.tell() >= self.max_bytes
         except OSError as err:
             self._abandon(err)
         self._keys.append(key)
         self._digests.append(shard_format.sample_digest(sample))
+        add_to_summary(self._summary, meta)
         if full or len(self._keys) >= self.max_samples:
             self.close()
 
@@ -105,7 +143,7 @@ class ShardWriter:
         self.index += 1
         self.bytes_written += entry.bytes
         self.shards_written += 1
-        self.on_shard(entry)
+        self.on_shard(entry, self._summary)
 
     def _abandon(self, err: OSError) -> NoReturn:
         """After a failed write: drop the open shard (its samples are encoded again by a rerun) and its temporary
@@ -284,26 +322,78 @@ def finalize(out: str | Path, published: dict[str, int] | None = None) -> tuple[
             raise CogvxError(f"{out}: sample {sorted(dup)[0]} appears in more than one shard")
         seen.update(entry.keys)
     errors: dict[str, dict[str, Any]] = {}
+    videos = {shard_format.video_key(key) for key in seen}
     for path in sorted((out / PARTS_DIR).glob("errors-r*.jsonl")):
         for item in read_errors(path):
-            if shard_format.sample_key(item["source"]) not in seen:
+            if shard_format.sample_key(item["source"]) not in videos:
                 errors[item["source"]] = item
     inputs = sum(parts[r].get("inputs", 0) for r in range(world))
     stats_keys = ("encoded", "failed", "truncated_prompts", "seconds", "decode_s", "decode_wait_s", "t5_s", "vae_s",
                   "write_s")
     totals = {k: round(sum(parts[r].get("stats", {}).get(k, 0) for r in range(world)), 3) for k in stats_keys}
+    summaries = {name: summary for part in parts.values() for name, summary in part.get("summaries", {}).items()}
     manifest = Manifest(
         **header,
         shards=shards,
         skipped=len(errors),
         extra={"inputs": inputs, "ranks": world, "totals_last_run": totals, "prep": parts[0].get("settings", {})},
     )
+    manifest.stats = dataset_stats(manifest, [summaries.get(e.name) or _summary_of(out, e) for e in shards])
     with writing(out / shard_format.ERRORS_NAME):
         write_atomic(out / shard_format.ERRORS_NAME,
                      "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors.values()))
     with writing(out / shard_format.MANIFEST_NAME):  # the index, then the manifest
         manifest.write(out)
     return manifest, inputs
+
+
+def _summary_of(out: Path, entry: ShardEntry) -> Summary | None:
+    """The summary of a shard its rank recorded none for (a prep before summaries were kept): read from the shard
+    where it is local; None (not counted) where it is not, or unreadable."""
+    path = out / entry.name
+    if entry.samples and not path.is_file():
+        return None
+    try:
+        return shard_summary(path) if entry.samples else {}
+    except (tarfile.TarError, OSError, ValueError):
+        return None
+
+
+def dataset_stats(manifest: Manifest, summaries: list[Summary | None]) -> dict[str, Any]:
+    """Manifest.stats from the shards' summaries (None: a shard not counted)."""
+    rows: dict[str, list[float]] = {}
+    for summary in summaries:
+        for bucket, row in (summary or {}).items():
+            total = rows.setdefault(bucket, [0, 0.0, 0.0, 0])
+            for i, value in enumerate(row):
+                total[i] += value
+    names = [f"{f}x{h}x{w}" for f in manifest.all_frame_counts() for h, w in manifest.sizes()]
+    names += sorted(set(rows) - set(names))  # never expected; counted rather than lost
+
+    def entry(row: list[float]) -> dict[str, Any]:
+        samples = int(row[0])
+        return {"samples": samples, "seconds": round(row[1], 3),
+                "crop_fraction": round(row[2] / samples, 4) if samples else 0.0,
+                "cropped_over_quarter": int(row[3])}
+
+    buckets = []
+    for name in names:
+        frames, height, width = map(int, name.split("x"))
+        buckets.append({"frames": frames, "height": height, "width": width, **entry(rows.get(name, [0, 0, 0, 0]))})
+    totals = [sum(row[i] for row in rows.values()) for i in range(4)]
+    return {**entry(totals), "buckets": buckets}
+
+
+def crop_line(manifest: Manifest) -> str | None:
+    """The merge's one warning when samples lost more than CROP_WARN of their frame to the crop, or None."""
+    stats = manifest.stats
+    over = stats.get("cropped_over_quarter", 0)
+    if not over:
+        return None
+    worst = max(stats["buckets"], key=lambda b: b["cropped_over_quarter"])
+    return (f"{over} of {stats['samples']} samples lost more than {shard_format.CROP_WARN:.0%} of their frame to "
+            f"cropping (mean {stats['crop_fraction']:.0%} over all; most in the {_bucket_name(worst)} bucket)"
+            ": add a resolution bucket of their shape (--resolution HxW); `cogvx shards inspect` lists them")
 
 
 def _changed_since_recorded(out: Path, entry: ShardEntry, size: int, rank: int) -> str:
@@ -324,18 +414,57 @@ def inspect_text(out: str | Path) -> str:
         f"model        {manifest.model} ({manifest.family}{', image-to-video' if manifest.image_to_video else ''})",
         f"samples      {manifest.num_samples} in {len(manifest.shards)} shards, {_human(total_bytes)}",
         f"skipped      {manifest.skipped} (see {shard_format.ERRORS_NAME})",
-        f"video        {manifest.frames} frames, {manifest.height}x{manifest.width}, {manifest.fps:g} fps; buckets "
-        + ", ".join(f"{h}x{w}" for h, w in buckets),
+        f"video        {' or '.join(map(str, manifest.all_frame_counts()))} frames, {manifest.height}x"
+        f"{manifest.width}, {manifest.fps:g} fps; buckets " + ", ".join(f"{h}x{w}" for h, w in buckets),
         f"latents      {manifest.latent_channels} channels, {manifest.latent_frames} frames; scaling factor "
         f"{manifest.vae_scaling_factor:g} ({manifest.latent_scaling}, invert_scale_latents="
         f"{manifest.invert_scale_latents})",
         f"text         {manifest.text_max_length} tokens x {manifest.text_embed_dim}",
         "dtypes       " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.dtypes.items())),
     ]
+    if manifest.clips_per_video > 1:
+        lines.append(f"clips        up to {manifest.clips_per_video} a video (keys KEY-w01, KEY-w02, ...)")
+    lines.extend(_stats_lines(manifest))
     if manifest.shards:
         first, last = manifest.shards[0].name, manifest.shards[-1].name
         lines.append(f"shards       {first} .. {last}")
     return "\n".join(lines)
+
+
+def _stats_lines(manifest: Manifest) -> list[str]:
+    """inspect's lines on what the samples hold, from the manifest's stats alone (no shard is opened)."""
+    stats = manifest.stats
+    if not stats:
+        return ["contents     not recorded (prepped before cogvx counted samples per bucket; `cogvx prep finalize "
+                "DIR` on a local folder counts them)"]
+    counted = stats["samples"]
+    partly = (f" (of {manifest.num_samples}: shards of an older prep not counted)"
+              if counted != manifest.num_samples else "")
+    lines = [f"contents     {counted} samples{partly}, {_duration(stats['seconds'])}; the crop cuts "
+             f"{stats['crop_fraction']:.1%} of a frame on average; {stats['cropped_over_quarter']} lose more than "
+             f"{shard_format.CROP_WARN:.0%}"]
+    width = max(len(_bucket_name(b)) for b in stats["buckets"]) if stats["buckets"] else 0
+    for bucket in stats["buckets"]:
+        lines.append(f"  {_bucket_name(bucket):<{width}}  {bucket['samples']:>7} samples  "
+                     f"{_duration(bucket['seconds']):>10}  crop {bucket['crop_fraction']:6.1%}  "
+                     f"over {shard_format.CROP_WARN:.0%}: {bucket['cropped_over_quarter']}")
+    return lines
+
+
+def _bucket_name(bucket: dict[str, Any]) -> str:
+    frames = bucket["frames"]
+    return f"{frames} frame{'' if frames == 1 else 's'}, {bucket['height']}x{bucket['width']}"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as 12.3 s, 4m 05s or 2h 03m."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {rest:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
 
 
 def _human(n: float) -> str:
@@ -422,8 +551,9 @@ def _sample_problems(where: str, sample: dict[str, Any], manifest: Manifest) -> 
     return problems
 
 
-def _tar_samples(path: Path):
-    """Samples of a tar as {__key__, ext: bytes} dicts, grouped by key in file order (no webdataset decoding)."""
+def _tar_samples(path: Path, only: str | None = None):
+    """Samples of a tar as {__key__, ext: bytes} dicts, grouped by key in file order (no webdataset decoding); with
+    `only`, members of that extension alone are read."""
     current: dict[str, Any] | None = None
     with tarfile.open(path) as tar:
         for member in tar:
@@ -434,6 +564,7 @@ def _tar_samples(path: Path):
                 if current is not None:
                     yield current
                 current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
+            if only is None or ext == only:
+                current[ext] = tar.extractfile(member).read()
     if current is not None:
         yield current

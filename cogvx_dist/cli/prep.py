@@ -45,7 +45,12 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
                       help=f"CogVideo layout: video list (default: {COGVIDEO_VIDEOS})")
     prep.add_argument("--image-file", dest="image_file",
                       help=f"CogVideo layout: image list (default: {COGVIDEO_IMAGES})")
-    prep.add_argument("--frames", type=int, help="frames per clip (valid for the family: 8N+1 / 16N+1)")
+    prep.add_argument("--frames", action="append", metavar="N[,N...]",
+                      help="frames per clip (valid for the family: 8N+1 / 16N+1); several (repeated, or 49,25) are "
+                           "frame buckets: each clip goes to the longest it fills")
+    prep.add_argument("--clips-per-video", type=int, dest="clips_per_video",
+                      help="up to N non-overlapping clips from each long video, spread evenly (default 1: one clip "
+                           "from the start)")
     prep.add_argument("--resolution", action="append", dest="resolutions", metavar="HxW",
                       help="resolution bucket, repeatable (e.g. --resolution 480x720 --resolution 720x480)")
     rate = prep.add_mutually_exclusive_group()
@@ -75,7 +80,8 @@ def configure(prep: argparse.ArgumentParser, name: str = "prep") -> None:
 
 
 _FIELDS = ("model", "model_id", "data", "out", "stage", "prompt_prefix", "prompt_template", "image_noise_samples",
-           "layout", "caption_file", "video_file", "image_file", "frames", "target_fps", "frame_stride",
+           "layout", "caption_file", "video_file", "image_file", "frames", "clips_per_video", "target_fps",
+           "frame_stride",
            "storage_dtype", "compute_dtype", "device", "text_batch_size", "vae_batch_size", "vae_slicing",
            "vae_tiling", "vae_channels_last", "vae_compile", "decode_workers", "text_chunk", "shard_max_bytes",
            "shard_max_samples", "max_failed_fraction", "rank", "world_size", "progress")
@@ -84,12 +90,15 @@ _FIELDS = ("model", "model_id", "data", "out", "stage", "prompt_prefix", "prompt
 def config_from_args(args: argparse.Namespace):
     """PrepConfig from --config YAML (if any) with the given flags on top."""
     from cogvx_dist.core.units import parse_bytes, parse_size
-    from data_prep.config import PrepConfig
+    from data_prep.config import PrepConfig, parse_frame_counts
 
     config = PrepConfig.from_yaml(args.config) if args.config else PrepConfig()
     overrides = {name: getattr(args, name) for name in _FIELDS}
     if overrides["shard_max_bytes"] is not None:
         overrides["shard_max_bytes"] = parse_bytes(overrides["shard_max_bytes"], "--shard-size")
+    if overrides["frames"] is not None:
+        counts = parse_frame_counts(overrides["frames"])
+        overrides["frames"] = counts[0] if len(counts) == 1 else counts
     if args.resolutions:
         overrides["buckets"] = [parse_size(r, "--resolution") for r in args.resolutions]
     if overrides["target_fps"] is not None or overrides["frame_stride"] is not None:

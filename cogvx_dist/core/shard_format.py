@@ -51,6 +51,8 @@ MANIFEST_NAME = "manifest.json"
 ERRORS_NAME = "errors.jsonl"
 PARTS_DIR = "parts"
 SHARD_RE = re.compile(r"^shard-r(\d{5})-(\d{6})\.tar$")
+CROP_WARN = 0.25
+"""Prep warns when samples lose more than this fraction of their frame to the crop (Manifest.stats counts them)."""
 
 EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
 """The dataset's empty-prompt embedding (one tensor, PROMPT_EMBEDS), what caption dropout trains with."""
@@ -124,6 +126,21 @@ def rank_errors_path(out: str | Path, rank: int) -> Path:
 def sample_key(source: str) -> str:
     """Stable WebDataset key of a sample, derived from its source path (no dots, as WebDataset requires)."""
     return hashlib.sha1(source.encode()).hexdigest()[:20]
+
+
+WINDOW_KEY_RE = re.compile(r"^(.*)-w(\d{2,})$")
+"""A key of one of several clips from one video (prep's clips_per_video): the video's key, -w, the clip's number."""
+
+
+def window_key(key: str, window: int) -> str:
+    """The key of a video's window-th clip (0-based) when prep takes several: KEY-w01, KEY-w02, ..."""
+    return f"{key}-w{window + 1:02d}"
+
+
+def video_key(key: str) -> str:
+    """The key of the video a sample came from: its own key, less a window suffix (window_key)."""
+    match = WINDOW_KEY_RE.match(key)
+    return match.group(1) if match else key
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -252,8 +269,20 @@ class Manifest:
     image_noise_samples: int = 0
     """Image-to-video datasets: noised copies of the conditioning frame per sample (NOISED_IMAGE_MEAN); 0: none."""
     frame_counts: list[int] = field(default_factory=list)
-    """Every pixel frame count a sample may have (each sample's JSON says its own): [frames, 1] when the dataset
-    holds single images beside its clips; empty means [frames] only."""
+    """Every pixel frame count a sample may have (each sample's JSON says its own), longest first: the frame buckets
+    (prep's frames given several), then 1 when the dataset holds single images beside its clips; empty means
+    [frames] only. `frames` above is the longest."""
+    clips_per_video: int = 1
+    """Most clips prep took from one video (non-overlapping windows, keyed KEY-w01, ...; see window_key); 1: one
+    clip from each video's start, keyed by the video alone."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """What the samples hold, counted by prep from each sample's JSON (empty in manifests written before prep counted
+    them): {"samples", "seconds", "crop_fraction", "cropped_over_quarter", "buckets": [...]}: samples counted (all
+    of them unless a shard of an older prep could not be read), their total duration in seconds (frames / fps; 0 for
+    single images), the mean fraction of each source frame cut off by the crop to its bucket, how many lost more
+    than CROP_WARN of it, and the same per bucket: {"frames", "height", "width", "samples", "seconds",
+    "crop_fraction", "cropped_over_quarter"}, one per frame count x resolution the manifest lists (frame_counts x
+    sizes, in that order; empty buckets too). See bucket_samples."""
 
     @property
     def num_samples(self) -> int:
@@ -267,6 +296,13 @@ class Manifest:
     def all_frame_counts(self) -> list[int]:
         """Every pixel frame count a sample may have: the clips' and, with single images, 1."""
         return list(self.frame_counts) or [self.frames]
+
+    def bucket_samples(self) -> dict[tuple[int, int, int], int] | None:
+        """(frames, height, width) -> samples prep wrote of it, from `stats` without opening a shard; None when the
+        manifest has no counts (written before prep counted) or they miss samples."""
+        if not self.stats or self.stats.get("samples") != self.num_samples:
+            return None
+        return {(b["frames"], b["height"], b["width"]): b["samples"] for b in self.stats.get("buckets", [])}
 
     def expected_shapes(self, height: int, width: int, frames: int | None = None) -> dict[str, tuple[int, ...]]:
         """Tensor shapes a sample of the given bucket (and frame count: the clips' by default) must have."""
@@ -372,13 +408,19 @@ class Manifest:
 def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: float, latent_channels: int,
                     text_embed_dim: int, frames: int, buckets: list[tuple[int, int]], fps: float,
                     storage_dtype: str, prompt_template: str = "{prompt}",
-                    image_noise_samples: int = 0, single_images: bool = False) -> dict[str, Any]:
-    """The manifest fields every writer of a dataset must agree on (all but shards, skipped and extra)."""
+                    image_noise_samples: int = 0, single_images: bool = False,
+                    frame_counts: list[int] | None = None, clips_per_video: int = 1) -> dict[str, Any]:
+    """The manifest fields every writer of a dataset must agree on (all but shards, skipped, stats and extra).
+    `frame_counts`: several frame buckets (`frames` is then the longest); `clips_per_video` is recorded only above
+    1, so that the header of a dataset prepped without either is what it always was."""
     noised = image_noise_samples if family.image_to_video else 0
     dtypes = {name: storage_dtype for name in tensor_names(family.image_to_video, noised)}
     if noised:
         dtypes[IMAGE_NOISE_SIGMAS] = "float32"
-    return {
+    counts = sorted(set(frame_counts or [frames]), reverse=True)
+    if len(counts) > 1:
+        frames = counts[0]
+    header = {
         "family": family.name,
         "model": model,
         "vae_scaling_factor": vae_scaling_factor,
@@ -397,8 +439,11 @@ def manifest_header(family: ModelFamily, model: str, *, vae_scaling_factor: floa
         "buckets": [list(b) for b in buckets],
         "prompt_template": prompt_template,
         "image_noise_samples": noised,
-        "frame_counts": [frames, 1] if single_images else [],
+        "frame_counts": counts + [1] if single_images else counts if len(counts) > 1 else [],
     }
+    if clips_per_video > 1:
+        header["clips_per_video"] = clips_per_video
+    return header
 
 
 def read_part(out: str | Path, rank: int) -> dict[str, Any] | None:

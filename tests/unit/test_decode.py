@@ -257,13 +257,13 @@ def test_too_short_says_how_long_and_what_to_change(tmp_path):
     message = str(caught.value)
     assert message == ("too short: 20 decodable frames, need 21: the clip lasts 2.50 s at 8 fps, 11 frames at 4 fps "
                        "(stride 2) need 2.62 s; use a higher --fps (at least 4.22), a --frame-stride of at most 1, "
-                       "or fewer --frames")
+                       "or a shorter frame bucket (--frames)")
     # The remedies it names work.
     assert len(decode_video(path, 11, [(32, 48)], target_fps=4.22).frames) == 11
     assert len(decode_video(path, 11, [(32, 48)], stride=1).frames) == 11
     with pytest.raises(BadInput, match=r"^too short: 20 decodable frames, need 25: the clip lasts 2\.50 s at 8 fps, "
                                        r"25 frames at 8 fps need 3\.12 s; the clip has fewer frames than 25 at any "
-                                       r"rate: use fewer --frames$"):
+                                       r"rate: use a shorter frame bucket \(--frames\)$"):
         decode_video(path, 25, [(32, 48)], target_fps=8)
     vfr = tmp_path / "vfr.mp4"
     _write_vfr(vfr, VFR_MS)
@@ -272,10 +272,87 @@ def test_too_short_says_how_long_and_what_to_change(tmp_path):
     message = str(caught.value)
     found = re.fullmatch(r"too short: 53 decodable frames with uneven timestamps: the clip lasts 2\.07 s, 25 frames "
                          r"at 8 fps need 3\.02 s; use a higher --fps \(at least ([\d.]+)\), a --frame-stride of at "
-                         r"most 2, or fewer --frames", message)
+                         r"most 2, or a shorter frame bucket \(--frames\)", message)
     assert found, message
     fps = float(found.group(1))
     assert len(decode_video(vfr, 25, [(32, 48)], target_fps=fps).frames) == 25
     with pytest.raises(BadInput, match="too short"):
         decode_video(vfr, 25, [(32, 48)], target_fps=fps - 0.02)
     assert len(decode_video(vfr, 25, [(32, 48)], stride=2).frames) == 25
+
+
+# --------------------------------------------------------------------------------------- frame buckets and windows
+def test_a_clip_goes_to_the_longest_frame_bucket_it_fills(tmp_path):
+    from data_prep.decode import decode_windows
+
+    long, medium, short = (write_mp4(tmp_path / f"{n}.mp4", _numbered_frames(n), fps=8) for n in (20, 12, 6))
+    assert _frame_numbers(decode_video(long, [9, 17], [(32, 48)], target_fps=8).frames) == list(range(17))
+    clip = decode_video(medium, [17, 9], [(32, 48)], target_fps=8)
+    assert _frame_numbers(clip.frames) == list(range(9)) and clip.seconds == 9 / 8
+    # With a stride: 17 frames two apart need 33 source frames, 9 need 17; the 20-frame clip fills only 9.
+    assert _frame_numbers(decode_video(long, [17, 9], [(32, 48)], stride=2).frames) == list(range(0, 17, 2))
+    assert decode_windows(medium, [17, 9], [(32, 48)], target_fps=8, windows=3)[0] == 1  # one 9-frame clip fits
+    with pytest.raises(BadInput) as caught:
+        decode_video(short, [17, 9], [(32, 48)], target_fps=8)
+    assert str(caught.value) == (
+        "too short: 6 decodable frames, need 9: the clip lasts 0.75 s at 8 fps, 9 frames at 8 fps (the shortest frame "
+        "bucket) need 1.12 s; the clip has fewer frames than 9 at any rate: use a shorter frame bucket (--frames)")
+    # By time (uneven timestamps): the frames of a shorter bucket are the first ones the longer would take.
+    vfr = tmp_path / "vfr.mp4"
+    _write_vfr(vfr, VFR_MS)  # 2.07 s: 25 frames at 8 fps need 3.02 s, 17 need 2.02 s
+    both = decode_video(vfr, [25, 17], [(32, 48)], target_fps=8)
+    assert _frame_numbers(both.frames) == _frame_numbers(decode_video(vfr, 17, [(32, 48)], target_fps=8).frames)
+    assert len(both.frames) == 17
+    with pytest.raises(BadInput, match=r"33 frames at 8 fps \(the shortest frame bucket\) need 4\.02 s; use a higher "
+                                       r"--fps \(at least [\d.]+\), a --frame-stride of at most 1, or a shorter frame "
+                                       r"bucket \(--frames\)$"):
+        decode_video(vfr, [41, 33], [(32, 48)], target_fps=8)
+
+
+def test_several_clips_of_a_long_video_are_evenly_spread_apart_and_the_same_each_time(tmp_path):
+    from data_prep.decode import decode_windows
+
+    path = write_mp4(tmp_path / "long.mp4", _numbered_frames(100), fps=8)
+    count, clips = decode_windows(path, 9, [(32, 48)], target_fps=8, windows=4)
+    numbers = [_frame_numbers(clip.frames) for clip in clips]
+    starts = [n[0] for n in numbers]
+    assert count == 4 and [c.window for c in clips] == [0, 1, 2, 3] and {c.windows for c in clips} == {4}
+    assert starts[0] == 0 and numbers[-1][-1] == 99, "from the first frame to the last"
+    assert all(n == list(range(n[0], n[0] + 9)) for n in numbers)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert max(gaps) - min(gaps) <= 1 and min(gaps) >= 9, gaps  # evenly spread, never overlapping
+    assert [c.start for c in clips] == [s / 8 for s in starts]
+    assert np.array_equal(clips[0].frames, decode_video(path, 9, [(32, 48)], target_fps=8).frames)
+    again = decode_windows(path, 9, [(32, 48)], target_fps=8, windows=4, skip={1, 3})
+    assert again[0] == 4 and [c.window for c in again[1]] == [0, 2]
+    assert all(np.array_equal(a.frames, clips[w].frames) for a, w in zip(again[1], (0, 2)))
+    # As many as fit: 100 frames hold 11 clips of 9; a stride of 4 makes a clip 33 frames long: 3 fit.
+    assert decode_windows(path, 9, [(32, 48)], target_fps=8, windows=50)[0] == 11
+    count, strided = decode_windows(path, 9, [(32, 48)], stride=4, windows=5)
+    assert count == 3 and [_frame_numbers(c.frames)[:2] for c in strided] == [[0, 4], [34, 38], [67, 71]]
+    # Frame buckets: the longest bucket the video fills once, then as many clips of it as fit.
+    count, mixed = decode_windows(path, [65, 9], [(32, 48)], target_fps=8, windows=3)
+    assert count == 1 and len(mixed[0].frames) == 65
+
+
+def test_clips_of_a_variable_frame_rate_video_lie_on_their_own_target_grid(tmp_path):
+    from data_prep.decode import decode_windows
+
+    # 2 s at 60 fps, 3 s at 15 fps, 2 s at 30 fps: 7 s of uneven timestamps.
+    times_ms = ([round(k * 1000 / 60) for k in range(120)] + [2000 + round(k * 1000 / 15) for k in range(45)]
+                + [5000 + round(k * 1000 / 30) for k in range(60)])
+    path = tmp_path / "vfr.mp4"
+    _write_vfr(path, times_ms)
+    times = _decoded_times(path)
+    count, clips = decode_windows(path, 9, [(32, 48)], target_fps=4, windows=3)
+    assert count == 3
+    chosen = [_frame_numbers(clip.frames) for clip in clips]
+    for clip, numbers in zip(clips, chosen):
+        first = times[numbers[0]]
+        assert clip.start == pytest.approx(float(first - times[0]))
+        for i, number in enumerate(numbers):  # within half a target period of the clip's grid
+            assert abs(times[number] - first - Fraction(i, 4)) <= Fraction(1, 8), (clip.window, i, number)
+        assert 3.5 < clip.fps < 4.5
+    assert chosen[0] == _frame_numbers(decode_video(path, 9, [(32, 48)], target_fps=4).frames)
+    assert chosen[0][-1] < chosen[1][0] and chosen[1][-1] < chosen[2][0], "no frame in two clips"
+    assert float(times[chosen[2][-1]]) > 6.5, "the last clip ends near the video's end"

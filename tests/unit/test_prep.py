@@ -739,3 +739,96 @@ def test_single_images_are_refused_where_the_family_cannot_take_them(tiny_checkp
     assert manifest.frame_counts == [17, 1]
     with pytest.raises(CogvxError, match="single images among the clips .*is image-to-video: it is conditioned"):
         check_manifest(manifest, i2v, where="data.shards")
+
+
+# ------------------------------------------------------------------ frame buckets, clips per video, what the data is
+MIXED = {  # name: (frames at 8 fps, height, width)
+    "long": (60, 32, 48),     # 7.5 s: three 17-frame clips
+    "medium": (20, 48, 64),   # one 17-frame clip, 1/9 of its frame cropped (scaled to 36x48, cut to 32x48)
+    "tall": (12, 64, 48),     # one 9-frame clip, portrait bucket
+    "wide": (12, 32, 96),     # one 9-frame clip, half its frame cropped
+    "short": (6, 32, 48),     # 0.75 s: shorter than the shortest bucket
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """A folder of clips of several lengths and shapes (name.mp4 + name.txt)."""
+    root = tmp_path_factory.mktemp("mixed")
+    for n, (name, (frames, height, width)) in enumerate(MIXED.items()):
+        write_mp4(root / f"{name}.mp4", render_clip("red", "square", "right", frames, height, width, seed=n), fps=8)
+        (root / f"{name}.txt").write_text(f"a red square moves right, {name}")
+    return root
+
+
+def _mixed_config(model: Path, data: Path, out: Path, **kw) -> PrepConfig:
+    return _config(model, data, out, frames=[9, 17], clips_per_video=3, buckets=[(32, 48), (48, 32)],
+                   shard_max_samples=2, **kw)
+
+
+def _digests(out: Path) -> dict[str, str]:
+    manifest = shard_format.Manifest.read(out)
+    index = manifest.sample_index(Store(out))
+    return {index.key(i): index.digest(i) for i in range(len(index))}
+
+
+def test_frame_buckets_and_clips_per_video_prep_count_and_resume(tiny_checkpoint, mixed, tmp_path, capsys):
+    from cogvx_dist.train.data.reader import ShardIndex
+
+    model, out = tiny_checkpoint("CogVideoX-2b"), tmp_path / "out"
+    run = run_cli("prep", "--model", str(model), "--data", str(mixed), "--out", str(out), "--frames", "9,17",
+                  "--clips-per-video", "3", "--resolution", "32x48", "--resolution", "48x32", "--shard-samples", "2",
+                  "--storage-dtype", "float32", "--no-progress", "--max-failed-fraction", "0.5")
+    assert run.returncode == 0, run.stderr
+    assert "encoded 6, skipped 1" in run.stderr
+    warnings = [line for line in run.stderr.splitlines() if "lost more than 25%" in line]
+    assert len(warnings) == 1 and "1 of 6 samples" in warnings[0], run.stderr
+    key = {name: shard_format.sample_key(f"{name}.mp4") for name in MIXED}
+    samples = _read_shards(out)
+    expected = {shard_format.window_key(key["long"], w) for w in range(3)}
+    expected |= {shard_format.window_key(key[name], 0) for name in ("medium", "tall", "wide")}
+    assert set(samples) == expected
+    shape = {k: (m["frames"], m["height"], m["width"]) for k, (_, m) in samples.items()}
+    assert shape[f"{key['medium']}-w01"] == (17, 32, 48) and shape[f"{key['tall']}-w01"] == (9, 48, 32)
+    longs = [samples[f"{key['long']}-w0{w}"][1] for w in (1, 2, 3)]
+    assert [(m["window"], m["windows"], m["frames"]) for m in longs] == [(1, 3, 17), (2, 3, 17), (3, 3, 17)]
+    assert [m["start_seconds"] for m in longs] == [0.0, 2.75, 5.375]  # frames 0, 22 and 43 of 60: evenly spread
+    assert [e["reason"] for e in map(json.loads, (out / shard_format.ERRORS_NAME).read_text().splitlines())] == [
+        "too short: 6 decodable frames, need 9: the clip lasts 0.75 s at 8 fps, 9 frames at 8 fps (the shortest "
+        "frame bucket) need 1.12 s; the clip has fewer frames than 9 at any rate: use a shorter frame bucket "
+        "(--frames)"]
+
+    manifest = shard_format.Manifest.read(out)
+    assert (manifest.frames, manifest.frame_counts, manifest.clips_per_video) == (17, [17, 9], 3)
+    assert manifest.bucket_samples() == {(17, 32, 48): 4, (17, 48, 32): 0, (9, 32, 48): 1, (9, 48, 32): 1}
+    stats = manifest.stats
+    assert stats["samples"] == 6 and stats["seconds"] == pytest.approx((4 * 17 + 2 * 9) / 8)
+    assert stats["cropped_over_quarter"] == 1
+    crops = {(b["frames"], b["height"], b["width"]): b["crop_fraction"] for b in stats["buckets"]}
+    assert crops[(9, 32, 48)] == 0.5 and crops[(17, 32, 48)] == pytest.approx((1 - 32 / 36) / 4, abs=1e-4)
+    # The train side names every bucket from the manifest (not "latents CxFxHxW") and finds the same counts.
+    buckets = {b.name: len(b.samples) for b in ShardIndex(out).buckets()}
+    assert buckets == {"32x48, 17 frames": 4, "32x48, 9 frames": 1, "48x32, 9 frames": 1}
+    assert verify(out)[0] == []
+    code, text, _ = cli(capsys, "shards", "inspect", str(out))
+    assert code == 0 and "17 or 9 frames" in text and "up to 3 a video" in text
+    assert re.search(r"contents +6 samples, 10\.8 s; the crop cuts 12\.0% of a frame on average; 1 lose", text), text
+    assert re.search(r"17 frames, 32x48 +4 samples +8\.5 s +crop +2\.8%", text), text
+
+    # A rerun encodes nothing; a lost shard's clips, and only those, are encoded again, to the same bytes.
+    digests = _digests(out)
+    first_sha256s = {p.name: shard_format.file_sha256(p) for p in out.glob("shard-*.tar")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    result = run_prep(_mixed_config(model, mixed, out))
+    assert (result.encoded, result.already_done, result.failed) == (0, 4, 1)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")} == before
+    lost = next(p for p in sorted(out.glob("shard-*.tar")) if f"{key['long']}-w02" in shard_keys(out)[p.name])
+    lost_keys = shard_keys(out)[lost.name]
+    lost.unlink()
+    result = run_prep(_mixed_config(model, mixed, out))
+    assert (result.encoded, result.already_done) == (len(lost_keys), 4 - len({k[:20] for k in lost_keys}))
+    assert _digests(out) == digests and shard_format.Manifest.read(out).stats == stats
+    # A fresh prep of the same inputs writes the same shards, byte for byte.
+    again = tmp_path / "again"
+    run_prep(_mixed_config(model, mixed, again))
+    assert {p.name: shard_format.file_sha256(p) for p in again.glob("shard-*.tar")} == first_sha256s
