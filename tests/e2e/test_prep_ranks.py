@@ -14,6 +14,7 @@ import torch
 
 from cogvx_dist.core import shard_format
 from cogvx_dist.core.faults import FAULT_ENV
+from cogvx_dist.core.storage import Store
 from cogvx_dist.core.synthetic_videos import make_synthetic_dataset
 from data_prep.config import PrepConfig
 from data_prep.job import run_prep
@@ -119,3 +120,34 @@ def test_killed_run_resumes_to_the_same_samples(tiny_checkpoint, dataset, tmp_pa
     for key in a:
         for name in a[key]:
             torch.testing.assert_close(a[key][name], b[key][name])
+
+
+def test_killed_run_with_several_clips_a_video_resumes_clip_by_clip(tiny_checkpoint, tmp_path):
+    """Killed after the 3rd of a video's 3 clips was written (its first two in a complete shard): the rerun encodes
+    that clip alone of the video, and the dataset equals an uninterrupted run's, sample digest for sample digest."""
+    from cogvx_dist.core.synthetic_videos import render_clip, write_mp4
+
+    data = tmp_path / "data"
+    for n, (name, frames) in enumerate((("a_long", 30), ("b_long", 30), ("c_short", 12))):
+        write_mp4(data / f"{name}.mp4", render_clip("blue", "circle", "up", frames, 32, 48, seed=n), fps=8)
+        (data / f"{name}.txt").write_text(f"a blue circle moves up, {name}")
+    model, killed, reference = tiny_checkpoint("CogVideoX-2b"), tmp_path / "killed", tmp_path / "reference"
+    args = ("--clips-per-video", "3")
+    run = run_cli(*_prep_args(model, data, killed, *args), env=_clean_env(**{FAULT_ENV: "prep.written=3"}))
+    assert run.returncode == 3, run.stderr
+    assert [p.name for p in killed.glob("shard-*.tar")] == ["shard-r00000-000000.tar"]
+    again = run_cli(*_prep_args(model, data, killed, *args), env=_clean_env())
+    assert again.returncode == 0, again.stderr
+    assert "encoded 5, skipped 0, already done 0 of 3" in again.stderr  # a's 3rd clip, b's 3, c's 1
+    assert run_cli(*_prep_args(model, data, reference, *args), env=_clean_env()).returncode == 0
+
+    def digests(folder: Path) -> dict[str, str]:
+        index = shard_format.Manifest.read(folder).sample_index(Store(folder))
+        return {index.key(i): index.digest(i) for i in range(len(index))}
+
+    resumed = digests(killed)
+    a, b, c = (shard_format.sample_key(f"{name}.mp4") for name in ("a_long", "b_long", "c_short"))
+    assert set(resumed) == {f"{a}-w01", f"{a}-w02", f"{a}-w03", f"{b}-w01", f"{b}-w02", f"{b}-w03", f"{c}-w01"}
+    assert resumed == digests(reference)
+    assert shard_format.Manifest.read(killed).stats == shard_format.Manifest.read(reference).stats
+    assert verify(killed)[0] == []

@@ -832,3 +832,58 @@ def test_frame_buckets_and_clips_per_video_prep_count_and_resume(tiny_checkpoint
     again = tmp_path / "again"
     run_prep(_mixed_config(model, mixed, again))
     assert {p.name: shard_format.file_sha256(p) for p in again.glob("shard-*.tar")} == first_sha256s
+
+
+def test_frame_buckets_and_clips_per_video_settings(tiny_checkpoint, tmp_path, capsys):
+    from cogvx_dist.cli import build_parser
+    from cogvx_dist.cli.prep import config_from_args
+    from cogvx_dist.core.loading import describe_checkpoint
+
+    def flags(*more: str) -> PrepConfig:
+        return config_from_args(build_parser().parse_args(["prep", "--model", "m", "--data", "d", "--out", "o", *more]))
+
+    assert flags("--frames", "49").frames == 49  # one count stays an int
+    assert flags("--frames", "49,25").frames == [49, 25] == flags("--frames", "49", "--frames", "25").frames
+    assert flags("--frames", "25,49").frame_counts() == [49, 25]
+    assert flags("--clips-per-video", "4").clips_per_video == 4 and flags().clips_per_video == 1
+    for text, frames in (("frames: 49\n", 49), ("frames: [49, 25]\n", [49, 25]), ("frames: '49, 25'\n", [49, 25])):
+        (tmp_path / "p.yaml").write_text(text)
+        assert PrepConfig.from_yaml(tmp_path / "p.yaml").frames == frames
+    model, data = tiny_checkpoint("CogVideoX-2b"), str(tmp_path)
+    for more, message in ((["--frames", "49,x"], "--frames: '49,x' is not a frame count"),
+                          (["--frames", "17,17"], "frames: a frame count is listed twice"),
+                          (["--clips-per-video", "0"], "clips_per_video must be >= 1"),
+                          (["--frames", "17,12"], "frames: 12 is not valid for CogVideoX-2b")):
+        code, _, err = cli(capsys, "prep", "--model", str(model), "--data", data, "--out", str(tmp_path / "o"), *more)
+        assert message in assert_one_line_error(code, err), err
+    (tmp_path / "p.yaml").write_text("frames: [17, 'nine']\n")
+    with pytest.raises(CogvxError, match=r"frames"):
+        PrepConfig.from_yaml(tmp_path / "p.yaml")
+    # Learned position embeddings (5b-I2V) take the default frame count only, in a list too.
+    info = describe_checkpoint(tiny_checkpoint("CogVideoX-5b-I2V"))
+    config = PrepConfig(model="m", data="d", out="o", frames=[info.frames, info.frames + 8])
+    with pytest.raises(CogvxError, match=rf"frames: CogVideoX-5b-I2V learned its position embeddings for "
+                                         rf"{info.frames} frames, not {info.frames + 8}"):
+        config.frame_buckets(info.family, info.frames)
+
+
+def test_manifests_without_counts_still_read_and_the_merge_counts_them(prepped, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(prepped[0], out)
+    data = json.loads((out / shard_format.MANIFEST_NAME).read_text())
+    counted = data.pop("stats")
+    data.pop("clips_per_video")
+    for part in (out / shard_format.PARTS_DIR).glob("rank-*.json"):  # progress files of a prep that kept no summary
+        kept = json.loads(part.read_text())
+        kept.pop("summaries")
+        part.write_text(json.dumps(kept))
+    (out / shard_format.MANIFEST_NAME).write_text(json.dumps(data))
+    manifest = shard_format.Manifest.read(out)
+    assert manifest.stats == {} and manifest.clips_per_video == 1 and manifest.bucket_samples() is None
+    code, text, _ = cli(capsys, "shards", "inspect", str(out))
+    assert code == 0 and "contents     not recorded" in text
+    from data_prep.shards import finalize
+
+    finalize(out)
+    assert shard_format.Manifest.read(out).stats == counted  # read from the shards' JSON members
+    assert counted["samples"] == 7 and counted["buckets"][0]["samples"] == 7
