@@ -221,8 +221,8 @@ def parse_node_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(":")
     try:
         lo, hi = int(low), int(high or low)
-    except ValueError:
-        raise CogvxError(f"node range {text!r}: expected N or MIN:MAX (torchrun --nnodes)") from None
+    except ValueError as err:
+        raise CogvxError(f"node range {text!r}: expected N or MIN:MAX (torchrun --nnodes)") from err
     if not 1 <= lo <= hi:
         raise CogvxError(f"node range {text!r}: expected MIN:MAX with 1 <= MIN <= MAX")
     return lo, hi

@@ -59,6 +59,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("skipped_steps", TOTAL, "steps", "train", "steps skipped (non-finite loss)"),
     Metric("attention", SETTING, "", "train", "attention kernels"),
     Metric("sequence_parallel", SETTING, "ranks", "train", "sequence-parallel group size"),
+    Metric("world_size", STEP, "ranks", "train", "ranks training (changes where an elastic run lost or gained nodes)"),
     Metric("eval/loss", STEP, "", "eval", "held-out loss"),
     Metric("eval/loss_t*", STEP, "", "eval", "held-out loss at one timestep"),
 )

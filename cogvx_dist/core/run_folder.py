@@ -24,6 +24,7 @@ a run (sample --watch, report, demo, launch check).
     RUN/heartbeats/rank-RRRRR.json   each rank's last completed step (the stall watchdog reads them)
     RUN/stacks/rank-RRRRR.txt    Python stacks a stalled job dumped
     RUN/bad_samples.jsonl        samples skipped with data.on_bad_sample: skip
+    RUN/membership.jsonl         one line per launch of the run: time, world size, the previous launch's, steps redone
     RUN/validation/              clips of `cogvx sample --watch`, validated.json records what is done
     RUN/report/                  `cogvx report` output
 """
@@ -58,9 +59,10 @@ PREEMPTED = "preempted.json"
 HEARTBEATS = "heartbeats"
 STACKS = "stacks"
 BAD_SAMPLES = "bad_samples.jsonl"
+MEMBERSHIP = "membership.jsonl"
 _STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 RUN_OUTPUTS = (DS_CONFIG, METRICS, TENSORBOARD, TRACE, CHECKPOINTS, LORA, LORA_EMA, SUMMARY, VALIDATION, REPORT,
-               PREEMPTED, BAD_SAMPLES)
+               PREEMPTED, BAD_SAMPLES, MEMBERSHIP)
 """What a run writes, prunes or truncates beside RUN_CONFIG: in a folder without RUN_CONFIG they are someone else's.
 (The lock, failures/, heartbeats/ and stacks/ are left out: a run that died before writing RUN_CONFIG leaves them.)"""
 
@@ -129,6 +131,10 @@ class RunFolder:
     @property
     def summary(self) -> Path:
         return self.root / SUMMARY
+
+    @property
+    def membership(self) -> Path:
+        return self.root / MEMBERSHIP
 
     @property
     def validation(self) -> Path:

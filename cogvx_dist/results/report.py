@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from cogvx_dist.core.errors import CogvxError, first_line
 from cogvx_dist.core.metric_table import PLOTS, plotted, read_metrics
 from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.train import membership
 
 
 @dataclass
@@ -114,9 +116,10 @@ def run_stats(records: list[dict[str, Any]]) -> RunStats:
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training loss",
-              held_out: list[tuple[int, float]] = ()) -> Path:
+              held_out: list[tuple[int, float]] = (), changes: list[dict[str, Any]] = ()) -> Path:
     """Raw per-step loss as points and its smoothed curve, against the optimizer step; the held-out loss
-    ((step, loss) pairs) as a line on the same axes where the run evaluated one."""
+    ((step, loss) pairs) as a line on the same axes where the run evaluated one; each membership change of an
+    elastic run (train/membership.py) as a vertical line where the new world size went on."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -130,6 +133,13 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str = "training 
     if held_out:
         ax.plot(*zip(*held_out), "-s", ms=4, lw=1.8, color="tab:orange",
                 label="held-out loss (fixed timesteps and noise)")
+    for number, change in enumerate(changes):
+        ax.axvline(change["resumed_from_step"] + 0.5, color="tab:red", ls="--", lw=1.2, alpha=0.8,
+                   label="world size changed (elastic restart)" if number == 0 else None)
+        ax.annotate(f"{change['previous_world_size']}\u2192{change['world_size']} ranks, "
+                    f"{change['steps_redone']} redone", (change["resumed_from_step"] + 0.5, 1.0),
+                    xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7,
+                    color="tab:red")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("diffusion loss")
     ax.set_title(title)
@@ -189,6 +199,10 @@ def summary_text(stats: RunStats, run_dir: Path, extra: dict[str, Any]) -> str:
     if extra.get("world_size"):
         lines.append(f"ranks: {extra['world_size']}, ZeRO stage {extra.get('zero_stage')}, "
                      f"family {extra.get('family')}")
+    for change in extra.get("membership_changes", []):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(change["time"]))
+        lines.append(f"membership change at {when} UTC: {change['previous_world_size']} -> {change['world_size']} "
+                     f"ranks, resumed from step {change['resumed_from_step']}, {change['steps_redone']} steps redone")
     if extra.get("validated_steps"):
         lines.append(f"validation samples for steps {extra['validated_steps']} in {RunFolder(run_dir).validation}")
     return "\n".join(lines) + "\n"
@@ -223,7 +237,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     if held_out:
         extra.update(eval_loss_first=held_out[0][1], eval_loss_last=held_out[-1][1],
                      eval_steps=[step for step, _ in held_out])
-    plots = write_plots(records, out, held_out)
+    changes = membership.changes(run)
+    if changes:
+        extra["membership_changes"] = changes
+    plots = write_plots(records, out, held_out, changes)
     text = summary_text(stats, run, extra)
     (out / "summary.txt").write_text(text)
     summary = {"run_dir": str(run), **asdict(stats), "loss_falls": stats.loss_falls, **extra,
@@ -255,11 +272,11 @@ def held_out_losses(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return [(r["step"], r[EVAL_KEY]) for r in records if r.get(EVAL_KEY) is not None]
 
 
-def write_plots(records: list[dict[str, Any]], out: Path,
-                held_out: list[tuple[int, float]] = ()) -> dict[str, Path]:
-    """The loss plot and each panel figure of the metric table (throughput, memory, learning rate) as PNGs in
-    `out`."""
-    plots = {"loss": plot_loss(records, out / "loss.png", held_out=held_out)}
+def write_plots(records: list[dict[str, Any]], out: Path, held_out: list[tuple[int, float]] = (),
+                changes: list[dict[str, Any]] = ()) -> dict[str, Path]:
+    """The loss plot (with the membership changes `changes`) and each panel figure of the metric table
+    (throughput, memory, learning rate) as PNGs in `out`."""
+    plots = {"loss": plot_loss(records, out / "loss.png", held_out=held_out, changes=changes)}
     for key, (file_name, title) in PLOTS.items():
         panels = [(row.name, row.label, row.colour) for row in plotted(key)]
         plots[key] = _plot_panels(records, out / file_name, panels, title)

@@ -27,7 +27,7 @@ from cogvx_dist.core.launch_env import RankInfo, env_rank, env_world_size
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.process import resume_garbage_collection
 from cogvx_dist.core.run_folder import RunFolder
-from cogvx_dist.train import engine, records
+from cogvx_dist.train import engine, membership, records
 from cogvx_dist.train.build import DataRank, build_parts
 from cogvx_dist.train.checkpointer import Checkpointer
 from cogvx_dist.train.config import RunConfig
@@ -93,6 +93,8 @@ class Agreement:
     """Bad samples all ranks skipped in this step."""
     nonfinite_here: bool
     """This rank's own loss was not finite."""
+    save_due: bool = False
+    """checkpoint.every_minutes passed on rank 0's clock since its last save."""
 
 
 class Trainer:
@@ -122,11 +124,16 @@ class Trainer:
         guards.progress(0)
         self.checkpointer = Checkpointer(config, checks.ds_config, ranks, self.engine, self.parts.lora_names,
                                          self.parts.ema, self.family.name)
+        reached = membership.last_logged_step(self.run.root) if ranks.is_main else 0  # the restore drops redone rows
         resumed = self.checkpointer.restore()
+        if ranks.is_main:
+            membership.record_launch(self.run.root, ranks.world_size, resumed.step, reached)
         self.start_step, self.position = resumed.step, resumed.position
         """The step the run goes on from and the global sample position reached."""
         self.bad_samples, self.skipped_steps = resumed.bad_samples, resumed.skipped_steps
         self.nonfinite_in_a_row = 0
+        self.saved_at = time.monotonic()
+        """When this rank last saved (or started): checkpoint.every_minutes counts from it on rank 0."""
         self.draws, self.loader = self._micro_batches()
         self.meter = self._step_meter()
 
@@ -156,7 +163,7 @@ class Trainer:
                 metrics.log(step, values)
                 progress.set_postfix(loss=f"{values['loss'] or float('nan'):.4f}",
                                      samples_s=f"{values['samples_per_s']:.2f}")
-            if step % config.checkpoint.every_steps == 0 or last or agreed.preempt:
+            if step % config.checkpoint.every_steps == 0 or last or agreed.preempt or agreed.save_due:
                 self.save(step)
             if agreed.preempt and not last:
                 self.guards.stop_preempted(step)
@@ -195,11 +202,15 @@ class Trainer:
 
     def _agree(self, local_loss: torch.Tensor, bad: int) -> Agreement:
         nonfinite = ~torch.isfinite(local_loss)
-        flags = torch.tensor([float(self.guards.preemption.requested), float(bad)], device=local_loss.device)
+        every = self.config.checkpoint.every_minutes * 60  # rank 0's clock alone decides, so all ranks save together
+        due = self.ranks.is_main and every > 0 and time.monotonic() - self.saved_at >= every
+        flags = torch.tensor([float(self.guards.preemption.requested), float(bad), float(due)],
+                             device=local_loss.device)
         reduced = engine.all_reduce_sum(torch.cat([local_loss.float().view(1), nonfinite.float().view(1), flags]))
         counts = reduced[1:].tolist()
         # Each data-parallel group's ranks hold parts of its loss (one rank the whole without sequence parallelism).
-        return Agreement(reduced[0] / self.data.size, int(counts[0]), counts[1] > 0, int(counts[2]), bool(nonfinite))
+        return Agreement(reduced[0] / self.data.size, int(counts[0]), counts[1] > 0, int(counts[2]), bool(nonfinite),
+                         counts[3] > 0)
 
     def _account(self, step: int, agreed: Agreement, keys: list[str]) -> None:
         """Non-finite steps, bad samples and preemption requests, as the ranks agreed them."""
@@ -230,7 +241,7 @@ class Trainer:
     def _log_values(self, lr: float, evaluated: dict[str, float]) -> dict[str, Any]:
         """The metrics of a log step: the meter's window, the held-out loss and the run's counters."""
         values = {**self.meter.values(lr, self.engine.grad_norm(), self.position), **evaluated}
-        values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps,
+        values.update(bad_samples=self.bad_samples, skipped_steps=self.skipped_steps, world_size=self.ranks.world_size,
                       attention=self.parts.attention_name, sequence_parallel=self.config.parallel.sequence_parallel)
         if isinstance(self.checks.index, MixedIndex):
             values.update(self.checks.index.seen(self.position, self.config.train.seed))
@@ -253,6 +264,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Collective: commit a checkpoint of `step` (unless it is the one just saved or resumed from)."""
+        self.saved_at = time.monotonic()
         if self.checkpointer.save(step, self.position, self.bad_samples, self.skipped_steps):
             self.guards.progress(step)
             if self.committed_fault:

@@ -75,7 +75,8 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; a live holder is a CogvxError naming it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time()}
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
+                  "elastic_job": os.environ.get("TORCHELASTIC_RUN_ID")}
         for _ in range(2):
             try:
                 with open(self.path, "x") as handle:  # O_EXCL: one winner among racing runs
@@ -84,7 +85,11 @@ class RunLock:
                 return
             except FileExistsError:
                 lock = read_lock(self.output_dir)
-                if lock is not None and holder_alive(lock):
+                # torchrun forms a new worker group only once every agent has stopped its old one (or lost its
+                # node): a lock of this elastic job is its previous rank 0's, wherever that ran.
+                same_job = lock is not None and lock.get("elastic_job") and \
+                    lock.get("elastic_job") == os.environ.get("TORCHELASTIC_RUN_ID")
+                if lock is not None and holder_alive(lock) and not same_job:
                     check_free(self.output_dir)
                 self.path.unlink(missing_ok=True)  # stale: its holder is gone
         raise CogvxError(f"could not take the lock {self.path}; another run is starting in the same output_dir")
