@@ -180,6 +180,24 @@ class DistributedConfig:
     stall_timeout_s: float = 1800.0
     """End the job when no rank completes a step (or a checkpoint) for this long: every rank that can dumps its
     Python stacks to output_dir/stacks, and the ranks that did not reach the step are named. 0 disables."""
+    network_stall_floor_s: float = 180.0
+    """The network check: a rank that has completed no step (or checkpoint) for longer than
+    max(network_stall_floor_s, network_stall_factor x the slowest step measured in this launch) tries a TCP
+    connection to every other host of the job (the address each rank records in output_dir/heartbeats/); if one
+    cannot be reached, the job ends with exit 76 naming it, on every host. The slowest step is the longest time
+    between two completed steps or checkpoints after the launch's first step (a checkpoint save, with the evaluation
+    before it, counts as one), so slow steps and saves widen the bound; before the first step ends the bound is
+    this floor. Without a host out of reach only stall_timeout_s ends a wait. 0 disables the check."""
+    network_stall_factor: float = 10.0
+    """How many of the slowest measured steps a rank waits before the network check (see network_stall_floor_s)."""
+
+    def validate(self) -> None:
+        """Each bound is positive, or 0 where 0 means off."""
+        if self.timeout_s <= 0 or self.stall_timeout_s < 0:
+            raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
+        if self.network_stall_floor_s < 0 or self.network_stall_factor < 0:
+            raise CogvxError("distributed.network_stall_floor_s and distributed.network_stall_factor must be "
+                             "non-negative (a floor of 0 turns the network check off)")
 
 
 @dataclass
@@ -328,8 +346,7 @@ class RunConfig:
                 raise CogvxError(f"checkpoint.preempt_signals: {name!r} is not one of {', '.join(PREEMPT_SIGNALS)}")
         if self.plan.gpu_memory:
             parse_bytes(self.plan.gpu_memory, "plan.gpu_memory")
-        if self.distributed.timeout_s <= 0 or self.distributed.stall_timeout_s < 0:
-            raise CogvxError("distributed.timeout_s must be positive and distributed.stall_timeout_s non-negative")
+        self.distributed.validate()
         self.checkpoint.validate()
 
     def _check_evaluation(self) -> None:

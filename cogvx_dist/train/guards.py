@@ -35,7 +35,9 @@ class RunGuards:
         self.preemption = PreemptionFlag(config.checkpoint.preempt_signals, config.checkpoint.preempt_grace_s,
                                          self._preempt_deadline)
         self.watchdog = Watchdog(self.run.root, ranks.rank, ranks.world_size, config.distributed.stall_timeout_s,
-                                 self._stalled, self._peer_failed, tick=self.lock.refresh)
+                                 self._stalled, self._peer_failed, tick=self.lock.refresh,
+                                 network_floor_s=config.distributed.network_stall_floor_s,
+                                 network_factor=config.distributed.network_stall_factor)
         self.slow_preemption_record = delay_hook("train.preemption_record_delay_ms")
 
     def __enter__(self) -> RunGuards:
