@@ -12,11 +12,10 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.config_files import to_dict
-from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.metric_table import metric, tensorboard_tag
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.train.config import RunConfig
-from cogvx_dist.train.trackers import Tracker, open_trackers
+from cogvx_dist.train.trackers import Tracker, TrackerFeed, open_trackers
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -106,7 +105,7 @@ class MetricsWriter:
 
             # purge_step hides the events an earlier run logged after the step this run resumes from.
             self._tb = SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1 if resume_step else None)
-        self._trackers = list(trackers or []) if enabled else []
+        self._feed = TrackerFeed(trackers) if enabled and trackers else None
 
     @classmethod
     def for_run(cls, config: RunConfig, enabled: bool, resume_step: int = 0) -> MetricsWriter:
@@ -124,28 +123,21 @@ class MetricsWriter:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
-        scalars = {tensorboard_tag(name): value for name, value in values.items()
-                   if isinstance(value, (int, float))}
+        scalars = {tensorboard_tag(name): value for name, value in values.items() if isinstance(value, (int, float))}
         if self._tb is not None:
             for tag, value in scalars.items():
                 self._tb.add_scalar(tag, value, step)
-        texts = {tensorboard_tag(name): value for name, value in values.items() if isinstance(value, str)}
-        for tracker in list(self._trackers):
-            try:
-                tracker.log(step, scalars, texts)
-            except Exception as err:  # a tracker's outage must not end a run: metrics.jsonl goes on
-                rank_logger("cogvx.train", 0).warning(
-                    "log.trackers: %s failed at step %d (%s: %s); it gets no more metrics in this run, "
-                    "metrics.jsonl has them all", tracker.name, step, type(err).__name__, err)
-                self._trackers.remove(tracker)
+        if self._feed is not None:
+            texts = {tensorboard_tag(name): value for name, value in values.items() if isinstance(value, str)}
+            self._feed.log(step, scalars, texts)
 
     def close(self) -> None:
-        """Flush and close TensorBoard; end each tracker's run."""
+        """Flush and close TensorBoard; the trackers take the last steps and end their runs."""
         if self._tb is not None:
             self._tb.close()
-        for tracker in self._trackers:
-            tracker.close()
-        self._trackers = []
+        if self._feed is not None:
+            self._feed.close()
+            self._feed = None
 
 
 class SampleTrace:

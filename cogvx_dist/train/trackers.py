@@ -18,6 +18,8 @@ import importlib.util
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 
 from cogvx_dist.core.errors import CogvxError
 from cogvx_dist.core.files import write_atomic
+from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.train.config import LogConfig
 
 EXTRA = "trackers"
@@ -34,6 +37,8 @@ RECORD = "trackers.json"
 WANDB_DIR = "wandb"
 MLFLOW_DIR = "mlflow"
 MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
+CLOSE_TIMEOUT_S = 120.0
+"""How long the end of a run waits for the trackers to take the last metrics and end their runs."""
 _MLFLOW_PARAM_LENGTH = 6000
 """MLflow's longest param value; longer ones are cut (run_config.json, logged whole as an artifact, has them)."""
 
@@ -210,3 +215,45 @@ def open_trackers(output_dir: str | Path, settings: LogConfig, run_config: dict[
         write_atomic(record_path, json.dumps(recorded, indent=2) + "\n")
     return opened
 
+
+
+class TrackerFeed:
+    """Hands each log step to the trackers from a thread of its own, so a training step never waits on one (an
+    MLflow SQLite commit took 10-70 ms on the test machine, wandb's hand-off several ms). A tracker that raises is
+    dropped with a warning: metrics.jsonl, written by the training thread, has every step."""
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self._trackers = list(trackers)
+        self._queue: queue.Queue[tuple[int, dict[str, float], dict[str, str]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._send, name="cogvx-trackers", daemon=True)
+        self._thread.start()
+
+    def log(self, step: int, scalars: dict[str, float], texts: dict[str, str]) -> None:
+        """Queue one log step for every tracker."""
+        self._queue.put((step, dict(scalars), dict(texts)))
+
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Let the trackers take what is queued and end their runs; give up on them after `timeout_s`."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            rank_logger("cogvx.train", 0).warning(
+                "log.trackers: %s still busy %.0f s after training ended; leaving it (metrics.jsonl has every step)",
+                ", ".join(tracker.name for tracker in self._trackers), timeout_s)
+
+    def _send(self) -> None:
+        while (item := self._queue.get()) is not None:
+            for tracker in list(self._trackers):
+                self._call(tracker, "log", *item)
+        for tracker in list(self._trackers):
+            self._call(tracker, "close")
+
+    def _call(self, tracker: Tracker, method: str, *args: Any) -> None:
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as err:  # a tracker's outage must not end a run
+            step = f" at step {args[0]}" if args else " ending its run"
+            rank_logger("cogvx.train", 0).warning(
+                "log.trackers: %s failed%s (%s: %s); it gets nothing more in this run, metrics.jsonl has every step",
+                tracker.name, step, type(err).__name__, err)
+            self._trackers.remove(tracker)

@@ -4,7 +4,9 @@ real, are in tests/e2e/test_trackers.py."""
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 import pytest
 
@@ -77,3 +79,33 @@ def test_mlflow_on_a_tracking_server_needs_no_local_store_packages(synthetic_sha
                  "log.trackers=[mlflow]"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     preflight(load_config(RunConfig, None, overrides))
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_and_metrics_jsonl_goes_on(tmp_path, monkeypatch, capfd):
+    """The MLflow run is deleted behind the writer's back (as someone cleaning up the store might): MLflow then
+    refuses every write to it; training is not stopped, one warning says so, and metrics.jsonl keeps every step."""
+    from mlflow.tracking import MlflowClient
+
+    from cogvx_dist.core.metric_table import read_metrics
+    from cogvx_dist.train.metrics import MetricsWriter
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    output = tmp_path / "run"
+    output.mkdir()
+    config = load_config(RunConfig, None, [*PLACES, f"output_dir={output}", "log.trackers=[mlflow]"])
+    writer = MetricsWriter.for_run(config, enabled=True)
+    writer.log(1, {"loss": 0.5})
+    client = MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow' / 'mlflow.db'}")
+    run_id = json.loads((output / "trackers.json").read_text())["mlflow"]["id"]
+    while not client.get_metric_history(run_id, "train/loss"):  # step 1 is sent from the writer's own thread
+        time.sleep(0.05)
+    client.delete_run(run_id)
+    capfd.readouterr()
+    writer.log(2, {"loss": 0.25})
+    writer.log(3, {"loss": 0.125})
+    writer.close()
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "log.trackers" in line]
+    assert len(warnings) == 1 and "mlflow failed at step 2" in warnings[0], warnings
+    assert [record["step"] for record in read_metrics(output)] == [1, 2, 3]
+    assert [point.step for point in client.get_metric_history(run_id, "train/loss")] == [1]
