@@ -37,6 +37,9 @@ else
     ELASTIC=()
 fi
 RDZV_CONF="${RDZV_CONF:-join_timeout=600,last_call_timeout=5}"
+# torchrun's agent otherwise shares one store with the ranks across restarts, where a restarted rank can read its
+# peers' addresses from the attempt before and fail to connect (pytorch/pytorch#135712): each attempt gets its own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
         GPUS_PER_NODE="$SLURM_GPUS_ON_NODE"

@@ -691,3 +691,51 @@ def test_launch_check_refuses_an_elastic_range_that_cannot_keep_the_global_batch
     assert code == 2 and "elastic node range 2:3 needs train.global_batch_size" in err
     code, _, err = launch_check(capsys, *args, "--nodes", "3", "--elastic", "3:2")
     assert code == 2 and "expected MIN:MAX with 1 <= MIN <= MAX" in err
+
+
+def test_slurm_elastic_batch_script_dry_run(fake_slurm):
+    """The elastic recipe keeps the job through a node failure (--no-kill, no kill-on-bad-exit) and hands torchrun
+    the range from one node fewer than the allocation up to all of it."""
+    script = LAUNCHERS / "slurm" / "train-elastic.sbatch"
+    directives = [line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "--no-kill" in directives and "--requeue" in directives
+    train = dry_run("slurm/train-elastic.sbatch", "run.yaml", fake_bin=fake_slurm, COGVX_REPO=str(REPO),
+                    SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_ID="123", SLURM_NNODES="4", CHECK="0")
+    assert train.returncode == 0, train.stderr
+    assert "3:4 nodes (elastic), rendezvous gpu-a:20123" in train.stderr
+    assert command_lines(train.stdout) == [["srun", "--label", "--ntasks-per-node=1", "--no-kill",
+                                            "--kill-on-bad-exit=0", "bash", str(LAUNCHERS / "train_torchrun.sh"),
+                                            "run.yaml"]]
+    # What each task then runs: the torchrun launcher with the range and the job's rendezvous.
+    task = dry_run("train_torchrun.sh", "run.yaml", NNODES="3:4", MASTER_ADDR="gpu-a", MASTER_PORT="20123",
+                   RDZV_ID="123", GPUS_PER_NODE="8", CHECK="0")
+    (launch,) = command_lines(task.stdout)
+    assert launch[launch.index("--nnodes") + 1] == "3:4" and launch[launch.index("--rdzv-id") + 1] == "123"
+
+
+def test_elastic_jobset_keeps_its_batch_over_its_node_range():
+    """The elastic JobSet: torchrun's range ends at the Job's pod count, a lost pod is recreated alone (per-index
+    backoff, pods never restarted in place), and the run config it passes keeps the global batch at every node count
+    of the range (what train_torchrun.sh's pre-flight would otherwise refuse)."""
+    from cogvx_dist.core.config_files import from_dict
+    from cogvx_dist.train.config import RunConfig
+    from cogvx_dist.train.preflight import check_elastic_range
+
+    job = _doc("train-elastic-jobset.yaml", "JobSet")["spec"]["replicatedJobs"][0]["template"]["spec"]
+    pod = job["template"]["spec"]
+    container = pod["containers"][0]
+    env = _env(container)
+    low, high = map(int, env["NNODES"].split(":"))
+    assert high == job["completions"] == job["parallelism"] and low < high
+    assert job["backoffLimitPerIndex"] >= 1 and pod["restartPolicy"] == "Never"
+    assert container["command"][:2] == ["bash", "launchers/train_torchrun.sh"]
+    assert env["MASTER_ADDR"].startswith("cogvx-train-elastic-node-0-0.")
+    run = yaml.safe_load(_doc("run-config.yaml", "ConfigMap")["data"]["run.yaml"])
+    config = from_dict(RunConfig, run)
+    for override in container["command"][3:]:
+        dotted, value = override.split("=")
+        section, key = dotted.split(".")
+        setattr(getattr(config, section), key, type(getattr(getattr(config, section), key))(value))
+    config.validate()
+    check_elastic_range(config, low, high, int(env["GPUS_PER_NODE"]))
+    assert config.checkpoint.every_minutes > 0
