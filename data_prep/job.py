@@ -276,8 +276,15 @@ class PrepJob:
         self.part: dict[str, Any] = {
             "rank": self.rank, "world_size": self.world, "complete": False, "header": self.header,
             "settings": _settings(self.config), "inputs": len(self.mine), "shards": own_shards, "stats": {},
-            "summaries": {e.name: summaries[e.name] for e in own_shards if e.name in summaries},
+            "summaries": {},
         }
+        for entry in own_shards:
+            # A shard renamed but not recorded by a killed run (or recorded by a prep that kept no summaries) is
+            # counted from its samples' JSON while it is here.
+            if entry.name in summaries:
+                self.part["summaries"][entry.name] = summaries[entry.name]
+            elif (self.out / entry.name).is_file():
+                self.part["summaries"][entry.name] = shardio.shard_summary(self.out / entry.name)
         if self.config.clips_per_video > 1:
             self.part["windows"] = windows
         self._save_part()
