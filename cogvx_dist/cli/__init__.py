@@ -48,6 +48,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("sample", "sample", "sample a clip with the diffusers pipeline (optionally with a trained LoRA), or "
                                 "validate a run's checkpoints as they appear (--watch)"),
     Command("report", "report", "plots (loss, throughput, memory, lr) and a text summary of a training run"),
+    Command("export", "export", "write a run's adapter for another tool: diffusers (default) or comfyui"),
 )
 
 

@@ -8,6 +8,8 @@ This module is the one place that knows the adapter's key naming:
   Beside diffusers' metadata, `cogvx_family` records the model family it was trained on (e.g. CogVideoX-5b):
   5b, 5b-I2V and 1.5-5b share every adapted shape, so only this record tells their adapters apart. (Not in the PEFT
   config's base_model_name_or_path: PEFT takes that for a hub repository and looks it up when the adapter is saved.)
+- the ComfyUI file (`export_comfyui_lora`): core ComfyUI's own module names under `diffusion_model.`
+  (`diffusion_model.blocks.0.q.lora_A.weight`), with lora_alpha as a per-layer `.alpha` tensor.
 """
 
 from __future__ import annotations
@@ -212,6 +214,88 @@ def _rewrite_header(file: Path, extra: dict[str, str]) -> None:
     temporary = file.with_name(f".{file.name}.tmp")
     temporary.write_bytes(sorted_safetensors_header(file.read_bytes(), extra))
     os.replace(temporary, file)
+
+
+# ComfyUI's native CogVideoX (comfy/ldm/cogvideo/model.py) names the transformer's modules its own way, and its LoRA
+# loader (comfy/lora.py, model_lora_keys_unet) has no CogVideoX entry for diffusers names: for this model it takes only
+# `diffusion_model.<its module>` and `lora_unet_<its module with _>`. A diffusers-named file loads nothing there.
+COMFYUI_FORMAT = "comfyui"
+COMFYUI_WEIGHTS_NAME = "lora_comfyui.safetensors"
+"""The ComfyUI file's default name, beside the diffusers file it was converted from."""
+COMFYUI_PREFIX = "diffusion_model."
+FORMAT_METADATA_KEY = "cogvx_format"
+_COMFYUI_BLOCK_MODULES = {
+    "attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+    "attn1.norm_q": "norm_q", "attn1.norm_k": "norm_k", "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out",
+    "norm1.linear": "norm1.linear", "norm1.norm": "norm1.norm", "norm2.linear": "norm2.linear",
+    "norm2.norm": "norm2.norm",
+}
+"""Inside `transformer_blocks.N.` (diffusers) -> inside `blocks.N.` (ComfyUI)."""
+_COMFYUI_TOP_MODULES = {
+    "patch_embed.proj": "patch_embed.proj", "patch_embed.text_proj": "patch_embed.text_proj",
+    "time_embedding.linear_1": "time_embedding_linear_1", "time_embedding.linear_2": "time_embedding_linear_2",
+    "ofs_embedding.linear_1": "ofs_embedding_linear_1", "ofs_embedding.linear_2": "ofs_embedding_linear_2",
+    "norm_final": "norm_final", "norm_out.linear": "norm_out.linear", "norm_out.norm": "norm_out.norm",
+    "proj_out": "proj_out",
+}
+"""The modules outside the blocks, diffusers -> ComfyUI."""
+
+
+def comfyui_module_name(module: str) -> str | None:
+    """ComfyUI's name for a diffusers CogVideoX transformer module (`transformer_blocks.3.attn1.to_out.0` ->
+    `blocks.3.attn_out`), or None for a module ComfyUI's model does not have under any name this table knows."""
+    parts = module.split(".", 2)
+    if len(parts) == 3 and parts[0] == "transformer_blocks" and parts[1].isdigit():
+        inner = _COMFYUI_BLOCK_MODULES.get(parts[2])
+        return f"blocks.{parts[1]}.{inner}" if inner else None
+    return _COMFYUI_TOP_MODULES.get(module)
+
+
+def comfyui_weight_name(name: str) -> str | None:
+    """ComfyUI's name for a diffusers CogVideoX transformer weight (`...attn1.to_q.weight` -> `blocks.N.q.weight`;
+    also the learned position embedding), or None when `comfyui_module_name` knows no such module."""
+    if name == "patch_embed.pos_embedding":
+        return name
+    module, _, leaf = name.rpartition(".")
+    renamed = comfyui_module_name(module) if leaf in ("weight", "bias") else None
+    return f"{renamed}.{leaf}" if renamed else None
+
+
+def comfyui_state_dict(state: dict[str, torch.Tensor], settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """An adapter state dict (`...attn1.to_q.lora_A.weight`) as ComfyUI's loader reads it: each adapted layer's
+    `lora_A.weight` and `lora_B.weight` under `diffusion_model.<ComfyUI module>`, and its lora_alpha as the scalar
+    tensor `<...>.alpha`, from which ComfyUI takes the scale alpha / r (r from lora_A). Without the `.alpha` tensor
+    it would apply B·A at scale 1, not alpha / r."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in sorted(state.items()):
+        layer = adapted_layer(name)
+        renamed = comfyui_module_name(layer)
+        if renamed is None:
+            raise CogvxError(f"the adapter adapts {layer}, which ComfyUI's CogVideoX model has no known name for; "
+                             "export it in the diffusers format")
+        matrix = "lora_A" if _DOWN in name else "lora_B"
+        out[f"{COMFYUI_PREFIX}{renamed}.{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
+        out[f"{COMFYUI_PREFIX}{renamed}.alpha"] = torch.tensor(float(settings.alpha), dtype=torch.float32)
+    return out
+
+
+def export_comfyui_lora(adapter: ExportedLora, out_file: str | Path) -> Path:
+    """Write `adapter` as one safetensors file for core ComfyUI's LoRA loaders (`comfyui_state_dict`), with its
+    family, rank and alpha in the header for people and tools that read it; written whole, then renamed into
+    place."""
+    from safetensors.torch import save_file
+
+    file = Path(out_file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {FORMAT_METADATA_KEY: COMFYUI_FORMAT, "lora_rank": str(adapter.settings.rank),
+                "lora_alpha": f"{adapter.settings.alpha:g}"}
+    if adapter.family:
+        metadata[FAMILY_METADATA_KEY] = adapter.family
+    temporary = file.with_name(f".{file.name}.tmp")
+    save_file(comfyui_state_dict(adapter.state, adapter.settings), str(temporary), metadata=metadata)
+    temporary.write_bytes(sorted_safetensors_header(temporary.read_bytes()))
+    os.replace(temporary, file)
+    return file
 
 
 @dataclass
