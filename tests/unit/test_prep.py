@@ -887,3 +887,30 @@ def test_manifests_without_counts_still_read_and_the_merge_counts_them(prepped, 
     finalize(out)
     assert shard_format.Manifest.read(out).stats == counted  # read from the shards' JSON members
     assert counted["samples"] == 7 and counted["buckets"][0]["samples"] == 7
+
+
+def test_each_clip_of_a_video_conditions_on_its_own_first_frame(tiny_checkpoint, tmp_path):
+    from cogvx_dist.core.loading import load_vae
+    from data_prep.decode import decode_windows
+    from data_prep.encode import noised_copies
+
+    model = tiny_checkpoint("CogVideoX-5b-I2V")
+    write_mp4(tmp_path / "data/long.mp4", render_clip("green", "square", "left", 30, 32, 48), fps=8)
+    (tmp_path / "data/long.txt").write_text("a green square moves left")
+    out = tmp_path / "out"
+    result = run_prep(_config(model, tmp_path / "data", out, clips_per_video=2, image_noise_samples=1))
+    assert result.encoded == 2
+    samples = _read_shards(out)
+    key = shard_format.sample_key("long.mp4")
+    _, clips = decode_windows(tmp_path / "data/long.mp4", 9, [(32, 48)], target_fps=8, windows=2)
+    vae = load_vae(model, torch.float32)
+    for clip in clips:
+        tensors, meta = samples[shard_format.window_key(key, clip.window)]
+        assert meta["start_seconds"] == clip.start and (meta["window"], meta["windows"]) == (clip.window + 1, 2)
+        first = to_model_input(clip.frames[:1], "cpu", torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(tensors[shard_format.IMAGE_MEAN], vae.encode(first).latent_dist.mean[0],
+                                       rtol=1e-5, atol=1e-5)
+        sigmas, _ = noised_copies(first[0], shard_format.window_key(key, clip.window), 1)
+        assert torch.equal(tensors[shard_format.IMAGE_NOISE_SIGMAS], sigmas)  # each clip's noise its own
+    assert clips[1].start == 2.625 and not np.array_equal(clips[0].frames[0], clips[1].frames[0])
