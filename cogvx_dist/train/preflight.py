@@ -269,8 +269,6 @@ def check_batch_fits(config: RunConfig, manifest: Manifest, world_size: int) -> 
     return global_batch
 
 
-def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -> None:
-    """Refuse shards made for another family, VAE, text encoder or resolution, saying what differs."""
 def check_elastic_range(config: RunConfig, min_nodes: int, max_nodes: int, ranks_per_node: int) -> None:
     """An elastic job (torchrun --nnodes MIN:MAX) must train the same global batch at every node count it may run
     at: refuse, in one line naming the ranges that work, a range where no whole grad_accum_steps keeps it.
@@ -306,6 +304,8 @@ def check_elastic_range(config: RunConfig, min_nodes: int, max_nodes: int, ranks
                      f"(micro_batch_size {config.train.micro_batch_size}); node ranges that keep it: {working}")
 
 
+def check_manifest(manifest: Manifest, checkpoint: CheckpointInfo, where: str) -> None:
+    """Refuse shards made for another family, VAE, text encoder or resolution, saying what differs."""
     family = checkpoint.family
     config = checkpoint.transformer_config
     problems = []
