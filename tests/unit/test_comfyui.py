@@ -155,7 +155,7 @@ def diffusers_reference(model: Path, lora: Path, strength: float, inputs: dict[s
                                                       torch.device("cpu"))
     with torch.no_grad():
         out = transformer(hidden_states=hidden, encoder_hidden_states=inputs["context"],
-                          timestep=inputs["timestep"].long(), **extra).sample
+                          timestep=inputs["timestep"].to(torch.int64), **extra).sample
     return {comfyui_weight_name(k): v.float() for k, v in transformer.state_dict().items()}, out.permute(0, 2, 1, 3, 4)
 
 
