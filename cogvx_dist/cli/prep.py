@@ -146,13 +146,16 @@ def _finalize(args: argparse.Namespace) -> int:
 
     from cogvx_dist.core.errors import CogvxError
     from data_prep.job import finalize_line
-    from data_prep.shards import finalize
+    from data_prep.shards import crop_line, finalize
 
     folder = args.folder or args.out
     if not folder:
         raise CogvxError("prep finalize needs the output folder: cogvx prep finalize DIR")
     manifest, inputs = finalize(folder)
     print(finalize_line(Path(folder), manifest, inputs))
+    cropped = crop_line(manifest)
+    if cropped:
+        print(f"warning: {cropped}", file=sys.stderr)
     # The job's own limit (recorded by its ranks) unless the flag overrides it.
     limit = args.max_failed_fraction
     if limit is None:

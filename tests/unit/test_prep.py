@@ -828,6 +828,9 @@ def test_frame_buckets_and_clips_per_video_prep_count_and_resume(tiny_checkpoint
     result = run_prep(_mixed_config(model, mixed, out))
     assert (result.encoded, result.already_done) == (len(lost_keys), 4 - len({k[:20] for k in lost_keys}))
     assert _digests(out) == digests and shard_format.Manifest.read(out).stats == stats
+    code, _, err = cli(capsys, "prep", "finalize", str(out))
+    assert code == 0 and err.startswith("warning: 1 of 6 samples lost more than 25% of their frame to cropping (mean "
+                                        "12% over all; most in the 9 frames, 32x48 bucket)"), err
     # A fresh prep of the same inputs writes the same shards, byte for byte.
     again = tmp_path / "again"
     run_prep(_mixed_config(model, mixed, again))
