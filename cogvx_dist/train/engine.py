@@ -400,7 +400,10 @@ class Engine:
         params = self.parameters_by_name
         for key_name, value in moments.items():
             key, name = key_name.split("/", 1)
-            safe_set_full_optimizer_state(params[name], value.to(self._engine.device), key)
+            if self.zero_stage == 3:
+                _set_zero3_partition(params[name], value.to(self._engine.device), key)
+            else:
+                safe_set_full_optimizer_state(params[name], value.to(self._engine.device), key)
         self._set_optimizer_step(optimizer_step)
 
     def _create_optimizer_state(self) -> None:
@@ -455,7 +458,26 @@ class Engine:
                 for name, value in weights.items():
                     params[name].data.copy_(value.to(params[name].device, params[name].dtype))
         for name, value in weights.items():
-            safe_set_full_fp32_param(params[name], value.to(self._engine.device))
+            if self.zero_stage == 3:
+                _set_zero3_partition(params[name], value.to(self._engine.device))
+            else:
+                safe_set_full_fp32_param(params[name], value.to(self._engine.device))
         scheduler = self._engine.lr_scheduler
         scheduler.last_epoch = optimizer_steps - 1
         scheduler.step()
+
+
+def _set_zero3_partition(param: torch.nn.Parameter, value: torch.Tensor, state_key: str | None = None) -> None:
+    """This rank's piece of a whole fp32 value (the master weight, or an Adam moment with `state_key`) into a ZeRO-3
+    parameter's partition. DeepSpeed's set_full_hp_param cuts the piece at partition size x rank, which runs past
+    the end of the value on the last rank when the size is not a multiple of the world size (256 elements on 3 ranks:
+    "start (172) + length (86) exceeds dimension size (256)"), so a run could not grow to such a world size."""
+    optimizer = param._z3_optimizer
+    partition, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                               optim_state_key=state_key)
+    start = partition.numel() * optimizer._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + partition.numel()]
+    partition.data.zero_()  # the padding past the parameter's end stays zero, as DeepSpeed keeps it
+    partition.data[:piece.numel()].copy_(piece)
+    if optimizer._swappable_optimizer_subgroup(group):
+        optimizer._optimizer_states_and_gradient_swap_out(group)

@@ -264,11 +264,11 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Collective: commit a checkpoint of `step` (unless it is the one just saved or resumed from)."""
-        self.saved_at = time.monotonic()
         if self.checkpointer.save(step, self.position, self.bad_samples, self.skipped_steps):
             self.guards.progress(step)
             if self.committed_fault:
                 self.committed_fault(step)
+        self.saved_at = time.monotonic()  # the next interval starts when this save is done
 
     def _finish(self) -> dict[str, Any]:
         """Check the ranks ended with the same adapter, export it and write the summary."""
