@@ -167,7 +167,8 @@ class Watchdog:
         self._measuring = False
         self._next_probe = 0.0
         self.host = socket.gethostname()
-        self.address = route_address(os.environ.get("MASTER_ADDR"), int(os.environ.get("MASTER_PORT") or 0))
+        port = os.environ.get("MASTER_PORT", "")
+        self.address = route_address(os.environ.get("MASTER_ADDR"), int(port) if port.isdigit() else 0)
         self._listener: socket.socket | None = None
         self.interval_s = max(0.5, min(5.0, stall_timeout_s / 5)) if stall_timeout_s else 5.0
         self.on_stall = on_stall
@@ -185,7 +186,10 @@ class Watchdog:
     def start(self) -> Watchdog:
         self.run.heartbeat(self.rank).parent.mkdir(parents=True, exist_ok=True)
         if self.network_floor_s and self.address:
-            self._listener = probe_listener()
+            try:
+                self._listener = probe_listener()
+            except OSError:
+                pass  # no port to listen on: other hosts do not judge this one, and the run goes on
         self._beat()
         self._thread.start()
         return self
@@ -227,8 +231,6 @@ class Watchdog:
                 self.on_peer_failure(failure)
                 return
             self._drain_probes()
-            # Judged before this rank beats again: a rank that was itself stopped (and is running again because
-            # the waiting rank woke it to dump its stacks) still has its stale heartbeat on disk, so it names itself.
             idle = time.monotonic() - self.last_progress
             if (self._listener is not None and idle > self.network_bound_s()
                     and time.monotonic() >= self._next_probe):
@@ -239,6 +241,8 @@ class Watchdog:
                     message, local_pids = self._network_report(idle, cut)
                     self.on_stall(message, functools.partial(self._kill, local_pids))
                     return
+            # Judged before this rank beats again: a rank that was itself stopped (and is running again because
+            # the waiting rank woke it to dump its stacks) still has its stale heartbeat on disk, so it names itself.
             if self.stall_timeout_s and idle > self.stall_timeout_s:
                 message, lagging_pids = self._stall_report(idle)
                 self.on_stall(message, functools.partial(self._kill, lagging_pids))

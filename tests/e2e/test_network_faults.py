@@ -43,12 +43,22 @@ MARGIN_S = 45
 `cogvx train` winding down, on a loaded 2-core machine."""
 
 
-@pytest.fixture
-def hosts() -> Iterator[HostPair]:
+def make_hosts() -> HostPair:
     try:
-        pair = HostPair.make(os.environ.get("PYTEST_XDIST_WORKER", "main"))
+        return HostPair.make(os.environ.get("PYTEST_XDIST_WORKER", "main"))
     except Unavailable as why:
         pytest.skip(f"two network-namespace hosts cannot be made here: {why}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def namespaces_can_be_made() -> None:
+    """Skip before the module's reference run is made (module fixtures come before a test's own) where they cannot."""
+    make_hosts().close()
+
+
+@pytest.fixture
+def hosts() -> Iterator[HostPair]:
+    pair = make_hosts()
     try:
         yield pair
     finally:
