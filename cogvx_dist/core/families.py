@@ -116,6 +116,11 @@ class ModelFamily:
         """[C, F_latent, H/8, W/8]: the shape of a clip's latents (and of their posterior moments)."""
         return (channels, self.latent_frames(frames), *self.latent_size(height, width))
 
+    def clip_of_latents(self, latent_frames: int, latent_height: int, latent_width: int) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of a clip whose latents have this shape (inverse of latent_shape)."""
+        return ((latent_frames - 1) * VAE_TEMPORAL_COMPRESSION + 1, latent_height * VAE_SPATIAL_COMPRESSION,
+                latent_width * VAE_SPATIAL_COMPRESSION)
+
     def tokens_per_sample(self, frames: int, height: int, width: int) -> int:
         """Transformer tokens of one sample: video patches (2x2 latents, and 2 latent frames in CogVideoX 1.5, whose
         first frame is repeated to an even count) plus the text tokens."""

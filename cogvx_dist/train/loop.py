@@ -27,6 +27,7 @@ from cogvx_dist.core.launch_env import RankInfo, env_rank, env_world_size
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.process import resume_garbage_collection
 from cogvx_dist.core.run_folder import RunFolder
+from cogvx_dist.core.shard_format import LATENT_MEAN
 from cogvx_dist.train import engine, membership, records
 from cogvx_dist.train.build import DataRank, build_parts
 from cogvx_dist.train.checkpointer import Checkpointer
@@ -39,7 +40,7 @@ from cogvx_dist.train.guards import RunGuards
 from cogvx_dist.train.memory.runs import PLAN_CHECKED_ENV, check_run_memory, resolve_checkpointing
 from cogvx_dist.train.metrics import MetricsWriter, SampleTrace, StepMeter
 from cogvx_dist.train.preflight import Preflight, check_batch_fits, preflight
-from cogvx_dist.train.step.flops import peak_flops, training_flops_per_sample
+from cogvx_dist.train.step.flops import SampleCosts, peak_flops
 from cogvx_dist.train.step.loss import CAPTION_DROPPED, StepDraws, diffusion_loss, drop_captions
 from cogvx_dist.train.step.model import forbid_encoders
 
@@ -95,6 +96,10 @@ class Agreement:
     """This rank's own loss was not finite."""
     save_due: bool = False
     """checkpoint.every_minutes passed on rank 0's clock since its last save."""
+    tokens: float = 0.0
+    """Tokens the step trained over all ranks, each sample counted at its own bucket's size."""
+    flops: float = 0.0
+    """Model FLOPs of the step over all ranks, counted alike."""
 
 
 class Trainer:
@@ -135,6 +140,8 @@ class Trainer:
         self.saved_at = time.monotonic()
         """When this rank last saved (or started): checkpoint.every_minutes counts from it on rank 0."""
         self.draws, self.loader = self._micro_batches()
+        self.costs = SampleCosts(self.family, checks.checkpoint.transformer_config, config.lora)
+        """Tokens and FLOPs of a sample by its latent shape."""
         self.meter = self._step_meter()
 
     def fit(self) -> dict[str, Any]:
@@ -153,7 +160,7 @@ class Trainer:
             self.position += self.global_batch
             if self.slow_step:
                 self.slow_step()
-            self.meter.step_done(None if agreed.nonfinite_ranks else agreed.loss)
+            self.meter.step_done(None if agreed.nonfinite_ranks else agreed.loss, agreed.tokens, agreed.flops)
             self.guards.progress(step)
             progress.update(1)
             last = step == config.train.max_steps
@@ -176,7 +183,7 @@ class Trainer:
     def train_step(self, step: int, trace: SampleTrace | None) -> Agreement:
         """One optimizer step over grad_accum_steps micro-batches; the ranks agree on its loss, finiteness,
         preemption and bad samples before the update (that all-reduce is the step's one host sync)."""
-        losses, keys, bad = [], [], 0
+        losses, keys, bad, cost = [], [], 0, [0.0, 0.0]
         for micro_step in range(self.config.train.grad_accum_steps):
             batch = self.meter.next_batch(self.loader)
             if "failure" in batch:
@@ -184,6 +191,8 @@ class Trainer:
             if self.data.reports_samples:
                 bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch.get("bad", []))
             keys += batch["keys"]
+            tokens, flops = self.costs.of(batch[LATENT_MEAN].shape)
+            cost = [cost[0] + tokens * len(batch["keys"]), cost[1] + flops * len(batch["keys"])]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])
             drawn = batch.get("randomness") or self.draws.for_step(batch, step, micro_step)  # streaming: here
@@ -193,24 +202,26 @@ class Trainer:
                 loss = diffusion_loss(self.engine, batch, self.parts.context, drawn, self.device, self.dtype)
                 self.engine.backward(loss)
             losses.append(loss.detach())
-        agreed = self._agree(torch.stack(losses).mean(), bad)
+        agreed = self._agree(torch.stack(losses).mean(), bad, cost)
         self.engine.step()
         if self.parts.ema is not None:
             self.parts.ema.update(self.engine.local_chunks(self.parts.lora_names))
         self._account(step, agreed, keys)
         return agreed
 
-    def _agree(self, local_loss: torch.Tensor, bad: int) -> Agreement:
+    def _agree(self, local_loss: torch.Tensor, bad: int, cost: list[float]) -> Agreement:
         nonfinite = ~torch.isfinite(local_loss)
         every = self.config.checkpoint.every_minutes * 60  # rank 0's clock alone decides, so all ranks save together
         due = self.ranks.is_main and every > 0 and time.monotonic() - self.saved_at >= every
-        flags = torch.tensor([float(self.guards.preemption.requested), float(bad), float(due)],
+        flags = torch.tensor([float(self.guards.preemption.requested), float(bad), float(due), *cost],
                              device=local_loss.device)
         reduced = engine.all_reduce_sum(torch.cat([local_loss.float().view(1), nonfinite.float().view(1), flags]))
         counts = reduced[1:].tolist()
         # Each data-parallel group's ranks hold parts of its loss (one rank the whole without sequence parallelism).
+        # A sequence-parallel group's ranks all hold its samples: count them once.
+        holders = self.ranks.world_size // self.data.size
         return Agreement(reduced[0] / self.data.size, int(counts[0]), counts[1] > 0, int(counts[2]), bool(nonfinite),
-                         counts[3] > 0)
+                         counts[3] > 0, counts[4] / holders, counts[5] / holders)
 
     def _account(self, step: int, agreed: Agreement, keys: list[str]) -> None:
         """Non-finite steps, bad samples and preemption requests, as the ranks agreed them."""
@@ -292,18 +303,14 @@ class Trainer:
         return summary
 
     def _step_meter(self) -> StepMeter:
-        """Throughput counted at the dataset's clip size (its first resolution bucket)."""
-        geometry, config = self.checks.manifest, self.config
-        shape = (geometry.frames, geometry.height, geometry.width)
-        flops = training_flops_per_sample(self.family, self.checks.checkpoint.transformer_config, *shape,
-                                          config.lora)
+        """Throughput and MFU of the steps between log lines (tokens and FLOPs come from each step's samples)."""
+        config = self.config
         peak = None
         if self.device.type == "cuda":
             peak = peak_flops(torch.cuda.get_device_name(self.device), config.log.peak_tflops)
             self.log.info("MFU against %s", f"{peak / 1e12:g} TFLOP/s" if peak else "nothing: unknown GPU (set "
                           "log.peak_tflops)")
-        return StepMeter(self.global_batch, self.family.tokens_per_sample(*shape), self.device, flops,
-                         self.ranks.world_size, peak)
+        return StepMeter(self.global_batch, self.device, self.ranks.world_size, peak)
 
     def _micro_batches(self) -> tuple[StepDraws, Any]:
         """This rank's random draws and micro-batches from the resume point on (local shards: the draws are made in

@@ -33,13 +33,10 @@ class StepMeter:
     Losses stay tensors until a log step reads them: reading one forces the host to wait for the device.
     """
 
-    def __init__(self, global_batch: int, tokens_per_sample: int, device: torch.device, flops_per_sample: int = 0,
-                 world_size: int = 1, peak_flops: float | None = None) -> None:
+    def __init__(self, global_batch: int, device: torch.device, world_size: int = 1,
+                 peak_flops: float | None = None) -> None:
         self.global_batch = global_batch
-        self.tokens_per_sample = tokens_per_sample
         self.device = device
-        self.flops_per_sample = flops_per_sample
-        """Model FLOPs of one sample's forward and backward (train/step/flops.py), for TFLOP/s and MFU."""
         self.world_size = world_size
         self.peak_flops = peak_flops
         """One GPU's peak FLOP/s; None: no MFU."""
@@ -50,6 +47,7 @@ class StepMeter:
         self.data_wait = 0.0
         self.steps = self.loss_steps = 0
         self.loss_sum: torch.Tensor | float = 0.0
+        self.tokens = self.flops = 0.0
 
     def next_batch(self, loader: Any) -> Any:
         """The loader's next micro-batch, its wait counted as data wait."""
@@ -62,9 +60,12 @@ class StepMeter:
         """Leave `seconds` of other work (the held-out evaluation) out of the window's step time."""
         self.started += seconds
 
-    def step_done(self, loss: torch.Tensor | None) -> None:
-        """An optimizer step ended with this (all-ranks mean) loss; None for a step skipped as non-finite."""
+    def step_done(self, loss: torch.Tensor | None, tokens: float = 0.0, flops: float = 0.0) -> None:
+        """An optimizer step ended with this (all-ranks mean) loss, None for a step skipped as non-finite, having
+        trained `tokens` tokens and `flops` model FLOPs over all ranks (each sample counted at its own size)."""
         self.steps += 1
+        self.tokens += tokens
+        self.flops += flops
         if loss is not None:
             self.loss_steps += 1
             self.loss_sum = self.loss_sum + loss
@@ -78,8 +79,8 @@ class StepMeter:
             "grad_norm": grad_norm,
             "lr": lr,
             "samples_per_s": samples_per_s,
-            "tokens_per_s": samples_per_s * self.tokens_per_sample,
-            "tflops_per_gpu": samples_per_s * self.flops_per_sample / self.world_size / 1e12,
+            "tokens_per_s": self.tokens / elapsed,
+            "tflops_per_gpu": self.flops / elapsed / self.world_size / 1e12,
             "step_time_s": elapsed / self.steps,
             "data_wait_s": self.data_wait / self.steps,
             "peak_memory_gib": peak_memory_bytes(self.device) / 2**30,

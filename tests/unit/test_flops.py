@@ -9,7 +9,7 @@ from cogvx_dist.core.families import FAMILIES, get_family
 from cogvx_dist.core.lora import LoraSettings
 from cogvx_dist.train.memory.trace import StepShape, trace_step
 from cogvx_dist.train.metrics import StepMeter
-from cogvx_dist.train.step.flops import peak_flops, training_flops_per_sample
+from cogvx_dist.train.step.flops import SampleCosts, peak_flops, training_flops_per_sample
 
 
 @pytest.mark.parametrize("family_name", list(FAMILIES))
@@ -30,12 +30,28 @@ def test_counted_flops_equal_what_torch_counts_in_a_real_step(family_name):
 def test_mfu_is_model_flops_per_gpu_over_the_peak():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("Some Future GPU") is None and peak_flops("Some Future GPU", 1500) == 1.5e15
-    meter = StepMeter(global_batch=8, tokens_per_sample=100, device=torch.device("cpu"), flops_per_sample=10**12,
-                      world_size=4, peak_flops=2e12)
-    meter.step_done(torch.tensor(1.0))
+    meter = StepMeter(global_batch=8, device=torch.device("cpu"), world_size=4, peak_flops=2e12)
+    meter.step_done(torch.tensor(1.0), tokens=800, flops=8 * 10**12)
     values = meter.values(lr=1e-4, grad_norm=None, samples_seen=8)
     assert values["tflops_per_gpu"] == pytest.approx(values["samples_per_s"] / 4)
+    assert values["tokens_per_s"] == pytest.approx(values["samples_per_s"] * 100)
     assert values["mfu"] == pytest.approx(values["tflops_per_gpu"] / 2)
-    unknown = StepMeter(8, 100, torch.device("cpu"), flops_per_sample=10**12)
-    unknown.step_done(torch.tensor(1.0))
+    unknown = StepMeter(8, torch.device("cpu"))
+    unknown.step_done(torch.tensor(1.0), tokens=800, flops=8 * 10**12)
     assert unknown.values(1e-4, None, 8)["mfu"] is None  # no peak (a CPU, an unknown GPU): no MFU
+
+
+def test_each_sample_is_counted_at_its_own_bucket_size():
+    """Mixed data: tokens and FLOPs follow each micro-batch's latent shape, so a step of small clips is not counted
+    at the first bucket's size (as every sample once was)."""
+    family = get_family("CogVideoX-2b")
+    config, lora = family.full_size_transformer, LoraSettings()
+    costs = SampleCosts(family, config, lora)
+    for frames, height, width in ((49, 480, 720), (25, 720, 480), (9, 256, 256)):
+        latent = family.latent_shape(16, frames, height, width)
+        assert family.clip_of_latents(*latent[1:]) == (frames, height, width)
+        tokens, flops = costs.of((2, *latent))  # a micro-batch's shape: the sample's is its last four
+        assert tokens == family.tokens_per_sample(frames, height, width)
+        assert flops == training_flops_per_sample(family, config, frames, height, width, lora)
+    large, small = costs.of(family.latent_shape(16, 49, 480, 720)), costs.of(family.latent_shape(16, 9, 256, 256))
+    assert large[0] > 10 * (small[0] - family.text_max_length)

@@ -24,7 +24,7 @@ from cogvx_dist.train.memory.plan import (
     search,
     strategy_from_ds_config,
 )
-from cogvx_dist.train.memory.runs import PlannedRun, cheapest_change, run_from_family
+from cogvx_dist.train.memory.runs import PlannedRun, cheapest_change, largest_geometry, run_from_family
 from cogvx_dist.train.memory.trace import StepShape, StepTrace, trace_step, trace_step_on_real_tensors
 from tests.helpers import assert_one_line_error, cli
 
@@ -218,3 +218,20 @@ def test_plan_of_a_run_config_reports_every_term_and_the_verdict(capsys, synthet
     options = json.loads(out)["sequence_parallel"]
     assert list(options) == ["1", "2", "4"]  # groups stay inside a node
     assert options["1"]["activations"] > options["2"]["activations"] > options["4"]["activations"]
+
+
+def test_the_plan_takes_the_largest_bucket_by_tokens_that_holds_samples(synthetic_shards):
+    """Frame buckets x resolutions: the peak is set by the bucket with the most tokens, frames included; where prep
+    counted the buckets, one that holds no sample does not count."""
+    from cogvx_dist.core.shard_format import Manifest
+
+    _, shards = synthetic_shards((3, 3))
+    manifest = Manifest.read(shards)
+    listed = dataclasses.replace(manifest, frames=17, frame_counts=[17, 9], buckets=[[32, 48], [64, 64]], stats={})
+    assert largest_geometry(listed) == (17, 64, 64)  # not counted: every frame count x resolution listed
+    counted = dataclasses.replace(listed, stats={"samples": manifest.num_samples, "buckets": [
+        {"frames": 17, "height": 32, "width": 48, "samples": 2},
+        {"frames": 17, "height": 64, "width": 64, "samples": 0},
+        {"frames": 9, "height": 64, "width": 64, "samples": manifest.num_samples - 2},
+        {"frames": 9, "height": 32, "width": 48, "samples": 0}]})
+    assert largest_geometry(counted) == (9, 64, 64)  # 3x4x4 patches beat 5x2x3; 17x64x64 holds none

@@ -335,7 +335,7 @@ def test_the_metric_table_names_every_logged_metric_and_keeps_tensorboard_tags()
     from cogvx_dist.core.metric_table import METRICS, PLOTS, metric, plotted, tensorboard_tag
     from cogvx_dist.train.metrics import MetricsWriter, StepMeter
 
-    window = StepMeter(4, 100, torch.device("cpu"))
+    window = StepMeter(4, torch.device("cpu"))
     window.step_done(torch.tensor(1.0))
     for name in window.values(1e-4, 0.5, 4):
         assert metric(name).name == name

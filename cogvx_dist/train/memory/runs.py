@@ -76,9 +76,14 @@ def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict
 
 
 def largest_geometry(manifest: Manifest) -> tuple[int, int, int]:
-    """(frames, height, width) of the shards' largest resolution bucket: the one that sets the peak."""
-    height, width = max(manifest.sizes(), key=lambda size: size[0] * size[1])
-    return manifest.frames, height, width
+    """(frames, height, width) of the shards' largest bucket by tokens, the one that sets the peak: among the
+    buckets that hold samples where the manifest counts them, else among every frame count x resolution it lists."""
+    family = get_family(manifest.family)
+    counted = manifest.bucket_samples()
+    buckets = ([bucket for bucket, samples in counted.items() if samples] if counted else
+               [(frames, height, width) for frames in manifest.all_frame_counts()
+                for height, width in manifest.sizes()])
+    return max(buckets, key=lambda bucket: (family.tokens_per_sample(*bucket), bucket))
 
 
 def run_from_config(config: RunConfig, ranks: int, geometry: tuple[int, int, int] | None = None) -> PlannedRun:

@@ -55,6 +55,26 @@ def training_flops_per_sample(family: ModelFamily, transformer_config: dict[str,
     return config["num_layers"] * per_block - first_block_inputs + embed + 2 * project_out
 
 
+class SampleCosts:
+    """Tokens and model FLOPs of a sample from its latent shape, so throughput counts each micro-batch at its own
+    bucket's size (mixed resolutions and frame counts), remembered per shape."""
+
+    def __init__(self, family: ModelFamily, transformer_config: dict[str, Any], lora: LoraSettings) -> None:
+        self.family = family
+        self.transformer_config = transformer_config
+        self.lora = lora
+        self._known: dict[tuple[int, ...], tuple[int, int]] = {}
+
+    def of(self, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(tokens, forward + backward FLOPs) of one sample whose latent_mean is [C, F, H, W]."""
+        shape = tuple(latent_shape[-3:])
+        if shape not in self._known:
+            clip = self.family.clip_of_latents(*shape)
+            self._known[shape] = (self.family.tokens_per_sample(*clip),
+                                  training_flops_per_sample(self.family, self.transformer_config, *clip, self.lora))
+        return self._known[shape]
+
+
 def peak_flops(device_name: str, override_tflops: float = 0.0) -> float | None:
     """Peak FLOP/s of one GPU: the override, else the table's entry for the first name it contains; None if
     unknown (no MFU is reported then)."""
