@@ -5,6 +5,11 @@ that whole group, so the ranks checkpoint and stop (see checkpoint.preempt_signa
 once no process of the group is left, and kills what outlives the grace period. Afterwards it names the rank and
 cause that ended the job first (from output_dir/failures/), or says the run was preempted (exit 75).
 
+`cogvx train` names itself to the ranks (COGVX_SUPERVISOR: host, pid, start time): a rank that finds it gone, or
+its own launcher gone, commits a checkpoint at the next step boundary and stops (train/supervision.py), so a
+SIGKILLed `cogvx train` leaves nothing training unsupervised. The runner it starts also gets SIGTERM from the
+kernel when `cogvx train` dies (PR_SET_PDEATHSIG), which over pdsh ends the other nodes' launchers.
+
 With --node-rank it starts one node's ranks of a multi-node job without ssh (`deepspeed --no_ssh`), which is what
 launchers/train_node.sh runs on each node (Slurm, Kubernetes); the same supervision then holds on every node.
 """
@@ -110,13 +115,17 @@ def _node_args(args: argparse.Namespace) -> list[str]:
 
 def _launch(command: list[str], output_dir: str, grace_s: float) -> int:
     """Run the launcher in its own process group, forward signals to it, wait for all of it, report the outcome."""
+    from cogvx_dist.core.launch_env import SUPERVISOR_ENV, this_supervisor
+    from cogvx_dist.core.process import die_with_parent
     from cogvx_dist.train import failures
 
     launch_id = os.environ.get(failures.LAUNCH_ID_ENV) or uuid.uuid4().hex
     started = time.time()
     env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-           failures.LAUNCH_ID_ENV: launch_id}
-    launcher = subprocess.Popen(command, env=env, start_new_session=True)
+           failures.LAUNCH_ID_ENV: launch_id, SUPERVISOR_ENV: str(this_supervisor())}
+    # From the main thread, which lives as long as this process: the kernel's parent-death signal follows the
+    # thread that forked.
+    launcher = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent())
     group = launcher.pid
     deadline: list[float] = []
 
@@ -148,21 +157,28 @@ def _outcome(output_dir: str, launch_id: str, started: float, code: int) -> int:
         print(f"cogvx train: preempted by {preempted['signal']}: checkpoint of step {preempted['step']} committed; "
               "rerun the same command to resume", file=sys.stderr)
         return failures.EXIT_PREEMPTED
-    if code == 0:
-        return 0
+    from cogvx_dist.core.process import signal_in_exit_code
+
     records = failures.read_failures(output_dir, launch_id, since=started)
-    if records:
-        first = records[0]
-        print(f"cogvx train: rank {first['rank']} ({first['host']}) ended the job: {first['message']}",
-              file=sys.stderr)
-        return int(first["exit_code"]) or failures.EXIT_FAILED
-    if _finished_since(output_dir, started):
+    finished = _finished_since(output_dir, started)
+    # DeepSpeed's runner exits 0 when its per-node launcher was killed: the ranks' records still tell how it ended.
+    if code == 0 and (not records or finished):
+        return 0
+    if finished and not records:
         from cogvx_dist.core.run_folder import RunFolder
 
         print(f"cogvx train: the launcher exited with code {code}, but every rank finished first: the run is complete "
               f"({RunFolder(output_dir).summary})", file=sys.stderr)
         return 0
-    print(f"cogvx train: the launcher exited with code {code} and no rank recorded why (see the output above)",
+    local_ranks = [beat["rank"] for beat in failures.heartbeats_here(output_dir, since=started)]
+    said = failures.verdict(records, signal_in_exit_code(code), local_ranks)
+    if said is not None:
+        line, exit_code = said
+        print(f"cogvx train: {line}", file=sys.stderr)
+        return exit_code
+    killed = signal_in_exit_code(code)
+    how = f" (a rank of this node was killed by {killed})" if killed else ""
+    print(f"cogvx train: the launcher exited with code {code}{how} and no rank recorded why (see the output above)",
           file=sys.stderr)
     return code if code > 0 else failures.EXIT_FAILED
 

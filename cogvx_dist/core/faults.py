@@ -8,6 +8,9 @@ Points:
   checkpoint of optimizer step STEP committed;
 - `train.step_delay_ms=MS`: every optimizer step takes MS milliseconds longer (a slow job, so that tests can
   signal or stop a rank mid-run);
+- `train.save_delay_ms=MS`: every rank waits MS milliseconds inside each checkpoint save, after DeepSpeed's files
+  are written and before the collectives that gather the whole tensors (a slow save, so that tests can kill a rank
+  mid-write);
 - `train.preemption_record_delay_ms=MS`: rank 0 waits MS milliseconds before recording a preemption (a slow
   shared filesystem), so that a test can check no rank leaves before the record exists;
 - `train.stall_kill_delay_ms=MS`: a stall watchdog waits MS milliseconds after killing the ranks that stopped

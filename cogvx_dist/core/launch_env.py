@@ -6,6 +6,7 @@ Torch-free, so the prep tier, the train entry point and the distributed module s
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,45 @@ _SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_W
 # torchrun, DeepSpeed's launcher, Open MPI, MPICH (Hydra), MVAPICH.
 _LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
                          "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+SUPERVISOR_ENV = "COGVX_SUPERVISOR"
+"""Set by `cogvx train` for the processes it starts: "HOST PID START_TICKS", the process that supervises the job."""
+
+
+@dataclass
+class Supervisor:
+    """The `cogvx train` process that started this job (from SUPERVISOR_ENV)."""
+
+    host: str
+    pid: int
+    start_ticks: int
+
+    def __str__(self) -> str:
+        return f"{self.host} {self.pid} {self.start_ticks}"
+
+
+def this_supervisor() -> Supervisor:
+    """This process, as the supervisor of the processes it starts."""
+    from cogvx_dist.core.process import process_stat
+
+    stat = process_stat(os.getpid())
+    return Supervisor(socket.gethostname(), os.getpid(), stat.start_ticks if stat else 0)
+
+
+def env_supervisor(env: Mapping[str, str] | None = None) -> Supervisor | None:
+    """The supervisor named in the environment, or None (not started by `cogvx train`, or a malformed value)."""
+    parts = (os.environ if env is None else env).get(SUPERVISOR_ENV, "").split()
+    if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    return Supervisor(parts[0], int(parts[1]), int(parts[2]))
+
+
+def started_by_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """True when a per-node launcher started this process as one of its ranks (DeepSpeed's launcher and torchrun
+    set LOCAL_RANK; MPI launchers their own variables): its parent is then that launcher."""
+    env = os.environ if env is None else env
+    return "LOCAL_RANK" in env or under_mpi(env)
 
 
 def under_mpi(env: Mapping[str, str] | None = None) -> bool:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 
@@ -51,3 +55,85 @@ def leave_now(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+@dataclass
+class ProcessStat:
+    """What /proc/PID/stat says of a process."""
+
+    state: str
+    """One letter: R running, S sleeping, D disk wait, T stopped, Z zombie (ended, not yet reaped), X dead."""
+    start_ticks: int
+    """When it started, in clock ticks since boot: with the pid, it names one process for the host's uptime (a pid
+    reused later has another start time)."""
+    wait_status: int
+    """Its wait status once it ended (a zombie), as waitpid gives it to the parent; 0 while it runs."""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in "ZX"
+
+
+def process_stat(pid: int) -> ProcessStat | None:
+    """The process `pid` of this host as /proc shows it, or None where no process has that pid (or no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    except (OSError, IndexError):
+        return None
+    # Fields 3 (state), 22 (starttime) and 52 (exit_code, Linux 3.5+), counted from 1 with pid and name first.
+    return ProcessStat(fields[0], int(fields[19]), int(fields[49]) if len(fields) > 49 else 0)
+
+
+def process_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """True while `pid` names a live process of this host (not a zombie) that, with `start_ticks`, started then."""
+    stat = process_stat(pid)
+    return stat is not None and not stat.ended and (start_ticks is None or stat.start_ticks == start_ticks)
+
+
+def describe_wait_status(status: int) -> str:
+    """How a process ended, from its wait status: 'killed by SIGKILL' or 'exited with code N'."""
+    if status & 0x7F:
+        try:
+            name = signal.Signals(status & 0x7F).name
+        except ValueError:
+            name = f"signal {status & 0x7F}"
+        return f"killed by {name}"
+    return f"exited with code {status >> 8}"
+
+
+def signal_in_exit_code(code: int) -> str | None:
+    """The signal a launcher's exit code reports, or None: DeepSpeed's per-node launcher exits with its rank's
+    return code, which is -N for a rank killed by signal N, i.e. exit status 256 - N."""
+    if not 256 - 64 <= code <= 255:
+        return None
+    try:
+        return signal.Signals(256 - code).name
+    except ValueError:
+        return None
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` for `subprocess.Popen` that has the kernel send `signum` to the child when the thread that
+    forked it ends (PR_SET_PDEATHSIG), or None where there is no such call (not Linux). The kernel watches the
+    forking THREAD, not the process: call Popen from a thread that lives as long as the parent does (the main
+    thread). Everything is looked up here, in the parent: between fork and exec the child may take no lock (an
+    import could wait forever on one another thread of the parent held). A parent that died before the call is
+    caught by comparing the parent pid afterwards."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent, number = os.getpid(), int(signum)
+
+    def arm() -> None:
+        prctl(1, number, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), number)
+
+    return arm

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from cogvx_dist.core.errors import RankError
+from cogvx_dist.core.faults import delay_hook
 from cogvx_dist.core.files import describe_io_error, disk_is_full, write_atomic
 from cogvx_dist.core.launch_env import RankInfo
 from cogvx_dist.core.logs import rank_logger
@@ -69,6 +70,7 @@ class Checkpointer:
         self.layout = layout(config, ds_config, ranks.world_size)
         self.saved_step = -1
         """The step of the newest checkpoint this run committed or resumed from (-1: none)."""
+        self.slow_save = delay_hook("train.save_delay_ms")
 
     def restore(self) -> ResumePoint:
         """Collective: load the resume checkpoint into the engine and the average; the point to go on from."""
@@ -161,6 +163,8 @@ class Checkpointer:
 
     def _write(self, folder: Path, state: dict[str, Any]) -> None:
         self.engine.save(folder, state)
+        if self.slow_save:
+            self.slow_save()
         masters = self.engine.gather_weights(self.lora_names)
         moments, optimizer_step = self.engine.gather_moments(self.lora_names)
         adapter = state_dict_names(masters)

@@ -6,11 +6,13 @@ Exit codes of a rank, of `cogvx train` and of the launcher scripts:
 | code | meaning |
 |---|---|
 | 0 | finished |
-| 1 | a rank failed (a bug, a lost peer); the first failure is in output_dir/failures/ |
+| 1 | a rank failed (a bug, a lost peer, a rank killed without a word); the first failure is in output_dir/failures/ |
 | 2 | a user mistake (config, data, checkpoint), one line |
-| 75 | preempted: a checkpoint was committed at the step reached; rerun the same command to resume (EX_TEMPFAIL) |
+| 75 | preempted (a signal; `cogvx train` or a rank's launcher gone): a checkpoint of the step reached committed |
 | 76 | stalled: no rank completed a step for distributed.stall_timeout_s; stacks in output_dir/stacks/ |
 | 77 | preempted, but the checkpoint did not commit within checkpoint.preempt_grace_s |
+
+After 75, rerun the same command to resume (EX_TEMPFAIL).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from cogvx_dist.core.files import write_atomic
-from cogvx_dist.core.run_folder import FAILURES, RunFolder
+from cogvx_dist.core.process import describe_wait_status, process_stat
+from cogvx_dist.core.run_folder import FAILURES, HEARTBEATS, RunFolder
 
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -84,10 +87,18 @@ def local_failures(launch_id: str | None) -> Path:
 def record_failure(output_dir: str | Path, rank: int, message: str, exit_code: int, kind: str = PRIMARY,
                    detail: str = "", in_run_folder: bool = True) -> None:
     """Leave this rank's failure record (never raises: the run folder may be the thing that failed). Without
-    `in_run_folder` only this host's local record is written: the folder belongs to another run."""
+    `in_run_folder` only this host's local record is written: the folder belongs to another run. A secondary record
+    (a lost peer) also lists the peers of this host whose processes are gone (`gone`): a rank killed by SIGKILL or
+    the OOM killer leaves no record of its own, and this is how the verdict finds it."""
     launch_id = os.environ.get(LAUNCH_ID_ENV)
-    record = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-              "launch_id": launch_id, "exit_code": exit_code, "kind": kind, "message": message, "detail": detail}
+    record: dict[str, Any] = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+                              "launch_id": launch_id, "exit_code": exit_code, "kind": kind, "message": message,
+                              "detail": detail}
+    if kind == SECONDARY:
+        try:
+            record["gone"] = gone_peers(output_dir, rank)
+        except (OSError, ValueError):
+            record["gone"] = []
     text = json.dumps(record, indent=2) + "\n"
     shared = [RunFolder(output_dir).failure(rank)] if in_run_folder else []
     for path in (*shared, local_failures(launch_id) / f"rank-{rank:05d}.json"):
@@ -97,6 +108,81 @@ def record_failure(output_dir: str | Path, rank: int, message: str, exit_code: i
             return
         except OSError:
             continue
+
+
+def heartbeats_here(output_dir: str | Path, since: float) -> list[dict[str, Any]]:
+    """The heartbeats of this host's ranks written since `since` (older ones are an earlier run's, whose pids mean
+    nothing now), by rank."""
+    host = socket.gethostname()
+    beats = []
+    for path in (Path(output_dir) / HEARTBEATS).glob("rank-*.json"):
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (isinstance(beat, dict) and beat.get("host") == host and isinstance(beat.get("rank"), int)
+                and isinstance(beat.get("pid"), int) and float(beat.get("time", 0.0)) >= since):
+            beats.append(beat)
+    return sorted(beats, key=lambda b: b["rank"])
+
+
+def gone_peers(output_dir: str | Path, rank: int, settle_s: float = 0.2) -> list[dict[str, Any]]:
+    """Peers on this host whose process has ended, from their heartbeats of this run (host, pid): each as rank,
+    host, pid and, while the dead process is still a zombie its launcher has not reaped, how it ended. A peer's
+    connection closes a moment before its process shows as ended, so when none shows yet this looks once more after
+    `settle_s`."""
+    import psutil  # DeepSpeed's dependency
+
+    peers = [b for b in heartbeats_here(output_dir, psutil.Process().create_time()) if b["rank"] != rank]
+    for attempt in range(2):
+        gone = []
+        for beat in peers:
+            stat = process_stat(beat["pid"])
+            if stat is None or stat.ended:
+                how = describe_wait_status(stat.wait_status) if stat is not None and stat.state == "Z" else ""
+                gone.append({"rank": beat["rank"], "host": beat["host"], "pid": beat["pid"], "how": how})
+        if gone or not peers or attempt:
+            return gone
+        time.sleep(settle_s)
+    return []
+
+
+def verdict(records: list[dict[str, Any]], launcher_signal: str | None = None,
+            local_ranks: list[int] | None = None) -> tuple[str, int] | None:
+    """The line naming what ended the job and the exit code, from a launch's records (read_failures' order), or
+    None when they say nothing. A primary record names its rank. With only secondary ones (ranks that lost a peer),
+    the rank whose process died without a record is the cause: a survivor on its host saw it gone. Else
+    `launcher_signal`, the signal this host's launcher reported for one of its ranks (DeepSpeed's exits with -N),
+    points at this host's ranks (`local_ranks`) that left no record."""
+    first = records[0] if records else None
+    if first is not None and first.get("kind") == PRIMARY:
+        return f"rank {first['rank']} ({first['host']}) ended the job: {first['message']}", \
+            int(first["exit_code"]) or EXIT_FAILED
+    recorded = {record.get("rank") for record in records}
+    here = socket.gethostname()
+    for record in records:
+        dead = [peer for peer in record.get("gone") or [] if peer.get("rank") not in recorded]
+        if not dead:
+            continue
+        peer = next((p for p in dead if p.get("how")), dead[0])
+        how = peer.get("how") or (f"killed by {launcher_signal}, as its launcher reported"
+                                  if launcher_signal and peer.get("host") == here else
+                                  "killed by a signal such as SIGKILL or the OOM killer, or a crash in native code")
+        others = "".join(f"; rank {p['rank']} (pid {p['pid']}) is gone too" for p in dead if p is not peer)
+        return (f"rank {peer['rank']} ({peer['host']}, pid {peer['pid']}) ended the job: its process died without a "
+                f"record ({how}); rank {record['rank']} then lost its connection to it ({record['message'][:300]})"
+                f"{others}"), EXIT_FAILED
+    silent = [rank for rank in local_ranks or [] if rank not in recorded]
+    lost = f"; rank {first['rank']} lost its connection to it ({first['message'][:300]})" if first else ""
+    if launcher_signal and silent:
+        who = f"rank {silent[0]}" if len(silent) == 1 else f"one of ranks {', '.join(map(str, silent))}"
+        return (f"{who} ({here}) ended the job: killed by {launcher_signal} without a record, as this host's "
+                f"launcher reported{lost}"), EXIT_FAILED
+    if first is None:
+        return None
+    return (f"rank {first['rank']} ({first['host']}) lost a peer ({first['message'][:300]}), and no rank recorded a "
+            "cause of its own: a rank on another host may have died without a word (see that node's output)"), \
+        EXIT_FAILED
 
 
 def read_failures(output_dir: str | Path, launch_id: str | None = None,

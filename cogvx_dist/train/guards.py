@@ -1,10 +1,11 @@
-"""What ends a rank other than finishing: the run lock, the preemption signals, the stall and peer-failure watchdog
-and stack dumps on SIGUSR2, started together before a run and stopped together after it.
+"""What ends a rank other than finishing: the run lock, the preemption signals, the stall and peer-failure watchdog,
+the loss of `cogvx train` or of the rank's launcher (train/supervision.py) and stack dumps on SIGUSR2, started
+together before a run and stopped together after it.
 
 The watchdog and the preemption deadline run in threads; whichever ends the rank first records why
 (output_dir/failures/), says it with the rank, and leaves at once with the exit code that names the cause
 (train/failures.py lists them). A signal agreed at a step boundary ends the run through `stop_preempted` instead,
-after the checkpoint of that step is committed.
+after the checkpoint of that step is committed; so does a lost supervisor, which raises the same flag.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cogvx_dist.core.faults import delay_hook
 from cogvx_dist.core.launch_env import RankInfo
 from cogvx_dist.core.logs import rank_logger
 from cogvx_dist.core.run_folder import RunFolder
-from cogvx_dist.train import engine, failures
+from cogvx_dist.train import engine, failures, supervision
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.preemption import PreemptionFlag, exit_now
 from cogvx_dist.train.run_lock import RunLock
@@ -38,11 +39,12 @@ class RunGuards:
                                  self._stalled, self._peer_failed, tick=self.lock.refresh,
                                  network_floor_s=config.distributed.network_stall_floor_s,
                                  network_factor=config.distributed.network_stall_factor)
+        self.supervision = supervision.Supervision(self._supervisor_lost)
         self.slow_preemption_record = delay_hook("train.preemption_record_delay_ms")
 
     def __enter__(self) -> RunGuards:
         """Take the run lock (rank 0), clear this rank's old failure record, register stack dumps and start the
-        watchdog."""
+        watchdog and the supervision."""
         try:
             if self.ranks.is_main:
                 self.lock.acquire()
@@ -51,8 +53,10 @@ class RunGuards:
             engine.barrier()
             failures.hold_run_folder()
             failures.clear_failures(self.run.root, self.ranks.rank)
+            supervision.clear_note(self.run.root, self.ranks.rank)
             register_stack_dump(self.run.root, self.ranks.rank)
             self.watchdog.start()
+            self.supervision.start()
         except BaseException:
             self.__exit__()
             raise
@@ -61,6 +65,7 @@ class RunGuards:
     def __exit__(self, *exc: Any) -> None:
         self.preemption.cancel()
         self.watchdog.stop()
+        self.supervision.stop()
         self.lock.release()
 
     def progress(self, step: int) -> None:
@@ -69,16 +74,37 @@ class RunGuards:
 
     def stop_preempted(self, step: int) -> None:
         """Every rank agreed on a preemption and the checkpoint of `step` is committed: record it and end the run."""
+        cause = self._preemption_cause()
         if self.ranks.is_main:
             if self.slow_preemption_record:
                 self.slow_preemption_record()
-            failures.record_preemption(self.run.root, step, self.preemption.signal_name)
+            failures.record_preemption(self.run.root, step, cause)
         # No rank leaves before the record exists: another node's `cogvx train` reads it as soon as that node's
         # ranks are gone, and would otherwise report a launcher that died of the signal with no reason.
         engine.barrier()
         self.log.info("preempted by %s: checkpoint of step %d committed; rerun the same command to resume",
-                      self.preemption.signal_name, step)
-        raise failures.Preempted(step, self.preemption.signal_name)
+                      cause, step)
+        raise failures.Preempted(step, cause)
+
+    def _preemption_cause(self) -> str:
+        """What asked the job to stop: this rank's own signal or lost supervisor, else a peer's lost supervisor from
+        its note (written before that peer raised its flag, so before the agreement that brought this rank here),
+        else what the agreement said."""
+        name = self.preemption.signal_name
+        if name.startswith("SIG") or self.supervision.lost:
+            return name
+        notes = supervision.read_notes(self.run.root, since=self.supervision.since)
+        if notes:
+            return f"the loss of {notes[0]['lost']}"
+        return name
+
+    def _supervisor_lost(self, what: str) -> None:
+        """From the supervision thread: nobody would report this job's end or end it on a failure, so it stops as on
+        a preemption signal, at the next step boundary with a committed checkpoint."""
+        self.log.error("%s is gone: committing a checkpoint at the next step boundary and stopping (exit %d); rerun "
+                       "the same command to resume", what, failures.EXIT_PREEMPTED)
+        supervision.write_note(self.run.root, self.ranks.rank, what)
+        self.preemption.request(f"the loss of {what}")
 
     def _preempt_deadline(self, signal_name: str) -> None:
         message = (f"preempted by {signal_name}, but no checkpoint committed within checkpoint.preempt_grace_s "

@@ -23,7 +23,7 @@ from cogvx_dist.core import shard_format
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.run_folder import COMMIT_MARKER, RunFolder
 from cogvx_dist.train import checkpoints
-from cogvx_dist.train.failures import EXIT_PREEMPTED, EXIT_STALLED, EXIT_USER_ERROR, read_failures
+from cogvx_dist.train.failures import EXIT_FAILED, EXIT_PREEMPTED, EXIT_STALLED, EXIT_USER_ERROR, read_failures
 from tests.helpers import (
     Job,
     clean_env,
@@ -478,3 +478,86 @@ def test_two_runs_started_together_on_one_output_dir_leave_the_winner_untouched(
     assert summary_of(tmp_path / "run")["steps"] == STEPS
     assert_same_adapter(tmp_path / "run", uninterrupted)
     assert read_failures(tmp_path / "run") == []
+
+
+# ------------------------------------------------------------------------------------------------------ lost processes
+def wait_for_path(job: Job, path: Path, timeout: float = 300) -> None:
+    """Wait until `path` exists (then remember the job's processes)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert job.process.poll() is None, f"job ended early ({job.process.returncode}): {job.output_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s: {job.output_text()[-3000:]}"
+        time.sleep(0.05)
+    job.tree = psutil.Process(job.process.pid).children(recursive=True)
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_rank_killed_during_a_checkpoint_write_is_named(data, tmp_path, victim):
+    """SIGKILL of one rank while both write the step-4 checkpoint: the dead rank leaves no record, its peer's
+    collective breaks ('Connection closed by peer') and that peer records a lost peer. Before, `cogvx train` blamed
+    the survivor ('rank 0 ended the job ... Connection closed by peer' when rank 1 was killed, and the reverse). Now
+    the verdict names the rank whose process died without a word, and the last commit (none here) stays intact."""
+    config = config_for(tmp_path, data, "run", train={"max_steps": 40})
+    job = Job(config, env={FAULT_ENV: "train.step_delay_ms=100,train.save_delay_ms=3000"})
+    wait_for_path(job, RunFolder(job.output).checkpoint(4))
+    time.sleep(0.5)  # inside the save's delay: DeepSpeed's files written, the gathers and the commit to come
+    job.rank(victim).send_signal(signal.SIGKILL)
+    code, seconds = job.end()
+    record_fault_time(f"SIGKILL of rank {victim} during a checkpoint write", seconds)
+    assert code == EXIT_FAILED, job.output_text()[-3000:]
+    line = failure_line(job.output_text())
+    assert f"rank {victim} " in line and "died" in line and "SIGKILL" in line, line
+    assert RunFolder(job.output).complete_checkpoints() == []
+
+
+def job_processes(marker: str) -> list:
+    """Live (not zombie) processes of this host whose command line holds `marker` (a test's config path)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("victim", ["cogvx-train", "launcher"])
+def test_a_job_that_loses_its_supervisor_commits_and_stops(data, uninterrupted, tmp_path, victim):
+    """SIGKILL of `cogvx train` or of the per-node launcher at step 2 of 12. Before, the ranks trained on to the end
+    with nobody to report how the job ended or to end the others on a failure (a killed `cogvx train` exits 137 and
+    says nothing). Now every rank sees the loss within a second, the job commits a checkpoint at the next step
+    boundary and stops (exit 75, the loss named in preempted.json and by `cogvx train` where it lives), no process of
+    the job is left, and the resume ends bit-identical to the run that was never interrupted."""
+    config = config_for(tmp_path, data, "run")
+    job = Job(config, env={FAULT_ENV: "train.step_delay_ms=500"})
+    job.wait_for_step(2)
+    target = job.process if victim == "cogvx-train" else job.launcher()
+    lost = f"cogvx train (pid {target.pid} " if victim == "cogvx-train" else f"the per-node launcher (pid {target.pid} "
+    target.send_signal(signal.SIGKILL)
+    code, seconds = job.end()
+    record_fault_time(f"SIGKILL of {victim}", seconds)
+    assert seconds < 60, seconds
+    assert job_processes(str(config)) == []
+    output = job.output_text()
+    assert f"{lost}on " in output and "is gone: committing a checkpoint at the next step boundary" in output, \
+        output[-3000:]
+    preempted = json.loads(RunFolder(job.output).preempted.read_text())
+    assert preempted["signal"].startswith(f"the loss of {lost}on "), preempted
+    assert not RunFolder(job.output).summary.exists()
+    steps = [step for step, _ in RunFolder(job.output).complete_checkpoints()]
+    assert 2 < preempted["step"] < STEPS and steps[-1] == preempted["step"], (preempted, steps)
+    if victim == "launcher":  # `cogvx train` lives on and reports it
+        assert code == EXIT_PREEMPTED, output[-3000:]
+        line = failure_line(output)
+        assert lost in line and f"checkpoint of step {preempted['step']} committed" in line, line
+
+    resumed = launch(config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert summary_of(job.output)["resumed_from_step"] == preempted["step"]
+    assert_same_adapter(job.output, uninterrupted)
+    assert read_trace(job.output) == read_trace(uninterrupted)
