@@ -422,6 +422,27 @@ def decode_windows(
                                                  if w not in skip}
     if not wanted:
         return len(chosen), []
+    rotation, upright, pictures = _take_frames(path, wanted, clips, buckets, by_time, packets.count, len(chosen))
+    result = []
+    for window, pictured in clips.items():
+        numbers = chosen[window]
+        if by_time:
+            span = float(packets.times[numbers[-1]] - packets.times[numbers[0]])
+            fps = (len(numbers) - 1) / span if span > 0 else float(target_fps or 0)
+            frame_step = (numbers[-1] - numbers[0]) / (len(numbers) - 1) if len(numbers) > 1 else step
+        else:
+            fps, frame_step = source_fps / step, step
+        result.append(Clip(np.stack(pictured), fps, source_fps, frame_step, upright, rotation, window, len(chosen),
+                           round(starts[window], 6)))
+    return len(chosen), result
+
+
+def _take_frames(path: Path, wanted: dict[int, list[tuple[int, int]]], clips: dict[int, list[np.ndarray | None]],
+                 buckets: list[tuple[int, int]], by_time: bool, promised: int,
+                 windows: int) -> tuple[int, tuple[int, int], Any]:
+    """One decoding pass that puts frame `number`'s picture at every (window, position) `wanted` lists for it, into
+    `clips`; returns (rotation, upright size, the picture maker). Frames are numbered as _packet_times numbers them:
+    with `by_time`, by time, passing over frames that cannot be timed."""
     container = _open(path)
     try:
         stream = _video_stream(container)
@@ -431,7 +452,7 @@ def decode_windows(
         rotation, upright, pictures = _upright_pictures(first, stream, buckets)
         last, number, previous = max(wanted), -1, None
         for frame in itertools.chain([first] if first is not None else [], frames_in):
-            if by_time:  # numbered as _packet_times numbers them: by time, passing over frames it cannot time
+            if by_time:
                 time = decoded.time(frame)
                 if time is None or (previous is not None and time <= previous):
                     continue
@@ -447,21 +468,10 @@ def decode_windows(
         container.close()
     if number < last:
         _raise_corrupt(decoded, path)
-        raise BadInput(f"decoded {number + 1} frames where its packets promise {packets.count}: clip "
-                       f"{min(w for n, ws in wanted.items() if n > number for w, _ in ws) + 1} of {len(chosen)} "
+        raise BadInput(f"decoded {number + 1} frames where its packets promise {promised}: clip "
+                       f"{min(w for n, ws in wanted.items() if n > number for w, _ in ws) + 1} of {windows} "
                        "cannot be made")
-    result = []
-    for window, pictured in clips.items():
-        numbers = chosen[window]
-        if by_time:
-            span = float(packets.times[numbers[-1]] - packets.times[numbers[0]])
-            fps = (len(numbers) - 1) / span if span > 0 else float(target_fps or 0)
-            frame_step = (numbers[-1] - numbers[0]) / (len(numbers) - 1) if len(numbers) > 1 else step
-        else:
-            fps, frame_step = source_fps / step, step
-        result.append(Clip(np.stack(pictured), fps, source_fps, frame_step, upright, rotation, window, len(chosen),
-                           round(starts[window], 6)))
-    return len(chosen), result
+    return rotation, upright, pictures
 
 
 @dataclass
@@ -681,19 +691,25 @@ def _by_time(container: Any, stream: Any, counts: list[int], target_fps: float, 
             fits = [c for c in counts if c <= len(chooser.chosen)]
             if fits:
                 return np.stack(picked[:fits[0]]), chooser.chosen[:fits[0]], chooser.times[:fits[0]]
-            shortest = counts[-1]
-            # The last target is taken when (count - 1) / fps <= the frames' span + half the last one's showing.
-            reach = float(times[-1] - times[0] + shown / 2)
-            min_fps = (shortest - 1) / reach if reach > 0 else math.inf
-            which = " (the shortest frame bucket)" if len(counts) > 1 else ""
-            raise BadInput(f"too short: {decoded.seen} decodable frames with uneven timestamps: the clip lasts "
-                           f"{float(times[-1] - times[0] + shown):.2f} s, {shortest} frames at {target_fps:.4g} fps"
-                           f"{which} need {NearestFrames(shortest, target_fps).needed_seconds(shown):.2f} s; "
-                           f"{_remedies(len(times), shortest, min_fps)}")
+            raise _too_short_by_time(decoded.seen, times, shown, counts, target_fps)
     if not chooser.done:
         _raise_corrupt(decoded, path)
         raise BadInput(f"too short: {decoded.seen} decodable frames, no timestamps to time them by")
     return np.stack(picked), chooser.chosen, chooser.times
+
+
+def _too_short_by_time(seen: int, times: list[Fraction], shown: Fraction, counts: list[int],
+                       target_fps: float) -> BadInput:
+    """Why a clip timed by its timestamps fills not even the shortest of `counts`, and what would make it fit."""
+    shortest = counts[-1]
+    # The last target is taken when (count - 1) / fps <= the frames' span + half the last one's showing.
+    reach = float(times[-1] - times[0] + shown / 2)
+    min_fps = (shortest - 1) / reach if reach > 0 else math.inf
+    which = " (the shortest frame bucket)" if len(counts) > 1 else ""
+    return BadInput(f"too short: {seen} decodable frames with uneven timestamps: the clip lasts "
+                    f"{float(times[-1] - times[0] + shown):.2f} s, {shortest} frames at {target_fps:.4g} fps"
+                    f"{which} need {NearestFrames(shortest, target_fps).needed_seconds(shown):.2f} s; "
+                    f"{_remedies(len(times), shortest, min_fps)}")
 
 
 def _raise_corrupt(decoded: _Decoded, path: Path) -> None:
