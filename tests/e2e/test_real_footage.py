@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cogvx_dist.core.families import get_family
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.shard_format import Manifest
@@ -136,6 +137,16 @@ def test_one_bucket_micro_batches_train_and_resume_bit_identical(footage, tmp_pa
         assert len(keys) == 2 and len({bucket_of[key] for key in keys}) == 1, keys  # one bucket a micro-batch
     drawn = Counter(bucket_of[keys[0]] for keys in batches.values())
     assert len(drawn) >= 4, drawn  # 12 micro-batches over the six buckets
+    # Throughput counts each sample at its own bucket's size: a step's tokens/s over samples/s is its mean.
+    family = get_family("CogVideoX-2b")
+    tokens_of = {index.key(int(i)): family.tokens_per_sample(*family.clip_of_latents(*bucket.shape[1:]))
+                 for bucket in index.buckets() for i in bucket.samples}
+    rows = [json.loads(line) for line in RunFolder(tmp_path / "straight").metrics.read_text().splitlines()]
+    for row, (step, keys) in zip(rows, sorted(keys_by_step(tmp_path / "straight").items())):
+        assert row["step"] == step
+        mean_tokens = sum(tokens_of[key] for key in keys) / len(keys)
+        assert row["tokens_per_s"] / row["samples_per_s"] == pytest.approx(mean_tokens, rel=1e-6), step
+    assert len({row["tokens_per_s"] / row["samples_per_s"] for row in rows}) > 1  # the steps' mixes differ
 
     crashed = write_config(tmp_path / "crashed.yaml", model, shards, tmp_path / "crashed", train=TRAIN,
                            checkpoint={"every_steps": 3}, deepspeed={"config": zero})
