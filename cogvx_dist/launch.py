@@ -283,6 +283,9 @@ def _data_notes(config: Any, shards: int, samples: int, world: int, global_batch
         notes.append(f"streaming {shards} shards to {world} ranks (drawn with replacement; resume is approximate)")
     epochs = config.train.max_steps * global_batch / samples
     notes.append(f"{config.train.max_steps} steps x {global_batch} samples = {epochs:.2f} passes over the data")
+    if config.train.global_batch_size:
+        notes.append(f"grad_accum_steps {config.train.grad_accum_steps} here: it follows train.global_batch_size "
+                     f"{global_batch} at every world size (a grad_accum_steps in the config is not used)")
     return notes
 
 

@@ -686,6 +686,7 @@ def test_launch_check_refuses_an_elastic_range_that_cannot_keep_the_global_batch
     code, out, err = launch_check(capsys, *args, "--nodes", "3", "--elastic", "2:3", "--max-restarts", "5")
     assert code == 0, err
     assert "nodes: 3  ranks: 3  global batch: 6" in out
+    assert "note: grad_accum_steps 2 here: it follows train.global_batch_size 6 at every world size" in out
     assert "torchrun --nnodes 2:3 --nproc-per-node 1 --max-restarts 5 --rdzv-backend c10d" in out
     code, _, err = launch_check(capsys, "--config", str(config), "--nodes", "3", "--elastic", "2:3")
     assert code == 2 and "elastic node range 2:3 needs train.global_batch_size" in err
