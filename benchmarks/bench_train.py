@@ -4,6 +4,8 @@
     python benchmarks/bench_train.py --full-size --json r.json    # CUDA: full-size 2b transformer, random weights,
                                                                   # 49x480x720 latents (17,776 tokens), 1 rank
     python benchmarks/bench_train.py --full-size --family CogVideoX-5b
+    python benchmarks/bench_train.py --mixed-buckets --json r.json   # 2 frame x 2 resolution buckets against one
+                                                                  # bucket of the same tokens (micro-batches of 2)
 
 It writes a training-only checkpoint (transformer + scheduler; full-size configs from the family table, random
 weights) or a tiny one, synthetic latent shards of the model's geometry, and a run config with the default LoRA
@@ -110,8 +112,10 @@ def bench(args: argparse.Namespace) -> dict:
         model = make_tiny_checkpoint(model, args.family, overwrite=True)
     setup_s = time.perf_counter() - t0
     info = describe_checkpoint(model)
-    if not (args.reuse_model and (work / "shards" / "manifest.json").is_file()):
-        write_synthetic_shards(work / "shards", model, [args.samples])
+    geometries = [parse_geometry(text) for text in args.geometries.split(",")] if args.geometries else None
+    shards = work / (f"shards-{args.case}" if geometries else "shards")
+    if not (args.reuse_model and (shards / "manifest.json").is_file()):
+        write_synthetic_shards(shards, model, [args.samples], geometries=geometries)
     # Full size: the trainer's defaults (r=128, alpha=64); tiny: r=8, as wide as its narrow layers allow.
     defaults = LoraSettings() if args.full_size else LoraSettings(rank=8, alpha=8.0)
     rank, alpha = args.lora_rank or defaults.rank, args.lora_alpha or defaults.alpha
@@ -120,10 +124,10 @@ def bench(args: argparse.Namespace) -> dict:
         "output_dir": str(output),
         "model": {"path": str(model), "dtype": "bfloat16" if cuda else "float32",
                   "gradient_checkpointing": args.checkpointing},
-        "data": {"shards": str(work / "shards")},
+        "data": {"shards": str(shards)},
         "lora": {"rank": rank, "alpha": alpha},
         "optim": {"lr": 1e-4},
-        "train": {"max_steps": args.steps, "micro_batch_size": 1, "grad_accum_steps": 1, "seed": 0},
+        "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "grad_accum_steps": 1, "seed": 0},
         "deepspeed": {"config": str(ds_config)},
         "checkpoint": {"every_steps": args.steps, "keep_last": 1, "resume": "none"},
         "log": {"every_steps": 1, "tensorboard": False, "progress_bar": False},
@@ -134,7 +138,8 @@ def bench(args: argparse.Namespace) -> dict:
         "case": args.case or "default", "overrides": list(args.set),
         "mode": "full-size-cuda" if args.full_size else f"tiny-{'cuda' if cuda else 'cpu'}",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu", "family": info.family.name,
-        "geometry": f"{info.frames}x{info.height}x{info.width}", "ranks": args.nproc, "zero": args.zero,
+        "geometry": args.geometries or f"{info.frames}x{info.height}x{info.width}", "ranks": args.nproc,
+        "micro_batch_size": args.micro_batch, "zero": args.zero,
         "torch_adam": args.torch_adam, "gradient_checkpointing": args.checkpointing,
         "lora": {"rank": rank, "alpha": alpha}, "num_layers": args.num_layers or info.transformer_config["num_layers"],
         "checkpoint_setup_s": round(setup_s, 1), "returncode": None, "log": str(output.with_suffix(".log")),
@@ -159,8 +164,11 @@ def bench(args: argparse.Namespace) -> dict:
         "steps_timed": len(timed),
         "s_per_step_median": round(statistics.median(step_times), 4),
         "s_per_step_min": round(min(step_times), 4),
+        "samples_per_s_median": round(statistics.median(m["samples_per_s"] for m in timed), 3),
         "tokens_per_s_median": round(statistics.median(m["tokens_per_s"] for m in timed), 1),
+        "tokens_per_s_mean": round(statistics.mean(m["tokens_per_s"] for m in timed), 1),
         "data_wait_s_median": round(statistics.median(m["data_wait_s"] for m in timed), 5),
+        "data_wait_share_median": round(statistics.median(m["data_wait_s"] / m["step_time_s"] for m in timed), 4),
         "peak_memory_gib": round(max(m["peak_memory_gib"] for m in metrics), 2),
         "tflops_per_gpu_median": round(statistics.median(m.get("tflops_per_gpu") or 0.0 for m in timed), 1),
         "mfu_median": (round(statistics.median(m["mfu"] for m in timed), 4)
@@ -172,6 +180,38 @@ def bench(args: argparse.Namespace) -> dict:
     if args.full_size and reference and not args.num_layers and args.nproc == 1:
         report["reference"] = reference
         report["vs_reference"] = round(report["s_per_step_median"] / reference["s_per_step"], 3)
+    return report
+
+
+def parse_geometry(text: str) -> tuple[int, int, int]:
+    """"9x32x64" -> (frames, height, width)."""
+    try:
+        frames, height, width = (int(part) for part in text.strip().split("x"))
+    except ValueError:
+        raise SystemExit(f"--geometries: {text!r} is not FRAMESxHEIGHTxWIDTH, e.g. 9x32x64") from None
+    return frames, height, width
+
+
+MIXED = "9x32x32,9x32x64,17x32x32,17x32x64"
+"""Tiny 2b, 2 frame x 2 resolution buckets: 12, 24, 20 and 40 video tokens a sample (mean 24)."""
+SINGLE = "9x32x64"
+"""One bucket of the mixed set's mean tokens (24 a sample), so the same sample count is the same token count."""
+
+
+def mixed_buckets(args: argparse.Namespace) -> dict:
+    """The mixed-bucket dataset against one bucket of the same token count, same steps and micro-batch size."""
+    reports = {}
+    for case, geometries in (("mixed", MIXED), ("single", SINGLE)):
+        reports[case] = bench(argparse.Namespace(**{**vars(args), "case": case, "geometries": geometries,
+                                                    "reuse_model": case == "single" or args.reuse_model}))
+    mixed, single = reports["mixed"], reports["single"]
+    report = {"mixed": mixed, "single": single, "returncode": mixed["returncode"] or single["returncode"]}
+    if report["returncode"] == 0:
+        report["mixed_vs_single"] = {
+            name: round(mixed[name] / single[name], 3) if single[name] else None
+            for name in ("samples_per_s_median", "tokens_per_s_mean", "s_per_step_median")}
+        report["data_wait_share"] = {"mixed": mixed["data_wait_share_median"],
+                                     "single": single["data_wait_share_median"]}
     return report
 
 
@@ -202,9 +242,17 @@ def main() -> None:
     parser.add_argument("--case", default="", help="name of this case (its run folder and log: WORK/run-CASE)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="run-config override passed to cogvx train, e.g. model.compile=blocks (repeatable)")
+    parser.add_argument("--micro-batch", type=int, default=1, help="train.micro_batch_size")
+    parser.add_argument("--geometries", default="",
+                        help="synthetic samples cycle through these FRAMESxHEIGHTxWIDTH (tiny mode), e.g. 9x32x64")
+    parser.add_argument("--mixed-buckets", action="store_true",
+                        help=f"two cases, micro-batches of 2: {MIXED} against {SINGLE} (same tokens)")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
-    report = bench(args)
+    if args.mixed_buckets:
+        args.micro_batch = 2
+        args.samples = max(args.samples, 16)
+    report = mixed_buckets(args) if args.mixed_buckets else bench(args)
     save(report, args.json)
     print(json.dumps(report, indent=2))
     sys.exit(0 if report["returncode"] == 0 else 1)

@@ -17,21 +17,25 @@ from cogvx_dist.core.shard_format import Manifest, ShardEntry
 
 
 def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], seed: int = 0,
-                           image_noise_samples: int = 0) -> Manifest:
+                           image_noise_samples: int = 0,
+                           geometries: list[tuple[int, int, int]] | None = None) -> Manifest:
     """Shards of samples whose latents share one spatial pattern (what a LoRA can learn quickly) plus a small
     per-sample offset, with a narrow posterior (image-to-video families: with `image_noise_samples` noised copies
-    of the first frame's moments)."""
+    of the first frame's moments). Sample i has the checkpoint's geometry, or the (frames, height, width) of
+    `geometries[i % len(geometries)]` (frame and resolution buckets, as prep lists them)."""
     info = describe_checkpoint(model)
     family, config = info.family, info.transformer_config
+    geometries = geometries or [(info.frames, info.height, info.width)]
+    sizes = list(dict.fromkeys((height, width) for _, height, width in geometries))
+    frame_counts = sorted({frames for frames, _, _ in geometries}, reverse=True)
     header = shard_format.manifest_header(
         family, str(model), vae_scaling_factor=family.vae_scaling_factor, latent_channels=config["out_channels"],
-        text_embed_dim=config["text_embed_dim"], frames=info.frames, buckets=[(info.height, info.width)],
-        fps=family.fps, storage_dtype="float32", image_noise_samples=image_noise_samples)
-    channels, latent_frames, height, width = family.latent_shape(config["out_channels"], info.frames, info.height,
-                                                                 info.width)
+        text_embed_dim=config["text_embed_dim"], frames=frame_counts[0], buckets=sizes,
+        fps=family.fps, storage_dtype="float32", image_noise_samples=image_noise_samples, frame_counts=frame_counts)
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    pattern = torch.randn(channels, 1, height, width, generator=generator)
+    patterns = {size: torch.randn(config["out_channels"], 1, *family.latent_size(*size), generator=generator)
+                for size in sizes}
     shards, counter = [], 0
     for shard_number, size in enumerate(shard_sizes):
         path = folder / shard_format.shard_name(0, shard_number)
@@ -39,9 +43,11 @@ def write_synthetic_shards(folder: Path, model: Path, shard_sizes: list[int], se
         with wds.TarWriter(str(path)) as sink:
             for _ in range(size):
                 key = f"sample{counter:06d}"
+                frames, height, width = geometries[counter % len(geometries)]
                 counter += 1
-                offset = 0.2 * torch.randn(channels, 1, 1, 1, generator=generator)
-                mean = (pattern + offset).expand(channels, latent_frames, height, width).clone()
+                pattern = patterns[height, width]
+                offset = 0.2 * torch.randn(pattern.shape[0], 1, 1, 1, generator=generator)
+                mean = (pattern + offset).expand(-1, family.latent_frames(frames), -1, -1).clone()
                 tensors = {
                     shard_format.LATENT_MEAN: mean,
                     shard_format.LATENT_LOGVAR: torch.full_like(mean, -6.0),
