@@ -123,7 +123,7 @@ class RunGuards:
         """From a watchdog or timer thread: record why, say it, and leave at once."""
         failures.claim_rank_end()
         failures.record_failure(self.run.root, self.ranks.rank, message, code, kind)
-        self.log.error("[rank %d] %s", self.ranks.rank, message)
+        self.log.error("%s%s", "[rank 0] " if self.ranks.rank == 0 else "", message)  # others: their prefix
         if before_exit is not None:
             before_exit()
         self.lock.release()
