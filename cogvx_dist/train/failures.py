@@ -9,7 +9,7 @@ Exit codes of a rank, of `cogvx train` and of the launcher scripts:
 | 1 | a rank failed (a bug, a lost peer, a rank killed without a word); the first failure is in output_dir/failures/ |
 | 2 | a user mistake (config, data, checkpoint), one line |
 | 75 | preempted (a signal; `cogvx train` or a rank's launcher gone): a checkpoint of the step reached committed |
-| 76 | stalled: no step for distributed.stall_timeout_s, or a host out of reach (the network check); output_dir/stacks/ |
+| 76 | stalled: no step for distributed.stall_timeout_s, or a host out of reach (network check); output_dir/stacks/ |
 | 77 | preempted, but the checkpoint did not commit within checkpoint.preempt_grace_s |
 
 After 75, rerun the same command to resume (EX_TEMPFAIL).
