@@ -120,7 +120,7 @@ def test_a_stopped_rank_ends_the_job_within_the_stall_timeout_naming_it(data, tm
     code, seconds = job.end()
     record_fault_time("SIGSTOP of rank 1", seconds)
     assert code == EXIT_STALLED, job.output_text()[-3000:]
-    assert seconds < 6 + 10, seconds
+    assert seconds < 6 + 24, seconds  # stall_timeout_s, then the kill and exit on a loaded 2-core machine
     line = failure_line(job.output_text())
     assert "stalled" in line and "rank(s) 1 fell behind" in line, line
     stacks = RunFolder(job.output).stacks(0).read_text()
