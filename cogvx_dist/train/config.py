@@ -122,6 +122,12 @@ class TrainConfig:
     """Samples per optimizer step over all ranks; 0 derives it (micro_batch_size x grad_accum_steps x data-parallel
     ranks). If set, grad_accum_steps follows the world size: global_batch_size / (micro_batch_size x data-parallel
     ranks), which must be whole; so a restart on more or fewer nodes (elastic training) trains the same batch."""
+    micro_batch_tokens: int = 0
+    """A token budget per micro-batch; 0: off (every micro-batch holds micro_batch_size samples). When set, a
+    micro-batch of a bucket (resolution x frame count) holds max(1, micro_batch_tokens // tokens of one of its
+    samples) samples, so short or small clips are batched more per step; micro_batch_size then only counts the run's
+    position (samples_seen: micro-batches x micro_batch_size). Each micro-batch's loss is its samples' mean. Needs
+    a dataset read in exact order (not data.streaming, not data.sources)."""
     on_nonfinite: Literal["fail", "skip_step"] = "fail"
     """A step whose loss is not finite on any rank: "fail" stops naming the samples and rank; "skip_step" applies no
     update on any rank (DeepSpeed skips it), counts it and goes on."""
@@ -334,6 +340,7 @@ class RunConfig:
             raise CogvxError(f"train.ema_decay must be within [0, 1) (0: no average), got {self.train.ema_decay}")
         if not 0.0 <= self.train.caption_dropout <= 1.0:
             raise CogvxError(f"train.caption_dropout must be within [0, 1], got {self.train.caption_dropout}")
+        self._check_token_budget()
         if self.train.caption_dropout and self.data.streaming:
             raise CogvxError("train.caption_dropout needs a dataset read in exact order, not data.streaming")
         self._check_evaluation()
@@ -348,6 +355,14 @@ class RunConfig:
             parse_bytes(self.plan.gpu_memory, "plan.gpu_memory")
         self.distributed.validate()
         self.checkpoint.validate()
+
+    def _check_token_budget(self) -> None:
+        budget = self.train.micro_batch_tokens
+        if budget < 0:
+            raise CogvxError(f"train.micro_batch_tokens must be 0 (off) or positive, got {budget}")
+        if budget and (self.data.streaming or self.data.sources):  # their micro-batches are not made of bucket units
+            raise CogvxError("train.micro_batch_tokens needs one dataset read in exact order, not "
+                             + ("data.streaming" if self.data.streaming else "data.sources (a mixture)"))
 
     def _check_evaluation(self) -> None:
         if self.log.peak_tflops < 0:

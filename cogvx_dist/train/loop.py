@@ -100,6 +100,8 @@ class Agreement:
     """Tokens the step trained over all ranks, each sample counted at its own bucket's size."""
     flops: float = 0.0
     """Model FLOPs of the step over all ranks, counted alike."""
+    samples: float = 0.0
+    """Samples the step trained over all ranks (the global batch, unless a token budget sizes micro-batches)."""
 
 
 class Trainer:
@@ -160,7 +162,8 @@ class Trainer:
             self.position += self.global_batch
             if self.slow_step:
                 self.slow_step()
-            self.meter.step_done(None if agreed.nonfinite_ranks else agreed.loss, agreed.tokens, agreed.flops)
+            self.meter.step_done(None if agreed.nonfinite_ranks else agreed.loss, agreed.tokens, agreed.flops,
+                                 agreed.samples)
             self.guards.progress(step)
             progress.update(1)
             last = step == config.train.max_steps
@@ -183,7 +186,7 @@ class Trainer:
     def train_step(self, step: int, trace: SampleTrace | None) -> Agreement:
         """One optimizer step over grad_accum_steps micro-batches; the ranks agree on its loss, finiteness,
         preemption and bad samples before the update (that all-reduce is the step's one host sync)."""
-        losses, keys, bad, cost = [], [], 0, [0.0, 0.0]
+        losses, keys, bad, cost = [], [], 0, [0.0, 0.0, 0.0]
         for micro_step in range(self.config.train.grad_accum_steps):
             batch = self.meter.next_batch(self.loader)
             if "failure" in batch:
@@ -192,7 +195,8 @@ class Trainer:
                 bad += records.note_bad_samples(self.run, step, self.ranks.rank, batch.get("bad", []))
             keys += batch["keys"]
             tokens, flops = self.costs.of(batch[LATENT_MEAN].shape)
-            cost = [cost[0] + tokens * len(batch["keys"]), cost[1] + flops * len(batch["keys"])]
+            cost = [cost[0] + tokens * len(batch["keys"]), cost[1] + flops * len(batch["keys"]),
+                    cost[2] + len(batch["keys"])]
             if trace is not None:
                 trace.write(step, micro_step, batch["keys"])
             drawn = batch.get("randomness") or self.draws.for_step(batch, step, micro_step)  # streaming: here
@@ -221,7 +225,7 @@ class Trainer:
         # A sequence-parallel group's ranks all hold its samples: count them once.
         holders = self.ranks.world_size // self.data.size
         return Agreement(reduced[0] / self.data.size, int(counts[0]), counts[1] > 0, int(counts[2]), bool(nonfinite),
-                         counts[3] > 0, counts[4] / holders, counts[5] / holders)
+                         counts[3] > 0, counts[4] / holders, counts[5] / holders, counts[6] / holders)
 
     def _account(self, step: int, agreed: Agreement, keys: list[str]) -> None:
         """Non-finite steps, bad samples and preemption requests, as the ranks agreed them."""
@@ -324,7 +328,7 @@ class Trainer:
                                self.data.size)
             steps_left = max(0, config.train.max_steps - self.start_step)
             batches = MicroBatches(self.checks.index, split, config.train.seed, self.position, steps_left,
-                                   config.data.on_bad_sample, draws)
+                                   config.data.on_bad_sample, draws, config.train.micro_batch_tokens)
         else:
             batches = StreamingMicroBatches(config.data.shards, self.checks.manifest, config.train.micro_batch_size,
                                             config.train.seed, self.data.rank, self.start_step)

@@ -48,6 +48,8 @@ class StepMeter:
         self.steps = self.loss_steps = 0
         self.loss_sum: torch.Tensor | float = 0.0
         self.tokens = self.flops = 0.0
+        self.samples: float | None = 0.0
+        """Samples trained over all ranks; None once a step came without its count (then the global batch counts)."""
 
     def next_batch(self, loader: Any) -> Any:
         """The loader's next micro-batch, its wait counted as data wait."""
@@ -60,12 +62,15 @@ class StepMeter:
         """Leave `seconds` of other work (the held-out evaluation) out of the window's step time."""
         self.started += seconds
 
-    def step_done(self, loss: torch.Tensor | None, tokens: float = 0.0, flops: float = 0.0) -> None:
+    def step_done(self, loss: torch.Tensor | None, tokens: float = 0.0, flops: float = 0.0,
+                  samples: float | None = None) -> None:
         """An optimizer step ended with this (all-ranks mean) loss, None for a step skipped as non-finite, having
-        trained `tokens` tokens and `flops` model FLOPs over all ranks (each sample counted at its own size)."""
+        trained `samples` samples (None: the global batch; a token budget makes it vary), `tokens` tokens and
+        `flops` model FLOPs over all ranks (each sample counted at its own size)."""
         self.steps += 1
         self.tokens += tokens
         self.flops += flops
+        self.samples = None if samples is None or self.samples is None else self.samples + samples
         if loss is not None:
             self.loss_steps += 1
             self.loss_sum = self.loss_sum + loss
@@ -73,7 +78,8 @@ class StepMeter:
     def values(self, lr: float, grad_norm: float | None, samples_seen: int) -> dict[str, Any]:
         """The metrics of the window, which then starts again."""
         elapsed = time.perf_counter() - self.started
-        samples_per_s = self.steps * self.global_batch / elapsed
+        samples = self.steps * self.global_batch if self.samples is None else self.samples
+        samples_per_s = samples / elapsed
         values = {
             "loss": float(self.loss_sum) / self.loss_steps if self.loss_steps else None,
             "grad_norm": grad_norm,

@@ -19,7 +19,7 @@ from cogvx_dist.core.storage import Store
 from cogvx_dist.train import ds_config
 from cogvx_dist.train.config import RunConfig
 from cogvx_dist.train.data.mixture import MixedIndex, combined_manifest
-from cogvx_dist.train.data.reader import ShardIndex, listed_buckets
+from cogvx_dist.train.data.reader import ShardIndex, bucket_tokens, budget_unit_sizes, listed_buckets
 from cogvx_dist.train.data.streaming import is_remote, read_remote_manifest
 from cogvx_dist.train.trackers import check_trackers
 
@@ -216,21 +216,23 @@ def _damaged_shards(config: RunConfig, index: ShardIndex | MixedIndex | None) ->
 
 
 def _bucketed_batches(config: RunConfig, manifest: Manifest, index: ShardIndex | MixedIndex | None) -> list[str]:
-    """micro_batch_size > 1 over samples of several shapes: every micro-batch is one bucket's (reader.BucketedStream).
-    Refuses what cannot be batched so, in one line; returns what the run goes on despite."""
-    micro = config.train.micro_batch_size
+    """micro_batch_size > 1 over samples of several shapes, or a token budget: every micro-batch is one bucket's
+    (reader.BucketedStream). Refuses what cannot be batched so, in one line; returns what the run goes on despite."""
+    micro, budget = config.train.micro_batch_size, config.train.micro_batch_tokens
     listed = listed_buckets(manifest)
-    if micro == 1 or listed == 1:
+    if (micro == 1 or listed == 1) and not budget:
         return []
     advice = "use micro_batch_size 1 with grad_accum_steps for a larger batch"
-    if not isinstance(index, ShardIndex):
+    if not isinstance(index, ShardIndex):  # a budget never gets here: the config refuses it with these
         where = "data.sources (a mixture)" if config.data.sources else "data.streaming"
         raise CogvxError(f"train.micro_batch_size {micro} with {where} over {listed} buckets (resolutions x frame "
                          f"counts): micro-batches of one bucket each are made for one dataset read in exact order, not "
                          f"yet for {'mixtures' if config.data.sources else 'streaming'}; {advice}")
     buckets = index.buckets()  # reads every sample's tensors header (its shape), once
-    if len(buckets) < 2:
+    if len(buckets) < 2 and not budget:
         return []  # the samples fill one bucket: the plain order, which reads (or skips) bad samples as it always did
+    key = f"train.micro_batch_tokens {budget}" if budget else f"train.micro_batch_size {micro}"
+    sizes = budget_unit_sizes(buckets, manifest.family, budget) if budget else [micro] * len(buckets)
     warnings = []
     if index.unshaped:
         first, why = min(index.unshaped.items())
@@ -239,17 +241,23 @@ def _bucketed_batches(config: RunConfig, manifest: Manifest, index: ShardIndex |
         if config.data.on_bad_sample == "fail":
             raise CogvxError(f"data.shards: {sample}, so its bucket is unknown; run `cogvx shards verify`, or train on "
                              "without it with data.on_bad_sample: skip")
-        warnings.append(f"{sample}; with train.micro_batch_size {micro} such samples are in no bucket and never read")
-    small = [bucket for bucket in buckets if len(bucket.samples) < micro]
+        warnings.append(f"{sample}; with {key} such samples are in no bucket and never read")
+    small = [(bucket, size) for bucket, size in zip(buckets, sizes) if len(bucket.samples) < size]
     if small:
-        bucket, largest = small[0], min(len(b.samples) for b in buckets)
-        raise CogvxError(f"train.micro_batch_size {micro}: the {bucket.name} bucket holds {len(bucket.samples)} "
-                         f"sample(s), fewer than one micro-batch, so they could never be trained on; use "
-                         f"micro_batch_size {largest} or less, or prep more samples of that shape, or leave them out")
-    left = [(bucket, len(bucket.samples) % micro) for bucket in buckets if len(bucket.samples) % micro]
+        (bucket, size), largest = small[0], min(len(b.samples) for b in buckets)
+        if budget:  # the largest budget whose micro-batches every small bucket fills: (samples + 1) x tokens - 1
+            fits = min((len(b.samples) + 1) * bucket_tokens(b, manifest.family) for b, _ in small) - 1
+            change = f"micro_batch_tokens {fits} or less"
+        else:
+            change = f"micro_batch_size {largest} or less"
+        batch = f"one micro-batch ({size})" if budget else "one micro-batch"
+        raise CogvxError(f"{key}: the {bucket.name} bucket holds {len(bucket.samples)} sample(s), fewer than {batch}, "
+                         f"so they could never be trained on; use {change}, or prep more samples of that shape, or "
+                         "leave them out")
+    left = [(bucket, len(bucket.samples) % size) for bucket, size in zip(buckets, sizes) if len(bucket.samples) % size]
     if left:
         total, samples = sum(n for _, n in left), sum(len(bucket.samples) for bucket in buckets)
-        warnings.append(f"train.micro_batch_size {micro}: {total} of the {samples} samples are left out of each epoch, "
+        warnings.append(f"{key}: {total} of the {samples} samples are left out of each epoch, "
                         "a different draw each epoch (a bucket's samples short of a whole micro-batch: "
                         + ", ".join(f"{n} of {len(bucket.samples)} in {bucket.name}" for bucket, n in left) + ")")
     return warnings

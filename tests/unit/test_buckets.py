@@ -310,3 +310,117 @@ def test_a_sample_whose_header_cannot_be_read_fails_or_is_left_out(bucketed, tmp
     assert "in no bucket and never read" in checks.warnings[0] and index.key(victim) in checks.warnings[0]
     assert victim not in {i for b in checks.index.buckets() for i in b.samples.tolist()}
     assert sum(len(b.samples) for b in checks.index.buckets()) == 13
+
+
+# ------------------------------------------------------------------------------------------------ a token budget
+BUDGET = 696
+"""train.micro_batch_tokens of the tests: 3 stills of 232 tokens a micro-batch, 2 clips of 244 (text included)."""
+
+
+def budget_keys(shards: Path, accum: int, dp: int, steps: int, micro: int = 1, start_step: int = 0,
+                budget: int = BUDGET) -> dict[int, list[tuple[str, ...]]]:
+    """step -> the keys of each micro-batch of that step over all ranks under a token budget, read for real, in the
+    order of their units within the step (micro-step x ranks + rank)."""
+    batches: dict[int, dict[int, tuple[str, ...]]] = {}
+    for rank in range(dp):
+        split = BatchSplit(micro, accum, rank, dp)
+        reader = MicroBatches(ShardIndex(shards), split, 3, start_step * split.global_batch, steps,
+                              micro_batch_tokens=budget)
+        for micro_index in range(len(reader)):
+            batch = reader[micro_index]
+            assert batch["latent_mean"].shape[0] == len(batch["keys"])  # it stacked: one shape
+            step, micro_step = divmod(micro_index, accum)
+            batches.setdefault(start_step + step, {})[micro_step * dp + rank] = tuple(batch["keys"])
+    return {step: [units[k] for k in sorted(units)] for step, units in batches.items()}
+
+
+def test_a_token_budget_batches_each_bucket_by_its_tokens(bucketed):
+    _, shards = bucketed
+    names = bucket_of_keys(ShardIndex(shards))
+    stream = ShardIndex(shards).stream(3, 1, BUDGET)
+    assert isinstance(stream, BucketedStream) and stream.unit_sizes == [3, 2, 2]  # stills, landscape, portrait
+    assert stream.units_per_epoch == 1 + 3 + 2 and stream.left_out == {"32x48, 1 frame": 0, "32x48, 9 frames": 1,
+                                                                       "48x32, 9 frames": 0}
+    steps = budget_keys(shards, accum=2, dp=2, steps=6)  # 4 units a step, every rank 2 micro-steps
+    assert sorted(steps) == list(range(6)) and all(len(units) == 4 for units in steps.values())
+    sizes = {"32x48, 1 frame": 3, "32x48, 9 frames": 2, "48x32, 9 frames": 2}
+    for units in steps.values():
+        for keys in units:
+            assert len({names[key] for key in keys}) == 1 and len(set(keys)) == len(keys) == sizes[names[keys[0]]]
+    every = [keys for units in steps.values() for keys in units]
+    assert {len(keys) for keys in every} == {2, 3}  # micro-batches of different sizes, one bucket each
+    assert sorted(every) == sorted(tuple(ShardIndex(shards).key(i) for i in stream.unit(k)) for k in range(24))
+    epoch = [i for k in range(6) for i in stream.unit(k)]  # each sample at most once, a landscape one left out
+    assert len(epoch) == len(set(epoch)) == 13
+    budget_1 = ShardIndex(shards).stream(3, 1, 1)  # below one sample of any bucket: micro-batches of one
+    assert budget_1.unit_sizes == [1, 1, 1] and budget_1.units_per_epoch == 14
+
+
+def test_a_token_budget_keeps_the_order_for_any_rank_split_and_resume(bucketed):
+    _, shards = bucketed
+    two_ranks = budget_keys(shards, accum=2, dp=2, steps=6)
+    assert budget_keys(shards, accum=4, dp=1, steps=6) == two_ranks  # the global batch kept: the same units
+    assert budget_keys(shards, accum=1, dp=4, steps=6) == two_ranks
+    assert budget_keys(shards, accum=2, dp=2, steps=3, start_step=3) == {s: two_ranks[s] for s in (3, 4, 5)}
+    assert budget_keys(shards, accum=1, dp=2, steps=4, micro=2) == {  # positions count slots of micro_batch_size
+        s: two_ranks[s // 2][(s % 2) * 2:(s % 2) * 2 + 2] for s in range(4)}
+
+
+def test_no_budget_leaves_the_units_as_they_were(bucketed):
+    _, shards = bucketed
+    index = ShardIndex(shards)
+    plain, sized = index.stream(3, 2), BucketedStream(index.buckets(), 2, 3, unit_sizes=[2, 2, 2])
+    assert [plain.unit(k) for k in range(20)] == [sized.unit(k) for k in range(20)]
+    split = BatchSplit(2, 2, 1, 2)
+    off = MicroBatches(index, split, 3, 0, 4, micro_batch_tokens=0)
+    assert [off.samples_of(j) for j in range(8)] == [MicroBatches(index, split, 3, 0, 4).samples_of(j)
+                                                     for j in range(8)]
+    assert [off.samples_of(j) for j in range(8)] == [plain.unit(split.unit(0, j)) for j in range(8)]
+
+
+def test_a_token_budget_is_refused_in_one_line_where_it_cannot_work(bucketed, synthetic_shards, tmp_path):
+    model, shards = bucketed
+    _, one_bucket = synthetic_shards((3, 3, 2))
+    mixture = ["data.shards=", "data.sources=[{shards: " + str(shards) + "}, {shards: " + str(one_bucket) + "}]"]
+    streamed = [f"data.shards=pipe:cat {shards}/{{name}}", "data.streaming=true"]
+    for more, what in ((mixture, "data.sources (a mixture)"), (streamed, "data.streaming")):
+        with pytest.raises(CogvxError) as refused:
+            load_config(RunConfig, None, _overrides(model, shards, tmp_path, f"train.micro_batch_tokens={BUDGET}",
+                                                    *more)).validate()
+        assert str(refused.value) == f"train.micro_batch_tokens needs one dataset read in exact order, not {what}"
+    with pytest.raises(CogvxError, match="^train.micro_batch_tokens must be 0 .off. or positive, got -1$"):
+        load_config(RunConfig, None, _overrides(model, shards, tmp_path, "train.micro_batch_tokens=-1")).validate()
+    with pytest.raises(CogvxError) as refused:  # stills: 5 a micro-batch, but the bucket holds 3
+        preflight(load_config(RunConfig, None, _overrides(model, shards, tmp_path, "train.micro_batch_tokens=1160")))
+    assert str(refused.value) == (
+        "train.micro_batch_tokens 1160: the 32x48, 1 frame bucket holds 3 sample(s), fewer than one micro-batch (5), "
+        "so they could never be trained on; use micro_batch_tokens 927 or less, or prep more samples of that shape, "
+        "or leave them out")
+    checks = preflight(load_config(RunConfig, None, _overrides(model, shards, tmp_path,
+                                                               f"train.micro_batch_tokens={BUDGET}")))
+    assert checks.warnings == ["train.micro_batch_tokens 696: 1 of the 14 samples are left out of each epoch, a "
+                               "different draw each epoch (a bucket's samples short of a whole micro-batch: 1 of 7 in "
+                               "32x48, 9 frames)"]
+
+
+def test_the_planner_plans_every_bucket_at_its_budgeted_micro_batch(bucketed):
+    from cogvx_dist.train.ds_config import load_ds_config
+    from cogvx_dist.train.memory.runs import peak_run, planned_batches, planned_run
+
+    model, shards = bucketed
+    manifest = Manifest.read(shards)
+    info = describe_checkpoint(model)
+    config = load_config(RunConfig, None, [f"model.path={model}", f"data.shards={shards}"])
+    assert planned_batches(config, manifest) == [((9, 48, 32), 1)]  # no budget: the largest bucket at micro 1
+    budgeted = load_config(RunConfig, None, [f"model.path={model}", f"data.shards={shards}",
+                                             f"train.micro_batch_tokens={BUDGET}"])
+    batches = planned_batches(budgeted, manifest)
+    # Uncounted by prep, so every frame count x resolution listed is planned, at its own micro-batch.
+    assert sorted(batches) == [((1, 32, 48), 3), ((1, 48, 32), 3), ((9, 32, 48), 2), ((9, 48, 32), 2)]
+    ds = load_ds_config("zero2")
+    needs = {(geometry, micro): planned_run(budgeted, info.family, info.transformer_config, geometry, ds, 1,
+                                            micro).plan().needed for geometry, micro in batches}
+    worst = peak_run(budgeted, info.family, info.transformer_config, manifest, ds, 1)
+    assert worst.plan().needed == max(needs.values())
+    assert worst.plan().needed > planned_run(config, info.family, info.transformer_config, (9, 48, 32), ds,
+                                             1).plan().needed  # two clips a micro-batch need more than one

@@ -12,6 +12,11 @@ units of a step do not depend on how the step is split over ranks. A dataset who
 (resolution x frame count buckets) read with micro_batch_size > 1 needs every unit to be one bucket's; its units
 come from BucketedStream instead (positions stay counted in samples: unit k starts at position k*micro_batch_size).
 With one bucket, or micro_batch_size 1, the units are consecutive chunks of SampleStream, the order it always had.
+
+With a token budget per micro-batch (train.micro_batch_tokens) a unit of bucket b holds
+max(1, budget // tokens of one sample of b) samples, so small buckets are batched more; the units still come from
+BucketedStream (with any number of buckets), and positions are counted in unit slots of micro_batch_size, so
+BatchSplit and resumes work unchanged while the samples a step trains vary with its buckets.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cogvx_dist.core.errors import CogvxError, first_line
+from cogvx_dist.core.families import get_family
 from cogvx_dist.core.sample_index import UNKNOWN, member_row, tar_members
 from cogvx_dist.core.shard_format import (
     LATENT_MEAN,
@@ -163,9 +169,14 @@ class ShardIndex:
         """File name of the shard holding global index `index`."""
         return self.manifest.shards[self.samples.shard_of(index)].name
 
-    def stream(self, seed: int, micro_batch_size: int = 1) -> SampleStream | BucketedStream:
+    def stream(self, seed: int, micro_batch_size: int = 1, micro_batch_tokens: int = 0
+               ) -> SampleStream | BucketedStream:
         """The run's sample order over this dataset: with micro_batch_size > 1 and samples of several shapes, in
-        units of one bucket each (BucketedStream); else SampleStream, whose order one-bucket datasets always had."""
+        units of one bucket each (BucketedStream); else SampleStream, whose order one-bucket datasets always had.
+        With a token budget (`micro_batch_tokens` > 0) always in bucket units, each bucket's unit sized by it."""
+        if micro_batch_tokens:
+            return BucketedStream(self.buckets(), micro_batch_size, seed,
+                                  budget_unit_sizes(self.buckets(), self.manifest.family, micro_batch_tokens))
         if micro_batch_size > 1 and listed_buckets(self.manifest) > 1:
             buckets = self.buckets()
             if len(buckets) > 1:
@@ -280,6 +291,17 @@ def bucket_names(manifest: Manifest) -> dict[tuple[int, ...], str]:
     return names
 
 
+def bucket_tokens(bucket: Bucket, family_name: str) -> int:
+    """Transformer tokens of one sample of `bucket` (the clip its latent shape stands for)."""
+    family = get_family(family_name)
+    return family.tokens_per_sample(*family.clip_of_latents(*bucket.shape[1:]))
+
+
+def budget_unit_sizes(buckets: list[Bucket], family_name: str, micro_batch_tokens: int) -> list[int]:
+    """Samples in one micro-batch of each bucket under a token budget: as many as fit, at least one."""
+    return [max(1, micro_batch_tokens // bucket_tokens(bucket, family_name)) for bucket in buckets]
+
+
 @dataclass(frozen=True)
 class Bucket:
     """Samples that stack into one micro-batch: one resolution and frame count."""
@@ -303,7 +325,7 @@ class Samples(Protocol):
 
     def shard_of(self, index: int) -> str: ...
 
-    def stream(self, seed: int, micro_batch_size: int = 1) -> Any: ...
+    def stream(self, seed: int, micro_batch_size: int = 1, micro_batch_tokens: int = 0) -> Any: ...
 
 
 class SampleStream:
@@ -342,18 +364,27 @@ class BucketedStream:
     units, so unit k is in epoch k // units_per_epoch (position -> sample in O(1) from any resume point, on any
     rank), no unit holds a sample twice, and since each epoch draws afresh no sample is left out for good
     (`left_out` counts them). Unit k covers stream positions [k*micro_batch_size, (k+1)*micro_batch_size).
+
+    `unit_sizes` (a token budget's, one per bucket) sizes each bucket's units instead of micro_batch_size; a unit
+    still takes micro_batch_size positions (its slot), so positions, BatchSplit and resumes do not change, and the
+    units are cut, counted and shuffled as above. Then buckets come in proportion to their units, not samples.
     """
 
-    def __init__(self, buckets: list[Bucket], micro_batch_size: int, seed: int) -> None:
+    def __init__(self, buckets: list[Bucket], micro_batch_size: int, seed: int,
+                 unit_sizes: list[int] | None = None) -> None:
         self.buckets = buckets
         self.micro_batch_size = micro_batch_size
         self.seed = seed
-        units = torch.tensor([len(bucket.samples) // micro_batch_size for bucket in buckets])
+        self.unit_sizes = list(unit_sizes) if unit_sizes is not None else [micro_batch_size] * len(buckets)
+        """Samples in a unit of each bucket."""
+        units = torch.tensor([len(bucket.samples) // size for bucket, size in zip(buckets, self.unit_sizes)])
         self.units_per_epoch = int(units.sum())
         """Units of every epoch (the buckets' whole units)."""
         if not self.units_per_epoch:
-            raise CogvxError(f"train.micro_batch_size {micro_batch_size}: no bucket holds a whole micro-batch")
-        self.left_out = {bucket.name: len(bucket.samples) % micro_batch_size for bucket in buckets}
+            what = (f"train.micro_batch_size {micro_batch_size}" if unit_sizes is None else
+                    f"train.micro_batch_tokens (micro-batches of {', '.join(map(str, self.unit_sizes))})")
+            raise CogvxError(f"{what}: no bucket holds a whole micro-batch")
+        self.left_out = {bucket.name: len(bucket.samples) % size for bucket, size in zip(buckets, self.unit_sizes)}
         """Bucket name -> its samples left out of each epoch (a different draw each epoch)."""
         self._unit_bucket = torch.repeat_interleave(torch.arange(len(buckets)), units)
         """Bucket of each of an epoch's units before the shuffle (the buckets' units in bucket order)."""
@@ -398,11 +429,12 @@ class BucketedStream:
         if number not in self._perms:
             self._perms[number] = torch.randperm(len(bucket.samples),
                                                  generator=_generator(self.seed, self._epoch, bucket.shape))
-        chosen = self._perms[number][within * self.micro_batch_size:(within + 1) * self.micro_batch_size]
+        size = self.unit_sizes[number]
+        chosen = self._perms[number][within * size:(within + 1) * size]
         return bucket.samples[chosen].tolist()
 
     def sample_at(self, position: int) -> int:
-        """The sample index at a stream position."""
+        """The sample index at a stream position (IndexError past a token-budget unit's samples)."""
         unit, offset = divmod(position, self.micro_batch_size)
         return self.unit(unit)[offset]
 
@@ -457,13 +489,15 @@ class MicroBatches(Dataset):
     """
 
     def __init__(self, index: Samples, split: BatchSplit, seed: int, start_position: int, steps: int,
-                 on_bad: str = "fail", draws: Callable[[dict[str, Any], int], dict[str, torch.Tensor]] | None = None
-                 ) -> None:
+                 on_bad: str = "fail", draws: Callable[[dict[str, Any], int], dict[str, torch.Tensor]] | None = None,
+                 micro_batch_tokens: int = 0) -> None:
         self.index = index
         self.draws = draws
         """Draws item j's random numbers (train/step/loss.py's StepDraws), into the item's "randomness"."""
         self.split = split
-        self.stream = index.stream(seed, split.micro_batch_size)
+        # A mixture's stream takes no budget (the config refuses one), so it is passed only when set.
+        self.stream = (index.stream(seed, split.micro_batch_size, micro_batch_tokens) if micro_batch_tokens
+                       else index.stream(seed, split.micro_batch_size))
         self.start_position = start_position
         self.steps = steps
         self.on_bad = on_bad

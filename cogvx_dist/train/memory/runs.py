@@ -64,10 +64,18 @@ class PlannedRun:
 
 
 def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any],
-                geometry: tuple[int, int, int], ds_config: dict[str, Any], ranks: int) -> PlannedRun:
-    """The run as the planner sees it, training clips of `geometry` (frames, height, width)."""
-    family.check_geometry(*geometry, transformer_config)
-    micro, checkpointing = config.train.micro_batch_size, config.model.gradient_checkpointing
+                geometry: tuple[int, int, int], ds_config: dict[str, Any], ranks: int,
+                micro_batch_size: int | None = None) -> PlannedRun:
+    """The run as the planner sees it, training clips of `geometry` (frames, height, width) in micro-batches of
+    `micro_batch_size` (train.micro_batch_size unless given: a token budget's size for that geometry)."""
+    frames, height, width = geometry
+    if frames == 1 and not family.single_image_problem():  # single images beside clips (a token budget plans them)
+        problem = family.resolution_problem(height, width, transformer_config)
+        if problem:
+            raise CogvxError(problem)
+    else:
+        family.check_geometry(*geometry, transformer_config)
+    micro, checkpointing = micro_batch_size or config.train.micro_batch_size, config.model.gradient_checkpointing
     shape = StepShape(family, transformer_config, *geometry, micro, config.lora, checkpointing,
                       torch_dtype(config.model.dtype), config.parallel.sequence_parallel)
     return PlannedRun(shape, strategy_from_ds_config(ds_config, checkpointing, micro),
@@ -75,15 +83,41 @@ def planned_run(config: RunConfig, family: ModelFamily, transformer_config: dict
                       adapter_average=config.train.ema_decay > 0)
 
 
-def largest_geometry(manifest: Manifest) -> tuple[int, int, int]:
-    """(frames, height, width) of the shards' largest bucket by tokens, the one that sets the peak: among the
-    buckets that hold samples where the manifest counts them, else among every frame count x resolution it lists."""
-    family = get_family(manifest.family)
+def bucket_geometries(manifest: Manifest) -> list[tuple[int, int, int]]:
+    """(frames, height, width) of the shards' buckets: those that hold samples where the manifest counts them, else
+    every frame count x resolution it lists."""
     counted = manifest.bucket_samples()
-    buckets = ([bucket for bucket, samples in counted.items() if samples] if counted else
-               [(frames, height, width) for frames in manifest.all_frame_counts()
-                for height, width in manifest.sizes()])
-    return max(buckets, key=lambda bucket: (family.tokens_per_sample(*bucket), bucket))
+    return ([bucket for bucket, samples in counted.items() if samples] if counted else
+            [(frames, height, width) for frames in manifest.all_frame_counts() for height, width in manifest.sizes()])
+
+
+def largest_geometry(manifest: Manifest) -> tuple[int, int, int]:
+    """(frames, height, width) of the shards' largest bucket by tokens, the one that sets the peak at a fixed
+    micro_batch_size (see bucket_geometries for which buckets count)."""
+    family = get_family(manifest.family)
+    return max(bucket_geometries(manifest), key=lambda bucket: (family.tokens_per_sample(*bucket), bucket))
+
+
+def planned_batches(config: RunConfig, manifest: Manifest) -> list[tuple[tuple[int, int, int], int]]:
+    """(geometry, micro-batch size) of the micro-batches that may set the peak: the largest bucket at
+    train.micro_batch_size; under a token budget (train.micro_batch_tokens) every bucket at its own size, since a
+    smaller clip's fuller micro-batch may need more than the largest clip alone."""
+    budget = config.train.micro_batch_tokens
+    if not budget:
+        return [(largest_geometry(manifest), config.train.micro_batch_size)]
+    family = get_family(manifest.family)
+    return [(bucket, max(1, budget // family.tokens_per_sample(*bucket))) for bucket in bucket_geometries(manifest)]
+
+
+def peak_run(config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any], manifest: Manifest,
+             ds_config: dict[str, Any], ranks: int) -> PlannedRun:
+    """The run as the planner sees it at its worst micro-batch (planned_batches), the one predicted to need the
+    most memory."""
+    runs = [planned_run(config, family, transformer_config, geometry, ds_config, ranks, micro)
+            for geometry, micro in planned_batches(config, manifest)]
+    if len(runs) == 1:
+        return runs[0]
+    return max(runs, key=lambda run: run.plan().needed)
 
 
 def run_from_config(config: RunConfig, ranks: int, geometry: tuple[int, int, int] | None = None) -> PlannedRun:
@@ -95,9 +129,11 @@ def run_from_config(config: RunConfig, ranks: int, geometry: tuple[int, int, int
     checkpoint = describe_checkpoint(config.model.path)
     if geometry is None:
         try:
-            geometry = largest_geometry(read_manifest(config))
+            manifest = read_manifest(config)
         except CogvxError as err:
             raise CogvxError(f"data.shards: {err}; to plan before prep, give --frames and --resolution") from err
+        return peak_run(config, checkpoint.family, checkpoint.transformer_config, manifest,
+                        load_ds_config(config.deepspeed.config), ranks)
     return planned_run(config, checkpoint.family, checkpoint.transformer_config, geometry,
                        load_ds_config(config.deepspeed.config), ranks)
 
@@ -180,8 +216,8 @@ def resolve_checkpointing(config: RunConfig, checkpoint: CheckpointInfo, manifes
         return config, ""
     memory = gpu_memory(config.plan.gpu_memory, "plan.gpu_memory", local_rank)
     every, why = pick_checkpointing(
-        lambda k: planned_run(with_checkpointing(config, k), checkpoint.family, checkpoint.transformer_config,
-                              largest_geometry(manifest), ds_config, ranks), memory)
+        lambda k: peak_run(with_checkpointing(config, k), checkpoint.family, checkpoint.transformer_config, manifest,
+                           ds_config, ranks), memory)
     return with_checkpointing(config, every), why
 
 
@@ -194,8 +230,7 @@ def check_run_memory(config: RunConfig, checkpoint: CheckpointInfo, manifest: Ma
     memory = gpu_memory(config.plan.gpu_memory, "plan.gpu_memory", local_rank)
     if memory is None:
         return None
-    run = planned_run(config, checkpoint.family, checkpoint.transformer_config, largest_geometry(manifest), ds_config,
-                      ranks)
+    run = peak_run(config, checkpoint.family, checkpoint.transformer_config, manifest, ds_config, ranks)
     plan = run.plan()
     if not plan.fits(memory):
         raise CogvxError(refusal(run, plan, memory))
