@@ -72,3 +72,25 @@ def test_mixture_config_errors_are_one_line(synthetic_shards, tmp_path, capsys, 
     config = write_config(tmp_path / "run.yaml", model, folder, tmp_path / "out")
     code, _, err = cli(capsys, "train", "--config", str(config), *overrides)
     assert_one_line_error(code, err, message)
+
+
+def test_sources_of_different_clip_lengths_mix_as_frame_buckets(tiny_checkpoint, tmp_path):
+    """Two datasets prepped at 17 and 9 frames (or with frame buckets) mix: the mixture lists both frame counts, so
+    each sample's latent shape names its bucket, and plans its longest clip; it once refused 'one clip length'."""
+    from cogvx_dist.core.shard_format import Manifest
+    from cogvx_dist.core.synthetic_shards import write_synthetic_shards
+    from cogvx_dist.train.data.mixture import combined_manifest
+    from cogvx_dist.train.data.reader import bucket_names
+
+    model = tiny_checkpoint("CogVideoX-2b")
+    short = write_synthetic_shards(tmp_path / "short", model, [2], geometries=[(9, 32, 48)])
+    long = write_synthetic_shards(tmp_path / "long", model, [2], geometries=[(17, 32, 48), (17, 48, 32)])
+    mixed = combined_manifest([short, long])
+    assert (mixed.frames, mixed.all_frame_counts(), mixed.sizes()) == (17, [17, 9], [(32, 48), (48, 32)])
+    assert mixed.num_samples == 4 and mixed.bucket_samples() is None  # one source's counts are not the mixture's
+    names = set(bucket_names(mixed).values())
+    assert {"32x48, 9 frames", "32x48, 17 frames", "48x32, 17 frames"} <= names
+    index = MixedIndex([ShardIndex(tmp_path / "short"), ShardIndex(tmp_path / "long")], ["s", "l"], [1, 1])
+    shapes = {tuple(index.read(i)[0]["latent_mean"].shape[1:]) for i in range(len(index))}
+    assert shapes == {(3, 4, 6), (5, 4, 6), (5, 6, 4)}
+    assert Manifest.read(tmp_path / "short").frames == 9  # the sources themselves are unchanged

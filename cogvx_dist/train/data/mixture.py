@@ -85,17 +85,16 @@ class MixtureStream:
 
 
 def combined_manifest(manifests: list[Manifest]) -> Manifest:
-    """One manifest standing for a mixture: every shard, resolution bucket and frame count (single images) of the
-    sources, the first source's header otherwise (they must share the clip length)."""
-    first = manifests[0]
-    for number, manifest in enumerate(manifests[1:], 1):
-        if manifest.frames != first.frames:
-            raise CogvxError(f"data.sources[{number}]: clips of {manifest.frames} frames, data.sources[0] has "
-                             f"{first.frames}: a mixture needs one clip length")
+    """One manifest standing for a mixture: every shard, resolution bucket and frame count (frame buckets, single
+    images) of the sources, the longest clip as its frame count, the first source's header otherwise. Its stats
+    are dropped: they count one source's samples, not the mixture's."""
+    longest = max(manifests, key=lambda manifest: manifest.frames)
     sizes = dict.fromkeys(size for manifest in manifests for size in manifest.sizes())
     counts = sorted({count for manifest in manifests for count in manifest.all_frame_counts()}, reverse=True)
-    return dataclasses.replace(first, shards=[shard for manifest in manifests for shard in manifest.shards],
-                               buckets=[list(size) for size in sizes], frame_counts=counts if len(counts) > 1 else [])
+    return dataclasses.replace(manifests[0], shards=[shard for manifest in manifests for shard in manifest.shards],
+                               frames=longest.frames, latent_frames=longest.latent_frames,
+                               buckets=[list(size) for size in sizes], frame_counts=counts if len(counts) > 1 else [],
+                               stats={})
 
 
 class MixedIndex:
