@@ -235,7 +235,9 @@ def test_zero3_with_sequence_parallel_trains_like_one_rank(prepped_2b, one_rank_
     result = launch(_run_config(tmp_path, "run", prepped_2b, parts=2, stage="zero3"), 2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary_of(tmp_path / "run")["zero_stage"] == 3
-    assert_same_training(one_rank_run, tmp_path / "run")
+    # ZeRO-3 reduces the group's gradients in another order than one rank sums them: 2.0e-5 relative on one tiny
+    # lora_B after 10 Adam steps with the draws keyed by unit (wrong gradients are off by tens of percent).
+    assert_same_training(one_rank_run, tmp_path / "run", tolerance=5e-5)
 
 
 @pytest.mark.slow
