@@ -297,9 +297,14 @@ def bucket_tokens(bucket: Bucket, family_name: str) -> int:
     return family.tokens_per_sample(*family.clip_of_latents(*bucket.shape[1:]))
 
 
+def samples_within_budget(tokens_per_sample: int, micro_batch_tokens: int) -> int:
+    """Samples of this many tokens in one micro-batch under a token budget: as many as fit, at least one."""
+    return max(1, micro_batch_tokens // tokens_per_sample)
+
+
 def budget_unit_sizes(buckets: list[Bucket], family_name: str, micro_batch_tokens: int) -> list[int]:
-    """Samples in one micro-batch of each bucket under a token budget: as many as fit, at least one."""
-    return [max(1, micro_batch_tokens // bucket_tokens(bucket, family_name)) for bucket in buckets]
+    """Samples in one micro-batch of each bucket under a token budget (samples_within_budget)."""
+    return [samples_within_budget(bucket_tokens(bucket, family_name), micro_batch_tokens) for bucket in buckets]
 
 
 @dataclass(frozen=True)

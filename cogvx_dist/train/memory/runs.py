@@ -19,6 +19,7 @@ from cogvx_dist.core.loading import CheckpointInfo
 from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.units import gib, parse_bytes
 from cogvx_dist.train.config import RunConfig
+from cogvx_dist.train.data.reader import samples_within_budget
 from cogvx_dist.train.memory.plan import (
     DeepSpeedBuffers,
     MemoryPlan,
@@ -106,7 +107,8 @@ def planned_batches(config: RunConfig, manifest: Manifest) -> list[tuple[tuple[i
     if not budget:
         return [(largest_geometry(manifest), config.train.micro_batch_size)]
     family = get_family(manifest.family)
-    return [(bucket, max(1, budget // family.tokens_per_sample(*bucket))) for bucket in bucket_geometries(manifest)]
+    return [(bucket, samples_within_budget(family.tokens_per_sample(*bucket), budget))
+            for bucket in bucket_geometries(manifest)]
 
 
 def peak_run(config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any], manifest: Manifest,
