@@ -156,6 +156,22 @@ def read_trace(output: Path) -> list[tuple[int, int, int, str]]:
     return sorted(rows)
 
 
+def micro_batches(output: Path) -> dict[tuple[int, int, int], list[str]]:
+    """(step, micro-step, rank) -> the keys of that micro-batch, from the sample trace."""
+    batches: dict[tuple[int, int, int], list[str]] = {}
+    for step, micro, rank, key in read_trace(output):
+        batches.setdefault((step, micro, rank), []).append(key)
+    return batches
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    """The exported adapters of runs `a` and `b` hold the same tensors, bit for bit."""
+    first, second = read_adapter(a / "lora"), read_adapter(b / "lora")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
 def stream_order(output: Path, dp_size: int) -> list[tuple[int, str]]:
     """(step, key) in global stream order: micro-step m of rank r reads position m * dp_size + r (micro batch 1)."""
     rows = read_trace(output)

@@ -8,13 +8,20 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.synthetic_videos import caption, make_synthetic_dataset, render_clip, write_mp4
 from cogvx_dist.train.data.reader import ShardIndex
-from tests.helpers import launch, read_adapter, read_trace, shared_folder, summary_of, write_config
+from tests.helpers import (
+    assert_same_adapter,
+    launch,
+    micro_batches,
+    read_trace,
+    shared_folder,
+    summary_of,
+    write_config,
+)
 
 STEPS = 6
 TRAIN = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum_steps": 1}
@@ -61,27 +68,13 @@ def test_micro_batches_of_one_bucket_train_and_resume_bit_identical(two_buckets,
     summary = summary_of(tmp_path / "straight")
     assert summary["steps"] == STEPS and len(set(summary["adapter_checksums"])) == 1
 
-    trace = read_trace(tmp_path / "straight")
-    micro_batches: dict[tuple[int, int, int], list[str]] = {}
-    for step, micro, rank, key in trace:
-        micro_batches.setdefault((step, micro, rank), []).append(key)
-    assert sorted(micro_batches) == [(s, 0, r) for s in range(1, STEPS + 1) for r in (0, 1)]
-    for keys in micro_batches.values():
+    batches = micro_batches(tmp_path / "straight")
+    assert sorted(batches) == [(s, 0, r) for s in range(1, STEPS + 1) for r in (0, 1)]
+    for keys in batches.values():
         assert len(keys) == 2 and len({bucket_of[key] for key in keys}) == 1, keys  # one bucket a micro-batch
-    assert {bucket_of[keys[0]] for keys in micro_batches.values()} == {"32x48, 9 frames", "48x32, 9 frames"}
+    assert {bucket_of[keys[0]] for keys in batches.values()} == {"32x48, 9 frames", "48x32, 9 frames"}
 
-    crashed = write_config(tmp_path / "crashed.yaml", model, shards, tmp_path / "crashed", train=TRAIN,
-                           checkpoint={"every_steps": 3})
-    killed = launch(crashed, env={FAULT_ENV: "train.committed=3"})
-    assert killed.returncode != 0
-    assert [step for step, _ in RunFolder(tmp_path / "crashed").complete_checkpoints()] == [3]
-    resumed = launch(crashed)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = summary_of(tmp_path / "crashed")
-    assert again["resumed_from_step"] == 3 and again["adapter_checksums"] == summary["adapter_checksums"]
-    first, second = read_adapter(tmp_path / "straight" / "lora"), read_adapter(tmp_path / "crashed" / "lora")
-    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
-    assert read_trace(tmp_path / "crashed") == trace  # the same samples at every step, none twice
+    assert_kill_after_step_3_resumes_bit_identical(model, shards, tmp_path, TRAIN, {})
     positions = [json.loads(line) for line in RunFolder(tmp_path / "crashed").metrics.read_text().splitlines()]
     assert [row["step"] for row in positions] == list(range(1, STEPS + 1))
 
@@ -112,29 +105,32 @@ def test_a_token_budget_batches_short_clips_more_and_resumes_bit_identical(frame
     summary = summary_of(tmp_path / "straight")
     assert summary["samples_seen"] == 12  # positions count micro-batch slots (micro_batch_size 1, 2 ranks, 6 steps)
 
-    trace = read_trace(tmp_path / "straight")
-    micro_batches: dict[tuple[int, int, int], list[str]] = {}
-    for step, micro, rank, key in trace:
-        micro_batches.setdefault((step, micro, rank), []).append(key)
-    assert sorted(micro_batches) == [(s, 0, r) for s in range(1, 7) for r in (0, 1)]  # the same micro-steps
-    for keys in micro_batches.values():
+    batches = micro_batches(tmp_path / "straight")
+    assert sorted(batches) == [(s, 0, r) for s in range(1, 7) for r in (0, 1)]  # the same micro-steps
+    for keys in batches.values():
         assert len({size_of[key] for key in keys}) == 1 and len(keys) == size_of[keys[0]], keys  # its bucket's size
-    assert {len(keys) for keys in micro_batches.values()} == {1, 2}
+    assert {len(keys) for keys in batches.values()} == {1, 2}
     rows = [json.loads(line) for line in RunFolder(tmp_path / "straight").metrics.read_text().splitlines()]
     for row in rows:  # samples/s counts the samples each step trained, not slots
-        trained = sum(len(keys) for (step, _, _), keys in micro_batches.items() if step == row["step"])
+        trained = sum(len(keys) for (step, _, _), keys in batches.items() if step == row["step"])
         assert row["samples_per_s"] * row["step_time_s"] == pytest.approx(trained, rel=1e-6)
     assert {round(row["samples_per_s"] * row["step_time_s"]) for row in rows} != {2}
 
-    crashed = write_config(tmp_path / "crashed.yaml", model, shards, tmp_path / "crashed", train=BUDGET_TRAIN,
-                           checkpoint={"every_steps": 3}, log={"every_steps": 1})
+    assert_kill_after_step_3_resumes_bit_identical(model, shards, tmp_path, BUDGET_TRAIN, {"every_steps": 1})
+
+
+def assert_kill_after_step_3_resumes_bit_identical(model: Path, shards: Path, tmp_path: Path, train: dict,
+                                                   log: dict) -> None:
+    """The run of tmp_path/straight again as tmp_path/crashed, killed right after its step-3 commit and resumed:
+    the same adapter (checksums and tensors) and the same samples at every step, none twice."""
+    crashed = write_config(tmp_path / "crashed.yaml", model, shards, tmp_path / "crashed", train=train,
+                           checkpoint={"every_steps": 3}, log=log)
     killed = launch(crashed, env={FAULT_ENV: "train.committed=3"})
     assert killed.returncode != 0
     assert [step for step, _ in RunFolder(tmp_path / "crashed").complete_checkpoints()] == [3]
     resumed = launch(crashed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    again = summary_of(tmp_path / "crashed")
+    again, summary = summary_of(tmp_path / "crashed"), summary_of(tmp_path / "straight")
     assert again["resumed_from_step"] == 3 and again["adapter_checksums"] == summary["adapter_checksums"]
-    first, second = read_adapter(tmp_path / "straight" / "lora"), read_adapter(tmp_path / "crashed" / "lora")
-    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
-    assert read_trace(tmp_path / "crashed") == trace  # the same samples at every step, none twice
+    assert_same_adapter(tmp_path / "straight", tmp_path / "crashed")
+    assert read_trace(tmp_path / "crashed") == read_trace(tmp_path / "straight")

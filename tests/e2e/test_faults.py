@@ -26,6 +26,7 @@ from cogvx_dist.train import checkpoints
 from cogvx_dist.train.failures import EXIT_FAILED, EXIT_PREEMPTED, EXIT_STALLED, EXIT_USER_ERROR, read_failures
 from tests.helpers import (
     Job,
+    assert_same_adapter,
     clean_env,
     damaged_copy,
     free_port,
@@ -56,13 +57,6 @@ def config_for(folder: Path, dataset: tuple[Path, Path], name: str, shards: Path
     model, default_shards = dataset
     sections.setdefault("train", {}).setdefault("max_steps", STEPS)
     return write_config(folder / f"{name}.yaml", model, shards or default_shards, folder / name, **sections)
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    first, second = read_adapter(a / "lora"), read_adapter(b / "lora")
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 def failure_line(job_output: str) -> str:

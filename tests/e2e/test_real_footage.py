@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from cogvx_dist.core.families import get_family
 from cogvx_dist.core.faults import FAULT_ENV
@@ -20,7 +19,15 @@ from cogvx_dist.core.run_folder import RunFolder
 from cogvx_dist.core.shard_format import Manifest
 from cogvx_dist.core.synthetic_videos import caption, render_clip, write_mp4
 from cogvx_dist.train.data.reader import ShardIndex
-from tests.helpers import launch, read_adapter, read_trace, shared_folder, summary_of, write_config
+from tests.helpers import (
+    assert_same_adapter,
+    launch,
+    micro_batches,
+    read_trace,
+    shared_folder,
+    summary_of,
+    write_config,
+)
 from tests.unit.test_decode import VFR_MS, _ffprobe_rotation, _tag_rotation, _write_vfr, needs_ffmpeg
 
 pytestmark = [pytest.mark.slow, needs_ffmpeg]
@@ -79,25 +86,12 @@ def footage(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     return model, shared_folder(tmp_path_factory, "prep-2b-real-footage", prep) / "shards"
 
 
-def micro_batches(output: Path) -> dict[tuple[int, int, int], list[str]]:
-    """(step, micro-step, rank) -> the keys of that micro-batch, from the sample trace."""
-    batches: dict[tuple[int, int, int], list[str]] = {}
-    for step, micro, rank, key in read_trace(output):
-        batches.setdefault((step, micro, rank), []).append(key)
-    return batches
-
-
 def keys_by_step(output: Path) -> dict[int, list[str]]:
     """step -> its samples over all ranks, sorted: the global order, whatever the rank count."""
     steps: dict[int, list[str]] = {}
     for step, _, _, key in read_trace(output):
         steps.setdefault(step, []).append(key)
     return {step: sorted(keys) for step, keys in steps.items()}
-
-
-def assert_same_adapter(a: Path, b: Path) -> None:
-    first, second = read_adapter(a / "lora"), read_adapter(b / "lora")
-    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
 
 
 def test_the_footage_fills_two_frame_buckets_by_three_resolutions(footage):
