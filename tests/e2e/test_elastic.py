@@ -152,6 +152,28 @@ def _launches(output: Path) -> list[dict]:
     return read_launches(output)
 
 
+def _start_agent(hosts, node: int, config: Path, env: dict, log: Path) -> subprocess.Popen:
+    """launchers/train_torchrun.sh on host `node`, its output to `log`."""
+    return hosts.start(node, ["bash", str(LAUNCHERS / "train_torchrun.sh"), str(config)], env, log)
+
+
+def _start_agents(hosts, config: Path, tmp_path: Path,
+                  join_timeout: int) -> tuple[dict, list[Path], list[subprocess.Popen]]:
+    """A torchrun agent on each of the 3 hosts (NNODES=2:3, c10d rendezvous on host 0), with steps slow enough to
+    kill and rejoin mid-run: (their environment, their logs, the agents)."""
+    from cogvx_dist.core.faults import FAULT_ENV
+
+    port = free_port()
+    env = clean_env(NNODES="2:3", GPUS_PER_NODE="1", MASTER_ADDR=hosts.addresses[0], MASTER_PORT=str(port),
+                    RDZV_ID=f"elastic-{port}", CHECK="0", MAX_RESTARTS="3", TORCHRUN=str(TORCHRUN),
+                    TMPDIR=str(tmp_path), GLOO_SOCKET_IFNAME="eth0",
+                    RDZV_CONF=f"join_timeout={join_timeout},last_call_timeout=2,keep_alive_interval=1,"
+                              "keep_alive_max_attempt=3",
+                    **{FAULT_ENV: "train.step_delay_ms=400"})
+    logs = [tmp_path / f"host-{i}.log" for i in range(3)]
+    return env, logs, [_start_agent(hosts, i, config, env, logs[i]) for i in range(3)]
+
+
 def _wait(what: str, done, procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> float:
     started = time.monotonic()
     while not done():
@@ -194,7 +216,6 @@ def _close(a: float, b: float) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_a_lost_node_shrinks_the_job_and_its_return_grows_it(hosts, shards, tmp_path, stage):
-    from cogvx_dist.core.faults import FAULT_ENV
 
     model, shard_dir = shards
     # The uninterrupted reference: 3 ranks under torchrun on this host (one rank per node or not, the same math).
@@ -205,15 +226,7 @@ def test_a_lost_node_shrinks_the_job_and_its_return_grows_it(hosts, shards, tmp_
     assert reference.returncode == 0, reference.stderr[-4000:]
 
     config, output = _config(tmp_path / "elastic", model, shard_dir, stage)
-    port = free_port()
-    env = clean_env(NNODES="2:3", GPUS_PER_NODE="1", MASTER_ADDR=hosts.addresses[0], MASTER_PORT=str(port),
-                    RDZV_ID=f"elastic-{port}", CHECK="0", MAX_RESTARTS="3", TORCHRUN=str(TORCHRUN),
-                    TMPDIR=str(tmp_path), GLOO_SOCKET_IFNAME="eth0",
-                    RDZV_CONF="join_timeout=300,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3",
-                    **{FAULT_ENV: "train.step_delay_ms=400"})  # steps slow enough to kill and rejoin mid-run
-    logs = [tmp_path / f"host-{i}.log" for i in range(3)]
-    agents = [hosts.start(i, ["bash", str(LAUNCHERS / "train_torchrun.sh"), str(config)], env, logs[i])
-              for i in range(3)]
+    env, logs, agents = _start_agents(hosts, config, tmp_path, join_timeout=300)
 
     def logged(world: int, after: int = 0):
         return lambda: any(r.get("world_size") == world and r["step"] > after for r in _metrics(output))
@@ -230,7 +243,7 @@ def test_a_lost_node_shrinks_the_job_and_its_return_grows_it(hosts, shards, tmp_
     # The rows of step killed_step + 1 may have been written just after the kill was read back.
     assert shrink["steps_redone"] - (killed_step - shrink["resumed_from_step"]) in (0, 1)
 
-    agents[2] = hosts.start(2, ["bash", str(LAUNCHERS / "train_torchrun.sh"), str(config)], env, logs[2])
+    agents[2] = _start_agent(hosts, 2, config, env, logs[2])
     _wait("the job to grow back to 3", lambda: _launches(output)[-1]["world_size"] == 3, agents, logs, 600)
     for agent in agents:
         agent.wait(timeout=600)
@@ -266,20 +279,11 @@ def test_losing_the_rendezvous_host_ends_the_job_on_the_others(hosts, shards, tm
     """What docs/CLUSTER.md says of the one host an elastic job cannot lose: when every process of host 0 (torchrun's
     rendezvous store) is killed, the agents on hosts 1 and 2 do not wait for it but exit with an error within a
     bound, leaving the last commit for the scheduler's restart (Slurm requeue, Kubernetes recreating the pods)."""
-    from cogvx_dist.core.faults import FAULT_ENV
     from cogvx_dist.core.run_folder import RunFolder
 
     model, shard_dir = shards
     config, output = _config(tmp_path, model, shard_dir, "zero2")
-    port = free_port()
-    env = clean_env(NNODES="2:3", GPUS_PER_NODE="1", MASTER_ADDR=hosts.addresses[0], MASTER_PORT=str(port),
-                    RDZV_ID=f"elastic-{port}", CHECK="0", MAX_RESTARTS="3", TORCHRUN=str(TORCHRUN),
-                    TMPDIR=str(tmp_path), GLOO_SOCKET_IFNAME="eth0",
-                    RDZV_CONF="join_timeout=60,last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3",
-                    **{FAULT_ENV: "train.step_delay_ms=400"})
-    logs = [tmp_path / f"host-{i}.log" for i in range(3)]
-    agents = [hosts.start(i, ["bash", str(LAUNCHERS / "train_torchrun.sh"), str(config)], env, logs[i])
-              for i in range(3)]
+    env, logs, agents = _start_agents(hosts, config, tmp_path, join_timeout=60)
     _wait("a commit at world size 3", lambda: bool(RunFolder(output).complete_checkpoints()), agents, logs, 600)
     hosts.kill(0)
     killed_at = time.monotonic()
