@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -58,12 +59,31 @@ def use_environment_ninja(prefix: str = sys.prefix) -> None:
     os.environ["PATH"] = os.pathsep.join([str(folder), *(entry for entry in entries if Path(entry) != folder)])
 
 
+def import_deepspeed() -> ModuleType:
+    """`import deepspeed` without the mlflow import that comes with it. DeepSpeed's autotuner (which cogvx never
+    runs) imports mlflow at import time whenever it is installed, as it is with the `trackers` extra: 1.2 s of CPU
+    and some 100 modules (fastapi, opentelemetry, the Databricks SDK) in every rank, for nothing. A run that logs to
+    MLflow imports it afterwards as usual."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hidden = "mlflow" not in sys.modules
+    if hidden:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError meanwhile
+    try:
+        import deepspeed
+    finally:
+        if hidden and sys.modules.get("mlflow", False) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def build_ops() -> list[str]:
     """Build now, into this environment's folder, the JIT ops DeepSpeed would otherwise compile on first use: CPU Adam
     (optimizer offload) and, on the CPU accelerator, the shared-memory all-reduce of single-node runs. What
     `DS_BUILD_CPU_ADAM=1 pip install deepspeed` does at install time; already-built ops load from the cache.
     Returns the names of the ops now ready."""
     use_environment_extensions_dir()
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     built = []
@@ -82,7 +102,7 @@ def init_distributed(timeout_s: float = 1800.0) -> RankInfo:
     from datetime import timedelta
 
     use_environment_extensions_dir()
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if under_mpi() and "RANK" not in os.environ:
         # DeepSpeed's MPI discovery overwrites MASTER_ADDR (rank 0's first `hostname -I` address) and MASTER_PORT
@@ -280,7 +300,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float],
                  sequence_groups: SequenceGroups | None = None) -> None:
         use_environment_extensions_dir()
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         if optimizer_type(ds_config) != "muon":
