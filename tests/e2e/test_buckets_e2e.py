@@ -1,6 +1,7 @@
-"""train.micro_batch_size 2 on a dataset `cogvx prep` made with two resolution buckets (landscape and portrait clips),
-trained by 2 real DeepSpeed CPU ranks: every micro-batch is one bucket's, and a run killed after a committed
-checkpoint resumes to the adapter an uninterrupted run ends with."""
+"""A token budget per micro-batch (train.micro_batch_tokens) on two frame buckets, trained by 2 real DeepSpeed CPU
+ranks: a micro-batch of short clips holds more of them, and a run killed after a committed checkpoint resumes to the
+adapter an uninterrupted run ends with. (Micro-batches of one bucket at train.micro_batch_size 2, kill and resume,
+are tested on prepped real footage in test_real_footage.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 
 from cogvx_dist.core.faults import FAULT_ENV
 from cogvx_dist.core.run_folder import RunFolder
-from cogvx_dist.core.synthetic_videos import caption, make_synthetic_dataset, render_clip, write_mp4
 from cogvx_dist.train.data.reader import ShardIndex
 from tests.helpers import (
     assert_same_adapter,
@@ -22,62 +22,6 @@ from tests.helpers import (
     summary_of,
     write_config,
 )
-
-STEPS = 6
-TRAIN = {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum_steps": 1}
-"""Global batch 4 on 2 ranks: 2 units a step; the 9 samples make 4 units an epoch (a landscape one left out)."""
-
-
-@pytest.fixture(scope="module")
-def two_buckets(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
-    """(model, shards) prepped from 5 landscape and 4 portrait clips into buckets 32x48 and 48x32 (once a session)."""
-    from cogvx_dist.core.shard_format import Manifest
-    from data_prep.config import PrepConfig
-    from data_prep.job import run_prep
-
-    model = tiny_checkpoint("CogVideoX-2b")
-
-    def prep(root: Path) -> None:
-        dataset = make_synthetic_dataset(root / "videos", count=5, seed=1)  # 48x64 landscape, folder layout
-        for i, (colour, shape, direction) in enumerate([("red", "circle", "down"), ("blue", "square", "up"),
-                                                        ("green", "circle", "left"), ("red", "square", "right")]):
-            clip = dataset.root / "videos" / f"tall_{i:04d}.mp4"
-            write_mp4(clip, render_clip(colour, shape, direction, 16, 64, 48, seed=i), fps=8)
-            clip.with_suffix(".txt").write_text(caption(colour, shape, direction) + "\n")
-        result = run_prep(PrepConfig(model=str(model), data=str(dataset.data), out=str(root / "shards"),
-                                     storage_dtype="float32", shard_max_samples=3, progress=False,
-                                     buckets=[(32, 48), (48, 32)]))
-        assert result.encoded == 9, result
-        assert Manifest.read(root / "shards").sizes() == [(32, 48), (48, 32)]
-
-    return model, shared_folder(tmp_path_factory, "prep-2b-two-buckets", prep) / "shards"
-
-
-def test_micro_batches_of_one_bucket_train_and_resume_bit_identical(two_buckets, tmp_path):
-    model, shards = two_buckets
-    buckets = ShardIndex(shards).buckets()
-    assert [(bucket.name, len(bucket.samples)) for bucket in buckets] == [("32x48, 9 frames", 5),
-                                                                           ("48x32, 9 frames", 4)]
-    bucket_of = {ShardIndex(shards).key(int(i)): bucket.name for bucket in buckets for i in bucket.samples}
-
-    straight = write_config(tmp_path / "straight.yaml", model, shards, tmp_path / "straight", train=TRAIN,
-                            checkpoint={"every_steps": 3})
-    result = launch(straight)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 of the 9 samples are left out of each epoch" in result.stderr, result.stderr[-3000:]
-    summary = summary_of(tmp_path / "straight")
-    assert summary["steps"] == STEPS and len(set(summary["adapter_checksums"])) == 1
-
-    batches = micro_batches(tmp_path / "straight")
-    assert sorted(batches) == [(s, 0, r) for s in range(1, STEPS + 1) for r in (0, 1)]
-    for keys in batches.values():
-        assert len(keys) == 2 and len({bucket_of[key] for key in keys}) == 1, keys  # one bucket a micro-batch
-    assert {bucket_of[keys[0]] for keys in batches.values()} == {"32x48, 9 frames", "48x32, 9 frames"}
-
-    assert_kill_after_step_3_resumes_bit_identical(model, shards, tmp_path, TRAIN, {})
-    positions = [json.loads(line) for line in RunFolder(tmp_path / "crashed").metrics.read_text().splitlines()]
-    assert [row["step"] for row in positions] == list(range(1, STEPS + 1))
-
 
 BUDGET_TRAIN = {"max_steps": 6, "micro_batch_size": 1, "grad_accum_steps": 1, "micro_batch_tokens": 500}
 """A budget of 500 tokens: 2 clips of 9 frames 32x32 (238 tokens each, text included) or 1 of 17 frames 32x64 (266)."""

@@ -96,6 +96,8 @@ def test_sigterm_commits_a_checkpoint_and_resume_is_bit_identical(data, uninterr
     steps = [step for step, _ in RunFolder(job.output).complete_checkpoints()]
     assert 3 <= preempted["step"] < STEPS and steps[-1] == preempted["step"]
     assert not RunFolder(job.output).summary.exists()
+    if target != "cogvx-train":
+        return  # the resume from a preemption's commit is the same whichever process got the signal: once is enough
 
     resumed = launch(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -530,7 +532,8 @@ def test_a_job_that_loses_its_supervisor_commits_and_stops(data, uninterrupted, 
     with nobody to report how the job ended or to end the others on a failure (a killed `cogvx train` exits 137 and
     says nothing). Now every rank sees the loss within a second, the job commits a checkpoint at the next step
     boundary and stops (exit 75, the loss named in preempted.json and by `cogvx train` where it lives), no process of
-    the job is left, and the resume ends bit-identical to the run that was never interrupted."""
+    the job is left, and (checked once, after the killed `cogvx train`) the resume ends bit-identical to the run
+    that was never interrupted."""
     config = config_for(tmp_path, data, "run")
     job = Job(config, env={FAULT_ENV: "train.step_delay_ms=500"})
     job.wait_for_step(2)
@@ -553,6 +556,7 @@ def test_a_job_that_loses_its_supervisor_commits_and_stops(data, uninterrupted, 
         assert code == EXIT_PREEMPTED, output[-3000:]
         line = failure_line(output)
         assert lost in line and f"checkpoint of step {preempted['step']} committed" in line, line
+        return  # the resume from that commit is the same whichever supervisor was lost: once is enough
 
     resumed = launch(config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -154,6 +154,8 @@ def test_one_bucket_micro_batches_train_and_resume_bit_identical(footage, tmp_pa
     assert summary_of(tmp_path / "crashed")["resumed_from_step"] == 3
     assert_same_adapter(tmp_path / "crashed", tmp_path / "straight")
     assert read_trace(tmp_path / "crashed") == read_trace(tmp_path / "straight")
+    rows = [json.loads(line) for line in RunFolder(tmp_path / "crashed").metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))  # the resumed rows replace nothing twice
     if zero != "zero2":
         return
 
