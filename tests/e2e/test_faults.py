@@ -367,7 +367,11 @@ def test_resume_on_another_rank_count_keeps_the_adam_moments(data, killed_after_
         assert ("ZeRO stage changed (3 -> 2) and model.dtype changed (float32 -> bfloat16) and optimizer offload "
                 "changed (False -> True)" in resumed.stderr and "and Adam moments restored" in resumed.stderr), \
             resumed.stderr[-3000:]
-        assert summary_of(tmp_path / "run")["resumed_from_step"] == step
+        summary = summary_of(tmp_path / "run")
+        assert summary["resumed_from_step"] == step and summary["zero_stage"] == 2
+        assert len(set(summary["adapter_checksums"])) == 1  # DeepSpeedCPUAdam updated both ranks alike
+        resolved = json.loads((tmp_path / "run" / "ds_config.json").read_text())
+        assert resolved["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         return
     # And the 1-rank run trains on from there.
     resumed = launch(config, 1, "train.grad_accum_steps=4")

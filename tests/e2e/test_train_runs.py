@@ -99,9 +99,9 @@ def test_zero_stage_trains_identical_adapters_and_loss_falls(prepped_2b, zero_st
         assert model_states < frozen_bytes / 2, (model_states, frozen_bytes)
 
 
-@pytest.mark.parametrize("stage", ["zero2_offload", "zero3_offload"])
+@pytest.mark.parametrize("stage", ["zero3_offload"])  # zero2_offload: test_faults.py resumes a run under it
 def test_offload_configs_train_identical_adapters(prepped_2b, tmp_path, stage):
-    """Optimizer (and for ZeRO-3 parameter) offload to CPU: DeepSpeedCPUAdam does the update."""
+    """Optimizer and parameter offload to CPU: DeepSpeedCPUAdam does the update."""
     model, shards = prepped_2b
     output = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", model, shards, output, deepspeed={"config": stage},
