@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python tests/mlflow_env.py $(VENV)/mlflow
 	touch $@
 
 demo: setup

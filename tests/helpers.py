@@ -225,6 +225,25 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+MLFLOW_PYTHON = Path(sys.prefix) / "mlflow" / "bin" / "python"
+"""The interpreter of the environment the MLflow tests use: this one plus mlflow (tests/mlflow_env.py says why)."""
+
+
+def mlflow_python() -> Path:
+    """MLFLOW_PYTHON, which `make setup` makes; a test that needs it fails without it (never skips)."""
+    assert MLFLOW_PYTHON.exists(), f"no {MLFLOW_PYTHON}: `make setup` makes it (python tests/mlflow_env.py " \
+                                   f"{MLFLOW_PYTHON.parents[1]})"
+    return MLFLOW_PYTHON
+
+
+def mlflow_importable() -> None:
+    """Let this process import mlflow from MLFLOW_PYTHON's environment (processes it starts are not changed)."""
+    folder = subprocess.run([str(mlflow_python()), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    if folder not in sys.path:
+        sys.path.append(folder)  # not site.addsitedir: its .pth file would add this environment's a second time
+
+
 def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
     """Outputs of processes started in their own sessions; on a timeout every group we started is killed."""
     try:

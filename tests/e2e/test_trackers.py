@@ -6,6 +6,7 @@ and error reporting are off."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from cogvx_dist.core.metric_table import read_metrics, tensorboard_tag
-from tests.helpers import REPO, clean_env, free_port, write_config
+from tests.helpers import REPO, clean_env, free_port, mlflow_importable, mlflow_python, write_config
 
 NO_NETWORK = {"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
               "DO_NOT_TRACK": "true"}
@@ -24,9 +25,14 @@ NO_NETWORK = {"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false", "MLFLOW
 
 
 def tracker_env(home: Path) -> dict[str, str]:
-    """A clean environment in which the trackers write only below `home` and the run folder, talking to no one."""
+    """A clean environment in which the trackers write only below `home` and the run folder, talking to no one.
+    The ranks run in the MLflow environment, which is this one plus mlflow: they load the DeepSpeed ops this one
+    built, with its ninja (otherwise one folder per environment: a rebuild)."""
+    from cogvx_dist.train.engine import extensions_dir
+
     env = clean_env(**NO_NETWORK, WANDB_CONFIG_DIR=str(home / "config"), WANDB_CACHE_DIR=str(home / "cache"),
-                    WANDB_DATA_DIR=str(home / "data"))
+                    WANDB_DATA_DIR=str(home / "data"), TORCH_EXTENSIONS_DIR=str(extensions_dir()),
+                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store, in the run folder
     return env
 
@@ -92,6 +98,7 @@ def expected_scalars(output: Path) -> dict[int, dict[str, float]]:
 @pytest.mark.slow
 def test_trackers_record_the_metrics_and_config_of_rank_0_and_a_resume_continues_their_runs(synthetic_shards,
                                                                                              tmp_path):
+    mlflow_importable()  # to read the run back here; `cogvx train` runs in the environment that has mlflow
     from mlflow.tracking import MlflowClient
 
     model, shards = synthetic_shards((3, 3, 2))
@@ -103,8 +110,8 @@ def test_trackers_record_the_metrics_and_config_of_rank_0_and_a_resume_continues
     env = tracker_env(tmp_path / "home")
 
     def train(*overrides: str) -> None:
-        result = subprocess.run([sys.executable, "-m", "cogvx_dist", "train", "--config", str(config), "--nproc", "2",
-                                 "--master-port", str(free_port()), *overrides], cwd=REPO, env=env,
+        result = subprocess.run([str(mlflow_python()), "-m", "cogvx_dist", "train", "--config", str(config),
+                                 "--nproc", "2", "--master-port", str(free_port()), *overrides], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
 

@@ -1,6 +1,6 @@
 """log.trackers settings: names, the older log.tensorboard switch, and the pre-flight's word on a tracker that is not
 installed (a package hidden the way Python hides one: sys.modules[name] = None). The trackers themselves, run for
-real, are in tests/e2e/test_trackers.py."""
+real, are in tests/e2e/test_trackers.py. MLflow comes from its own environment (tests/mlflow_env.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from cogvx_dist.core.config_files import load_config
 from cogvx_dist.train.config import RunConfig
-from tests.helpers import assert_one_line_error, cli, write_config
+from tests.helpers import assert_one_line_error, cli, mlflow_importable, write_config
 
 PLACES = ["model.path=tiny", "data.shards=shards"]
 """What validation asks for; these tests never read them."""
@@ -60,6 +60,7 @@ def test_metrics_go_to_tensorboard_only_where_it_is_in_use(tmp_path):
 def test_a_tracker_that_is_unknown_or_not_installed_is_one_line_before_training(
         synthetic_shards, tmp_path, capsys, monkeypatch, overrides, hidden, message):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow_importable()
     if hidden:
         monkeypatch.setitem(sys.modules, hidden, None)  # what an uninstalled package looks like to the import system
     model, shards = synthetic_shards((2, 1))
@@ -73,6 +74,7 @@ def test_mlflow_on_a_tracking_server_needs_no_local_store_packages(synthetic_sha
     """With MLFLOW_TRACKING_URI set the run folder's SQLite store is not used, so SQLAlchemy is not asked for."""
     from cogvx_dist.train.preflight import preflight
 
+    mlflow_importable()
     model, shards = synthetic_shards((2, 1))
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)
     overrides = [f"model.path={model}", f"data.shards={shards}", f"output_dir={tmp_path / 'out'}",
@@ -84,6 +86,7 @@ def test_mlflow_on_a_tracking_server_needs_no_local_store_packages(synthetic_sha
 def test_a_tracker_that_fails_mid_run_is_dropped_and_metrics_jsonl_goes_on(tmp_path, monkeypatch, capfd):
     """The MLflow run is deleted behind the writer's back (as someone cleaning up the store might): MLflow then
     refuses every write to it; training is not stopped, one warning says so, and metrics.jsonl keeps every step."""
+    mlflow_importable()
     from mlflow.tracking import MlflowClient
 
     from cogvx_dist.core.metric_table import read_metrics

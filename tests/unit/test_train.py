@@ -538,11 +538,14 @@ def test_each_environment_builds_deepspeed_ops_in_its_own_folder(monkeypatch):
 
 
 def test_deepspeed_is_imported_without_mlflow_which_a_tracker_still_imports_after():
-    """DeepSpeed's autotuner imports mlflow when it is installed (the trackers extra); a rank never needs it there."""
+    """DeepSpeed's autotuner imports mlflow when it is installed (the trackers extra); a rank never needs it there.
+    Run where mlflow is installed (tests/mlflow_env.py)."""
+    from tests.helpers import mlflow_python
+
     check = ("import sys; from cogvx_dist.train.engine import import_deepspeed; import_deepspeed(); "
              "assert 'deepspeed' in sys.modules and 'mlflow' not in sys.modules, 'mlflow came with deepspeed'; "
              "import mlflow; print(mlflow.__name__)")
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(mlflow_python()), "-c", check], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.splitlines()[-1] == "mlflow", result.stderr[-2000:]
 
 
