@@ -251,6 +251,10 @@ def test_a_lost_node_shrinks_the_job_and_its_return_grows_it(hosts, shards, tmp_
     assert [agent.returncode for agent in agents] == [0, 0, 0], tails
     grow = _launches(output)[-1]
     assert grow["previous_world_size"] == 2 and grow["world_size"] == 3
+    # The grown job resumed a commit of the 2-rank job (the one its restart's SIGTERM made, if no other): under
+    # ZeRO-3 the adapter's 256-element matrices, saved in halves, are cut into thirds that do not divide evenly, where
+    # DeepSpeed's set_full_hp_param once cut the last rank's piece past the end and every restart failed.
+    assert grow["resumed_from_step"] > shrink["resumed_from_step"], _launches(output)
     worlds = [r["world_size"] for r in _metrics(output)]
     assert 2 in worlds and worlds[-1] == 3 and len(worlds) == 24
     print(f"recovered in {recovered:.1f} s after the kill at step {killed_step}; membership: {_launches(output)}; "
@@ -317,21 +321,3 @@ def test_every_minutes_saves_on_rank_zeros_clock(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = [step for step, _ in RunFolder(output).complete_checkpoints()]
     assert saved[-1] == 8 and len(saved) >= 2, saved  # without every_minutes: step 8 alone
-
-
-@pytest.mark.slow
-def test_zero3_grows_to_a_world_size_that_pads_its_partitions(shards, tmp_path):
-    """A ZeRO-3 run saved on 2 ranks resumes on 3, where the adapter's matrices (256 elements) do not split evenly:
-    DeepSpeed's set_full_hp_param cut the last rank's piece past the end ("start (172) + length (86) exceeds
-    dimension size (256)") and the grown job failed on every restart. One host, so it runs without root too."""
-    from tests.helpers import launch, summary_of
-
-    model, shard_dir = shards
-    config, output = _config(tmp_path, model, shard_dir, "zero3")
-    first = launch(config, 2, "train.max_steps=3", env=clean_env())
-    assert first.returncode == 0, first.stderr[-3000:]
-    grown = launch(config, 3, "train.max_steps=6", env=clean_env())
-    assert grown.returncode == 0, grown.stderr[-3000:]
-    summary = summary_of(output)
-    assert (summary["world_size"], summary["resumed_from_step"], summary["samples_seen"]) == (3, 3, 36)
-    assert [launch["world_size"] for launch in _launches(output)] == [2, 3]
