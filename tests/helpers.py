@@ -238,8 +238,9 @@ def mlflow_python() -> Path:
 
 def mlflow_importable() -> None:
     """Let this process import mlflow from MLFLOW_PYTHON's environment (processes it starts are not changed)."""
-    folder = subprocess.run([str(mlflow_python()), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                            check=True, capture_output=True, text=True).stdout.strip()
+    from tests.mlflow_env import site_packages
+
+    folder = str(site_packages(mlflow_python()))
     if folder not in sys.path:
         sys.path.append(folder)  # not site.addsitedir: its .pth file would add this environment's a second time
 
